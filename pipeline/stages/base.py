@@ -1,0 +1,118 @@
+"""Stage `base`: the base model's decoder linears in NF4 with double quantization.
+
+Streams the source checkpoint one decoder layer at a time (peak memory about one layer),
+quantizes each linear with our `quant.nf4`, and writes the layer as a checkpoint shard; a
+killed run resumes at the first layer without a shard. The output is a sharded safetensors
+checkpoint in bitsandbytes' serialization with a `quantization_config` transformers reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.checkpoints import DTYPES, bnb_quantization_config, copy_tokenizer, read_config, read_tensors, weight_map
+from pipeline.families import family_for
+from pipeline.graph import StageContext, StageResult
+from pipeline.models import resolve_model
+from pipeline.rundir import fsync_dir
+from quant.nf4 import quantize_nf4, quant_state_tensors
+
+VERSION = 1
+SHARD = "layer-{:05d}.safetensors"
+REST_SHARD = "rest.safetensors"
+
+
+def _valid_shard(path) -> bool:
+    try:
+        with safe_open(path, "pt") as st:
+            return len(list(st.keys())) > 0
+    except Exception:
+        return False  # truncated or damaged: recompute this layer
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
+    """NF4 for the named linear weights, `dtype` for every other floating tensor."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name in linear_weights:
+            q = quantize_nf4(t.to(dtype), blocksize)
+            out[name] = q.packed
+            out.update({f"{name}.{k}": v for k, v in quant_state_tensors(q).items()})
+        else:
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def run(ctx: StageContext) -> StageResult:
+    recipe = ctx.recipe
+    src = resolve_model(recipe.model)
+    config = read_config(src)
+    family = family_for(config.get("model_type", "?"))
+    dtype = DTYPES[recipe.model.dtype]
+    n_layers = int(config["num_hidden_layers"])
+    wmap = weight_map(src)
+
+    layer_re = re.compile(re.escape(family.layers_prefix) + r"\.(\d+)\.")
+    by_layer: dict[int, list[str]] = {}
+    rest: list[str] = []
+    for name in wmap:
+        m = layer_re.match(name)
+        (by_layer.setdefault(int(m.group(1)), []) if m else rest).append(name)
+
+    quantized = 0
+    for i in ctx.progress(range(n_layers), desc="NF4 base", unit="layer"):
+        shard = ctx.checkpoint_dir / SHARD.format(i)
+        if shard.exists() and _valid_shard(shard):
+            continue
+        linear_weights = {family.layer_prefix(i) + f"{lin}.weight" for lin in family.linears}
+        names = by_layer.get(i, [])
+        absent = linear_weights - set(names)
+        if absent:
+            raise ValueError(f"layer {i}: expected linears missing from the checkpoint: {sorted(absent)[:3]}")
+        tensors = read_tensors(wmap, names)
+        _save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
+        quantized += len(linear_weights)
+        del tensors
+    rest_shard = ctx.checkpoint_dir / REST_SHARD
+    if not (rest_shard.exists() and _valid_shard(rest_shard)):
+        _save_atomic(quantize_layer(read_tensors(wmap, rest), set(), dtype, recipe.nf4.blocksize), rest_shard)
+
+    # Assemble: move the shards into the output under HF's shard names, then the index.
+    shards = [ctx.checkpoint_dir / SHARD.format(i) for i in range(n_layers)] + [rest_shard]
+    total = len(shards)
+    weight_index: dict[str, str] = {}
+    total_size = 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+        with safe_open(shard, "pt") as st:
+            for name in st.keys():
+                weight_index[name] = fname
+        total_size += shard.stat().st_size
+        os.replace(shard, ctx.output_dir / fname)
+    (ctx.output_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
+    )
+    out_config = dict(config)
+    out_config["quantization_config"] = bnb_quantization_config(recipe.nf4)
+    out_config["dtype"] = recipe.model.dtype
+    out_config.pop("torch_dtype", None)
+    (ctx.output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
+    copy_tokenizer(src, ctx.output_dir)
+    return StageResult(
+        metrics={"nf4_linears": float(n_layers * len(family.linears)), "size_bytes": float(total_size)},
+        info={"source": str(src), "family": family.name},
+    )

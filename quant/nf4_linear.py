@@ -1,0 +1,70 @@
+"""`LinearNF4`: a linear layer whose frozen weight is stored in NF4 with double quantization.
+
+Plain-torch compute (dequantize to the activation dtype, then matmul); the Triton kernels
+of `kernels/` take over on CUDA once they exist.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
+
+
+class LinearNF4(nn.Module):
+    """y = x @ dequantize(W)^T + b, with W held as an `NF4Tensor` in buffers (frozen).
+
+    Args:
+        weight: the quantized weight, shape [out_features, in_features].
+        bias: optional float bias [out_features].
+    """
+
+    def __init__(self, weight: NF4Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"LinearNF4 needs a 2-D weight, got shape {weight.shape}")
+        self.out_features, self.in_features = weight.shape
+        self.blocksize = weight.blocksize
+        self.weight_dtype = weight.dtype
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("qabsmax", weight.qabsmax)
+        self.register_buffer("nested_absmax", weight.nested_absmax)
+        self.register_buffer("offset", weight.offset)
+        self.register_buffer("code", weight.code)
+        self.register_buffer("nested_code", weight.nested_code)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, dtype: Optional[torch.dtype] = None) -> "LinearNF4":
+        w = linear.weight.detach()
+        w = w.to(dtype) if dtype is not None else w
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(quantize_nf4(w, blocksize), bias)
+
+    @classmethod
+    def from_state(cls, packed: torch.Tensor, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None) -> "LinearNF4":
+        """From bitsandbytes-serialized tensors: `P.weight` and the `P.weight.<key>` entries."""
+        return cls(nf4_from_state_tensors(packed, state), bias)
+
+    def nf4(self) -> NF4Tensor:
+        return NF4Tensor(
+            packed=self.packed, qabsmax=self.qabsmax, nested_absmax=self.nested_absmax, offset=self.offset,
+            code=self.code, nested_code=self.nested_code, shape=(self.out_features, self.in_features),
+            dtype=self.weight_dtype, blocksize=self.blocksize,
+        )
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return quant_state_tensors(self.nf4())
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize_nf4(self.nf4(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_nf4(self.nf4(), x.dtype)
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, nf4+dq"
