@@ -1,0 +1,87 @@
+"""Shared fixtures: the real SmolLM2 (converted once per machine and cached), a tiny random
+Llama for fast pipeline tests, and recipe writers."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from pipeline.models import resolve_model
+    from pipeline.recipe import ModelConfig
+
+    return resolve_model(ModelConfig(source="builtin:smollm2-135m"))
+
+
+def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 3, hidden: int = 64, intermediate: int = 128) -> Path:
+    """A random Llama with SmolLM2's tokenizer, saved as a plain bf16 HF directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+    )
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_dir)
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe dict as YAML in tmp_path and return its path."""
+
+    def write(data: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def tiny_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
+    """A fast recipe on the tiny model: small windows, little general text, sqlite tracking."""
+    recipe = {
+        "model": {"source": str(model_dir)},
+        "data": {"domain": {"builtin": "python-docs"}, "general": {"builtin": "python-stdlib"},
+                 "seq_len": 128, "general_max_tokens": 4000},
+        "evaluate": {"max_domain_windows": 4, "max_general_windows": 4, "batch_size": 4},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def cli(*args: str) -> int:
+    from pipeline.cli import main
+
+    return main(list(args))
+
+
+def env_without_gpu() -> dict:
+    env = dict(os.environ)
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    return env

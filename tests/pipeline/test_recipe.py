@@ -1,0 +1,120 @@
+"""Recipes: every shipped recipe validates; every malformed one exits 2 naming the key, writes nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import Recipe, flatten, load_recipe
+from tests.conftest import REPO, cli
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe, _ = load_recipe(path)
+    assert recipe.run.name == path.stem
+    assert recipe.nf4.double_quant is True
+
+
+def test_llama3_recipe_has_the_real_settings():
+    r, _ = load_recipe(REPO / "recipes" / "llama3_domain.yaml")
+    assert r.model.source == "meta-llama/Meta-Llama-3-8B"
+    assert (r.lora.r, r.lora.target_modules, r.train.optimizer) == (16, "all-linear", "paged_adamw_8bit")
+    assert (r.calibration.samples, r.calibration.seq_len) == (256, 2048)
+    methods = {q.method: q for q in r.quantize}
+    assert {"awq", "gptq"} <= set(methods)
+    assert all(methods[m].bits == 4 and methods[m].group_size == 128 for m in ("awq", "gptq"))
+
+
+def test_defaults_are_defined_once_in_the_schema(write_recipe):
+    recipe, _ = load_recipe(write_recipe({}))
+    assert recipe == Recipe(run={"name": "recipe"})
+    assert recipe.model.source == "builtin:smollm2-135m"
+
+
+def test_overrides(write_recipe):
+    path = write_recipe({"quantize": [{"name": "g", "method": "gptq"}]})
+    recipe, _ = load_recipe(path, ["nf4.blocksize=128", "quantize.0.group_size=64", "run.name=x", "tracking.enabled=false"])
+    assert recipe.nf4.blocksize == 128 and recipe.quantize[0].group_size == 64
+    assert recipe.run.name == "x" and recipe.tracking.enabled is False
+    assert flatten(recipe)["quantize.g.group_size"] == "64"
+
+
+BAD = {
+    "unknown top-level key": ({"modle": {}}, "modle: unknown key. Did you mean 'model'?"),
+    "unknown nested key": ({"nf4": {"blocksise": 64}}, "nf4.blocksise: unknown key. Did you mean 'nf4.blocksize'?"),
+    "wrong type": ({"data": {"seq_len": "long"}}, "data.seq_len: Input should be a valid integer"),
+    "bad blocksize": ({"nf4": {"blocksize": 48}}, "nf4.blocksize"),
+    "group size 0": ({"quantize": [{"name": "q", "method": "gptq", "group_size": 0}]}, "quantize.0.group_size"),
+    "unknown method": ({"quantize": [{"name": "q", "method": "gguf"}]}, "quantize.0.method"),
+    "duplicate quantize names": ({"quantize": [{"name": "q", "method": "rtn"}, {"name": "q", "method": "gptq"}]}, "repeated: q"),
+    "missing model path": ({"model": {"source": "./no/such/model"}}, "model.source: path './no/such/model' does not exist"),
+    "missing data path": ({"data": {"domain": {"path": "/no/such/file.txt"}}}, "data.domain: path '/no/such/file.txt' does not exist"),
+    "two data sources": ({"data": {"domain": {"builtin": "python-docs", "hub": "x/y"}}}, "data.domain: give exactly one"),
+    "negative steps": ({"train": {"steps": -3}}, "train.steps"),
+    "warmup over steps": ({"train": {"steps": 5, "warmup_steps": 9}}, "train: warmup_steps (9) exceeds steps (5)"),
+    "lora rank 0": ({"lora": {"r": 0}}, "lora.r"),
+    "awq 3-bit": ({"quantize": [{"name": "a", "method": "awq", "bits": 3}]}, "quantize.0: AWQ GEMM checkpoints are 4-bit only"),
+    "section not a mapping": ({"nf4": 5}, "nf4: Input should be a valid dictionary"),
+    "bad run name": ({"run": {"name": "a/b"}}, "run.name"),
+    "unknown builtin model": ({"model": {"source": "builtin:gpt5"}}, "model.source: unknown built-in model 'gpt5'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_malformed_recipe_exits_2_naming_the_key(case, write_recipe, tmp_path, monkeypatch, capsys):
+    data, expected = BAD[case]
+    monkeypatch.chdir(tmp_path)
+    data = {**data, "run": {**data.get("run", {}), "dir": str(tmp_path / "runs")}} if case != "bad run name" else data
+    path = write_recipe(data)
+    before = set(tmp_path.iterdir())
+    assert cli("run", str(path)) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert set(tmp_path.iterdir()) == before, "bad input must write nothing"
+
+
+def test_empty_data_files_are_rejected(write_recipe, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.bin").write_bytes(b"\0")
+    for src, msg in ((tmp_path / "empty.txt", "is empty"), (tmp_path / "folder", "holds no non-empty")):
+        path = write_recipe({"data": {"domain": {"path": str(src)}}})
+        assert cli("validate", str(path)) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_all_problems_reported_at_once(write_recipe, capsys):
+    path = write_recipe({"nf4": {"blocksize": 3}, "lora": {"r": -1, "alpah": 2}, "train": {"steps": "x"}})
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    assert len(exc.value.problems) == 4
+    assert cli("validate", str(path)) == 2
+    assert "4 problems" in capsys.readouterr().err
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert cli("validate", str(bad)) == 2
+    assert "not valid YAML at line" in capsys.readouterr().err
+    assert cli("validate", str(tmp_path / "nope.yaml")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_set_syntax(write_recipe, capsys):
+    path = write_recipe({})
+    assert cli("validate", str(path), "--set", "nf4.blocksize") == 2
+    assert "expected key.path=value" in capsys.readouterr().err
+    assert cli("validate", str(path), "--set", "nf4.blocksize=abc") == 2
+    assert "nf4.blocksize" in capsys.readouterr().err
+
+
+def test_validate_ok_lists_stages(capsys):
+    assert cli("validate", str(REPO / "recipes" / "smollm2_domain.yaml")) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "base" in out and "report" in out

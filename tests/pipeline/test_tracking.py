@@ -1,0 +1,156 @@
+"""MLflow tracking against a SQLite store and a real `mlflow server` on 127.0.0.1."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import StageError
+from pipeline.graph import StageResult, StageSpec
+from pipeline.runner import Runner
+from pipeline.tracking import Tracker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url, proc
+    stop(proc)
+
+
+def stop(proc) -> None:
+    """Kill the server and its worker processes (its own process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def specs(log, crash=None, on_b=None):
+    def a(ctx):
+        ctx.metrics.log_metrics({"loss": 1.5}, step=1)
+        (ctx.output_dir / "a.txt").write_text("a")
+        return StageResult(metrics={"a_metric": 3.0})
+
+    def b(ctx):
+        if on_b:
+            on_b()
+        if crash and not (ctx.checkpoint_dir / "half").exists():
+            (ctx.checkpoint_dir / "half").write_text("1")
+            raise RuntimeError("crash in b")
+        ctx.metrics.log_metrics({"loss": 0.5}, step=2)
+        (ctx.output_dir / "b.txt").write_text("b")
+        return StageResult(metrics={"b_metric": 4.0})
+
+    return [StageSpec("a", a, (), {}, 1), StageSpec("b", b, ("a",), {}, 1)]
+
+
+def run_pipeline(run_dir, uri, **kw):
+    tracker = Tracker(uri, "test-exp")
+    Runner(run_dir, specs(None, **kw), recipe=None, tracker=tracker, params={"nf4.blocksize": "64"}).run()
+    return tracker
+
+
+def child_runs(client, parent_id):
+    runs = client.search_runs([client.get_experiment_by_name("test-exp").experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+def check_store(uri, run_dir):
+    import json
+
+    client = MlflowClient(uri)
+    parent_id = json.loads((run_dir / "run.json").read_text())["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.data.params["nf4.blocksize"] == "64"
+    assert parent.info.status == "FINISHED"
+    children = child_runs(client, parent_id)
+    assert set(children) == {"a", "b"}
+    assert children["a"].data.metrics["a_metric"] == 3.0
+    assert children["b"].data.metrics["b_metric"] == 4.0
+    manifest = json.loads((run_dir / "b" / "manifest.json").read_text())
+    assert manifest["mlflow_run_id"] == children["b"].info.run_id
+    return client, parent_id
+
+
+def test_sqlite_store_parent_and_nested_children(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_pipeline(tmp_path / "run", uri)
+    check_store(uri, tmp_path / "run")
+
+
+def test_resumed_stage_continues_its_child_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(StageError):
+        run_pipeline(tmp_path / "run", uri, crash=True)
+    client = MlflowClient(uri)
+    failed_b = [r for r in client.search_runs([client.get_experiment_by_name("test-exp").experiment_id])
+                if r.data.tags.get("stage") == "b"]
+    assert len(failed_b) == 1 and failed_b[0].info.status == "FAILED"
+    run_pipeline(tmp_path / "run", uri, crash=True)  # the checkpoint lets b pass now
+    client, parent_id = check_store(uri, tmp_path / "run")
+    children = child_runs(client, parent_id)
+    assert children["b"].info.run_id == failed_b[0].info.run_id
+    assert len(client.search_runs([client.get_experiment_by_name("test-exp").experiment_id])) == 3
+
+
+def test_real_mlflow_server(tmp_path, mlflow_server):
+    url, _ = mlflow_server
+    run_pipeline(tmp_path / "run", url)
+    check_store(url, tmp_path / "run")
+
+
+def test_server_dying_mid_stage_warns_and_the_stage_completes(tmp_path, mlflow_server, caplog):
+    url, proc = mlflow_server
+
+    def kill_server():
+        stop(proc)
+
+    tracker = Tracker(url, "test-exp")
+    with caplog.at_level(logging.WARNING):
+        Runner(tmp_path / "run", specs(None, on_b=kill_server), recipe=None, tracker=tracker).run()
+    assert (tmp_path / "run" / "b" / "manifest.json").is_file()
+    assert "continues without tracking" in caplog.text
+    assert tracker.enabled is False
+
+
+def test_unreachable_server_from_the_start(tmp_path, caplog):
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "test-exp")
+    with caplog.at_level(logging.WARNING):
+        Runner(tmp_path / "run", specs(None), recipe=None, tracker=tracker).run()
+    assert (tmp_path / "run" / "b" / "manifest.json").is_file()
+    assert "continues without tracking" in caplog.text
