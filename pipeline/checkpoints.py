@@ -80,6 +80,12 @@ def bnb_quantization_config(nf4_cfg) -> dict:
     ).to_dict()
 
 
+def is_bnb_4bit(config: dict) -> bool:
+    """True for a checkpoint already saved in bitsandbytes' 4-bit serialization (common on the hub)."""
+    q = config.get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,7 @@ Examples:
 
 
 def _setup_logging(verbose: bool) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for users
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "mlflow", "urllib3", "huggingface_hub", "alembic", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

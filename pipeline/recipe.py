@@ -126,7 +126,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_interval: int = Field(50, ge=1)
+    eval_windows: int = Field(16, ge=1, description="held-out domain windows for the eval loss every eval_interval")
     save_interval: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in train/checkpoints")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="compute dtype; auto: nf4.compute_dtype on CUDA, float32 on CPU"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -137,7 +142,7 @@ class TrainConfig(_Section):
 
 
 class MergeConfig(_Section):
-    into: Literal["dequantized", "original", "auto"] = "dequantized"
+    into: Literal["dequantized", "original"] = "dequantized"
     adapter: Optional[str] = Field(None, description="merge this PEFT adapter directory instead of training one")
 
     @field_validator("adapter")

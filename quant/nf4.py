@@ -172,8 +172,8 @@ def decode_absmax(t: NF4Tensor) -> torch.Tensor:
     """The float32 per-block absmax: nested_code[qabsmax] * nested_absmax[block // 256] + offset."""
     n = t.qabsmax.numel()
     values = t.nested_code[t.qabsmax.long()]
-    per_block_scale = t.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n]
-    return (values * per_block_scale + t.offset).float()
+    block_of = torch.arange(n, device=values.device) // NESTED_BLOCKSIZE
+    return (values * t.nested_absmax[block_of] + t.offset).float()
 
 
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -185,10 +185,18 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     n = math.prod(t.shape)
     absmax = decode_absmax(t)
     flat = t.packed.reshape(-1)
-    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]  # high nibble first
-    values = t.code[nibbles.long()]
-    per_element_absmax = absmax.repeat_interleave(t.blocksize)[:n]
-    return (values * per_element_absmax).reshape(t.shape).to(dtype or t.dtype)
+    codes = torch.empty(flat.numel() * 2, dtype=torch.long, device=flat.device)
+    codes[0::2] = flat >> 4  # element 2i: high nibble
+    codes[1::2] = flat & 0xF
+    values = t.code[codes[:n]]
+    tail = n % t.blocksize
+    if tail == 0:
+        out = (values.view(-1, t.blocksize) * absmax.view(-1, 1)).view(-1)
+    else:
+        full = n - tail
+        out = torch.cat([(values[:full].view(-1, t.blocksize) * absmax[:-1].view(-1, 1)).view(-1),
+                         values[full:] * absmax[-1]])
+    return out.view(t.shape).to(dtype or t.dtype)
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -14,6 +14,23 @@ from torch import nn
 from quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
 
 
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W^T with W dequantized in the forward and again in the backward.
+
+    Saving only a reference to the layer (not the dequantized W) keeps the activation memory
+    of QLoRA training at the size of the NF4 weights; the weight itself gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "LinearNF4") -> torch.Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantized_weight(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.layer.dequantized_weight(grad_out.dtype), None
+
+
 class LinearNF4(nn.Module):
     """y = x @ dequantize(W)^T + b, with W held as an `NF4Tensor` in buffers (frozen).
 
@@ -29,7 +46,9 @@ class LinearNF4(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
-        self.register_buffer("packed", weight.packed)
+        # `weight` holds the packed uint8 nibbles, as in bitsandbytes' Linear4bit (and where peft
+        # looks for the device of a base layer).
+        self.register_buffer("weight", weight.packed)
         self.register_buffer("qabsmax", weight.qabsmax)
         self.register_buffer("nested_absmax", weight.nested_absmax)
         self.register_buffer("offset", weight.offset)
@@ -51,7 +70,7 @@ class LinearNF4(nn.Module):
 
     def nf4(self) -> NF4Tensor:
         return NF4Tensor(
-            packed=self.packed, qabsmax=self.qabsmax, nested_absmax=self.nested_absmax, offset=self.offset,
+            packed=self.weight, qabsmax=self.qabsmax, nested_absmax=self.nested_absmax, offset=self.offset,
             code=self.code, nested_code=self.nested_code, shape=(self.out_features, self.in_features),
             dtype=self.weight_dtype, blocksize=self.blocksize,
         )
@@ -63,8 +82,11 @@ class LinearNF4(nn.Module):
         return dequantize_nf4(self.nf4(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_nf4(self.nf4(), x.dtype)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _NF4Matmul.apply(x, self)
+        else:
+            y = F.linear(x, dequantize_nf4(self.nf4(), x.dtype))
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, nf4+dq"

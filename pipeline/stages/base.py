@@ -15,12 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.checkpoints import DTYPES, bnb_quantization_config, copy_tokenizer, read_config, read_tensors, weight_map
+from pipeline.checkpoints import DTYPES, bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
 from pipeline.rundir import fsync_dir
-from quant.nf4 import quantize_nf4, quant_state_tensors
+from pipeline.errors import InputError
+from quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
 
 VERSION = 1
 SHARD = "layer-{:05d}.safetensors"
@@ -57,6 +58,25 @@ def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], d
     return out
 
 
+def assemble_shards(checkpoint_dir, output_dir, n_layers: int) -> int:
+    """Move the per-layer shards (and the rest) into `output_dir` under HF shard names, write the
+    index, and return the total size in bytes."""
+    shards = [checkpoint_dir / SHARD.format(i) for i in range(n_layers)] + [checkpoint_dir / REST_SHARD]
+    weight_index: dict[str, str] = {}
+    total_size = 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        with safe_open(shard, "pt") as st:
+            for name in st.keys():
+                weight_index[name] = fname
+        total_size += shard.stat().st_size
+        os.replace(shard, output_dir / fname)
+    (output_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
+    )
+    return total_size
+
+
 def run(ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     src = resolve_model(recipe.model)
@@ -65,6 +85,7 @@ def run(ctx: StageContext) -> StageResult:
     dtype = DTYPES[recipe.model.dtype]
     n_layers = int(config["num_hidden_layers"])
     wmap = weight_map(src)
+    prequantized = is_bnb_4bit(config)
 
     layer_re = re.compile(re.escape(family.layers_prefix) + r"\.(\d+)\.")
     by_layer: dict[int, list[str]] = {}
@@ -73,7 +94,6 @@ def run(ctx: StageContext) -> StageResult:
         m = layer_re.match(name)
         (by_layer.setdefault(int(m.group(1)), []) if m else rest).append(name)
 
-    quantized = 0
     for i in ctx.progress(range(n_layers), desc="NF4 base", unit="layer"):
         shard = ctx.checkpoint_dir / SHARD.format(i)
         if shard.exists() and _valid_shard(shard):
@@ -84,35 +104,30 @@ def run(ctx: StageContext) -> StageResult:
         if absent:
             raise ValueError(f"layer {i}: expected linears missing from the checkpoint: {sorted(absent)[:3]}")
         tensors = read_tensors(wmap, names)
-        _save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
-        quantized += len(linear_weights)
+        if prequantized:
+            # Already NF4 in bitsandbytes' serialization: kept byte for byte, never requantized.
+            not_nf4 = [w for w in linear_weights if f"{w}.{QUANT_STATE_KEY}" not in tensors or f"{w}.nested_absmax" not in tensors]
+            if not_nf4:
+                raise InputError(f"model.source: {not_nf4[0]} is not NF4 with double quantization; "
+                                 "give the float checkpoint instead and let the base stage quantize it")
+            _save_atomic(tensors, shard)
+        else:
+            _save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
         del tensors
     rest_shard = ctx.checkpoint_dir / REST_SHARD
     if not (rest_shard.exists() and _valid_shard(rest_shard)):
-        _save_atomic(quantize_layer(read_tensors(wmap, rest), set(), dtype, recipe.nf4.blocksize), rest_shard)
+        rest_tensors = read_tensors(wmap, rest)
+        _save_atomic(rest_tensors if prequantized else quantize_layer(rest_tensors, set(), dtype, recipe.nf4.blocksize), rest_shard)
 
-    # Assemble: move the shards into the output under HF's shard names, then the index.
-    shards = [ctx.checkpoint_dir / SHARD.format(i) for i in range(n_layers)] + [rest_shard]
-    total = len(shards)
-    weight_index: dict[str, str] = {}
-    total_size = 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
-        with safe_open(shard, "pt") as st:
-            for name in st.keys():
-                weight_index[name] = fname
-        total_size += shard.stat().st_size
-        os.replace(shard, ctx.output_dir / fname)
-    (ctx.output_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
-    )
+    total_size = assemble_shards(ctx.checkpoint_dir, ctx.output_dir, n_layers)
     out_config = dict(config)
-    out_config["quantization_config"] = bnb_quantization_config(recipe.nf4)
+    if not prequantized:
+        out_config["quantization_config"] = bnb_quantization_config(recipe.nf4)
     out_config["dtype"] = recipe.model.dtype
     out_config.pop("torch_dtype", None)
     (ctx.output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
     copy_tokenizer(src, ctx.output_dir)
     return StageResult(
         metrics={"nf4_linears": float(n_layers * len(family.linears)), "size_bytes": float(total_size)},
-        info={"source": str(src), "family": family.name},
+        info={"source": str(src), "family": family.name, "prequantized": prequantized},
     )

@@ -82,3 +82,8 @@ def load_original_base(ctx: StageContext, dtype: torch.dtype, device: str):
 def load_base_nf4(ctx: StageContext, dtype: torch.dtype, device: str):
     src = ctx.inputs["base"]
     return load_nf4_model(src, dtype, device), src
+
+
+def load_merged(ctx: StageContext, dtype: torch.dtype, device: str):
+    src = ctx.inputs["merge"]
+    return load_hf_model(src, dtype, device), src

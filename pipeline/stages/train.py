@@ -1,0 +1,238 @@
+"""Stage `train`: LoRA adapters (peft) on the frozen NF4 base, on the domain train windows.
+
+Deterministic and resumable: the batch of every step is a pure function of (seed, step), and
+every `save_interval` steps a checkpoint holds the adapter, optimizer, scheduler and RNG
+states, written atomically. After a crash the same command continues from the last
+checkpoint and ends with the adapter an uninterrupted run would have produced.
+
+Runs under `accelerate launch` (DDP): each rank takes its own micro-batches of the same
+global step; only the main process writes checkpoints and outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import data
+from pipeline.checkpoints import DTYPES, load_nf4_model
+from pipeline.errors import StageError
+from pipeline.families import family_for
+from pipeline.graph import StageContext, StageResult
+from pipeline.lora import attach_lora
+from pipeline.rundir import fsync_dir, fsync_tree
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+STEP_DIR = "step-{:07d}"
+COMPLETE = "complete"
+
+
+def train_device_dtype(cfg, nf4_cfg) -> tuple[str, torch.dtype]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.dtype != "auto":
+        return device, DTYPES[cfg.dtype]
+    return device, (DTYPES[nf4_cfg.compute_dtype] if device == "cuda" else torch.float32)
+
+
+class BatchOrder:
+    """Sample indices of every (step, micro-batch, rank): epochs of seeded permutations."""
+
+    def __init__(self, n_windows: int, seed: int, micro_batch: int, accumulation: int, world: int):
+        self.n, self.seed, self.mb, self.accum, self.world = n_windows, seed, micro_batch, accumulation, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        start = ((step * self.accum + micro) * self.world + rank) * self.mb
+        return [int(self._perm(i // self.n)[i % self.n]) for i in range(start, start + self.mb)]
+
+    def position(self, step: int) -> dict:
+        consumed = step * self.accum * self.world * self.mb
+        return {"samples_consumed": consumed, "epoch": consumed // self.n, "offset": consumed % self.n}
+
+
+def make_optimizer(params, cfg, device: str):
+    if cfg.optimizer == "paged_adamw_8bit" and device == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "paged_adamw_8bit"
+    if cfg.optimizer == "paged_adamw_8bit":
+        logger.warning("train.optimizer paged_adamw_8bit needs CUDA; using torch AdamW on %s", device)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "adamw"
+
+
+def make_scheduler(optimizer, cfg):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, history: list, position: dict, keep: int) -> None:
+    final = ckpt_dir / STEP_DIR.format(step)
+    tmp = ckpt_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "step": step, "history": history, "position": position}, tmp / "trainer.pt")
+    (tmp / COMPLETE).write_text(str(step))
+    fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_dir(ckpt_dir)
+    for old in sorted(p for p in ckpt_dir.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / COMPLETE).is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
+    saved = load_file(str(path / "adapter.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+@torch.no_grad()
+def eval_loss(model, windows: torch.Tensor, batch_size: int, device: str) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=batch).logits.float()
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def run(ctx: StageContext) -> StageResult:
+    from accelerate import Accelerator
+
+    recipe, cfg = ctx.recipe, ctx.recipe.train
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, dtype = train_device_dtype(cfg, recipe.nf4)
+    device = str(accelerator.device) if device == "cuda" else "cpu"
+    streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
+    train_windows = data.windows(streams["domain_train"], recipe.data.seq_len)
+    eval_windows = data.windows(streams["domain_eval"], recipe.data.seq_len, cfg.eval_windows)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    base = load_nf4_model(ctx.inputs["base"], dtype, device)
+    family = family_for(base.config.model_type)
+    targets = ([name.rsplit(".", 1)[-1] for name in family.linears]
+               if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules))
+    model = attach_lora(base, targets, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout)
+    model.peft_config["default"].base_model_name_or_path = recipe.model.source
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer, optimizer_name = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)
+    scheduler = make_scheduler(optimizer, cfg)
+
+    start_step, history = 0, []
+    resume_from = latest_checkpoint(ctx.checkpoint_dir)
+    if resume_from is not None:
+        start_step, history = load_checkpoint(resume_from, model, optimizer, scheduler)
+        logger.info("train: resuming after step %d from %s", start_step, resume_from.name)
+    ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    order = BatchOrder(train_windows.shape[0], cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation,
+                       accelerator.num_processes)
+    tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation * accelerator.num_processes * recipe.data.seq_len
+
+    bar = ctx.progress(range(start_step, cfg.steps), desc="train", unit="step", total=cfg.steps, initial=start_step,
+                       disable=None if accelerator.is_main_process else True)
+    for step in bar:
+        t0 = time.time()
+        step_loss = 0.0
+        for micro in range(cfg.gradient_accumulation):
+            batch = train_windows[order.indices(step, micro, accelerator.process_index)].to(device)
+            with accelerator.no_sync(ddp_model) if micro < cfg.gradient_accumulation - 1 else contextlib.nullcontext():
+                loss = ddp_model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(ctx.checkpoint_dir)
+                    raise StageError(
+                        f"non-finite training loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
+                        f"({last.name if last else 'none'}) is kept. Lower train.learning_rate or check the data."
+                    )
+                accelerator.backward(loss / cfg.gradient_accumulation)
+            step_loss += loss.item() / cfg.gradient_accumulation
+        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator.num_processes > 1:
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
+        record = {"step": step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_second": tokens_per_step / max(time.time() - t0, 1e-9)}
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+            record["eval_loss"] = eval_loss(model, eval_windows, cfg.micro_batch_size, device)
+        history.append(record)
+        if accelerator.is_main_process:
+            ctx.metrics.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+            if (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.steps:
+                save_checkpoint(ctx.checkpoint_dir, step + 1, model, optimizer, scheduler, history,
+                                order.position(step + 1), cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    metrics = {"final_loss": history[-1]["loss"], "steps": float(cfg.steps), "tokens_seen": float(cfg.steps * tokens_per_step)}
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        metrics["final_eval_loss"] = evals[-1]
+        metrics["final_eval_ppl"] = math.exp(evals[-1])
+    if accelerator.is_main_process:
+        model.save_pretrained(ctx.output_dir)
+        (ctx.output_dir / "train_log.json").write_text(json.dumps({
+            "history": history, "optimizer": optimizer_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "processes": accelerator.num_processes, "target_modules": targets,
+        }, indent=1))
+    return StageResult(metrics=metrics, info={"optimizer": optimizer_name, "processes": accelerator.num_processes})
+

@@ -1,0 +1,133 @@
+"""The real stages on a tiny random Llama and on SmolLM2: NF4 base, kill -9 resume, evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, cli, make_tiny_llama, tiny_recipe
+
+
+def output_hashes(stage_dir: Path) -> dict:
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    return {k: v["sha256"] for k, v in manifest["files"].items()}
+
+
+def test_tiny_pipeline_runs_then_skips(tiny_llama_dir, tmp_path, write_recipe, monkeypatch, capsys, caplog):
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path))
+    assert cli("run", str(path)) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    report = json.loads((run_dir / "report" / "output" / "metrics.json").read_text())["artifacts"]
+    assert set(report) == {"base", "base-nf4"}
+    for m in report.values():
+        assert m["domain_ppl"] > 1 and m["general_ppl"] > 1 and m["size_bytes"] > 0
+    assert report["base-nf4"]["size_bytes"] < report["base"]["size_bytes"]
+    assert "| base-nf4 |" in (run_dir / "report" / "output" / "report.md").read_text()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert cli("run", str(path)) == 0
+    assert caplog.text.count("skip  (up to date)") == 5 and "run   (" not in caplog.text
+    capsys.readouterr()
+    # A setting of the evaluation changes only the evaluations and the report.
+    assert cli("plan", str(path), "--set", "evaluate.max_domain_windows=2") == 0
+    out = capsys.readouterr().out
+    assert "evaluate-base-nf4" in out
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")}
+    assert lines == {"data": "skip", "base": "skip", "evaluate-base": "run", "evaluate-base-nf4": "run", "report": "run"}
+    assert cli("status", str(run_dir)) == 0
+    assert capsys.readouterr().out.count(" done ") == 5
+
+
+def test_nf4_checkpoint_loads_in_transformers_and_matches_ours(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
+    """The NF4 checkpoint is read by transformers + bitsandbytes with no code of ours."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.checkpoints import load_nf4_model
+
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, tracking={"enabled": False}))
+    assert cli("run", str(path), "--only", "base") == 0
+    out = tmp_path / "runs" / "tiny" / "base" / "output"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
+    import bitsandbytes as bnb
+
+    assert isinstance(theirs.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    ours = load_nf4_model(out, torch.bfloat16, "cpu")  # transformers keeps the checkpoint's bf16
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        a, b = theirs(ids).logits.float(), ours(ids).logits.float()
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # bf16 matmuls of two libraries
+    # And the dequantized weights are bitsandbytes' own, exactly.
+    q = theirs.model.layers[1].mlp.down_proj.weight
+    deq = bnb.functional.dequantize_4bit(q.data, q.quant_state).float()
+    assert torch.equal(deq, ours.model.layers[1].mlp.down_proj.dequantized_weight().float())
+
+
+def _run_base(recipe: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--only", "base"],
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_kill_9_during_base_then_resume_equals_uninterrupted(tmp_path, smollm2_dir, write_recipe):
+    model = make_tiny_llama(tmp_path / "deep", smollm2_dir, layers=24, hidden=512, intermediate=1536)
+    ref = write_recipe(tiny_recipe(model, tmp_path, run={"name": "ref"}, tracking={"enabled": False}), "ref.yaml")
+    assert _run_base(ref, tmp_path).wait() == 0
+
+    recipe = write_recipe(tiny_recipe(model, tmp_path, run={"name": "killed"}, tracking={"enabled": False}), "k.yaml")
+    ckpt = tmp_path / "runs" / "killed" / "base" / "checkpoints"
+    proc = _run_base(recipe, tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(ckpt.glob("layer-*.safetensors"))) < 3:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(ckpt.glob("layer-*.safetensors")))
+    assert 3 <= done_before < 24, "the kill should land mid-stage"
+    assert not (tmp_path / "runs" / "killed" / "base" / "manifest.json").exists()
+    assert cli("status", str(tmp_path / "runs" / "killed")) == 0
+
+    proc = _run_base(recipe, tmp_path)
+    assert proc.wait() == 0, proc.stderr.read()
+    assert output_hashes(tmp_path / "runs" / "killed" / "base") == output_hashes(tmp_path / "runs" / "ref" / "base")
+
+
+def test_truncated_output_is_detected_and_rebuilt(tiny_llama_dir, tmp_path, write_recipe, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, tracking={"enabled": False}))
+    assert cli("run", str(path), "--only", "base") == 0
+    base = tmp_path / "runs" / "tiny" / "base"
+    good = output_hashes(base)
+    shard = sorted((base / "output").glob("model-*.safetensors"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    capsys.readouterr()
+    assert cli("status", str(tmp_path / "runs" / "tiny")) == 0
+    out = capsys.readouterr().out
+    assert "corrupt" in out and shard.name in out
+    assert cli("run", str(path), "--only", "base") == 0
+    assert output_hashes(base) == good
+
+
+@pytest.mark.slow
+def test_default_recipe_end_to_end(tmp_path, monkeypatch, capsys):
+    """The README's main command on the real SmolLM2, full held-out domain text."""
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO / "recipes" / "smollm2_domain.yaml"
+    assert cli("run", str(recipe), "--set", f"run.dir={tmp_path / 'runs'}") == 0
+    metrics = json.loads((tmp_path / "runs" / "smollm2_domain" / "report" / "output" / "metrics.json").read_text())
+    base = metrics["artifacts"]["base"]
+    assert base["domain_tokens"] == 33 * 511
+    assert abs(base["domain_ppl"] - 13.19) < 0.02  # BASELINES.md, fp32 model
+    assert metrics["artifacts"]["base-nf4"]["size_bytes"] < 0.3 * base["size_bytes"]
