@@ -116,6 +116,7 @@ class LoraConfig(_Section):
 
 class TrainConfig(_Section):
     steps: int = Field(200, ge=1)
+    seq_len: Optional[int] = Field(None, ge=16, description="training window length; null: data.seq_len")
     learning_rate: float = Field(2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(10, ge=0)

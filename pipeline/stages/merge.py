@@ -18,10 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import data
-from pipeline.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, load_hf_model, load_nf4_model, read_config, read_tensors, weight_map
+from pipeline.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_tensors, weight_map
 from pipeline.errors import InputError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
+from pipeline.layerwise import LayerwiseRunner
 from pipeline.models import resolve_model
 from pipeline.stages.base import REST_SHARD, SHARD, _save_atomic, _valid_shard, assemble_shards
 from quant.nf4 import dequantize_nf4, nf4_from_state_tensors
@@ -131,7 +132,7 @@ def run(ctx: StageContext) -> StageResult:
     (ctx.output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
     copy_tokenizer(base_dir, ctx.output_dir)
 
-    verify = verify_merge(ctx, adapter_dir)
+    verify = verify_merge(ctx, adapter, family)
     return StageResult(
         metrics={"size_bytes": float(total_size), "merged_modules": float(len(adapter.pairs)),
                  "max_abs_delta": max_delta, **verify},
@@ -153,23 +154,39 @@ def _plain_tensors(names, base_map, original_map, dtype) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
-def verify_merge(ctx: StageContext, adapter_dir: Path) -> dict[str, float]:
-    """Largest |logit difference| of the merged checkpoint vs the NF4 base + adapter (float32, CPU)."""
-    from peft import set_peft_model_state_dict
-
-    from pipeline.lora import attach_lora
-
+def verify_merge(ctx: StageContext, adapter: Adapter, family) -> dict[str, float]:
+    """Largest |logit difference| between the merged bf16 checkpoint and NF4 base + unmerged
+    LoRA (both in float32), on a few held-out windows. Both run one decoder layer at a time,
+    so the check costs the memory of one layer, not of the model."""
     streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
     windows = data.windows(streams["domain_eval"], min(ctx.recipe.data.seq_len, 256), VERIFY_WINDOWS)
-    merged = load_hf_model(ctx.output_dir, torch.float32, "cpu")
-    reference_base = load_nf4_model(ctx.inputs["base"], torch.float32, "cpu")
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    reference = attach_lora(reference_base, list(adapter_cfg["target_modules"]), adapter_cfg["r"],
-                            adapter_cfg["lora_alpha"], 0.0)
-    set_peft_model_state_dict(reference, load_file(str(adapter_dir / "adapter_model.safetensors")))
-    reference.eval()
-    a = merged(input_ids=windows).logits
-    b = reference(input_ids=windows).logits
-    diff = (a - b).abs()
+    merged_map, base_map = weight_map(ctx.output_dir), weight_map(ctx.inputs["base"])
+    config = read_config(ctx.inputs["base"])
+    runner = LayerwiseRunner(config, torch.float32, family.layers_prefix)
+
+    def merged_weights(prefix: str) -> dict[str, torch.Tensor]:
+        names = [n for n in merged_map if n.startswith(prefix)]
+        return {n[len(prefix):]: t for n, t in read_tensors(merged_map, names).items()}
+
+    def reference_weights(prefix: str) -> dict[str, torch.Tensor]:
+        out = {}
+        quantized = {n.split(".weight.", 1)[0] for n in base_map if n.startswith(prefix) and ".weight." in n}
+        for module in quantized:
+            out[f"{module[len(prefix):]}.weight"] = dequantize_nf4(_nf4_at(base_map, module), torch.float32)
+        plain = [n for n in base_map if n.startswith(prefix) and ".weight." not in n
+                 and n.rsplit(".weight", 1)[0] not in quantized]
+        out.update({n[len(prefix):]: t for n, t in read_tensors(base_map, plain).items()})
+        return out
+
+    def add_lora(i: int, name: str, module: torch.nn.Module):
+        pair = adapter.pairs.get(f"{family.layer_prefix(i)}{name}")
+        if pair is None:
+            return None
+        a, b = (t.float() for t in pair)
+        return module.register_forward_hook(lambda mod, inp, out: out + (inp[0] @ a.t() @ b.t()) * adapter.scaling)
+
+    merged_logits = runner.logits(windows, merged_weights)
+    reference_logits = runner.logits(windows, reference_weights, add_lora)
+    diff = (merged_logits - reference_logits).abs()
     return {"verify_max_abs_logit_diff": diff.max().item(), "verify_mean_abs_logit_diff": diff.mean().item(),
-            "verify_logit_scale": b.abs().mean().item()}
+            "verify_logit_scale": reference_logits.abs().mean().item()}

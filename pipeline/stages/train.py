@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import data
 from pipeline.checkpoints import DTYPES, load_nf4_model
-from pipeline.errors import StageError
+from pipeline.errors import InputError, StageError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.lora import attach_lora
@@ -158,7 +158,11 @@ def run(ctx: StageContext) -> StageResult:
     device, dtype = train_device_dtype(cfg, recipe.nf4)
     device = str(accelerator.device) if device == "cuda" else "cpu"
     streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-    train_windows = data.windows(streams["domain_train"], recipe.data.seq_len)
+    seq_len = cfg.seq_len or recipe.data.seq_len
+    train_windows = data.windows(streams["domain_train"], seq_len)
+    if train_windows.shape[0] < cfg.micro_batch_size:
+        raise InputError(f"train.micro_batch_size: {cfg.micro_batch_size} exceeds the {train_windows.shape[0]} "
+                         f"training windows of {seq_len} tokens; lower it or train.seq_len")
     eval_windows = data.windows(streams["domain_eval"], recipe.data.seq_len, cfg.eval_windows)
 
     torch.manual_seed(cfg.seed)
@@ -183,7 +187,7 @@ def run(ctx: StageContext) -> StageResult:
     ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     order = BatchOrder(train_windows.shape[0], cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation,
                        accelerator.num_processes)
-    tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation * accelerator.num_processes * recipe.data.seq_len
+    tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation * accelerator.num_processes * seq_len
 
     bar = ctx.progress(range(start_step, cfg.steps), desc="train", unit="step", total=cfg.steps, initial=start_step,
                        disable=None if accelerator.is_main_process else True)
