@@ -31,7 +31,10 @@ Examples:
 
 def _setup_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for users
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    level = logging.DEBUG if verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:
+        level = logging.WARNING  # one voice per launch: the main process reports
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "mlflow", "urllib3", "huggingface_hub", "alembic", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,7 +63,8 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool):
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
     specs = build_stages(recipe)
     tracker = None
-    if with_tracking and recipe.tracking.enabled:
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
+    if with_tracking and recipe.tracking.enabled and is_main:
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment)
     return Runner(directory, specs, recipe, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe))
 
@@ -105,7 +109,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     ran = [p.spec.name for p in planned if p.action == "run"]
     logger.info("done: %d stage(s) ran, %d up to date", len(ran), len(planned) - len(ran))
     report = runner.run_dir / "report" / "output" / "report.md"
-    if report.is_file():
+    if report.is_file() and int(os.environ.get("RANK", "0")) == 0:
         click.echo(report.read_text())
     if runner.tracker and runner.tracker.enabled:
         logger.info("tracking: %s (open it with `pipeline ui`)", runner.tracker.uri)

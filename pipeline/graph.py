@@ -58,6 +58,8 @@ class StageSpec:
         deps: upstream stage names; their outputs become `ctx.inputs`.
         config: the settings that define this stage's result (part of the fingerprint).
         version: bumped when the stage's code changes what it produces.
+        distributed: every rank of a multi-process launch runs it (training); other stages
+            run on the main process while the rest wait.
     """
 
     name: str
@@ -65,6 +67,7 @@ class StageSpec:
     deps: tuple[str, ...]
     config: dict
     version: int
+    distributed: bool = False
 
 
 def fingerprint(spec: StageSpec, dep_fingerprints: dict[str, str]) -> str:

@@ -69,6 +69,35 @@ def code_version() -> str:
         return "unknown"
 
 
+class Ranks:
+    """The processes of an `accelerate launch` / torchrun launch (one process when not launched so).
+
+    Only the main process takes the lock, writes manifests and talks to MLflow; the others
+    wait at a barrier while it runs a stage, and join in for `distributed` stages.
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self._state = None
+        if self.world > 1:
+            from datetime import timedelta
+
+            import torch
+            from accelerate import PartialState
+
+            # Long timeout: the other ranks wait while the main process runs whole stages.
+            self._state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+
 class Runner:
     def __init__(self, run_dir: Path, specs: list[StageSpec], recipe, tracker: Optional[Tracker] = None,
                  recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None):
@@ -154,7 +183,12 @@ class Runner:
     # ------------------------------------------------------------------------------ running
 
     def run(self, from_stage: Optional[str] = None, only: Optional[str] = None, force: bool = False) -> list[PlannedStage]:
+        ranks = Ranks()
         planned = self.plan(from_stage, only, force)
+        ranks.barrier()  # every rank has planned from the same state before anything is written
+        if not ranks.is_main:
+            self._follow(planned, ranks)
+            return planned
         with rundir.RunLock(self.run_dir / ".lock"):
             run_json = rundir.read_json(self.run_dir / "run.json") or {}
             parent_id = None
@@ -177,7 +211,8 @@ class Runner:
                     if p.action == "skip":
                         logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
                         continue
-                    self._run_stage(p, parent_id)
+                    self._run_stage(p, parent_id, ranks)
+                    ranks.barrier()
             except BaseException:
                 if self.tracker:
                     self.tracker.finish(parent_id, "FAILED")
@@ -186,7 +221,30 @@ class Runner:
                 self.tracker.finish(parent_id, "FINISHED")
         return planned
 
-    def _run_stage(self, p: PlannedStage, parent_id: Optional[str]) -> StageResult:
+    def _follow(self, planned: list[PlannedStage], ranks: Ranks) -> None:
+        """A non-main rank: wait while the main process runs each stage; join distributed ones."""
+        for p in planned:
+            if p.action == "skip":
+                continue
+            ranks.barrier()  # the main process has prepared the stage's directories
+            if p.spec.distributed:
+                sdir = self.stage_dir(p.spec.name)
+                scratch = sdir / f"output.rank{ranks.rank}"
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir(parents=True)
+                ctx = StageContext(
+                    name=p.spec.name, config=p.spec.config, recipe=self.recipe,
+                    inputs={d: self.stage_dir(d) / rundir.OUTPUT for d in p.spec.deps}, output_dir=scratch,
+                    checkpoint_dir=sdir / rundir.CHECKPOINTS, metrics=_NullLogger(), progress=_progress,
+                    run_dir=self.run_dir,
+                )
+                try:
+                    p.spec.fn(ctx)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+            ranks.barrier()  # the main process has published the stage
+
+    def _run_stage(self, p: PlannedStage, parent_id: Optional[str], ranks: Optional[Ranks] = None) -> StageResult:
         spec, fp = p.spec, p.fingerprint
         sdir = self.stage_dir(spec.name)
         sdir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +269,8 @@ class Runner:
             "fingerprint": fp, "status": "running", "started": started, "pid": os.getpid(),
             "host": socket.gethostname(), "mlflow_run_id": child_id,
         })
+        if ranks is not None:
+            ranks.barrier()  # directories ready: the other ranks may start (or keep waiting)
         inputs = {d: self.stage_dir(d) / rundir.OUTPUT for d in spec.deps}
         metric_logger = self.tracker.logger_for(child_id) if self.tracker else _NullLogger()
         ctx = StageContext(

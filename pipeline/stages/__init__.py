@@ -37,7 +37,7 @@ def build_stages(recipe) -> list[StageSpec]:
     if recipe.merge.adapter is None:
         train_config = {"lora": recipe.lora.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
                         "seq_len": recipe.data.seq_len}
-        specs.append(StageSpec("train", train.run, ("data", "base"), train_config, train.VERSION))
+        specs.append(StageSpec("train", train.run, ("data", "base"), train_config, train.VERSION, distributed=True))
         merge_deps: tuple[str, ...] = ("data", "base", "train")
     else:
         merge_config["adapter_files"] = adapter_identity(recipe.merge.adapter)

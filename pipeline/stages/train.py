@@ -28,6 +28,7 @@ from pipeline.errors import InputError, StageError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.lora import attach_lora
+from pipeline.models import resolve_model, source_identity
 from pipeline.rundir import fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,9 @@ def run(ctx: StageContext) -> StageResult:
     targets = ([name.rsplit(".", 1)[-1] for name in family.linears]
                if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules))
     model = attach_lora(base, targets, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout)
-    model.peft_config["default"].base_model_name_or_path = recipe.model.source
+    # Hub ids stay ids (what users pass to from_pretrained); other sources name their local directory.
+    model.peft_config["default"].base_model_name_or_path = (
+        recipe.model.source if "hub" in source_identity(recipe.model) else str(resolve_model(recipe.model)))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -152,3 +152,26 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_llama_dir, tmp_path, wr
     assert "non-finite training loss" in err and "train.learning_rate" in err
     state = json.loads((tmp_path / "runs" / "nan" / "train" / "state.json").read_text())
     assert state["status"] == "failed"
+
+
+def test_training_under_accelerate_launch_with_two_cpu_processes(tiny_llama_dir, tmp_path, write_recipe):
+    """Data parallel over 2 CPU processes (gloo): rank 0 alone writes manifests and checkpoints."""
+    import shutil
+
+    path = write_recipe(recipe_for(tiny_llama_dir, tmp_path, "ddp", train={"steps": 4, "save_interval": 2}))
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    proc = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "pipeline.cli", "run", str(path)],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert manifest["info"]["processes"] == 2
+    log = json.loads((run_dir / "train" / "output" / "train_log.json").read_text())
+    # 2 ranks x micro-batch 2 x 64 tokens per step
+    assert log["processes"] == 2 and manifest["metrics"]["tokens_seen"] == 4 * 2 * 2 * 64
+    assert not list((run_dir / "train").glob("output.rank*"))
+    assert (run_dir / "report" / "manifest.json").is_file()
