@@ -67,6 +67,9 @@ def tiny_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
         "data": {"domain": {"builtin": "python-docs"}, "general": {"builtin": "python-stdlib"},
                  "seq_len": 128, "general_max_tokens": 4000},
         "evaluate": {"max_domain_windows": 4, "max_general_windows": 4, "batch_size": 4},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"steps": 4, "seq_len": 64, "micro_batch_size": 2, "warmup_steps": 1, "optimizer": "adamw",
+                  "save_interval": 2, "eval_interval": 2, "eval_windows": 2},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
     }

@@ -26,7 +26,7 @@ def test_tiny_pipeline_runs_then_skips(tiny_llama_dir, tmp_path, write_recipe, m
     assert cli("run", str(path)) == 0
     run_dir = tmp_path / "runs" / "tiny"
     report = json.loads((run_dir / "report" / "output" / "metrics.json").read_text())["artifacts"]
-    assert set(report) == {"base", "base-nf4"}
+    assert set(report) == {"base", "base-nf4", "merged"}
     for m in report.values():
         assert m["domain_ppl"] > 1 and m["general_ppl"] > 1 and m["size_bytes"] > 0
     assert report["base-nf4"]["size_bytes"] < report["base"]["size_bytes"]
@@ -34,16 +34,17 @@ def test_tiny_pipeline_runs_then_skips(tiny_llama_dir, tmp_path, write_recipe, m
     caplog.clear()
     with caplog.at_level("INFO", logger="pipeline"):
         assert cli("run", str(path)) == 0
-    assert caplog.text.count("skip  (up to date)") == 5 and "run   (" not in caplog.text
+    assert caplog.text.count("skip  (up to date)") == 8 and "run   (" not in caplog.text
     capsys.readouterr()
     # A setting of the evaluation changes only the evaluations and the report.
     assert cli("plan", str(path), "--set", "evaluate.max_domain_windows=2") == 0
     out = capsys.readouterr().out
     assert "evaluate-base-nf4" in out
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")}
-    assert lines == {"data": "skip", "base": "skip", "evaluate-base": "run", "evaluate-base-nf4": "run", "report": "run"}
+    assert lines == {"data": "skip", "base": "skip", "evaluate-base": "run", "evaluate-base-nf4": "run",
+                     "train": "skip", "merge": "skip", "evaluate-merged": "run", "report": "run"}
     assert cli("status", str(run_dir)) == 0
-    assert capsys.readouterr().out.count(" done ") == 5
+    assert capsys.readouterr().out.count(" done ") == 8
 
 
 def test_nf4_checkpoint_loads_in_transformers_and_matches_ours(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
@@ -131,3 +132,5 @@ def test_default_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     assert base["domain_tokens"] == 33 * 511
     assert abs(base["domain_ppl"] - 13.19) < 0.02  # BASELINES.md, fp32 model
     assert metrics["artifacts"]["base-nf4"]["size_bytes"] < 0.3 * base["size_bytes"]
+    # QLoRA on the language reference: the merged model beats the original base on held-out topics.
+    assert metrics["artifacts"]["merged"]["domain_ppl"] < 0.95 * base["domain_ppl"]
