@@ -1,0 +1,120 @@
+"""Peak resident memory of the `merge` stage against model depth.
+
+Builds synthetic Llama models that differ only in their number of decoder layers (each
+layer several times smaller than the model), gives each a random LoRA adapter, runs
+`base` then `merge` (with its self-verification) in fresh processes, and records the peak
+RSS of the merge process. A streaming merge keeps the peak flat while the model grows.
+
+    python scripts/bench_merge_memory.py [--layers 2 4 8 16] [--hidden 1024] [--out benchmarks/merge_memory.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs a command as a child and prints the child's peak RSS (KiB), so each stage is measured alone.
+_PEAK_RSS = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def build_model(path: Path, layers: int, hidden: int, intermediate: int, tokenizer_dir: Path) -> int:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return sum(p.numel() * 2 for p in model.model.layers[0].parameters())
+
+
+def build_adapter(model_dir: Path, out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    peft_model.save_pretrained(out)
+
+
+def peak_rss_mib(args: list[str], cwd: Path) -> float:
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "pipeline.cli", *args],
+                          cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        raise SystemExit(f"pipeline {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "merge_memory.json")
+    args = parser.parse_args()
+
+    from pipeline.models import resolve_model
+    from pipeline.recipe import ModelConfig
+
+    tokenizer_dir = resolve_model(ModelConfig())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for n in args.layers:
+            model_dir, adapter_dir = tmp / f"model-{n}", tmp / f"adapter-{n}"
+            layer_bytes = build_model(model_dir, n, args.hidden, args.intermediate, tokenizer_dir)
+            build_adapter(model_dir, adapter_dir)
+            model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+            recipe = tmp / f"r{n}.yaml"
+            recipe.write_text(yaml.safe_dump({
+                "model": {"source": str(model_dir)},
+                "data": {"seq_len": 128, "general": None},
+                "merge": {"adapter": str(adapter_dir)},
+                "tracking": {"enabled": False},
+                "run": {"name": f"depth-{n}", "dir": str(tmp / "runs")},
+            }))
+            peak_rss_mib(["run", str(recipe), "--only", "data"], tmp)
+            peak_rss_mib(["run", str(recipe), "--only", "base"], tmp)
+            t0 = time.time()
+            merge_peak = peak_rss_mib(["run", str(recipe), "--only", "merge"], tmp)
+            rows.append({"layers": n, "model_mib": model_bytes / 2**20, "layer_mib": layer_bytes / 2**20,
+                         "merge_peak_rss_mib": merge_peak, "merge_seconds": time.time() - t0})
+
+    first = rows[0]
+    print(f"{'layers':>6} {'model MiB':>10} {'layer MiB':>10} {'merge peak RSS MiB':>19} {'model x':>8} {'peak x':>7}")
+    for r in rows:
+        r["model_growth"] = r["model_mib"] / first["model_mib"]
+        r["peak_growth"] = r["merge_peak_rss_mib"] / first["merge_peak_rss_mib"]
+        print(f"{r['layers']:>6} {r['model_mib']:>10.1f} {r['layer_mib']:>10.1f} {r['merge_peak_rss_mib']:>19.1f} "
+              f"{r['model_growth']:>8.2f} {r['peak_growth']:>7.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "merge_peak_rss", "machine": platform.machine(),
+                                    "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
