@@ -140,3 +140,37 @@ def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):
     if leftover:
         raise StageError(f"{model_dir}: parameters without weights: {leftover[:3]}")
     return model.to(device).eval()
+
+
+def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
+    """Build the model with `LinearInt4` layers from a packed GPTQ checkpoint (v1 or v2)."""
+    from quant.int4_linear import LinearInt4
+    from quant.packing import GPTQPacked
+
+    config = read_config(model_dir)
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("quant_method") != "gptq":
+        raise InputError(f"{model_dir}: not a GPTQ checkpoint (quantization_config.quant_method={qcfg.get('quant_method')})")
+    bits, v1 = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq") == "gptq"
+    model = _empty_model(config, dtype)
+    wmap = weight_map(model_dir)
+    prefixes = sorted(n[: -len(".qweight")] for n in wmap if n.endswith(".qweight"))
+    used = set()
+    for prefix in prefixes:
+        names = [f"{prefix}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")]
+        bias = [f"{prefix}.bias"] if f"{prefix}.bias" in wmap else []
+        t = read_tensors(wmap, names + bias)
+        used.update(t)
+        module = LinearInt4(GPTQPacked(*(t[n] for n in names)), bits, v1, t.get(f"{prefix}.bias"))
+        parent_name, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    rest = read_tensors(wmap, [n for n in wmap if n not in used])
+    rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    quantized = set(prefixes)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") and k.rpartition(".")[0] not in quantized]
+    if unexpected or missing:
+        raise StageError(f"{model_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device).eval()

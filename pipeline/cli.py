@@ -57,9 +57,11 @@ def _load(recipe_path: str, sets: tuple[str, ...]):
 def _runner(recipe, run_dir: Optional[str], with_tracking: bool):
     from pipeline.recipe import flatten
     from pipeline.runner import Runner
-    from pipeline.stages import build_stages
+    from pipeline.stages import build_stages, not_implemented
     from pipeline.tracking import Tracker
 
+    for line in not_implemented(recipe):
+        logger.warning("warning: %s", line)
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
     specs = build_stages(recipe)
     tracker = None
@@ -124,13 +126,10 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 @click.option("--force", is_flag=True)
 def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Show the stage graph and, per stage, whether `run` would run or skip it, and why."""
-    from pipeline.stages import NOT_YET_IMPLEMENTED
-
     cfg, _ = _load(recipe, sets)
     runner = _runner(cfg, run_dir, with_tracking=False)
     click.echo(f"run directory: {runner.run_dir}")
     _print_plan(runner.plan(from_stage, only, force))
-    click.echo(f"not implemented yet (configured, ignored): {', '.join(NOT_YET_IMPLEMENTED)}")
 
 
 @cli.command()
@@ -163,10 +162,12 @@ def status(run_dir: str, verify: bool) -> None:
 @_set_option
 def validate(recipe: str, sets) -> None:
     """Check a recipe; report every problem at once, each with its key path."""
-    from pipeline.stages import build_stages
+    from pipeline.stages import build_stages, not_implemented
 
     cfg, _ = _load(recipe, sets)
     stages = [s.name for s in build_stages(cfg)]
+    for line in not_implemented(cfg):
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"{recipe}: ok ({len(stages)} stages: {', '.join(stages)})")
 
 

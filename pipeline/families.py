@@ -16,6 +16,9 @@ class Family:
     model_types: tuple[str, ...]
     layers_prefix: str  # decoder layer i lives under f"{layers_prefix}.{i}."
     linears: tuple[str, ...]  # linear modules inside one decoder layer, relative names
+    # GPTQ true-sequential order: each group is quantized after the ones before it, and the
+    # linears of a group read the same input (one Hessian per group).
+    sequential_groups: tuple[tuple[str, ...], ...]
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_prefix}.{i}."
@@ -28,6 +31,12 @@ LLAMA = Family(
     linears=(
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    ),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
     ),
 )
 

@@ -61,6 +61,28 @@ def source_identity(model_cfg) -> dict:
     return {"hub": src, "revision": model_cfg.revision}
 
 
+def cached_config(model_cfg) -> dict | None:
+    """The model's config.json when it is on disk already (local directory, converted GGUF), else None.
+
+    Lets `validate`/`plan` check shapes (e.g. quantization group sizes) without downloading
+    or converting anything.
+    """
+    src = model_cfg.source
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return json.loads((path / "config.json").read_text())
+    try:
+        gguf = _smollm2_gguf() if src.startswith("builtin:") else (path if path.is_file() else None)
+    except InputError:
+        return None
+    if gguf is None:
+        return None
+    name = src.split(":", 1)[1] if src.startswith("builtin:") else path.stem
+    key = hashlib.sha256(f"{_file_identity(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{name}-{key}" / "config.json"
+    return json.loads(target.read_text()) if target.is_file() else None
+
+
 def resolve_model(model_cfg) -> Path:
     """A local HF directory (config.json + safetensors + tokenizer) for the recipe's model.
 

@@ -133,9 +133,14 @@ class Runner:
             return "done", "up to date"
         if state.get("status") == "failed" and state.get("fingerprint") == fp:
             return "failed", f"failed: {state.get('error', '?')}"
+        if state.get("status") == "running" and state.get("fingerprint") == fp and state.get("host") == socket.gethostname() \
+                and rundir._alive(int(state.get("pid", -1)), None):
+            return "running", f"running in pid {state['pid']} since {state.get('started')}"
         ckpt = sdir / rundir.CHECKPOINTS
         if (ckpt / CKPT_FINGERPRINT).is_file() and (ckpt / CKPT_FINGERPRINT).read_text().strip() == fp:
             n = sum(1 for p in ckpt.iterdir() if p.name != CKPT_FINGERPRINT)
+            if n == 0:
+                return "partial", "interrupted before its first checkpoint; restarts"
             return "partial", f"interrupted; resumes from {n} checkpoint file(s)"
         return "missing", "not run yet"
 

@@ -2,18 +2,27 @@
 
 Only stages that do their real work are registered. This version has `data`, `base`,
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
-evaluations of base, base-nf4 and merged, and `report`; `calibrate` and `quantize-<name>`
-are configured in recipes but not implemented yet (see README).
+evaluations of base, base-nf4 and merged, `calibrate`, `quantize-<name>` for the methods
+`rtn` and `gptq` with an evaluation of each, and `report`. `awq` and `awq+gptq` are not
+implemented yet: a recipe that asks for them is refused (see README).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.graph import StageSpec
-from pipeline.models import source_identity
-from pipeline.stages import base, data, evaluate, merge, report, train
+from pipeline.errors import InputError, RecipeError
+from pipeline.models import cached_config, source_identity
+from pipeline.stages import base, calibrate, data, evaluate, merge, quantize, report, train
 
-NOT_YET_IMPLEMENTED = ("calibrate", "quantize-<name>")
+IMPLEMENTED_METHODS = ("rtn", "gptq")
+
+
+def not_implemented(recipe) -> list[str]:
+    """One line per recipe entry this version cannot run (it is left out of the graph)."""
+    return [f"quantize.{i} ({q.name}): method '{q.method}' is not implemented yet; this entry is skipped "
+            f"(available: {', '.join(IMPLEMENTED_METHODS)})"
+            for i, q in enumerate(recipe.quantize) if q.method not in IMPLEMENTED_METHODS]
 
 
 def adapter_identity(path: str) -> list[str]:
@@ -49,6 +58,28 @@ def build_stages(recipe) -> list[StageSpec]:
         StageSpec("evaluate-merged", evaluate.make_stage("merged", evaluate.load_merged), ("data", "merge"),
                   {"evaluate": evaluation}, evaluate.VERSION),
     ]
+    entries = [q for q in recipe.quantize if q.method in IMPLEMENTED_METHODS]
+    config = cached_config(recipe.model)
+    if config is not None:
+        problems = []
+        for i, q in enumerate(entries):
+            try:
+                quantize.check_shapes(q, config, f"quantize.{recipe.quantize.index(q)}")
+            except InputError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise RecipeError(problems, source="recipe")
+    if any(q.method != "rtn" for q in entries):
+        specs.append(StageSpec("calibrate", calibrate.run, ("data",),
+                               {"calibration": recipe.calibration.model_dump(mode="json")}, calibrate.VERSION))
+    for q in entries:
+        deps = ("merge",) if q.method == "rtn" else ("merge", "calibrate")
+        specs += [
+            StageSpec(f"quantize-{q.name}", quantize.run, deps, {"entry": q.model_dump(mode="json"),
+                      "dtype": recipe.model.dtype}, quantize.VERSION),
+            StageSpec(f"evaluate-{q.name}", evaluate.make_stage(q.name, evaluate.quantized_loader(q.name)),
+                      ("data", f"quantize-{q.name}"), {"evaluate": evaluation}, evaluate.VERSION),
+        ]
     evaluations = tuple(s.name for s in specs if s.name.startswith("evaluate-"))
     specs.append(StageSpec("report", report.run, evaluations, {}, report.VERSION))
     return specs

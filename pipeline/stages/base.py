@@ -58,9 +58,10 @@ def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], d
     return out
 
 
-def assemble_shards(checkpoint_dir, output_dir, n_layers: int) -> int:
+def assemble_shards(checkpoint_dir, output_dir, n_layers: int, transform=None) -> int:
     """Move the per-layer shards (and the rest) into `output_dir` under HF shard names, write the
-    index, and return the total size in bytes."""
+    index, and return the total size in bytes. With `transform(tensors) -> tensors`, shards are
+    rewritten into the output instead (the checkpoints stay as they were until the stage ends)."""
     shards = [checkpoint_dir / SHARD.format(i) for i in range(n_layers)] + [checkpoint_dir / REST_SHARD]
     weight_index: dict[str, str] = {}
     total_size = 0
@@ -69,8 +70,13 @@ def assemble_shards(checkpoint_dir, output_dir, n_layers: int) -> int:
         with safe_open(shard, "pt") as st:
             for name in st.keys():
                 weight_index[name] = fname
-        total_size += shard.stat().st_size
-        os.replace(shard, output_dir / fname)
+        if transform is None:
+            os.replace(shard, output_dir / fname)
+        else:
+            from safetensors.torch import load_file
+
+            save_file(transform(load_file(str(shard))), str(output_dir / fname), metadata={"format": "pt"})
+        total_size += (output_dir / fname).stat().st_size
     (output_dir / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
     )

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import data
-from pipeline.checkpoints import DTYPES, dir_size, load_hf_model, load_nf4_model
+from pipeline.checkpoints import DTYPES, dir_size, load_hf_model, load_int4_model, load_nf4_model
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
 
@@ -59,6 +59,9 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         model, artifact_dir = loader(ctx, dtype, device)
         load_seconds = time.time() - t0
         metrics = {"size_bytes": float(dir_size(artifact_dir)), "load_seconds": round(load_seconds, 3)}
+        quant_info = artifact_dir / "quantization.json"
+        if quant_info.is_file():
+            metrics["quantize_seconds"] = json.loads(quant_info.read_text())["seconds"]
         domain = data.windows(streams["domain_eval"], seq_len, recipe.evaluate.max_domain_windows)
         metrics["domain_ppl"], metrics["domain_tokens"] = perplexity(
             model, domain, recipe.evaluate.batch_size, device, ctx.progress, f"{artifact}: domain ppl")
@@ -87,3 +90,11 @@ def load_base_nf4(ctx: StageContext, dtype: torch.dtype, device: str):
 def load_merged(ctx: StageContext, dtype: torch.dtype, device: str):
     src = ctx.inputs["merge"]
     return load_hf_model(src, dtype, device), src
+
+
+def quantized_loader(name: str):
+    def load(ctx: StageContext, dtype: torch.dtype, device: str):
+        src = ctx.inputs[f"quantize-{name}"]
+        return load_int4_model(src, dtype, device), src
+
+    return load

@@ -7,7 +7,9 @@ from pipeline.graph import StageContext, StageResult
 
 VERSION = 1
 COLUMNS = (("domain_ppl", "domain ppl", "{:.3f}"), ("general_ppl", "general ppl", "{:.3f}"),
-           ("size_bytes", "size (MB)", None), ("load_seconds", "load (s)", "{:.1f}"))
+           ("size_bytes", "size (MB)", None), ("quantize_seconds", "quantize (s)", "{:.0f}"),
+           ("load_seconds", "load (s)", "{:.1f}"))
+FIXED = ("base", "base-nf4", "merged")
 
 
 def _cell(metrics: dict, key: str, fmt) -> str:
@@ -23,20 +25,25 @@ def run(ctx: StageContext) -> StageResult:
     for stage, out in ctx.inputs.items():
         m = json.loads((out / "metrics.json").read_text())
         artifacts[m["artifact"]] = m
-    reference = artifacts.get("base")
+    reference, merged = artifacts.get("base"), artifacts.get("merged")
+
+    def delta(m: dict, ref: dict | None, skip: bool) -> str:
+        return "–" if ref is None or skip else f"{100 * (m['domain_ppl'] / ref['domain_ppl'] - 1):+.2f}%"
+
     lines = [
         f"# Report: {ctx.run_dir.name}",
         "",
-        f"Held-out domain text and general text, non-overlapping windows of {ctx.recipe.data.seq_len} tokens.",
+        f"Held-out domain text and general text, non-overlapping windows of {ctx.recipe.data.seq_len} tokens. "
+        "Quantized artifacts are evaluated from their packed checkpoints.",
         "",
-        "| artifact | " + " | ".join(c[1] for c in COLUMNS) + " | domain ppl vs base |",
-        "|---|" + "---|" * (len(COLUMNS) + 1),
+        "| artifact | " + " | ".join(c[1] for c in COLUMNS) + " | domain vs base | domain vs merged |",
+        "|---|" + "---|" * (len(COLUMNS) + 2),
     ]
+    order = [n for n in FIXED if n in artifacts] + [n for n in artifacts if n not in FIXED]
+    artifacts = {n: artifacts[n] for n in order}
     for name, m in artifacts.items():
-        delta = "–"
-        if reference and name != "base":
-            delta = f"{100 * (m['domain_ppl'] / reference['domain_ppl'] - 1):+.2f}%"
-        lines.append(f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS) + f" | {delta} |")
+        lines.append(f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS)
+                     + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |")
     any_m = next(iter(artifacts.values()))
     lines += ["", f"Evaluated on {any_m['device']} in {any_m['dtype']}; "
               f"{int(any_m['domain_tokens'])} domain tokens"

@@ -1,0 +1,137 @@
+"""The sequential layer engine shared by the quantizers.
+
+Captures the inputs of the first decoder layer for the calibration windows, then for each
+decoder layer: loads its weights from the merged checkpoint, collects the Hessian of each
+group of linears that share an input (one pass per true-sequential group), quantizes them,
+writes the layer's packed result as an intra-stage checkpoint, computes the next layer's
+inputs with the quantized weights (so errors propagate as they will at inference), and frees
+the layer. Peak memory: one decoder layer plus the calibration activations. A killed stage
+resumes at the first layer without a checkpoint, replaying the finished layers' forward
+from their packed weights, so the result equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from pipeline.checkpoints import read_config, read_tensors, weight_map
+from pipeline.families import Family
+from pipeline.layerwise import LayerwiseRunner
+from pipeline.stages.base import SHARD, _save_atomic, _valid_shard
+from quant.gptq import accumulate_hessian
+
+
+class LinearResult(NamedTuple):
+    """What a method returns for one linear: the weight to compute with from now on (exactly
+    what the packed tensors decode to), the tensors to store, and metrics."""
+
+    weight: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+# (full module name, float32 weight [out, in], Hessian or None) -> LinearResult
+QuantizeLinear = Callable[[str, torch.Tensor, Optional[torch.Tensor]], LinearResult]
+# (full module name, stored tensors of that module) -> float32 weight [out, in]
+RestoreLinear = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: int) -> torch.Tensor:
+    out = torch.empty_like(hidden)
+    for s in range(0, hidden.shape[0], chunk):
+        out[s : s + chunk] = layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids,
+                                   position_embeddings=pos_emb)
+    return out
+
+
+def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, pos_emb, chunk: int) -> list[torch.Tensor]:
+    """One forward of the layer; the Hessian of the input of each group's first linear."""
+    state: list[tuple[Optional[torch.Tensor], int]] = [(None, 0) for _ in groups]
+    handles = []
+    for k, group in enumerate(groups):
+        def hook(mod, inp, out, k=k):
+            state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
+        handles.append(layer.get_submodule(group[0]).register_forward_hook(hook))
+    try:
+        _forward(layer, hidden, pos_ids, pos_emb, chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    return [h for h, _ in state]
+
+
+@torch.no_grad()
+def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tensor], family: Family, dtype: torch.dtype,
+                          checkpoint_dir: Path, quantize_linear: QuantizeLinear, restore_linear: RestoreLinear,
+                          true_sequential: bool, progress, on_layer: Callable[[int, dict[str, float]], None],
+                          chunk: int = 8) -> int:
+    """Quantize every decoder layer of `merged_dir` into `checkpoint_dir/layer-XXXXX.safetensors`.
+
+    `calibration_ids` None means the method needs no activations (round-to-nearest).
+
+    Returns:
+        The number of decoder layers.
+    """
+    config = read_config(merged_dir)
+    wmap = weight_map(merged_dir)
+    runner = LayerwiseRunner(config, torch.float32, family.layers_prefix)
+    n_layers = len(runner.layers)
+    hidden = pos_ids = pos_emb = None
+    if calibration_ids is not None:
+        embed = runner.base.embed_tokens
+        runner._materialize(embed, _weights(wmap, "model.embed_tokens."), torch.float32)
+        hidden = embed(calibration_ids)
+        pos_ids = torch.arange(calibration_ids.shape[1]).unsqueeze(0)
+        pos_emb = runner.base.rotary_emb(hidden, position_ids=pos_ids)
+        embed.to("meta")
+
+    groups = list(family.sequential_groups)
+    for i in progress(range(n_layers), desc="quantize", unit="layer"):
+        prefix = family.layer_prefix(i)
+        layer = runner.layers[i]
+        runner._materialize(layer, _weights(wmap, prefix), torch.float32)
+        shard = checkpoint_dir / SHARD.format(i)
+        if shard.exists() and _valid_shard(shard):
+            stored = _load(shard)
+            for lin in family.linears:
+                module = layer.get_submodule(lin)
+                mine = {k[len(prefix + lin) + 1:]: v for k, v in stored.items() if k.startswith(prefix + lin + ".")}
+                module.weight.data = restore_linear(prefix + lin, mine)
+        else:
+            out: dict[str, torch.Tensor] = {}
+            metrics: dict[str, float] = {}
+            passes = [[g] for g in groups] if true_sequential else [groups]
+            for batch in passes:
+                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk)
+                            if hidden is not None else [None] * len(batch))
+                for group, H in zip(batch, hessians):
+                    for lin in group:
+                        module = layer.get_submodule(lin)
+                        result = quantize_linear(prefix + lin, module.weight.data.float(), H)
+                        module.weight.data = result.weight.float()
+                        out.update({f"{prefix}{lin}.{k}": v for k, v in result.tensors.items()})
+                        metrics.update({f"{lin.rsplit('.', 1)[-1]}.{k}": v for k, v in result.metrics.items()})
+            linear_names = {prefix + lin for lin in family.linears}
+            for name, t in _weights(wmap, prefix).items():
+                if f"{prefix}{name}".rsplit(".", 1)[0] not in linear_names:
+                    out[prefix + name] = t.to(dtype) if t.is_floating_point() else t
+            on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
+            _save_atomic(out, shard)
+        if hidden is not None:
+            hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk)
+        layer.to("meta")
+    return n_layers
+
+
+def _weights(wmap: dict, prefix: str) -> dict[str, torch.Tensor]:
+    names = [n for n in wmap if n.startswith(prefix)]
+    return {n[len(prefix):]: t for n, t in read_tensors(wmap, names).items()}
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,28 @@
+"""Stage `calibrate`: the calibration windows, drawn once from the domain *train* split.
+
+`calibration.safetensors` holds `input_ids` int64 [samples, seq_len]; every quantizer reads
+these same tokens. Start offsets come from one seeded `torch.randint` call over the train
+token stream (the protocol of BASELINES.md).
+"""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import DataError
+from pipeline.graph import StageContext, StageResult
+
+VERSION = 1
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.recipe.calibration
+    stream = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))["domain_train"]
+    if stream.numel() < cfg.seq_len:
+        raise DataError(f"calibration.seq_len: {cfg.seq_len} exceeds the {stream.numel()} domain train tokens")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, stream.numel() - cfg.seq_len + 1, (cfg.samples,), generator=generator)
+    ids = torch.stack([stream[s : s + cfg.seq_len] for s in starts.tolist()])
+    save_file({"input_ids": ids.contiguous()}, str(ctx.output_dir / "calibration.safetensors"))
+    return StageResult(metrics={"samples": float(cfg.samples), "tokens": float(ids.numel())},
+                       info={"first_offsets": starts[:4].tolist()})

@@ -1,0 +1,80 @@
+"""GPTQ's math on controlled problems: exactness of what it stores, and the error it saves."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.gptq import accumulate_hessian, fit_group_params, gptq_quantize, quantize_codes, rtn_quantize
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    X = torch.randn(4096, 256) @ (torch.randn(256, 256) * 0.2) + torch.randn(256) * 2  # correlated inputs
+    W = torch.randn(96, 256) * 0.05
+    H, n = None, 0
+    for chunk in X.split(1000):
+        H, n = accumulate_hessian(H, n, chunk)
+    return X, W, H
+
+
+def output_error(X, W, Q) -> float:
+    return ((X @ (Q - W).t()) ** 2).mean().item()
+
+
+def test_hessian_is_the_running_average(problem):
+    X, _, H = problem
+    torch.testing.assert_close(H, 2 / X.shape[0] * X.t() @ X, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_beats_round_to_nearest_and_stores_exactly_what_it_computes(problem, act_order, static, sym):
+    X, W, H = problem
+    r = rtn_quantize(W, 4, 64, sym)
+    g = gptq_quantize(W, H, 4, 64, sym, act_order, static, 0.01, scale_dtype=torch.float16)
+    assert output_error(X, W, g.Q) < 0.7 * output_error(X, W, r.Q)
+    gi = g.g_idx.long()
+    assert torch.equal(g.Q, g.scales[gi].t() * (g.codes - g.zeros[gi].t()))
+    assert torch.equal(g.scales, g.scales.half().float())
+    assert g.codes.min() >= 0 and g.codes.max() <= 15
+    if static or not act_order:
+        assert torch.equal(gi, torch.arange(256) // 64)
+    else:
+        assert sorted(gi.bincount().tolist()) == [64] * 4 and not torch.equal(gi, torch.arange(256) // 64)
+
+
+def test_symmetric_zero_is_the_midpoint_and_quirk_for_positive_groups():
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4], [-0.4, 0.1, 0.2, 0.0]])
+    p = fit_group_params(w, 4, sym=True)
+    assert p.zero.tolist() == [8.0, 8.0]
+    codes = quantize_codes(w, p, 15)
+    assert codes[0].max() <= 15 and codes[0].min() >= 8  # an all-positive row keeps 7 positive levels
+
+
+def test_dead_columns_and_damping(problem):
+    X, W, H = problem
+    H = H.clone()
+    H[:, 5] = 0
+    H[5, :] = 0
+    g = gptq_quantize(W, H, 4, 64, False, False, False, 0.01)
+    assert torch.isfinite(g.Q).all() and (g.Q[:, 5] == 0).all()
+    singular = torch.zeros(256, 256)
+    singular[0, 0] = 1.0
+    g = gptq_quantize(W, singular + 1e-12, 4, 64, False, True, False, 0.01)
+    assert torch.isfinite(g.Q).all()
+
+
+def test_mse_range_search_lowers_weight_error():
+    torch.manual_seed(1)
+    W = torch.randn(64, 128) ** 3  # heavy tails: clipping helps
+    plain = rtn_quantize(W, 4, 64, False)
+    searched = rtn_quantize(W, 4, 64, False, mse=True)
+    assert ((searched.Q - W) ** 2).sum() < ((plain.Q - W) ** 2).sum()
+
+
+def test_per_row_and_two_bit(problem):
+    X, W, H = problem
+    g = gptq_quantize(W, H, 2, -1, False, True, False, 0.01)
+    assert g.scales.shape == (1, 96) and g.codes.max() <= 3
+    assert output_error(X, W, g.Q) < output_error(X, W, rtn_quantize(W, 2, -1, False).Q)

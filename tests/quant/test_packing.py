@@ -1,0 +1,56 @@
+"""GPTQ packing against hand-computed words, and round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.int4_linear import LinearInt4
+from quant.packing import GPTQPacked, pack_along_rows, pack_gptq, unpack_along_rows, unpack_gptq
+
+
+def test_hand_computed_words():
+    # Input rows 0..7 of one output column, LSB first: 0x76543210.
+    assert pack_along_rows(torch.arange(8).view(8, 1), 4).item() & 0xFFFFFFFF == 0x76543210
+    # All 15: every bit set, the int32 is -1.
+    assert pack_along_rows(torch.full((8, 1), 15), 4).item() == -1
+    # 2-bit: rows 0..15 holding 3,0,0,...: 0x00000003; 8-bit: 1,2,3,4 -> 0x04030201.
+    assert pack_along_rows(torch.tensor([3] + [0] * 15).view(16, 1), 2).item() == 3
+    assert pack_along_rows(torch.tensor([1, 2, 3, 4]).view(4, 1), 8).item() == 0x04030201
+
+
+def test_symmetric_zeros_in_v1_are_0x77777777():
+    codes = torch.randint(0, 16, (16, 64))
+    packed = pack_gptq(codes, torch.full((2, 16), 8), torch.rand(2, 16), torch.arange(64) // 32, bits=4)
+    assert (packed.qzeros & 0xFFFFFFFF == 0x77777777).all()
+    assert packed.qweight.shape == (8, 16) and packed.qzeros.shape == (2, 2) and packed.scales.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("v1", [True, False])
+def test_round_trip(bits, v1):
+    out_f, in_f, gs = 32, 128, 32
+    codes = torch.randint(0, 2**bits, (out_f, in_f))
+    zeros = torch.randint(1 if v1 else 0, 2**bits, (in_f // gs, out_f))
+    g_idx = torch.randperm(in_f) // gs
+    packed = pack_gptq(codes, zeros, torch.rand(in_f // gs, out_f), g_idx, bits, v1=v1)
+    c, z = unpack_gptq(packed, bits, v1=v1)
+    assert torch.equal(c, codes.int()) and torch.equal(z, zeros.int())
+    assert torch.equal(unpack_along_rows(pack_along_rows(codes, bits), bits), codes.int())
+
+
+def test_v1_refuses_a_zero_point_of_zero():
+    with pytest.raises(ValueError, match="v2"):
+        pack_gptq(torch.zeros(8, 8, dtype=torch.int32), torch.zeros(1, 8), torch.ones(1, 8), torch.zeros(8), 4, v1=True)
+
+
+def test_linear_int4_dequantizes_scales_times_codes_minus_zeros():
+    out_f, in_f, gs = 16, 64, 32
+    codes = torch.randint(0, 16, (out_f, in_f))
+    zeros = torch.randint(1, 16, (2, out_f))
+    scales = torch.rand(2, out_f).half().float()
+    g_idx = torch.randperm(in_f) // gs  # act-order: not monotonic
+    layer = LinearInt4(pack_gptq(codes, zeros, scales, g_idx, 4), bits=4, v1=True)
+    expected = scales[g_idx].t() * (codes - zeros[g_idx].t())
+    assert torch.equal(layer.dequantized_weight(), expected)
+    x = torch.randn(3, in_f)
+    torch.testing.assert_close(layer(x), x @ expected.t())
