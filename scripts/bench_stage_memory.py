@@ -1,11 +1,11 @@
-"""Peak resident memory of the `merge` stage against model depth.
+"""Peak resident memory of the streaming stages (`merge`, `quantize-gptq`) against model depth.
 
 Builds synthetic Llama models that differ only in their number of decoder layers (each
-layer several times smaller than the model), gives each a random LoRA adapter, runs
-`base` then `merge` (with its self-verification) in fresh processes, and records the peak
-RSS of the merge process. A streaming merge keeps the peak flat while the model grows.
+layer several times smaller than the model), gives each a random LoRA adapter, runs the
+stages one by one in fresh processes, and records the peak RSS of each measured stage's
+process. Streaming stages keep the peak flat while the model grows.
 
-    python scripts/bench_merge_memory.py [--layers 2 4 8 16] [--hidden 1024] [--out benchmarks/merge_memory.json]
+    python scripts/bench_stage_memory.py [--layers 2 4 8 16] [--hidden 1024] [--out benchmarks/stage_memory.json]
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "merge_memory.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "stage_memory.json")
     args = parser.parse_args()
 
     from pipeline.models import resolve_model
@@ -93,25 +93,33 @@ def main() -> None:
                 "model": {"source": str(model_dir)},
                 "data": {"seq_len": 128, "general": None},
                 "merge": {"adapter": str(adapter_dir)},
+                "calibration": {"samples": 16, "seq_len": 256},
+                "quantize": [{"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True}],
                 "tracking": {"enabled": False},
                 "run": {"name": f"depth-{n}", "dir": str(tmp / "runs")},
             }))
             peak_rss_mib(["run", str(recipe), "--only", "data"], tmp)
             peak_rss_mib(["run", str(recipe), "--only", "base"], tmp)
-            t0 = time.time()
-            merge_peak = peak_rss_mib(["run", str(recipe), "--only", "merge"], tmp)
-            rows.append({"layers": n, "model_mib": model_bytes / 2**20, "layer_mib": layer_bytes / 2**20,
-                         "merge_peak_rss_mib": merge_peak, "merge_seconds": time.time() - t0})
+            row = {"layers": n, "model_mib": model_bytes / 2**20, "layer_mib": layer_bytes / 2**20}
+            for stage in ("merge", "calibrate", "quantize-gptq"):
+                t0 = time.time()
+                peak = peak_rss_mib(["run", str(recipe), "--only", stage], tmp)
+                if stage != "calibrate":
+                    row[f"{stage}_peak_rss_mib"], row[f"{stage}_seconds"] = peak, time.time() - t0
+            rows.append(row)
 
     first = rows[0]
-    print(f"{'layers':>6} {'model MiB':>10} {'layer MiB':>10} {'merge peak RSS MiB':>19} {'model x':>8} {'peak x':>7}")
+    print(f"{'layers':>6} {'model MiB':>10} {'layer MiB':>10} {'model x':>8} | {'merge peak MiB':>14} {'x':>5} | "
+          f"{'gptq peak MiB':>13} {'x':>5}")
     for r in rows:
         r["model_growth"] = r["model_mib"] / first["model_mib"]
-        r["peak_growth"] = r["merge_peak_rss_mib"] / first["merge_peak_rss_mib"]
-        print(f"{r['layers']:>6} {r['model_mib']:>10.1f} {r['layer_mib']:>10.1f} {r['merge_peak_rss_mib']:>19.1f} "
-              f"{r['model_growth']:>8.2f} {r['peak_growth']:>7.2f}")
+        for stage in ("merge", "quantize-gptq"):
+            r[f"{stage}_peak_growth"] = r[f"{stage}_peak_rss_mib"] / first[f"{stage}_peak_rss_mib"]
+        print(f"{r['layers']:>6} {r['model_mib']:>10.1f} {r['layer_mib']:>10.1f} {r['model_growth']:>8.2f} | "
+              f"{r['merge_peak_rss_mib']:>14.1f} {r['merge_peak_growth']:>5.2f} | "
+              f"{r['quantize-gptq_peak_rss_mib']:>13.1f} {r['quantize-gptq_peak_growth']:>5.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "merge_peak_rss", "machine": platform.machine(),
+    args.out.write_text(json.dumps({"benchmark": "stage_peak_rss", "machine": platform.machine(),
                                     "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"written {args.out}")
 
