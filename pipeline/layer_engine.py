@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.checkpoints import read_config, read_tensors, weight_map
 from pipeline.families import Family
 from pipeline.layerwise import LayerwiseRunner
-from pipeline.stages.base import SHARD, _save_atomic, _valid_shard
+from pipeline.shards import SHARD, save_atomic, valid_shard
 from quant.gptq import accumulate_hessian
 
 
@@ -47,16 +47,30 @@ def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: in
     return out
 
 
+class _InputsSeen(Exception):
+    """Raised by a capture hook to stop a layer's forward once the last wanted input is seen."""
+
+
 def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, pos_emb, chunk: int) -> list[torch.Tensor]:
-    """One forward of the layer; the Hessian of the input of each group's first linear."""
+    """The Hessian of the input of each group's first linear, from forwards of the layer that
+    stop as soon as the last of these inputs has been seen (the rest of the layer is not needed)."""
     state: list[tuple[Optional[torch.Tensor], int]] = [(None, 0) for _ in groups]
+    seen: set[int] = set()
     handles = []
     for k, group in enumerate(groups):
-        def hook(mod, inp, out, k=k):
+        def hook(mod, inp, k=k):
             state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
-        handles.append(layer.get_submodule(group[0]).register_forward_hook(hook))
+            seen.add(k)
+            if len(seen) == len(groups):
+                raise _InputsSeen
+        handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(hook))
     try:
-        _forward(layer, hidden, pos_ids, pos_emb, chunk)
+        for s in range(0, hidden.shape[0], chunk):
+            seen.clear()
+            try:
+                layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
+            except _InputsSeen:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -94,7 +108,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
         layer = runner.layers[i]
         runner._materialize(layer, _weights(wmap, prefix), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
-        if shard.exists() and _valid_shard(shard):
+        if shard.exists() and valid_shard(shard):
             stored = _load(shard)
             for lin in family.linears:
                 module = layer.get_submodule(lin)
@@ -119,7 +133,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                 if f"{prefix}{name}".rsplit(".", 1)[0] not in linear_names:
                     out[prefix + name] = t.to(dtype) if t.is_floating_point() else t
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
-            _save_atomic(out, shard)
+            save_atomic(out, shard)
         if hidden is not None:
             hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk)
         layer.to("meta")

@@ -163,7 +163,7 @@ class CalibrationConfig(_Section):
 class QuantizeEntry(_Section):
     name: str
     method: Literal["gptq", "awq", "awq+gptq", "rtn"]
-    bits: Literal[2, 4, 8] = 4
+    bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, description="columns per quantization group; -1 for one group per row")
     sym: bool = False
     desc_act: bool = False

@@ -3,7 +3,12 @@
 GPTQ (QUANT_SPEC.md D, AutoGPTQ layout): `qweight` int32 [in * bits / 32, out] packed along
 the input dimension, LSB first; `qzeros` int32 [groups, out * bits / 32] packed along the
 output dimension; `scales` float16 [groups, out]; `g_idx` int32 [in]. Format "gptq" (v1)
-stores zero - 1; "gptq_v2" stores the true zero. 2-, 4- and 8-bit.
+stores zero - 1; "gptq_v2" stores the true zero. 2-, 3-, 4- and 8-bit.
+
+Every width is the same little-endian bit stream: in each run of 32 values along the packed
+dimension, value k occupies bits [bits*k, bits*(k+1)) of `bits` consecutive int32 words. For
+2/4/8 bits no value crosses a word; for 3 bits values 10 and 21 straddle two words (the
+10 | 1 | 10 | 1 | 10 layout of AutoGPTQ).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 
 __all__ = ["GPTQPacked", "pack_gptq", "unpack_gptq", "v1_would_corrupt", "pack_along_rows", "unpack_along_rows"]
 
-PACKABLE_BITS = (2, 4, 8)
+PACKABLE_BITS = (2, 3, 4, 8)
 
 
 class GPTQPacked(NamedTuple):
@@ -23,35 +28,52 @@ class GPTQPacked(NamedTuple):
     g_idx: torch.Tensor
 
 
-def _check_bits(bits: int) -> int:
+def _check_bits(bits: int) -> None:
     if bits not in PACKABLE_BITS:
         raise ValueError(f"packing supports {PACKABLE_BITS}-bit codes, got {bits}")
-    return 32 // bits
+
+
+def _positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit shift of each of the 32 values of a run."""
+    offsets = torch.arange(32, dtype=torch.int64) * bits
+    return offsets // 32, offsets % 32
 
 
 def pack_along_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """[R, C] codes in [0, 2^bits) -> int32 [R * bits / 32, C]; row r*pf + j at bits [bits*j, bits*(j+1))."""
-    pf = _check_bits(bits)
+    """[R, C] codes in [0, 2^bits) -> int32 [R * bits / 32, C], packed along the rows."""
+    _check_bits(bits)
     rows, cols = values.shape
-    if rows % pf:
-        raise ValueError(f"{rows} rows cannot be packed {pf} to an int32 word")
-    v = values.to(torch.int64).reshape(rows // pf, pf, cols)
-    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, pf, 1)
-    words = (v << shifts).sum(dim=1)  # < 2^32, exact in int64
-    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else _to_int32(words)
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    if rows % 32 and (rows * bits) % 32:
+        raise ValueError(f"{rows} rows of {bits}-bit codes do not fill whole int32 words")
+    if rows % 32:  # 2/4/8 bits with fewer than 32 rows: pad to a whole run, drop the unused words
+        padded = torch.zeros(((rows + 31) // 32) * 32, cols, dtype=values.dtype)
+        padded[:rows] = values
+        return pack_along_rows(padded, bits)[: rows * bits // 32]
+    v = values.to(torch.int64).reshape(rows // 32, 32, cols)
+    word, shift = _positions(bits)
+    shifted = v << shift.view(1, 32, 1)  # < 2^35, exact in int64
+    words = torch.zeros(rows // 32, bits + 1, cols, dtype=torch.int64)
+    words.index_add_(1, word, shifted & 0xFFFFFFFF)
+    words.index_add_(1, word + 1, shifted >> 32)  # the part that crosses into the next word
+    words = words[:, :bits].reshape(-1, cols)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_along_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_along_rows`: int32 [R / pf, C] -> int32 [R, C] codes."""
-    pf = _check_bits(bits)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, pf, 1)
-    codes = (w.unsqueeze(1) >> shifts) & (2**bits - 1)
-    return codes.reshape(-1, words.shape[1]).to(torch.int32)
+    """Inverse of `pack_along_rows`: int32 [R * bits / 32, C] -> int32 [R, C] codes."""
+    _check_bits(bits)
+    n_words, cols = words.shape
+    rows = n_words * 32 // bits
+    if n_words % bits:
+        padded = torch.zeros(((n_words + bits - 1) // bits) * bits, cols, dtype=words.dtype)
+        padded[:n_words] = words
+        return unpack_along_rows(padded, bits)[:rows]
+    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(-1, bits, cols)
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    word, shift = _positions(bits)
+    pair = w[:, word] | (w[:, word + 1] << 32)  # 64 bits around each value
+    codes = (pair >> shift.view(1, 32, 1)) & (2**bits - 1)
+    return codes.reshape(-1, cols).to(torch.int32)
 
 
 def v1_would_corrupt(zeros: torch.Tensor) -> bool:

@@ -60,7 +60,7 @@ def main() -> None:
     from pipeline.layer_engine import quantize_sequentially
     from pipeline.models import resolve_model
     from pipeline.recipe import ModelConfig
-    from pipeline.stages.base import REST_SHARD, _save_atomic, assemble_shards
+    from pipeline.shards import REST_SHARD, save_atomic, assemble_shards
     from pipeline.stages.evaluate import perplexity
     from pipeline.stages.quantize import _linear_result, _restore
     from quant.gptq import gptq_quantize, rtn_quantize
@@ -109,7 +109,7 @@ def main() -> None:
             seconds = time.time() - t0
             wmap = weight_map(model_dir)
             rest = [n for n in wmap if not n.startswith("model.layers.")]
-            _save_atomic(read_tensors(wmap, rest), ckpt / REST_SHARD)
+            save_atomic(read_tensors(wmap, rest), ckpt / REST_SHARD)
             assemble_shards(ckpt, out, n_layers)
             config = read_config(model_dir)
             config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": gs,

@@ -8,43 +8,19 @@ checkpoint in bitsandbytes' serialization with a `quantization_config` transform
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pipeline.checkpoints import DTYPES, bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
-from pipeline.rundir import fsync_dir
+from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
 from pipeline.errors import InputError
 from quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
 
 VERSION = 1
-SHARD = "layer-{:05d}.safetensors"
-REST_SHARD = "rest.safetensors"
-
-
-def _valid_shard(path) -> bool:
-    try:
-        with safe_open(path, "pt") as st:
-            return len(list(st.keys())) > 0
-    except Exception:
-        return False  # truncated or damaged: recompute this layer
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
     """NF4 for the named linear weights, `dtype` for every other floating tensor."""
     out: dict[str, torch.Tensor] = {}
@@ -56,31 +32,6 @@ def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], d
         else:
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def assemble_shards(checkpoint_dir, output_dir, n_layers: int, transform=None) -> int:
-    """Move the per-layer shards (and the rest) into `output_dir` under HF shard names, write the
-    index, and return the total size in bytes. With `transform(tensors) -> tensors`, shards are
-    rewritten into the output instead (the checkpoints stay as they were until the stage ends)."""
-    shards = [checkpoint_dir / SHARD.format(i) for i in range(n_layers)] + [checkpoint_dir / REST_SHARD]
-    weight_index: dict[str, str] = {}
-    total_size = 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        with safe_open(shard, "pt") as st:
-            for name in st.keys():
-                weight_index[name] = fname
-        if transform is None:
-            os.replace(shard, output_dir / fname)
-        else:
-            from safetensors.torch import load_file
-
-            save_file(transform(load_file(str(shard))), str(output_dir / fname), metadata={"format": "pt"})
-        total_size += (output_dir / fname).stat().st_size
-    (output_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
-    )
-    return total_size
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -102,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
 
     for i in ctx.progress(range(n_layers), desc="NF4 base", unit="layer"):
         shard = ctx.checkpoint_dir / SHARD.format(i)
-        if shard.exists() and _valid_shard(shard):
+        if shard.exists() and valid_shard(shard):
             continue
         linear_weights = {family.layer_prefix(i) + f"{lin}.weight" for lin in family.linears}
         names = by_layer.get(i, [])
@@ -116,14 +67,14 @@ def run(ctx: StageContext) -> StageResult:
             if not_nf4:
                 raise InputError(f"model.source: {not_nf4[0]} is not NF4 with double quantization; "
                                  "give the float checkpoint instead and let the base stage quantize it")
-            _save_atomic(tensors, shard)
+            save_atomic(tensors, shard)
         else:
-            _save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
+            save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
         del tensors
     rest_shard = ctx.checkpoint_dir / REST_SHARD
-    if not (rest_shard.exists() and _valid_shard(rest_shard)):
+    if not (rest_shard.exists() and valid_shard(rest_shard)):
         rest_tensors = read_tensors(wmap, rest)
-        _save_atomic(rest_tensors if prequantized else quantize_layer(rest_tensors, set(), dtype, recipe.nf4.blocksize), rest_shard)
+        save_atomic(rest_tensors if prequantized else quantize_layer(rest_tensors, set(), dtype, recipe.nf4.blocksize), rest_shard)
 
     total_size = assemble_shards(ctx.checkpoint_dir, ctx.output_dir, n_layers)
     out_config = dict(config)

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import data
@@ -24,7 +23,7 @@ from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.layerwise import LayerwiseRunner
 from pipeline.models import resolve_model
-from pipeline.stages.base import REST_SHARD, SHARD, _save_atomic, _valid_shard, assemble_shards
+from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
 from quant.nf4 import dequantize_nf4, nf4_from_state_tensors
 
 VERSION = 1
@@ -100,7 +99,7 @@ def run(ctx: StageContext) -> StageResult:
     max_delta = 0.0
     for i in ctx.progress(range(n_layers), desc="merge", unit="layer"):
         shard = ctx.checkpoint_dir / SHARD.format(i)
-        if shard.exists() and _valid_shard(shard):
+        if shard.exists() and valid_shard(shard):
             continue
         prefix = family.layer_prefix(i)
         out: dict[str, torch.Tensor] = {}
@@ -119,12 +118,12 @@ def run(ctx: StageContext) -> StageResult:
                 out[f"{name}.bias"] = read_tensors(base_map, [f"{name}.bias"])[f"{name}.bias"].to(dtype)
         others = [n for n in plain_names if (m := layer_re.match(n)) and int(m.group(1)) == i]
         out.update(_plain_tensors(others, base_map, original_map, dtype))
-        _save_atomic(out, shard)
+        save_atomic(out, shard)
 
     rest_shard = ctx.checkpoint_dir / REST_SHARD
-    if not (rest_shard.exists() and _valid_shard(rest_shard)):
+    if not (rest_shard.exists() and valid_shard(rest_shard)):
         rest = [n for n in plain_names if not layer_re.match(n)]
-        _save_atomic(_plain_tensors(rest, base_map, original_map, dtype), rest_shard)
+        save_atomic(_plain_tensors(rest, base_map, original_map, dtype), rest_shard)
 
     total_size = assemble_shards(ctx.checkpoint_dir, ctx.output_dir, n_layers)
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}

@@ -11,6 +11,7 @@ some zero is 0, which v1 cannot store (then `checkpoint_format: gptq_v2`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from functools import partial
 
@@ -23,22 +24,27 @@ from pipeline.errors import InputError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.layer_engine import LinearResult, quantize_sequentially
-from pipeline.stages.base import REST_SHARD, SHARD, _save_atomic, _valid_shard, assemble_shards
+from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
 from quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
 from quant.packing import GPTQPacked, pack_gptq, unpack_gptq
 
 VERSION = 1
 
 
+def values_per_word_run(bits: int) -> int:
+    """Rows that fill whole int32 words: 8 for 4-bit, 16 for 2-bit, 4 for 8-bit, 32 for 3-bit."""
+    return 32 // math.gcd(bits, 32)
+
+
 def divisors_hint(n: int, bits: int) -> list[int]:
-    pf = 32 // bits
+    pf = values_per_word_run(bits)
     return [d for d in range(8, n + 1) if n % d == 0 and d % pf == 0]
 
 
 def check_shapes(entry, config: dict, key: str) -> None:
     """A group size that does not divide a layer's input size is a recipe error."""
     sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
-    pf = 32 // entry.bits
+    pf = values_per_word_run(entry.bits)
     for what, n in sizes.items():
         if entry.group_size != -1 and n % entry.group_size:
             common = [d for d in divisors_hint(sizes["hidden_size"], entry.bits) if sizes["intermediate_size"] % d == 0]
@@ -99,9 +105,9 @@ def run(ctx: StageContext) -> StageResult:
 
     wmap = weight_map(merged_dir)
     rest_shard = ctx.checkpoint_dir / REST_SHARD
-    if not (rest_shard.exists() and _valid_shard(rest_shard)):
+    if not (rest_shard.exists() and valid_shard(rest_shard)):
         rest = [n for n in wmap if not n.startswith(family.layers_prefix + ".")]
-        _save_atomic({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in read_tensors(wmap, rest).items()},
+        save_atomic({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in read_tensors(wmap, rest).items()},
                      rest_shard)
 
     v1 = q.sym or not any(_has_zero_zero(ctx.checkpoint_dir / SHARD.format(i), q.bits) for i in range(n_layers))

@@ -1,7 +1,6 @@
 """Recipes: every shipped recipe validates; every malformed one exits 2 naming the key, writes nothing."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quant.int4_linear import LinearInt4
-from quant.packing import GPTQPacked, pack_along_rows, pack_gptq, unpack_along_rows, unpack_gptq
+from quant.packing import pack_along_rows, pack_gptq, unpack_along_rows, unpack_gptq
 
 
 def test_hand_computed_words():
@@ -25,7 +25,17 @@ def test_symmetric_zeros_in_v1_are_0x77777777():
     assert packed.qweight.shape == (8, 16) and packed.qzeros.shape == (2, 2) and packed.scales.dtype == torch.float16
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_three_bit_layout_splits_values_10_and_21_across_words():
+    values = torch.zeros(32, 1, dtype=torch.int64)
+    values[10, 0] = 0b101  # bits 30..32: low two bits end word 0, high bit starts word 1
+    values[21, 0] = 0b011  # bits 63..65: low bit ends word 1, high two bits start word 2
+    values[31, 0] = 0b111  # bits 93..95: top of word 2
+    words = pack_along_rows(values, 3).view(-1).to(torch.int64) & 0xFFFFFFFF
+    assert words.tolist() == [0b01 << 30, (1 << 0) | (1 << 31), 0b01 | (0b111 << 29)]
+    assert torch.equal(unpack_along_rows(pack_along_rows(values, 3), 3), values.int())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("v1", [True, False])
 def test_round_trip(bits, v1):
     out_f, in_f, gs = 32, 128, 32

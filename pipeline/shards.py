@@ -1,0 +1,57 @@
+"""Per-layer safetensors shards: written atomically as intra-stage checkpoints, validated on
+resume, and assembled into a sharded HF checkpoint with its index."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.rundir import fsync_dir
+
+SHARD = "layer-{:05d}.safetensors"
+REST_SHARD = "rest.safetensors"
+
+
+def valid_shard(path) -> bool:
+    try:
+        with safe_open(path, "pt") as st:
+            return len(list(st.keys())) > 0
+    except Exception:
+        return False  # truncated or damaged: recompute this layer
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def assemble_shards(checkpoint_dir, output_dir, n_layers: int, transform=None) -> int:
+    """Move the per-layer shards (and the rest) into `output_dir` under HF shard names, write the
+    index, and return the total size in bytes. With `transform(tensors) -> tensors`, shards are
+    rewritten into the output instead (the checkpoints stay as they were until the stage ends)."""
+    shards = [checkpoint_dir / SHARD.format(i) for i in range(n_layers)] + [checkpoint_dir / REST_SHARD]
+    weight_index: dict[str, str] = {}
+    total_size = 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        with safe_open(shard, "pt") as st:
+            for name in st.keys():
+                weight_index[name] = fname
+        if transform is None:
+            os.replace(shard, output_dir / fname)
+        else:
+            from safetensors.torch import load_file
+
+            save_file(transform(load_file(str(shard))), str(output_dir / fname), metadata={"format": "pt"})
+        total_size += (output_dir / fname).stat().st_size
+    (output_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
+    )
+    return total_size
