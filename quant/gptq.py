@@ -218,8 +218,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     group_of_col = torch.zeros(in_f, dtype=torch.long, device=W.device)  # in processing order
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
-    current: Optional[GroupParams] = None
-    losses = torch.zeros(out_f, device=W.device)
+    static_group_of = (perm // gs).tolist() if act_order else [c // gs for c in range(in_f)]
+    scale = zero = None  # [out] of the current group
+    loss = 0.0
 
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
@@ -230,33 +231,31 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
             if static_groups:
-                g = int(perm[col]) // gs if act_order else col // gs
-                current = static[g]
+                g = static_group_of[col]
+                scale, zero = static[g]
+                group_of_col[col] = g
             elif col % gs == 0:
                 # Fit on the columns as they are now, with the updates of this block's earlier
                 # columns (the reference implementations read the global W here, which misses
                 # them whenever group_size < blocksize).
                 group_cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                current = fit_group_params(group_cols, bits, sym, mse, scale_dtype=scale_dtype)
-                scales.append(current.scale)
-                zeros.append(current.zero)
-            if static_groups:
-                group_of_col[col] = int(perm[col]) // gs
-            else:
+                scale, zero = fit_group_params(group_cols, bits, sym, mse, scale_dtype=scale_dtype)
+                scales.append(scale)
+                zeros.append(zero)
+            if not static_groups:
                 group_of_col[col] = len(scales) - 1
-            c = quantize_codes(w.unsqueeze(1), current, maxq).squeeze(1)
-            q = _dequant(c.unsqueeze(1), current).squeeze(1)
+            w = W1[:, i]
+            c = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            q = scale * (c - zero)
             C1[:, i] = c
             Q1[:, i] = q
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
         codes[:, i1:i2] = C1
+        loss += float((Err1**2).sum()) / 2  # sum over columns of (w - q)^2 / d^2 / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if static_groups:
@@ -265,4 +264,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     scales_t, zeros_t = torch.stack(scales), torch.stack(zeros)
     Q, codes = Q[:, invperm], codes[:, invperm]
     g_idx = group_of_col[invperm]
-    return GPTQResult(codes.int(), scales_t, zeros_t.int(), g_idx.int(), Q, float(losses.sum()), damp)
+    return GPTQResult(codes.int(), scales_t, zeros_t.int(), g_idx.int(), Q, loss, damp)
