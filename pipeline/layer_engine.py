@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.checkpoints import read_config, read_tensors, weight_map
 from pipeline.families import Family
 from pipeline.layerwise import LayerwiseRunner
-from pipeline.shards import SHARD, save_atomic, valid_shard
+from pipeline.shards import SHARD, release_freed_memory, save_atomic, valid_shard
 from quant.gptq import accumulate_hessian
 
 
@@ -137,7 +137,9 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
         if hidden is not None:
             hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk)
         layer.to("meta")
+        release_freed_memory()
     return n_layers
+
 
 
 def _weights(wmap: dict, prefix: str) -> dict[str, torch.Tensor]:

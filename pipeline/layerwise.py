@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoints import _empty_model
+from pipeline.shards import release_freed_memory
 
 
 class LayerwiseRunner:
@@ -64,6 +65,7 @@ class LayerwiseRunner:
                 if h is not None:
                     h.remove()
             layer.to("meta")  # free the layer before loading the next one
+            release_freed_memory()
         self._materialize(self.base.norm, weights_for("model.norm."), self.dtype)
         hidden = self.base.norm(hidden)
         head = self.model.lm_head

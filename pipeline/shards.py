@@ -2,6 +2,7 @@
 resume, and assembled into a sharded HF checkpoint with its index."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 
@@ -55,3 +56,13 @@ def assemble_shards(checkpoint_dir, output_dir, n_layers: int, transform=None) -
         json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_index.items()))}, indent=2)
     )
     return total_size
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the finished layer back to the OS. glibc keeps freed blocks of
+    the many mid-sized tensors of a layer in its arenas; without a trim the resident size
+    creeps up layer after layer although nothing is alive."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -16,7 +16,7 @@ from pipeline.checkpoints import DTYPES, bnb_quantization_config, is_bnb_4bit, c
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
-from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
+from pipeline.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from pipeline.errors import InputError
 from quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
 
@@ -70,6 +70,7 @@ def run(ctx: StageContext) -> StageResult:
             save_atomic(tensors, shard)
         else:
             save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
+        release_freed_memory()
         del tensors
     rest_shard = ctx.checkpoint_dir / REST_SHARD
     if not (rest_shard.exists() and valid_shard(rest_shard)):

@@ -23,7 +23,7 @@ from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.layerwise import LayerwiseRunner
 from pipeline.models import resolve_model
-from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
+from pipeline.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from quant.nf4 import dequantize_nf4, nf4_from_state_tensors
 
 VERSION = 1
@@ -119,6 +119,7 @@ def run(ctx: StageContext) -> StageResult:
         others = [n for n in plain_names if (m := layer_re.match(n)) and int(m.group(1)) == i]
         out.update(_plain_tensors(others, base_map, original_map, dtype))
         save_atomic(out, shard)
+        release_freed_memory()
 
     rest_shard = ctx.checkpoint_dir / REST_SHARD
     if not (rest_shard.exists() and valid_shard(rest_shard)):
