@@ -57,6 +57,12 @@ def read_tensors(wmap: dict[str, Path], names: Iterable[str]) -> dict[str, torch
     return out
 
 
+def read_prefix(wmap: dict[str, Path], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under a module prefix ('model.layers.3.'), keyed relative to it."""
+    names = [n for n in wmap if n.startswith(prefix)]
+    return {n[len(prefix):]: t for n, t in read_tensors(wmap, names).items()}
+
+
 def read_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 

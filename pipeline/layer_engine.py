@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from pipeline.checkpoints import read_config, read_tensors, weight_map
+from pipeline.checkpoints import read_config, read_prefix, weight_map
 from pipeline.families import Family
 from pipeline.layerwise import LayerwiseRunner
 from pipeline.shards import SHARD, release_freed_memory, save_atomic, valid_shard
@@ -96,7 +96,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
     hidden = pos_ids = pos_emb = None
     if calibration_ids is not None:
         embed = runner.base.embed_tokens
-        runner._materialize(embed, _weights(wmap, "model.embed_tokens."), torch.float32)
+        runner.materialize(embed, read_prefix(wmap, "model.embed_tokens."), torch.float32)
         hidden = embed(calibration_ids)
         pos_ids = torch.arange(calibration_ids.shape[1]).unsqueeze(0)
         pos_emb = runner.base.rotary_emb(hidden, position_ids=pos_ids)
@@ -106,7 +106,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
     for i in progress(range(n_layers), desc="quantize", unit="layer"):
         prefix = family.layer_prefix(i)
         layer = runner.layers[i]
-        runner._materialize(layer, _weights(wmap, prefix), torch.float32)
+        runner.materialize(layer, read_prefix(wmap, prefix), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
         if shard.exists() and valid_shard(shard):
             stored = _load(shard)
@@ -129,7 +129,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                         out.update({f"{prefix}{lin}.{k}": v for k, v in result.tensors.items()})
                         metrics.update({f"{lin.rsplit('.', 1)[-1]}.{k}": v for k, v in result.metrics.items()})
             linear_names = {prefix + lin for lin in family.linears}
-            for name, t in _weights(wmap, prefix).items():
+            for name, t in read_prefix(wmap, prefix).items():
                 if f"{prefix}{name}".rsplit(".", 1)[0] not in linear_names:
                     out[prefix + name] = t.to(dtype) if t.is_floating_point() else t
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
@@ -140,11 +140,6 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
         release_freed_memory()
     return n_layers
 
-
-
-def _weights(wmap: dict, prefix: str) -> dict[str, torch.Tensor]:
-    names = [n for n in wmap if n.startswith(prefix)]
-    return {n[len(prefix):]: t for n, t in read_tensors(wmap, names).items()}
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

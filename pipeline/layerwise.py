@@ -30,7 +30,7 @@ class LayerwiseRunner:
         self.base = self.model.get_submodule(layers_attr.rsplit(".", 1)[0])  # the decoder (embed, norm, rotary)
 
     @staticmethod
-    def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
         missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
         if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
@@ -46,14 +46,14 @@ class LayerwiseRunner:
         (the merge uses it to add an unmerged LoRA term).
         """
         embed = self.base.embed_tokens
-        self._materialize(embed, weights_for("model.embed_tokens."), self.dtype)
+        self.materialize(embed, weights_for("model.embed_tokens."), self.dtype)
         hidden = embed(input_ids)
         position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
         position_embeddings = self.base.rotary_emb(hidden, position_ids=position_ids)
         if not self.model.config.tie_word_embeddings:
             embed.to("meta")
         for i, layer in enumerate(self.layers):
-            self._materialize(layer, weights_for(f"model.layers.{i}."), self.dtype)
+            self.materialize(layer, weights_for(f"model.layers.{i}."), self.dtype)
             handles = []
             if linear_hook is not None:
                 for name, module in layer.named_modules():
@@ -66,12 +66,12 @@ class LayerwiseRunner:
                     h.remove()
             layer.to("meta")  # free the layer before loading the next one
             release_freed_memory()
-        self._materialize(self.base.norm, weights_for("model.norm."), self.dtype)
+        self.materialize(self.base.norm, weights_for("model.norm."), self.dtype)
         hidden = self.base.norm(hidden)
         head = self.model.lm_head
         if self.model.config.tie_word_embeddings:
             return hidden @ embed.weight.t()
-        self._materialize(head, weights_for("lm_head."), self.dtype)
+        self.materialize(head, weights_for("lm_head."), self.dtype)
         out = head(hidden)
         head.to("meta")
         return out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.packing import GPTQPacked, unpack_gptq
+from quant.packing import GPTQPacked, dequantize_gptq
 
 
 class LinearInt4(nn.Module):
@@ -35,10 +35,8 @@ class LinearInt4(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes, zeros = unpack_gptq(GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx), self.bits, self.v1)
-        g = self.g_idx.long()
-        w = self.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())  # [out, in]
-        return w.to(dtype)
+        packed = GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx)
+        return dequantize_gptq(packed, self.bits, self.v1).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["GPTQPacked", "pack_gptq", "unpack_gptq", "v1_would_corrupt", "pack_along_rows", "unpack_along_rows"]
+__all__ = ["GPTQPacked", "pack_gptq", "unpack_gptq", "dequantize_gptq", "v1_would_corrupt", "pack_along_rows", "unpack_along_rows"]
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -108,3 +108,10 @@ def unpack_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> tuple[torch.Tensor
     codes = unpack_along_rows(p.qweight, bits).t()
     zeros = unpack_along_rows(p.qzeros.t().contiguous(), bits).t() + (1 if v1 else 0)
     return codes.contiguous(), zeros.contiguous()
+
+
+def dequantize_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> torch.Tensor:
+    """float32 [out, in] weight of a GPTQ-packed linear: scales[g_idx] * (q - zero[g_idx])."""
+    codes, zeros = unpack_gptq(p, bits, v1)
+    g = p.g_idx.long()
+    return p.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from pipeline import data
-from pipeline.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_tensors, weight_map
+from pipeline.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_prefix, read_tensors, weight_map
 from pipeline.errors import InputError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
@@ -164,10 +165,6 @@ def verify_merge(ctx: StageContext, adapter: Adapter, family) -> dict[str, float
     config = read_config(ctx.inputs["base"])
     runner = LayerwiseRunner(config, torch.float32, family.layers_prefix)
 
-    def merged_weights(prefix: str) -> dict[str, torch.Tensor]:
-        names = [n for n in merged_map if n.startswith(prefix)]
-        return {n[len(prefix):]: t for n, t in read_tensors(merged_map, names).items()}
-
     def reference_weights(prefix: str) -> dict[str, torch.Tensor]:
         out = {}
         quantized = {n.split(".weight.", 1)[0] for n in base_map if n.startswith(prefix) and ".weight." in n}
@@ -185,7 +182,7 @@ def verify_merge(ctx: StageContext, adapter: Adapter, family) -> dict[str, float
         a, b = (t.float() for t in pair)
         return module.register_forward_hook(lambda mod, inp, out: out + (inp[0] @ a.t() @ b.t()) * adapter.scaling)
 
-    merged_logits = runner.logits(windows, merged_weights)
+    merged_logits = runner.logits(windows, partial(read_prefix, merged_map))
     reference_logits = runner.logits(windows, reference_weights, add_lora)
     diff = (merged_logits - reference_logits).abs()
     return {"verify_max_abs_logit_diff": diff.max().item(), "verify_mean_abs_logit_diff": diff.mean().item(),

@@ -26,7 +26,7 @@ from pipeline.graph import StageContext, StageResult
 from pipeline.layer_engine import LinearResult, quantize_sequentially
 from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
 from quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
-from quant.packing import GPTQPacked, pack_gptq, unpack_gptq
+from quant.packing import GPTQPacked, dequantize_gptq, pack_gptq, unpack_along_rows, unpack_gptq
 
 VERSION = 1
 
@@ -63,10 +63,9 @@ def _linear_result(res: GPTQResult, bits: int, H) -> LinearResult:
 
 
 def _restore(name: str, stored: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """The weight a finished layer computes with, from its checkpoint shard (true zeros)."""
     packed = GPTQPacked(stored["qweight"], stored["qzeros"], stored["scales"], stored["g_idx"])
-    codes, zeros = unpack_gptq(packed, bits, v1=False)
-    g = packed.g_idx.long()
-    return packed.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())
+    return dequantize_gptq(packed, bits, v1=False)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -82,17 +81,15 @@ def run(ctx: StageContext) -> StageResult:
     check_shapes(q, config, key)
     dtype = DTYPES[recipe.model.dtype]
 
-    if q.method == "rtn":
+    if q.method == "rtn":  # build_stages registers only implemented methods: rtn, gptq
         calibration = None
         method = lambda n, W, H: _linear_result(
             rtn_quantize(W, q.bits, q.group_size, q.sym, q.mse, scale_dtype=torch.float16), q.bits, None)
-    elif q.method == "gptq":
+    else:
         calibration = load_file(str(ctx.inputs["calibrate"] / "calibration.safetensors"))["input_ids"]
         method = lambda n, W, H: _linear_result(
             gptq_quantize(W, H, q.bits, q.group_size, q.sym, q.desc_act, q.static_groups, q.damp_percent,
                           mse=q.mse, scale_dtype=torch.float16), q.bits, H)
-    else:
-        raise InputError(f"{key}.method: '{q.method}' is not implemented yet (available: rtn, gptq)")
 
     def on_layer(i: int, metrics: dict[str, float]) -> None:
         ctx.metrics.log_metrics(metrics, step=i)
@@ -141,8 +138,7 @@ def _has_zero_zero(shard, bits: int) -> bool:
     with safe_open(shard, "pt") as st:
         for k in st.keys():
             if k.endswith(".qzeros"):
-                z = unpack_gptq(GPTQPacked(torch.zeros(1, 1, dtype=torch.int32), st.get_tensor(k), torch.zeros(1), torch.zeros(1)), bits, v1=False)[1]
-                if (z == 0).any():
+                if (unpack_along_rows(st.get_tensor(k).t().contiguous(), bits) == 0).any():
                     return True
     return False
 

@@ -1,9 +1,11 @@
 """The layer-at-a-time runner gives the model's own logits."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from pipeline.checkpoints import read_config, read_tensors, weight_map
+from pipeline.checkpoints import read_config, read_prefix, weight_map
 from pipeline.layerwise import LayerwiseRunner
 
 
@@ -11,13 +13,9 @@ def test_layerwise_logits_equal_the_full_forward(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     wmap = weight_map(tiny_llama_dir)
-
-    def weights_for(prefix):
-        return {n[len(prefix):]: t for n, t in read_tensors(wmap, [n for n in wmap if n.startswith(prefix)]).items()}
-
     ids = torch.randint(0, 5000, (2, 40))
     runner = LayerwiseRunner(read_config(tiny_llama_dir), torch.float32)
-    ours = runner.logits(ids, weights_for)
+    ours = runner.logits(ids, partial(read_prefix, wmap))
     full = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = full(ids).logits
