@@ -149,25 +149,34 @@ def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):
 
 
 def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
-    """Build the model with `LinearInt4` layers from a packed GPTQ checkpoint (v1 or v2)."""
+    """Build the model with `LinearInt4` layers from a packed GPTQ (v1 or v2) or AWQ GEMM checkpoint."""
     from quant.int4_linear import LinearInt4
-    from quant.packing import GPTQPacked
+    from quant.packing import AWQPacked, GPTQPacked
 
     config = read_config(model_dir)
     qcfg = config.get("quantization_config") or {}
-    if qcfg.get("quant_method") != "gptq":
-        raise InputError(f"{model_dir}: not a GPTQ checkpoint (quantization_config.quant_method={qcfg.get('quant_method')})")
-    bits, v1 = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq") == "gptq"
+    method = qcfg.get("quant_method")
+    if method == "awq" and str(qcfg.get("version", "gemm")).lower() != "gemm":
+        raise InputError(f"{model_dir}: AWQ version '{qcfg.get('version')}' is not supported (only 'gemm')")
+    if method not in ("gptq", "awq"):
+        raise InputError(f"{model_dir}: not a GPTQ or AWQ checkpoint (quantization_config.quant_method={method})")
+    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+    v1 = qcfg.get("checkpoint_format", "gptq") == "gptq"
     model = _empty_model(config, dtype)
     wmap = weight_map(model_dir)
     prefixes = sorted(n[: -len(".qweight")] for n in wmap if n.endswith(".qweight"))
     used = set()
     for prefix in prefixes:
-        names = [f"{prefix}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")]
+        keys = ("qweight", "qzeros", "scales", "g_idx") if method == "gptq" else ("qweight", "qzeros", "scales")
+        names = [f"{prefix}.{k}" for k in keys]
         bias = [f"{prefix}.bias"] if f"{prefix}.bias" in wmap else []
         t = read_tensors(wmap, names + bias)
         used.update(t)
-        module = LinearInt4(GPTQPacked(*(t[n] for n in names)), bits, v1, t.get(f"{prefix}.bias"))
+        b = t.get(f"{prefix}.bias")
+        if method == "gptq":
+            module = LinearInt4.from_gptq(GPTQPacked(*(t[n] for n in names)), bits, v1, b)
+        else:
+            module = LinearInt4.from_awq(AWQPacked(*(t[n] for n in names)), b)
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
     rest = read_tensors(wmap, [n for n in wmap if n not in used])

@@ -57,11 +57,9 @@ def _load(recipe_path: str, sets: tuple[str, ...]):
 def _runner(recipe, run_dir: Optional[str], with_tracking: bool):
     from pipeline.recipe import flatten
     from pipeline.runner import Runner
-    from pipeline.stages import build_stages, not_implemented
+    from pipeline.stages import build_stages
     from pipeline.tracking import Tracker
 
-    for line in not_implemented(recipe):
-        logger.warning("warning: %s", line)
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
     specs = build_stages(recipe)
     tracker = None
@@ -115,6 +113,29 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
         click.echo(report.read_text())
     if runner.tracker and runner.tracker.enabled:
         logger.info("tracking: %s (open it with `pipeline ui`)", runner.tracker.uri)
+    from pipeline.stages.report import gate_failures
+
+    failed = gate_failures(runner.run_dir)
+    if failed:
+        for name, reasons in failed.items():
+            click.echo(f"quality gate failed: {name}: {'; '.join(reasons)}", err=True)
+        raise StageError(f"{len(failed)} artifact(s) failed the quality gate (evaluate.gate); the other stages "
+                         "finished. Loosen the threshold or change the quantizer settings.")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--markdown", "markdown", type=click.Path(), default=None, help="Also write the table as markdown to this file.")
+@click.option("--metric", "metrics", multiple=True, help="Columns to show (default: perplexities, size, speed).")
+def compare(run_dirs, markdown, metrics) -> None:
+    """One table of the artifacts of several runs (their report/output/metrics.json)."""
+    from pipeline.compare import compare_runs, render
+
+    rows, columns = compare_runs([Path(d) for d in run_dirs], list(metrics) or None)
+    click.echo(render(rows, columns, markdown=False))
+    if markdown:
+        Path(markdown).write_text(render(rows, columns, markdown=True) + "\n")
+        click.echo(f"written: {markdown}")
 
 
 @cli.command()
@@ -162,12 +183,10 @@ def status(run_dir: str, verify: bool) -> None:
 @_set_option
 def validate(recipe: str, sets) -> None:
     """Check a recipe; report every problem at once, each with its key path."""
-    from pipeline.stages import build_stages, not_implemented
+    from pipeline.stages import build_stages
 
     cfg, _ = _load(recipe, sets)
     stages = [s.name for s in build_stages(cfg)]
-    for line in not_implemented(cfg):
-        click.echo(f"warning: {line}", err=True)
     click.echo(f"{recipe}: ok ({len(stages)} stages: {', '.join(stages)})")
 
 

@@ -1,13 +1,26 @@
 """Architecture knowledge as data: the linears of a decoder layer, per model family.
 
-Llama first; Mistral and Qwen2 share its module names. Later stages (GPTQ's sequential
-groups, AWQ's scaling groups) add their tables here, keyed the same way.
+Llama first; Mistral and Qwen2 share its module names. GPTQ's sequential groups and AWQ's
+scaling groups are tables here, keyed by the same relative module names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class ScalingGroup:
+    """AWQ: linears that read one input and are scaled together (x s on their input columns),
+    the op that absorbs 1/s, and the block whose output the scale search compares."""
+
+    prev_op: str  # a norm (weight /= s) or a linear (output rows /= s)
+    linears: tuple[str, ...]
+    inspect: str  # a module of the layer; the attention module is called with the layer's kwargs
+    # Apply only when these two weights have the same shape (v_proj -> o_proj is not a valid
+    # fold under grouped-query attention, where v_proj has fewer output rows than o_proj's inputs).
+    same_shape: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -19,6 +32,9 @@ class Family:
     # GPTQ true-sequential order: each group is quantized after the ones before it, and the
     # linears of a group read the same input (one Hessian per group).
     sequential_groups: tuple[tuple[str, ...], ...]
+    attention: str  # the attention module (called with position embeddings, not a plain input)
+    awq_groups: tuple[ScalingGroup, ...]
+    awq_no_clip: tuple[str, ...]  # linears AWQ does not clip (q/k: attention logits are sensitive)
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_prefix}.{i}."
@@ -38,6 +54,15 @@ LLAMA = Family(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    attention="self_attn",
+    awq_groups=(
+        ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj",
+                     same_shape=("self_attn.v_proj", "self_attn.o_proj")),
+        ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+    awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 FAMILIES = (LLAMA,)

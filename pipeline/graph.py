@@ -46,6 +46,9 @@ class StageContext:
 class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # Also logged on the pipeline's parent run (the report's summary: one row per run in
+    # MLflow's compare view).
+    parent_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

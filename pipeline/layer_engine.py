@@ -37,6 +37,21 @@ class LinearResult(NamedTuple):
 QuantizeLinear = Callable[[str, torch.Tensor, Optional[torch.Tensor]], LinearResult]
 # (full module name, stored tensors of that module) -> float32 weight [out, in]
 RestoreLinear = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+# (layer index, layer, its calibration inputs, position ids, position embeddings) -> metrics.
+# Runs before the layer's linears are quantized and may change any of its weights in a way
+# that keeps its float function (AWQ folds scales into the norms); the changed non-linear
+# tensors are what the layer's checkpoint stores.
+TransformLayer = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, tuple], dict[str, float]]
+
+
+def error_metrics(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor]) -> dict[str, float]:
+    """Method-independent quantization error of one linear: relative weight error, and with a
+    Hessian the relative output error on the calibration inputs, tr(D H D^T) / tr(W H W^T)."""
+    D = W - Q
+    out = {"weight_rel_err": float((D * D).sum() / (W * W).sum().clamp(min=1e-30))}
+    if H is not None:
+        out["output_rel_err"] = float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp(min=1e-30))
+    return out
 
 
 def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: int) -> torch.Tensor:
@@ -81,10 +96,11 @@ def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, 
 def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tensor], family: Family, dtype: torch.dtype,
                           checkpoint_dir: Path, quantize_linear: QuantizeLinear, restore_linear: RestoreLinear,
                           true_sequential: bool, progress, on_layer: Callable[[int, dict[str, float]], None],
-                          chunk: int = 8) -> int:
+                          transform_layer: Optional[TransformLayer] = None, chunk: int = 8) -> int:
     """Quantize every decoder layer of `merged_dir` into `checkpoint_dir/layer-XXXXX.safetensors`.
 
     `calibration_ids` None means the method needs no activations (round-to-nearest).
+    `true_sequential` False collects every group's Hessian in one pass.
 
     Returns:
         The number of decoder layers.
@@ -106,17 +122,24 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
     for i in progress(range(n_layers), desc="quantize", unit="layer"):
         prefix = family.layer_prefix(i)
         layer = runner.layers[i]
+        tensor_names = [n[len(prefix):] for n in wmap if n.startswith(prefix)]
         runner.materialize(layer, read_prefix(wmap, prefix), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
+        linear_names = {prefix + lin for lin in family.linears}
         if shard.exists() and valid_shard(shard):
             stored = _load(shard)
             for lin in family.linears:
                 module = layer.get_submodule(lin)
                 mine = {k[len(prefix + lin) + 1:]: v for k, v in stored.items() if k.startswith(prefix + lin + ".")}
                 module.weight.data = restore_linear(prefix + lin, mine)
+            for name, t in stored.items():  # norms, as a transform left them
+                if name.rsplit(".", 1)[0] not in linear_names:
+                    layer.get_parameter(name[len(prefix):]).data = t.float()
         else:
             out: dict[str, torch.Tensor] = {}
             metrics: dict[str, float] = {}
+            if transform_layer is not None:
+                metrics.update(transform_layer(i, layer, hidden, pos_ids, pos_emb))
             passes = [[g] for g in groups] if true_sequential else [groups]
             for batch in passes:
                 hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk)
@@ -124,14 +147,17 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                 for group, H in zip(batch, hessians):
                     for lin in group:
                         module = layer.get_submodule(lin)
-                        result = quantize_linear(prefix + lin, module.weight.data.float(), H)
+                        W = module.weight.data.float()
+                        result = quantize_linear(prefix + lin, W, H)
                         module.weight.data = result.weight.float()
                         out.update({f"{prefix}{lin}.{k}": v for k, v in result.tensors.items()})
-                        metrics.update({f"{lin.rsplit('.', 1)[-1]}.{k}": v for k, v in result.metrics.items()})
-            linear_names = {prefix + lin for lin in family.linears}
-            for name, t in read_prefix(wmap, prefix).items():
+                        short = lin.rsplit('.', 1)[-1]
+                        metrics.update({f"{short}.{k}": v for k, v in result.metrics.items()})
+                        metrics.update({f"{short}.{k}": v for k, v in error_metrics(W, module.weight.data, H).items()})
+            for name in tensor_names:
                 if f"{prefix}{name}".rsplit(".", 1)[0] not in linear_names:
-                    out[prefix + name] = t.to(dtype) if t.is_floating_point() else t
+                    t = layer.get_parameter(name)  # as the transform (if any) left it
+                    out[prefix + name] = t.data.to(dtype) if t.is_floating_point() else t.data
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
             save_atomic(out, shard)
         if hidden is not None:

@@ -143,7 +143,8 @@ class TrainConfig(_Section):
 
 
 class MergeConfig(_Section):
-    into: Literal["dequantized", "original"] = "dequantized"
+    into: Literal["dequantized", "original", "auto"] = Field(
+        "dequantized", description="auto: merge both ways, keep the lower held-out domain perplexity")
     adapter: Optional[str] = Field(None, description="merge this PEFT adapter directory instead of training one")
 
     @field_validator("adapter")
@@ -160,6 +161,14 @@ class CalibrationConfig(_Section):
     seed: int = 0
 
 
+class AWQOptions(_Section):
+    duo_scaling: bool = Field(True, description="scale statistic from activations and weights (AutoAWQ's default)")
+    clip: bool = Field(True, description="search a clipping range per group (all linears but q/k)")
+    search_windows: int = Field(
+        8, ge=1, description="calibration windows the block-output losses of the scale search run on; "
+        "channel statistics and the clip search use all of them")
+
+
 class QuantizeEntry(_Section):
     name: str
     method: Literal["gptq", "awq", "awq+gptq", "rtn"]
@@ -171,6 +180,7 @@ class QuantizeEntry(_Section):
     damp_percent: float = Field(0.01, gt=0, lt=1)
     true_sequential: bool = True
     mse: bool = False
+    awq: AWQOptions = AWQOptions()
 
     @field_validator("name")
     @classmethod
@@ -192,7 +202,18 @@ class QuantizeEntry(_Section):
     def _awq_is_4bit(self) -> "QuantizeEntry":
         if self.method == "awq" and self.bits != 4:
             raise ValueError(f"AWQ GEMM checkpoints are 4-bit only, got bits={self.bits}")
+        if self.method == "awq" and self.sym:
+            raise ValueError("AWQ GEMM checkpoints store zero points: use sym: false (or method: awq+gptq)")
+        if self.method == "awq" and self.group_size == -1:
+            raise ValueError("AWQ GEMM checkpoints need a group size (e.g. 128), not -1")
         return self
+
+
+class GateConfig(_Section):
+    """Thresholds every quantized artifact must meet, in percent over the merged model."""
+
+    max_domain_ppl_increase: Optional[float] = Field(None, ge=0, description="percent; null: no limit")
+    max_general_ppl_increase: Optional[float] = Field(None, ge=0, description="percent; null: no limit")
 
 
 class EvaluateConfig(_Section):
@@ -203,6 +224,11 @@ class EvaluateConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
+    prompts: list[str] = Field(default_factory=list, description="greedy generations, the same for every artifact")
+    max_new_tokens: int = Field(48, ge=1)
+    speed: bool = Field(True, description="measure prefill and decode throughput (batch 1)")
+    decode_tokens: int = Field(32, ge=1, description="tokens decoded for the throughput measure")
+    gate: GateConfig = GateConfig()
 
 
 class TrackingConfig(_Section):

@@ -323,6 +323,8 @@ class Runner:
         shutil.rmtree(ckpt, ignore_errors=True)
         if self.tracker:
             self.tracker.log_metrics(child_id, metrics)
+            if result.parent_metrics:
+                self.tracker.log_metrics(parent_id, result.parent_metrics)
             self.tracker.set_tags(child_id, {"output_dir": str(out.resolve()), "fingerprint": fp})
             self.tracker.finish(child_id, "FINISHED")
         logger.info("%-22s done  in %.1fs", spec.name, seconds)

@@ -24,9 +24,9 @@ def valid_shard(path) -> bool:
         return False  # truncated or damaged: recompute this layer
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path) -> None:
+def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,7 +1,8 @@
-"""`LinearInt4`: a linear layer loaded from a packed GPTQ checkpoint, computed as it ships.
+"""`LinearInt4`: a linear layer loaded from a packed int4 checkpoint, computed as it ships.
 
-Plain-torch compute: unpack and dequantize the weight (`scales[g_idx] * (q - zero[g_idx])`),
-then matmul; the Triton W4A16 kernels of `kernels/` take over on CUDA once they exist.
+Two layouts: GPTQ (2/3/4/8-bit, act-order via `g_idx`, v1 or v2 zeros) and AWQ GEMM (4-bit,
+consecutive groups, true zeros). Plain-torch compute: unpack and dequantize the weight, then
+matmul; the Triton W4A16 kernels of `kernels/` take over on CUDA once they exist.
 """
 from __future__ import annotations
 
@@ -11,30 +12,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.packing import GPTQPacked, dequantize_gptq
+from quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
 
 
 class LinearInt4(nn.Module):
-    """y = x @ W^T + b with W stored in the GPTQ layout (2/4/8-bit; act-order via g_idx).
+    """y = x @ W^T + b with W stored packed.
 
-    Args:
-        packed: qweight, qzeros, scales, g_idx as in the checkpoint.
-        bits: code width.
-        v1: the checkpoint stores zero - 1 (format "gptq") rather than the true zero ("gptq_v2").
+    Build with `from_gptq` or `from_awq`; the buffers carry the checkpoint's tensor names
+    (`qweight`, `qzeros`, `scales`, and `g_idx` for GPTQ).
     """
 
-    def __init__(self, packed: GPTQPacked, bits: int, v1: bool, bias: Optional[torch.Tensor] = None):
+    def __init__(self, layout: str, bits: int, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+                 v1: bool = False, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        self.bits, self.v1 = bits, v1
-        self.in_features = packed.g_idx.numel()
-        self.out_features = packed.scales.shape[1]
-        self.register_buffer("qweight", packed.qweight)
-        self.register_buffer("qzeros", packed.qzeros)
-        self.register_buffer("scales", packed.scales)
-        self.register_buffer("g_idx", packed.g_idx)
+        if layout not in ("gptq", "awq"):
+            raise ValueError(f"unknown int4 layout {layout!r}")
+        self.layout, self.bits, self.v1 = layout, bits, v1
+        self.in_features, self.out_features = in_features, out_features
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
+    @classmethod
+    def from_gptq(cls, packed: GPTQPacked, bits: int, v1: bool, bias: Optional[torch.Tensor] = None) -> "LinearInt4":
+        """`v1`: the checkpoint stores zero - 1 (format "gptq") rather than the true zero ("gptq_v2")."""
+        return cls("gptq", bits, packed.g_idx.numel(), packed.scales.shape[1], packed._asdict(), v1, bias)
+
+    @classmethod
+    def from_awq(cls, packed: AWQPacked, bias: Optional[torch.Tensor] = None) -> "LinearInt4":
+        return cls("awq", 4, packed.qweight.shape[0], packed.scales.shape[1], packed._asdict(), False, bias)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.layout == "awq":
+            return dequantize_awq(AWQPacked(self.qweight, self.qzeros, self.scales)).to(dtype)
         packed = GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx)
         return dequantize_gptq(packed, self.bits, self.v1).to(dtype)
 
@@ -42,4 +52,5 @@ class LinearInt4(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, gptq{'' if self.v1 else '_v2'}"
+        fmt = "awq-gemm" if self.layout == "awq" else f"gptq{'' if self.v1 else '_v2'}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {fmt}"

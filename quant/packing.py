@@ -9,6 +9,10 @@ Every width is the same little-endian bit stream: in each run of 32 values along
 dimension, value k occupies bits [bits*k, bits*(k+1)) of `bits` consecutive int32 words. For
 2/4/8 bits no value crosses a word; for 3 bits values 10 and 21 straddle two words (the
 10 | 1 | 10 | 1 | 10 layout of AutoGPTQ).
+
+AWQ GEMM (AutoAWQ layout, 4-bit only): `qweight` int32 [in, out / 8] and `qzeros` int32
+[groups, out / 8] packed along the *output* dimension in the interleaved nibble order
+0 2 4 6 1 3 5 7, true zeros, `scales` float16 [groups, out]; group of input row k is k // g.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["GPTQPacked", "pack_gptq", "unpack_gptq", "dequantize_gptq", "v1_would_corrupt", "pack_along_rows", "unpack_along_rows"]
+__all__ = ["GPTQPacked", "pack_gptq", "unpack_gptq", "dequantize_gptq", "v1_would_corrupt", "pack_along_rows",
+           "unpack_along_rows", "AWQPacked", "pack_awq", "unpack_awq", "dequantize_awq"]
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -114,4 +119,61 @@ def dequantize_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> torch.Tensor:
     """float32 [out, in] weight of a GPTQ-packed linear: scales[g_idx] * (q - zero[g_idx])."""
     codes, zeros = unpack_gptq(p, bits, v1)
     g = p.g_idx.long()
+    return p.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())
+
+
+# AWQ GEMM (QUANT_SPEC.md D, AutoAWQ `gemm.py`): 4-bit only, packed along the *output*
+# dimension; nibble i of word column c holds output column 8c + AWQ_ORDER[i].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble that holds output column 8c + j
+
+
+class AWQPacked(NamedTuple):
+    qweight: torch.Tensor  # int32 [in, out / 8]
+    qzeros: torch.Tensor  # int32 [in / g, out / 8], true zero points
+    scales: torch.Tensor  # float16 [in / g, out]
+
+
+def _pack_awq_columns(values: torch.Tensor) -> torch.Tensor:
+    """[R, C] 4-bit values -> int32 [R, C / 8] in the interleaved AWQ nibble order."""
+    rows, cols = values.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 output columns, got {cols}")
+    v = values.to(torch.int64).reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
+    words = (v << (4 * torch.arange(8, dtype=torch.int64))).sum(dim=2)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_awq_columns(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pack_awq_columns`: int32 [R, C / 8] -> int32 [R, C]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (w.unsqueeze(2) >> (4 * torch.arange(8, dtype=torch.int64))) & 0xF
+    return nibbles[:, :, list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], -1).to(torch.int32)
+
+
+def pack_awq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> AWQPacked:
+    """Pack a 4-bit linear with consecutive groups into the AWQ GEMM layout.
+
+    Args:
+        codes: int [out, in], codes in [0, 16).
+        zeros: int [groups, out], true zero points.
+        scales: float [groups, out].
+    """
+    return AWQPacked(
+        qweight=_pack_awq_columns(codes.t().contiguous()),
+        qzeros=_pack_awq_columns(zeros),
+        scales=scales.to(torch.float16).contiguous(),
+    )
+
+
+def unpack_awq(p: AWQPacked) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int32 [out, in], zeros int32 [groups, out]) of an AWQ-GEMM-packed linear."""
+    return _unpack_awq_columns(p.qweight).t().contiguous(), _unpack_awq_columns(p.qzeros)
+
+
+def dequantize_awq(p: AWQPacked) -> torch.Tensor:
+    """float32 [out, in] weight: (q - zero[k // g]) * scale[k // g]."""
+    codes, zeros = unpack_awq(p)
+    in_f = codes.shape[1]
+    g = torch.arange(in_f) // (in_f // p.scales.shape[0])
     return p.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())

@@ -27,14 +27,15 @@ def smollm2_dir() -> Path:
     return resolve_model(ModelConfig(source="builtin:smollm2-135m"))
 
 
-def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 3, hidden: int = 64, intermediate: int = 128) -> Path:
+def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 3, hidden: int = 64, intermediate: int = 128,
+                    kv_heads: int = 2) -> Path:
     """A random Llama with SmolLM2's tokenizer, saved as a plain bf16 HF directory."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024, tie_word_embeddings=False,
     )
     torch.manual_seed(1234)
     model = LlamaForCausalLM(config).to(torch.bfloat16)

@@ -3,8 +3,7 @@
 Only stages that do their real work are registered. This version has `data`, `base`,
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
 evaluations of base, base-nf4 and merged, `calibrate`, `quantize-<name>` for the methods
-`rtn` and `gptq` with an evaluation of each, and `report`. `awq` and `awq+gptq` are not
-implemented yet: a recipe that asks for them is refused (see README).
+`rtn`, `gptq`, `awq` and `awq+gptq` with an evaluation of each, and `report`.
 """
 from __future__ import annotations
 
@@ -15,15 +14,6 @@ from pipeline.errors import InputError, RecipeError
 from pipeline.models import cached_config, source_identity
 from pipeline.stages import base, calibrate, data, evaluate, merge, quantize, report, train
 
-IMPLEMENTED_METHODS = ("rtn", "gptq")
-
-
-def not_implemented(recipe) -> list[str]:
-    """One line per recipe entry this version cannot run (it is left out of the graph)."""
-    return [f"quantize.{i} ({q.name}): method '{q.method}' is not implemented yet; this entry is skipped "
-            f"(available: {', '.join(IMPLEMENTED_METHODS)})"
-            for i, q in enumerate(recipe.quantize) if q.method not in IMPLEMENTED_METHODS]
-
 
 def adapter_identity(path: str) -> list[str]:
     """Sizes and mtimes of an external adapter's files: a changed adapter re-runs the merge."""
@@ -33,7 +23,8 @@ def adapter_identity(path: str) -> list[str]:
 
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
-    evaluation = {"seq_len": recipe.data.seq_len, **recipe.evaluate.model_dump(mode="json")}
+    # The gate is the report's business: changing a threshold re-evaluates nothing.
+    evaluation = {"seq_len": recipe.data.seq_len, **recipe.evaluate.model_dump(mode="json", exclude={"gate"})}
     specs = [
         StageSpec("data", data.run, (), {**model, "data": recipe.data.model_dump(mode="json")}, data.VERSION),
         StageSpec("base", base.run, (), {**model, "nf4": recipe.nf4.model_dump(mode="json")}, base.VERSION),
@@ -51,14 +42,16 @@ def build_stages(recipe) -> list[StageSpec]:
     else:
         merge_config["adapter_files"] = adapter_identity(recipe.merge.adapter)
         merge_deps = ("data", "base")
-    if recipe.merge.into == "original":
+    if recipe.merge.into in ("original", "auto"):
         merge_config["weights"] = model["weights"]
+    if recipe.merge.into == "auto":  # the choice is made on the evaluation windows
+        merge_config["evaluate"] = evaluation
     specs += [
         StageSpec("merge", merge.run, merge_deps, merge_config, merge.VERSION),
         StageSpec("evaluate-merged", evaluate.make_stage("merged", evaluate.load_merged), ("data", "merge"),
                   {"evaluate": evaluation}, evaluate.VERSION),
     ]
-    entries = [q for q in recipe.quantize if q.method in IMPLEMENTED_METHODS]
+    entries = list(recipe.quantize)
     config = cached_config(recipe.model)
     if config is not None:
         problems = []
@@ -75,11 +68,13 @@ def build_stages(recipe) -> list[StageSpec]:
     for q in entries:
         deps = ("merge",) if q.method == "rtn" else ("merge", "calibrate")
         specs += [
-            StageSpec(f"quantize-{q.name}", quantize.run, deps, {"entry": q.model_dump(mode="json"),
+            StageSpec(f"quantize-{q.name}", quantize.run, deps, {"entry": quantize.relevant_settings(q),
                       "dtype": recipe.model.dtype}, quantize.VERSION),
             StageSpec(f"evaluate-{q.name}", evaluate.make_stage(q.name, evaluate.quantized_loader(q.name)),
                       ("data", f"quantize-{q.name}"), {"evaluate": evaluation}, evaluate.VERSION),
         ]
-    evaluations = tuple(s.name for s in specs if s.name.startswith("evaluate-"))
-    specs.append(StageSpec("report", report.run, evaluations, {}, report.VERSION))
+    # The report reads the evaluations, the training log and the per-layer quantization errors.
+    report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
+    specs.append(StageSpec("report", report.run, report_deps,
+                           {"gate": recipe.evaluate.gate.model_dump(mode="json")}, report.VERSION))
     return specs

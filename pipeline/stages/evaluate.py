@@ -1,13 +1,19 @@
-"""Stages `evaluate-<artifact>`: perplexity of one artifact on held-out domain and general text.
+"""Stages `evaluate-<artifact>`: one artifact's quality, size, speed and generations.
 
 Perplexity = exp(summed next-token NLL over tokens 1..L-1 of every non-overlapping window /
 number of predicted tokens); each window is an independent forward. The artifact is loaded
-as it ships (the NF4 checkpoint through our `LinearNF4`), not as a float imitation.
+as it ships (NF4 through our `LinearNF4`, GPTQ/AWQ through `LinearInt4`), not as a float
+imitation. Also: size on disk, load time, peak memory while evaluating (CUDA: peak allocated;
+CPU: peak resident memory above what the process held before loading), prefill and decode
+throughput at batch 1 on the evaluation device, and greedy generations of the recipe's prompts.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +26,7 @@ from pipeline.checkpoints import DTYPES, dir_size, load_hf_model, load_int4_mode
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
 
-VERSION = 1
+VERSION = 2
 
 
 def eval_device_dtype(cfg) -> tuple[str, torch.dtype]:
@@ -47,6 +53,85 @@ def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progr
     return math.exp(total_nll / total_tokens), total_tokens
 
 
+class PeakMemory:
+    """Peak memory of a block: CUDA's peak allocated bytes, or on the CPU the peak resident set
+    size above the level at entry, sampled every 5 ms (the process also holds torch itself)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss() - self._start)
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss() - self._start)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def throughput(model, prompt: torch.Tensor, decode_tokens: int, device: str, repeats: int = 3) -> dict[str, float]:
+    """Batch-1 prefill tokens/s (one forward of `prompt` [1, L]) and decode tokens/s (greedy
+    steps with the KV cache after a 16-token prompt); medians of `repeats` runs after a warm-up."""
+    prompt = prompt.to(device)
+    prefill, decode = [], []
+    for r in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=prompt)
+        _sync(device)
+        if r:
+            prefill.append(prompt.shape[1] / (time.perf_counter() - t0))
+        out = model(input_ids=prompt[:, :16], use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        if r:
+            decode.append(decode_tokens / (time.perf_counter() - t0))
+    return {"prefill_tokens_per_second": statistics.median(prefill), "decode_tokens_per_second": statistics.median(decode)}
+
+
+@torch.no_grad()
+def generations(model, tokenizer, prompts: list[str], max_new_tokens: int, device: str) -> list[dict[str, str]]:
+    """Greedy continuations of each prompt (no chat template: the same raw text for every artifact)."""
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append({"prompt": prompt, "completion": tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)})
+    return out
+
+
 def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str], tuple[object, Path]]):
     """A stage function evaluating `artifact`; `loader(ctx, dtype, device)` returns (model, its directory)."""
 
@@ -55,6 +140,7 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         device, dtype = eval_device_dtype(recipe.evaluate)
         streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
         seq_len = recipe.data.seq_len
+        memory = PeakMemory(device).__enter__()
         t0 = time.time()
         model, artifact_dir = loader(ctx, dtype, device)
         load_seconds = time.time() - t0
@@ -69,8 +155,19 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
             general = data.windows(streams["general_eval"], seq_len, recipe.evaluate.max_general_windows)
             metrics["general_ppl"], metrics["general_tokens"] = perplexity(
                 model, general, recipe.evaluate.batch_size, device, ctx.progress, f"{artifact}: general ppl")
+        if recipe.evaluate.speed:
+            metrics.update(throughput(model, domain[:1], recipe.evaluate.decode_tokens, device))
+        texts = []
+        if recipe.evaluate.prompts:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
+            texts = generations(model, tokenizer, recipe.evaluate.prompts, recipe.evaluate.max_new_tokens, device)
+        memory.__exit__(None, None, None)
+        metrics["peak_memory_bytes"] = memory.peak
         metrics = {k: float(v) for k, v in metrics.items()}
-        result = {"artifact": artifact, "device": device, "dtype": str(dtype).replace("torch.", ""), **metrics}
+        result = {"artifact": artifact, "device": device, "dtype": str(dtype).replace("torch.", ""), **metrics,
+                  "generations": texts}
         (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         return StageResult(metrics=metrics, info={"artifact_dir": str(artifact_dir)})
 

@@ -3,8 +3,10 @@
 Streams one decoder layer at a time (peak memory about one layer plus the adapter); each
 merged layer is an intra-stage checkpoint shard, so a killed merge resumes at the next layer.
 The merge base is `merge.into`: `dequantized` (the NF4 weights the adapter was trained
-against) or `original` (the base model's own weights). The stage verifies itself: logits of
-the merged checkpoint against the NF4 base + adapter on held-out windows.
+against), `original` (the base model's own weights), or `auto`: both merges, each evaluated
+on the held-out domain windows, the one with the lower perplexity kept (`merge_choice.json`
+says which and why). The stage verifies itself: logits of the merged checkpoint against the
+NF4 base + adapter on held-out windows.
 """
 from __future__ import annotations
 
@@ -73,20 +75,87 @@ class Adapter:
 
 def run(ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
-    base_dir = ctx.inputs["base"]
     adapter_dir = Path(recipe.merge.adapter).expanduser() if recipe.merge.adapter else ctx.inputs["train"]
     adapter = Adapter(adapter_dir)
-    config = read_config(base_dir)
+    config = read_config(ctx.inputs["base"])
     family = family_for(config["model_type"])
+    into = recipe.merge.into
+    extra: dict[str, float] = {}
+    if into != "auto":
+        total_size, max_delta = merge_into(ctx, adapter, family, into, ctx.checkpoint_dir, ctx.output_dir)
+    else:
+        results = {}
+        for way in ("dequantized", "original"):
+            out = ctx.checkpoint_dir / f"{way}-merged"
+            if not (out / "config.json").exists():  # config.json is written last
+                results[way] = merge_into(ctx, adapter, family, way, ctx.checkpoint_dir / way, out)
+            ppl_file = ctx.checkpoint_dir / f"{way}-ppl.json"
+            if not ppl_file.exists():
+                ppl_file.write_text(json.dumps({"domain_ppl": _domain_ppl(ctx, out)}))
+            extra[f"auto_{way}_domain_ppl"] = json.loads(ppl_file.read_text())["domain_ppl"]
+        chosen = min(("dequantized", "original"), key=lambda w: extra[f"auto_{w}_domain_ppl"])
+        other = "original" if chosen == "dequantized" else "dequantized"
+        for f in (ctx.checkpoint_dir / f"{chosen}-merged").iterdir():
+            f.replace(ctx.output_dir / f.name)
+        total_size = sum(f.stat().st_size for f in ctx.output_dir.glob("*.safetensors"))
+        max_delta = results.get(chosen, (0, float("nan")))[1]
+        a, b = extra[f"auto_{chosen}_domain_ppl"], extra[f"auto_{other}_domain_ppl"]
+        choice = {
+            "chosen": chosen, "domain_ppl": {"dequantized": extra["auto_dequantized_domain_ppl"],
+                                             "original": extra["auto_original_domain_ppl"]},
+            "reason": f"merging into the {chosen} weights gives held-out domain perplexity {a:.4f}, "
+                      f"{100 * (b / a - 1):.2f}% lower than into the {other} weights ({b:.4f})",
+        }
+        (ctx.output_dir / "merge_choice.json").write_text(json.dumps(choice, indent=2))
+        extra["auto_chose_original"] = float(chosen == "original")
+        ctx.metrics.set_tags({"merge.into.chosen": chosen})
+        into = chosen
+
+    verify = verify_merge(ctx, adapter, family)
+    metrics = {"size_bytes": float(total_size), "merged_modules": float(len(adapter.pairs)), **verify, **extra}
+    if not math.isnan(max_delta):
+        metrics["max_abs_delta"] = max_delta
+    return StageResult(metrics=metrics, info={"adapter": str(adapter_dir), "into": into,
+                                              "into_setting": recipe.merge.into})
+
+
+def _domain_ppl(ctx: StageContext, model_dir: Path) -> float:
+    """Held-out domain perplexity of a merged candidate (merge.into: auto), in float32 on the
+    evaluation device, on the windows the evaluate stages use."""
+    from pipeline.checkpoints import load_hf_model
+    from pipeline.stages.evaluate import eval_device_dtype, perplexity
+
+    device, _ = eval_device_dtype(ctx.recipe.evaluate)
+    streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
+    windows = data.windows(streams["domain_eval"], ctx.recipe.data.seq_len, ctx.recipe.evaluate.max_domain_windows)
+    model = load_hf_model(model_dir, torch.float32, device)
+    ppl, _ = perplexity(model, windows, ctx.recipe.evaluate.batch_size, device, ctx.progress, f"merge auto: {model_dir.name}")
+    del model
+    release_freed_memory()
+    return ppl
+
+
+def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_dir: Path, out_dir: Path) -> tuple[int, float]:
+    """Merge the adapter into the `into` weights ("dequantized" | "original"), one decoder layer
+    at a time with per-layer checkpoints in `ckpt_dir`, and write the HF checkpoint to `out_dir`.
+
+    Returns:
+        (bytes written, largest |delta| of the layers merged by this call).
+    """
+    recipe = ctx.recipe
+    base_dir = ctx.inputs["base"]
+    config = read_config(base_dir)
     dtype = DTYPES[recipe.model.dtype]
     n_layers = int(config["num_hidden_layers"])
     base_map = weight_map(base_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     original_map = None
-    if recipe.merge.into == "original":
+    if into == "original":
         src = resolve_model(recipe.model)
         if is_bnb_4bit(read_config(src)):
-            raise InputError("merge.into: 'original' needs the base's float weights, but model.source is a "
+            raise InputError(f"merge.into: '{recipe.merge.into}' needs the base's float weights, but model.source is a "
                              "pre-quantized 4-bit checkpoint; use merge.into: dequantized")
         original_map = weight_map(src)
 
@@ -98,8 +167,8 @@ def run(ctx: StageContext) -> StageResult:
     layer_re = re.compile(re.escape(family.layers_prefix) + r"\.(\d+)\.")
     plain_names = {n for n in base_map if ".weight." not in n and n.rsplit(".weight", 1)[0] not in linear_prefixes}
     max_delta = 0.0
-    for i in ctx.progress(range(n_layers), desc="merge", unit="layer"):
-        shard = ctx.checkpoint_dir / SHARD.format(i)
+    for i in ctx.progress(range(n_layers), desc=f"merge into {into}", unit="layer"):
+        shard = ckpt_dir / SHARD.format(i)
         if shard.exists() and valid_shard(shard):
             continue
         prefix = family.layer_prefix(i)
@@ -122,23 +191,17 @@ def run(ctx: StageContext) -> StageResult:
         save_atomic(out, shard)
         release_freed_memory()
 
-    rest_shard = ctx.checkpoint_dir / REST_SHARD
+    rest_shard = ckpt_dir / REST_SHARD
     if not (rest_shard.exists() and valid_shard(rest_shard)):
         rest = [n for n in plain_names if not layer_re.match(n)]
         save_atomic(_plain_tensors(rest, base_map, original_map, dtype), rest_shard)
 
-    total_size = assemble_shards(ctx.checkpoint_dir, ctx.output_dir, n_layers)
+    total_size = assemble_shards(ckpt_dir, out_dir, n_layers)
+    copy_tokenizer(base_dir, out_dir)
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
     out_config["dtype"] = recipe.model.dtype
-    (ctx.output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
-    copy_tokenizer(base_dir, ctx.output_dir)
-
-    verify = verify_merge(ctx, adapter, family)
-    return StageResult(
-        metrics={"size_bytes": float(total_size), "merged_modules": float(len(adapter.pairs)),
-                 "max_abs_delta": max_delta, **verify},
-        info={"adapter": str(adapter_dir), "into": recipe.merge.into},
-    )
+    (out_dir / "config.json").write_text(json.dumps(out_config, indent=2))
+    return total_size, max_delta
 
 
 def _nf4_at(wmap: dict, name: str):

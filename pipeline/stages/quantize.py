@@ -1,10 +1,13 @@
-"""Stages `quantize-<name>`: requantize the merged model (GPTQ, or round-to-nearest in the same
-format as the baseline) into a standard packed GPTQ checkpoint.
+"""Stages `quantize-<name>`: requantize the merged model into a standard packed checkpoint.
+
+Methods: `rtn` (round-to-nearest, the baseline), `gptq`, `awq` (scale + clip search, then
+round-to-nearest on the scaled weights, AWQ GEMM layout) and `awq+gptq` (AWQ's scales and
+clipping, then GPTQ's solve on the scaled weights, GPTQ layout).
 
 Layer by layer through the sequential layer engine; per-layer quantization error goes to
 MLflow. The output is an HF directory vLLM and transformers read: packed safetensors,
-untouched embeddings/norms/head, tokenizer, `config.json` with the `quantization_config` of
-the GPTQ format (and `quantize_config.json`). Zero points are kept true (v2) in the
+embeddings/head untouched (norms carry AWQ's folded scales), tokenizer, `config.json` with
+the `quantization_config` of the format. GPTQ zero points are kept true (v2) in the
 checkpoints; at the end the checkpoint is written in the common v1 format (zero - 1) unless
 some zero is 0, which v1 cannot store (then `checkpoint_format: gptq_v2`).
 """
@@ -23,12 +26,16 @@ from pipeline.checkpoints import DTYPES, copy_tokenizer, read_config, read_tenso
 from pipeline.errors import InputError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
+from pipeline.awq_layer import AWQSettings, make_transform
 from pipeline.layer_engine import LinearResult, quantize_sequentially
 from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
 from quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
-from quant.packing import GPTQPacked, dequantize_gptq, pack_gptq, unpack_along_rows, unpack_gptq
+from quant.packing import (
+    AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_along_rows, unpack_gptq,
+)
 
-VERSION = 1
+VERSION = 2
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def values_per_word_run(bits: int) -> int:
@@ -52,6 +59,23 @@ def check_shapes(entry, config: dict, key: str) -> None:
                              f"group sizes that work: {', '.join(map(str, common[:12]))} or -1")
         if n % pf:
             raise InputError(f"{key}.bits: {entry.bits}-bit packing needs sizes divisible by {pf}; {what} is {n}")
+    if entry.method == "awq":
+        heads = int(config.get("num_attention_heads", 1))
+        head_dim = int(config.get("head_dim") or sizes["hidden_size"] // heads)
+        kv = int(config.get("num_key_value_heads", heads)) * head_dim
+        for what, n in {**sizes, "key/value size": kv}.items():
+            if n % 8:
+                raise InputError(f"{key}.method: the AWQ GEMM layout packs 8 output columns per word; "
+                                 f"the model's {what} is {n}; use method: gptq")
+
+
+def relevant_settings(q) -> dict:
+    """The entry's settings that change this method's output (its stage fingerprint): AWQ's
+    options do not concern rtn or gptq entries."""
+    entry = q.model_dump(mode="json")
+    if not q.method.startswith("awq"):
+        entry.pop("awq")
+    return entry
 
 
 def _linear_result(res: GPTQResult, bits: int, H) -> LinearResult:
@@ -62,10 +86,31 @@ def _linear_result(res: GPTQResult, bits: int, H) -> LinearResult:
     return LinearResult(res.Q, packed._asdict(), metrics)
 
 
+def _awq_result(res: GPTQResult) -> LinearResult:
+    return LinearResult(res.Q, pack_awq(res.codes, res.zeros, res.scales)._asdict(), {})
+
+
 def _restore(name: str, stored: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """The weight a finished layer computes with, from its checkpoint shard (true zeros)."""
+    if "g_idx" not in stored:
+        return dequantize_awq(AWQPacked(stored["qweight"], stored["qzeros"], stored["scales"]))
     packed = GPTQPacked(stored["qweight"], stored["qzeros"], stored["scales"], stored["g_idx"])
     return dequantize_gptq(packed, bits, v1=False)
+
+
+def quantization_config(q, v1: bool) -> dict:
+    """The `quantization_config` vLLM and transformers read for the output's format."""
+    meta = {"quantizer": f"qlora-pipeline:{q.method}", "mse": q.mse}
+    if q.method.startswith("awq"):
+        meta["awq"] = q.awq.model_dump(mode="json")
+    if q.method == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": q.group_size, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": None, "meta": meta}
+    return {
+        "quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act, "sym": q.sym,
+        "static_groups": q.static_groups, "true_sequential": q.true_sequential, "damp_percent": q.damp_percent,
+        "checkpoint_format": "gptq" if v1 else "gptq_v2", "pack_dtype": "int32", "lm_head": False, "meta": meta,
+    }
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -81,12 +126,19 @@ def run(ctx: StageContext) -> StageResult:
     check_shapes(q, config, key)
     dtype = DTYPES[recipe.model.dtype]
 
-    if q.method == "rtn":  # build_stages registers only implemented methods: rtn, gptq
-        calibration = None
+    calibration = None
+    if q.method != "rtn":
+        calibration = load_file(str(ctx.inputs["calibrate"] / "calibration.safetensors"))["input_ids"]
+    transform = None
+    if q.method.startswith("awq"):
+        settings = AWQSettings(q.bits, q.group_size, q.awq.duo_scaling, q.awq.clip, q.awq.search_windows)
+        transform = make_transform(family, settings, ctx.checkpoint_dir, dtype)
+    if q.method == "rtn":
         method = lambda n, W, H: _linear_result(
             rtn_quantize(W, q.bits, q.group_size, q.sym, q.mse, scale_dtype=torch.float16), q.bits, None)
+    elif q.method == "awq":  # the clip search has set each group's range: plain min/max from here
+        method = lambda n, W, H: _awq_result(rtn_quantize(W, 4, q.group_size, sym=False, scale_dtype=torch.float16))
     else:
-        calibration = load_file(str(ctx.inputs["calibrate"] / "calibration.safetensors"))["input_ids"]
         method = lambda n, W, H: _linear_result(
             gptq_quantize(W, H, q.bits, q.group_size, q.sym, q.desc_act, q.static_groups, q.damp_percent,
                           mse=q.mse, scale_dtype=torch.float16), q.bits, H)
@@ -96,9 +148,11 @@ def run(ctx: StageContext) -> StageResult:
         with open(ctx.checkpoint_dir / "layer_metrics.jsonl", "a") as f:
             f.write(json.dumps({"layer": i, **metrics}) + "\n")
 
+    # AWQ alone needs the Hessians only for the error metrics: one pass per layer is enough.
+    true_sequential = q.true_sequential and q.method != "awq"
     n_layers = quantize_sequentially(
         merged_dir, calibration, family, dtype, ctx.checkpoint_dir, method, partial(_restore, bits=q.bits),
-        q.true_sequential, ctx.progress, on_layer)
+        true_sequential, ctx.progress, on_layer, transform_layer=transform)
 
     wmap = weight_map(merged_dir)
     rest_shard = ctx.checkpoint_dir / REST_SHARD
@@ -107,30 +161,34 @@ def run(ctx: StageContext) -> StageResult:
         save_atomic({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in read_tensors(wmap, rest).items()},
                      rest_shard)
 
-    v1 = q.sym or not any(_has_zero_zero(ctx.checkpoint_dir / SHARD.format(i), q.bits) for i in range(n_layers))
+    gptq_layout = q.method != "awq"
+    v1 = gptq_layout and (q.sym or not any(_has_zero_zero(ctx.checkpoint_dir / SHARD.format(i), q.bits)
+                                           for i in range(n_layers)))
     layer_metrics = _read_layer_metrics(ctx.checkpoint_dir / "layer_metrics.jsonl")
     total = assemble_shards(ctx.checkpoint_dir, ctx.output_dir, n_layers,
                             transform=partial(_to_v1, bits=q.bits) if v1 else None)
 
-    qconfig = {
-        "quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act, "sym": q.sym,
-        "static_groups": q.static_groups, "true_sequential": q.true_sequential, "damp_percent": q.damp_percent,
-        "checkpoint_format": "gptq" if v1 else "gptq_v2", "pack_dtype": "int32", "lm_head": False,
-        "meta": {"quantizer": f"qlora-pipeline:{q.method}", "mse": q.mse},
-    }
+    qconfig = quantization_config(q, v1)
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
     out_config["quantization_config"] = qconfig
     (ctx.output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
-    (ctx.output_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+    if gptq_layout:
+        (ctx.output_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+    else:  # AutoAWQ's legacy file
+        (ctx.output_dir / "quant_config.json").write_text(json.dumps(
+            {"zero_point": True, "q_group_size": q.group_size, "w_bit": 4, "version": "GEMM"}, indent=2))
     copy_tokenizer(merged_dir, ctx.output_dir)
     (ctx.output_dir / "layer_metrics.json").write_text(json.dumps(layer_metrics))
-    losses = [v for m in layer_metrics for k, v in m.items() if k.endswith(".loss")]
+    losses = [v for m in layer_metrics for k, v in m.items() if k.count(".") == 1 and k.endswith(".loss")]
+    out_errs = [v for m in layer_metrics for k, v in m.items() if k.endswith(".output_rel_err")]
     # Wall time of this invocation (a resumed stage counts only its own part; see the manifest).
+    fmt = qconfig.get("checkpoint_format", "awq-gemm")
     (ctx.output_dir / "quantization.json").write_text(json.dumps(
-        {"method": q.method, "seconds": round(time.time() - started, 3), "checkpoint_format": qconfig["checkpoint_format"]}))
+        {"method": q.method, "seconds": round(time.time() - started, 3), "checkpoint_format": fmt}))
     return StageResult(
-        metrics={"size_bytes": float(total), "layers": float(n_layers), "total_loss": float(sum(losses))},
-        info={"checkpoint_format": qconfig["checkpoint_format"], "method": q.method},
+        metrics={"size_bytes": float(total), "layers": float(n_layers), "total_loss": float(sum(losses)),
+                 **({"mean_output_rel_err": sum(out_errs) / len(out_errs)} if out_errs else {})},
+        info={"checkpoint_format": fmt, "method": q.method},
     )
 
 

@@ -1,56 +1,215 @@
-"""Stage `report`: one table of every evaluated artifact, as markdown and JSON, logged to MLflow."""
+"""Stage `report`: every evaluated artifact side by side, the quality gate, and plots.
+
+Writes to `report/output/`: `report.md` (one table, rows = artifacts; the generations of the
+recipe's prompts side by side), `metrics.json` (everything in the table, the gate's verdicts),
+and PNG plots: domain perplexity against size, the training loss curve, the per-layer
+quantization error of each quantizer. All logged to MLflow: artifacts, and metrics named
+`<artifact>.<metric>` (the same names in every run, so MLflow's compare view lines them up),
+on this stage's run and on the pipeline's parent run.
+
+The gate: a quantized artifact whose perplexity increase over the merged model exceeds
+`evaluate.gate` is marked failed here and in MLflow; `pipeline run` finishes the other stages
+and then exits non-zero (see `gate_failures`).
+"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pipeline.graph import StageContext, StageResult
 
-VERSION = 1
+VERSION = 2
 COLUMNS = (("domain_ppl", "domain ppl", "{:.3f}"), ("general_ppl", "general ppl", "{:.3f}"),
            ("size_bytes", "size (MB)", None), ("quantize_seconds", "quantize (s)", "{:.0f}"),
-           ("load_seconds", "load (s)", "{:.1f}"))
+           ("load_seconds", "load (s)", "{:.1f}"), ("peak_memory_bytes", "peak mem (MB)", None),
+           ("prefill_tokens_per_second", "prefill tok/s", "{:.0f}"),
+           ("decode_tokens_per_second", "decode tok/s", "{:.1f}"))
 FIXED = ("base", "base-nf4", "merged")
 
 
 def _cell(metrics: dict, key: str, fmt) -> str:
     if key not in metrics:
         return "–"
-    if key == "size_bytes":
+    if key.endswith("_bytes"):
         return f"{metrics[key] / 1e6:.1f}"
     return fmt.format(metrics[key])
 
 
-def run(ctx: StageContext) -> StageResult:
-    artifacts = {}
-    for stage, out in ctx.inputs.items():
-        m = json.loads((out / "metrics.json").read_text())
-        artifacts[m["artifact"]] = m
+def increase(m: dict, ref: dict | None, key: str) -> float | None:
+    if ref is None or key not in m or key not in ref:
+        return None
+    return 100 * (m[key] / ref[key] - 1)
+
+
+def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]]:
+    """Reasons each quantized artifact fails the gate (an empty list: it passes)."""
+    merged = artifacts.get("merged")
+    verdicts = {}
+    for name, m in artifacts.items():
+        if name in FIXED:
+            continue
+        reasons = []
+        for key, limit_key, what in (("domain_ppl", "max_domain_ppl_increase", "domain"),
+                                     ("general_ppl", "max_general_ppl_increase", "general")):
+            limit, inc = gate.get(limit_key), increase(m, merged, key)
+            if limit is not None and inc is not None and inc > limit:
+                reasons.append(f"{what} perplexity {m[key]:.3f} is {inc:+.2f}% over the merged model's "
+                               f"{merged[key]:.3f} (evaluate.gate.{limit_key}: {limit:g}%)")
+        verdicts[name] = reasons
+    return verdicts
+
+
+def gate_failures(run_dir: Path) -> dict[str, list[str]]:
+    """The failed artifacts of a finished run's report (what `pipeline run` exits non-zero on)."""
+    path = run_dir / "report" / "output" / "metrics.json"
+    if not path.exists():
+        return {}
+    gate = json.loads(path.read_text()).get("gate", {})
+    return {name: reasons for name, reasons in gate.items() if reasons}
+
+
+def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: bool) -> list[str]:
     reference, merged = artifacts.get("base"), artifacts.get("merged")
 
     def delta(m: dict, ref: dict | None, skip: bool) -> str:
-        return "–" if ref is None or skip else f"{100 * (m['domain_ppl'] / ref['domain_ppl'] - 1):+.2f}%"
+        inc = None if skip else increase(m, ref, "domain_ppl")
+        return "–" if inc is None else f"{inc:+.2f}%"
 
+    header = "| artifact | " + " | ".join(c[1] for c in COLUMNS) + " | domain vs base | domain vs merged |"
+    if gate_on:
+        header += " gate |"
+    lines = [header, "|---|" + "---|" * (len(COLUMNS) + 2 + gate_on)]
+    for name, m in artifacts.items():
+        row = (f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS)
+               + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |")
+        if gate_on:
+            row += " – |" if name not in verdicts else (" **FAILED** |" if verdicts[name] else " passed |")
+        lines.append(row)
+    return lines
+
+
+def _generations(artifacts: dict[str, dict]) -> list[str]:
+    prompts = next((m.get("generations") for m in artifacts.values() if m.get("generations")), None)
+    if not prompts:
+        return []
+    lines = ["", "## Generations (greedy)", ""]
+    for k, g in enumerate(prompts):
+        lines += [f"**Prompt {k + 1}:** `{g['prompt']!s}`", "", "| artifact | completion |", "|---|---|"]
+        for name, m in artifacts.items():
+            gens = m.get("generations") or []
+            text = gens[k]["completion"] if k < len(gens) else "–"
+            text = text.replace("|", "\\|").replace("\n", "⏎").strip()
+            lines.append(f"| {name} | {text} |")
+        lines.append("")
+    return lines
+
+
+def _plots(out: Path, artifacts: dict[str, dict], train_log: Path | None, layer_metrics: dict[str, list]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, m in artifacts.items():
+        if "size_bytes" in m and "domain_ppl" in m:
+            ax.scatter(m["size_bytes"] / 1e6, m["domain_ppl"], s=30)
+            ax.annotate(name, (m["size_bytes"] / 1e6, m["domain_ppl"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("size on disk (MB, log scale)")
+    ax.set_ylabel("held-out domain perplexity")
+    ax.set_title("Quality against size")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    written.append(out / "ppl_vs_size.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    if train_log is not None and train_log.exists():
+        log = json.loads(train_log.read_text())
+        history = log.get("history", [])
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+        evals = [h for h in log.get("evals", history) if "eval_loss" in h]
+        if evals:
+            ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("LoRA training")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        written.append(out / "train_loss.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    if layer_metrics:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, rows in layer_metrics.items():
+            key = "output_rel_err" if any(k.endswith(".output_rel_err") for k in rows[0]) else "weight_rel_err"
+            ys = [sum(v for k, v in r.items() if k.endswith("." + key)) / max(1, sum(k.endswith("." + key) for k in r))
+                  for r in rows]
+            ax.plot([r["layer"] for r in rows], ys, marker=".", label=f"{name} ({key.replace('_', ' ')})")
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("mean relative error of the layer's linears")
+        ax.set_title("Per-layer quantization error")
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        written.append(out / "layer_error.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def run(ctx: StageContext) -> StageResult:
+    artifacts, layer_metrics, train_log = {}, {}, None
+    for stage, out in ctx.inputs.items():
+        if stage.startswith("evaluate-"):
+            m = json.loads((out / "metrics.json").read_text())
+            artifacts[m["artifact"]] = m
+        elif stage.startswith("quantize-") and (out / "layer_metrics.json").exists():
+            rows = json.loads((out / "layer_metrics.json").read_text())
+            if rows:
+                layer_metrics[stage[len("quantize-"):]] = rows
+        elif stage == "train":
+            train_log = out / "train_log.json"
+    order = [n for n in FIXED if n in artifacts] + [n for n in artifacts if n not in FIXED]
+    artifacts = {n: artifacts[n] for n in order}
+    gate = ctx.config.get("gate", {})
+    gate_on = any(v is not None for v in gate.values())
+    verdicts = gate_verdicts(artifacts, gate) if gate_on else {}
+
+    any_m = next(iter(artifacts.values()))
     lines = [
         f"# Report: {ctx.run_dir.name}",
         "",
         f"Held-out domain text and general text, non-overlapping windows of {ctx.recipe.data.seq_len} tokens. "
-        "Quantized artifacts are evaluated from their packed checkpoints.",
+        "Quantized artifacts are evaluated from their packed checkpoints. Throughput is batch 1 on "
+        f"{any_m['device']} ({any_m['dtype']}); peak memory is above the process's level before loading.",
         "",
-        "| artifact | " + " | ".join(c[1] for c in COLUMNS) + " | domain vs base | domain vs merged |",
-        "|---|" + "---|" * (len(COLUMNS) + 2),
+        *_table(artifacts, verdicts, gate_on),
+        "",
+        f"Evaluated on {any_m['device']} in {any_m['dtype']}; {int(any_m['domain_tokens'])} domain tokens"
+        + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else "."),
     ]
-    order = [n for n in FIXED if n in artifacts] + [n for n in artifacts if n not in FIXED]
-    artifacts = {n: artifacts[n] for n in order}
-    for name, m in artifacts.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS)
-                     + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |")
-    any_m = next(iter(artifacts.values()))
-    lines += ["", f"Evaluated on {any_m['device']} in {any_m['dtype']}; "
-              f"{int(any_m['domain_tokens'])} domain tokens"
-              + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else ".")]
+    failed = {n: r for n, r in verdicts.items() if r}
+    if failed:
+        lines += ["", "## Quality gate: failed", ""] + [f"- **{n}**: {'; '.join(r)}" for n, r in failed.items()]
+    plots = _plots(ctx.output_dir, artifacts, train_log, layer_metrics)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += _generations(artifacts)
     (ctx.output_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (ctx.output_dir / "metrics.json").write_text(json.dumps({"artifacts": artifacts}, indent=2))
-    flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items() if isinstance(v, (int, float))}
-    ctx.metrics.log_artifact(ctx.output_dir / "report.md")
-    ctx.metrics.log_artifact(ctx.output_dir / "metrics.json")
-    return StageResult(metrics=flat)
+    (ctx.output_dir / "metrics.json").write_text(json.dumps({"artifacts": artifacts, "gate": verdicts}, indent=2))
+
+    flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    flat.update({f"{name}.gate_passed": float(not reasons) for name, reasons in verdicts.items()})
+    for p in [ctx.output_dir / "report.md", ctx.output_dir / "metrics.json", *plots]:
+        ctx.metrics.log_artifact(p)
+    if failed:
+        ctx.metrics.set_tags({f"gate.{n}": "failed" for n in failed})
+    return StageResult(metrics=flat, info={"gate_failed": sorted(failed)}, parent_metrics=flat)

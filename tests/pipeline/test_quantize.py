@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -92,28 +93,38 @@ def test_evaluation_reads_the_packed_checkpoint(tiny_llama_dir, tmp_path, write_
     assert w.shape == ref.shape and 0 < (w - ref).abs().max() < ref.abs().max()
 
 
-def test_kill_9_during_gptq_resumes_to_the_same_checkpoint(tmp_path, smollm2_dir, write_recipe):
+@pytest.mark.parametrize("entry", [
+    {"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True},
+    {"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}},
+], ids=["gptq", "awq"])
+def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2_dir, write_recipe, entry):
     deep = make_tiny_llama(tmp_path / "deep", smollm2_dir, layers=16, hidden=256, intermediate=768)
     adapter = random_adapter(deep, tmp_path / "adapter")
-    entry = [{"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True}]
+    stage = f"quantize-{entry['name']}"
     hashes = {}
     for name in ("ref", "killed"):
-        path = write_recipe(quant_recipe(deep, tmp_path, name, adapter, entry), f"{name}.yaml")
-        for stage in ("data", "base", "merge", "calibrate"):
-            assert cli("run", str(path), "--only", stage) == 0
+        path = write_recipe(quant_recipe(deep, tmp_path, name, adapter, [entry]), f"{name}.yaml")
+        for s in ("data", "base", "merge", "calibrate"):
+            assert cli("run", str(path), "--only", s) == 0
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--only", "quantize-gptq"]
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--only", stage]
         if name == "killed":
-            ckpt = tmp_path / "runs" / name / "quantize-gptq" / "checkpoints"
+            ckpt = tmp_path / "runs" / name / stage / "checkpoints"
             proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
             deadline = time.time() + 300
             while time.time() < deadline and len(list(ckpt.glob("layer-*.safetensors"))) < 3:
                 time.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            assert 3 <= len(list(ckpt.glob("layer-*.safetensors"))) < 16
+            layers = sorted(ckpt.glob("layer-*.safetensors"))
+            assert 3 <= len(layers) < 16
+            if entry["method"] == "awq":
+                # The last finished layer keeps only its saved search: the resumed stage must
+                # apply it (not search again) and reach the same bytes.
+                assert (ckpt / layers[-1].name.replace("layer-", "awq-")).exists()
+                layers[-1].unlink()
         assert subprocess.run(cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL).returncode == 0
-        manifest = json.loads((tmp_path / "runs" / name / "quantize-gptq" / "manifest.json").read_text())
+        manifest = json.loads((tmp_path / "runs" / name / stage / "manifest.json").read_text())
         hashes[name] = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}
     assert hashes["killed"] == hashes["ref"]
 
@@ -129,10 +140,72 @@ def test_group_size_that_does_not_divide_is_a_recipe_error(tiny_llama_dir, tmp_p
     assert not (tmp_path / "runs").exists()  # found while planning: nothing written
 
 
-def test_unimplemented_method_is_skipped_with_a_warning(tiny_llama_dir, tmp_path, write_recipe, capsys):
+AWQ = [
+    {"name": "awq", "method": "awq", "group_size": 32, "awq": {"search_windows": 4}},
+    {"name": "awq-gptq", "method": "awq+gptq", "group_size": 32, "desc_act": True, "static_groups": True},
+]
+
+
+def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
+    from pipeline.checkpoints import load_int4_model
+    from quant.packing import AWQPacked, unpack_awq
+
+    monkeypatch.chdir(tmp_path)
     adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
-    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "awq", adapter, [{"name": "a", "method": "awq"}]))
-    assert cli("validate", str(path)) == 0
-    captured = capsys.readouterr()
-    assert "quantize.0 (a): method 'awq' is not implemented yet" in captured.err
-    assert "quantize-a" not in captured.out
+    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "a", adapter, AWQ))
+    assert cli("run", str(path)) == 0
+    run_dir = tmp_path / "runs" / "a"
+    merged = load_file(str(next((run_dir / "merge" / "output").glob("model-00001-*"))))
+
+    out = run_dir / "quantize-awq" / "output"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: qcfg[k] for k in ("quant_method", "bits", "group_size", "zero_point", "version")} == \
+        {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = load_file(str(out / index["model.layers.0.mlp.down_proj.qweight"]))
+    p = "model.layers.0.mlp.down_proj"
+    assert shard[f"{p}.qweight"].shape == (128, 64 // 8) and shard[f"{p}.qweight"].dtype == torch.int32
+    assert shard[f"{p}.qzeros"].shape == (128 // 32, 64 // 8) and shard[f"{p}.scales"].shape == (4, 64)
+    assert f"{p}.g_idx" not in shard
+    codes, zeros = unpack_awq(AWQPacked(shard[f"{p}.qweight"], shard[f"{p}.qzeros"], shard[f"{p}.scales"]))
+    assert 0 <= int(codes.min()) and int(codes.max()) <= 15 and int(zeros.max()) <= 15
+    # The scales were folded into the norms: they differ from the merged model's.
+    norm = shard["model.layers.0.post_attention_layernorm.weight"]
+    assert norm.dtype == torch.bfloat16 and not torch.equal(norm, merged["model.layers.0.post_attention_layernorm.weight"])
+    layer_metrics = json.loads((run_dir / "quantize-awq" / "output" / "layer_metrics.json").read_text())
+    searched = {k.split(".ratio")[0] for k in layer_metrics[0] if k.endswith(".ratio")}
+    # grouped-query attention: v_proj cannot absorb o_proj's scales
+    assert searched == {"awq.input_layernorm", "awq.post_attention_layernorm", "awq.mlp.up_proj"}
+    assert "down_proj.output_rel_err" in layer_metrics[0]
+
+    model = load_int4_model(out, torch.float32, "cpu")
+    assert model.model.layers[0].mlp.down_proj.layout == "awq"
+
+    out = run_dir / "quantize-awq-gptq" / "output"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "gptq" and qcfg["meta"]["quantizer"] == "qlora-pipeline:awq+gptq"
+    assert load_int4_model(out, torch.float32, "cpu").model.layers[0].mlp.down_proj.layout == "gptq"
+
+    report = json.loads((run_dir / "report" / "output" / "metrics.json").read_text())["artifacts"]
+    for name in ("awq", "awq-gptq"):
+        assert report[name]["domain_ppl"] > 0 and report[name]["quantize_seconds"] > 0
+
+
+def test_awq_without_grouped_query_attention_scales_o_proj(tmp_path, smollm2_dir, write_recipe, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mha = make_tiny_llama(tmp_path / "mha", smollm2_dir, layers=2, kv_heads=4)
+    adapter = random_adapter(mha, tmp_path / "adapter")
+    path = write_recipe(quant_recipe(mha, tmp_path, "m", adapter, AWQ[:1]))
+    for stage in ("data", "base", "merge", "calibrate", "quantize-awq"):
+        assert cli("run", str(path), "--only", stage) == 0
+    layer_metrics = json.loads((tmp_path / "runs" / "m" / "quantize-awq" / "output" / "layer_metrics.json").read_text())
+    assert all("awq.self_attn.v_proj.ratio" in m for m in layer_metrics)
+
+
+def test_awq_recipe_errors(tiny_llama_dir, tmp_path, write_recipe, capsys):
+    adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
+    for entry, message in (({"bits": 3}, "4-bit only"), ({"sym": True}, "sym: false"), ({"group_size": -1}, "group size"),
+                           ({"awq": {"clips": True}}, "clips")):
+        path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "e", adapter, [{"name": "a", "method": "awq", **entry}]))
+        assert cli("validate", str(path)) == 2
+        assert message in capsys.readouterr().err

@@ -116,6 +116,30 @@ def test_merge_into_original_equals_plain_base_plus_adapter(trained, tiny_llama_
     assert not (tmp_path / "runs" / "orig" / "train").exists()  # merge.adapter skips training
 
 
+def test_merge_into_auto_keeps_the_better_merge_and_says_why(trained, tiny_llama_dir, tmp_path, write_recipe):
+    from safetensors.torch import load_file
+
+    adapter = trained / "train" / "output"
+    runs = {}
+    for into in ("dequantized", "original", "auto"):
+        path = write_recipe(recipe_for(tiny_llama_dir, tmp_path, into, merge={"into": into, "adapter": str(adapter)}),
+                            f"{into}.yaml")
+        for stage in ("data", "base", "merge", "evaluate-merged"):
+            assert cli("run", str(path), "--only", stage) == 0
+        runs[into] = tmp_path / "runs" / into
+    choice = json.loads((runs["auto"] / "merge" / "output" / "merge_choice.json").read_text())
+    ppl = {w: json.loads((runs[w] / "evaluate-merged" / "output" / "metrics.json").read_text())["domain_ppl"]
+           for w in ("dequantized", "original")}
+    # auto measured the same perplexities as evaluating each merge, and kept the lower one
+    assert choice["domain_ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert choice["chosen"] == min(ppl, key=ppl.get) and choice["chosen"] in choice["reason"]
+    kept = load_file(str(next((runs["auto"] / "merge" / "output").glob("model-00001-*"))))
+    same = load_file(str(next((runs[choice["chosen"]] / "merge" / "output").glob("model-00001-*"))))
+    assert kept.keys() == same.keys() and all(torch.equal(kept[k], same[k]) for k in kept)
+    manifest = json.loads((runs["auto"] / "merge" / "manifest.json").read_text())
+    assert manifest["info"]["into"] == choice["chosen"]
+
+
 def test_external_adapter_on_a_prequantized_bnb_checkpoint(trained, tiny_llama_dir, tmp_path, write_recipe):
     """A base saved by transformers + bitsandbytes in 4-bit is kept as is and dequantized exactly."""
     import bitsandbytes as bnb

@@ -59,7 +59,7 @@ def test_linear_int4_dequantizes_scales_times_codes_minus_zeros():
     zeros = torch.randint(1, 16, (2, out_f))
     scales = torch.rand(2, out_f).half().float()
     g_idx = torch.randperm(in_f) // gs  # act-order: not monotonic
-    layer = LinearInt4(pack_gptq(codes, zeros, scales, g_idx, 4), bits=4, v1=True)
+    layer = LinearInt4.from_gptq(pack_gptq(codes, zeros, scales, g_idx, 4), bits=4, v1=True)
     expected = scales[g_idx].t() * (codes - zeros[g_idx].t())
     assert torch.equal(layer.dequantized_weight(), expected)
     x = torch.randn(3, in_f)

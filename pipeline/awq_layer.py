@@ -1,0 +1,250 @@
+"""AWQ on one decoder layer: capture the scaling groups' inputs, search the scales, fold them,
+search the clipping on the folded weights, save the search result, clip.
+
+The math is in `quant/awq.py`; this module runs it on a layer's modules. Search and apply are
+separate: the search result (one scale vector per scaling group, one clip tensor per clipped
+linear) is written to `awq-XXXXX.safetensors` before it is applied, so a stage killed after
+the search resumes by applying the saved result, not by searching again.
+
+The layer keeps computing in float32; the norms that absorb 1/s are rounded to the checkpoint
+dtype as soon as they are folded, so every later step (clip search, GPTQ, the next layer's
+inputs) sees the values the checkpoint will hold.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline.families import Family, ScalingGroup
+from pipeline.shards import save_atomic, valid_shard
+from quant.awq import (
+    gram_blocks, linear_loss_from_hessian, scaled_quantized, search_clip, search_scales, weight_channel_mean,
+    clip_weight,
+)
+
+SEARCH_FILE = "awq-{:05d}.safetensors"
+
+
+class AWQSettings(NamedTuple):
+    bits: int
+    group_size: int
+    duo_scaling: bool
+    clip: bool
+    search_windows: int  # calibration windows the block-output losses are measured on
+
+
+@dataclass
+class GroupInput:
+    """What the search needs of a scaling group's input, accumulated over all calibration
+    windows: X^T X and sum |x| per channel, plus the raw inputs of the first windows when the
+    inspected block is not a single linear (its loss needs a real forward)."""
+
+    xtx: Optional[torch.Tensor] = None
+    abs_sum: Optional[torch.Tensor] = None
+    n: int = 0
+    samples: Optional[torch.Tensor] = None
+
+    def add(self, x: torch.Tensor, keep: int) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if self.xtx is None:
+            self.xtx = torch.zeros(flat.shape[1], flat.shape[1])
+            self.abs_sum = torch.zeros(flat.shape[1])
+        self.xtx.addmm_(flat.t(), flat)
+        self.abs_sum += flat.abs().sum(dim=0)
+        self.n += flat.shape[0]
+        if keep > 0:
+            taken = x[:keep].detach().float().clone()
+            self.samples = taken if self.samples is None else torch.cat([self.samples, taken])
+
+
+def active_groups(layer: nn.Module, family: Family) -> list[ScalingGroup]:
+    groups = []
+    for g in family.awq_groups:
+        if g.same_shape is not None:
+            a, b = (layer.get_submodule(n).weight.shape for n in g.same_shape)
+            if a != b:
+                continue
+        groups.append(g)
+    return groups
+
+
+class _Kwargs(NamedTuple):
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+
+def _needs_samples(layer: nn.Module, g: ScalingGroup) -> bool:
+    return not (g.inspect in g.linears and len(g.linears) == 1)
+
+
+def capture(layer: nn.Module, groups: list[ScalingGroup], hidden: torch.Tensor, kw: _Kwargs, chunk: int,
+            search_windows: int) -> list[GroupInput]:
+    """One forward of the float layer over every calibration window, recording each group's input
+    (raw samples only for the groups that will be searched with a block forward)."""
+    inputs = [GroupInput() for _ in groups]
+    taken = 0
+    handles = []
+    for k, g in enumerate(groups):
+        def hook(mod, inp, k=k, g=g):
+            keep = max(0, min(inp[0].shape[0], search_windows - taken)) if _needs_samples(layer, g) else 0
+            inputs[k].add(inp[0].detach(), keep)
+        handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(hook))
+    try:
+        for s in range(0, hidden.shape[0], chunk):
+            batch = hidden[s : s + chunk]
+            layer(batch, attention_mask=None, position_ids=kw.position_ids, position_embeddings=kw.position_embeddings)
+            taken += batch.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def _run_block(module: nn.Module, is_attention: bool, x: torch.Tensor, kw: _Kwargs) -> torch.Tensor:
+    if is_attention:
+        return module(hidden_states=x, attention_mask=None, position_ids=kw.position_ids,
+                      position_embeddings=kw.position_embeddings)[0]
+    return module(x)
+
+
+def _block_loss(module: nn.Module, is_attention: bool, samples: torch.Tensor, reference: list[torch.Tensor],
+                kw: _Kwargs, chunk: int) -> float:
+    total, count = 0.0, 0
+    for j, s in enumerate(range(0, samples.shape[0], chunk)):
+        out = _run_block(module, is_attention, samples[s : s + chunk], kw)
+        total += float(((out.float() - reference[j]) ** 2).sum())
+        count += out.numel()
+    return total / count
+
+
+@torch.no_grad()
+def search_layer_scales(layer: nn.Module, family: Family, all_inputs: list[GroupInput], settings: AWQSettings,
+                        kw: _Kwargs, chunk: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The scales of every active group, searched on the unmodified layer. `all_inputs` holds the
+    input of every group of `family.awq_groups`, active or not.
+
+    Returns:
+        ({"scales.<prev_op>": [in]}, metrics).
+    """
+    result: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+    active = active_groups(layer, family)
+    for g, inp in zip(family.awq_groups, all_inputs):
+        if g not in active:
+            continue
+        linears = [layer.get_submodule(n) for n in g.linears]
+        originals = [m.weight.data.clone() for m in linears]
+        x_mean = inp.abs_sum / inp.n
+        w_mean = weight_channel_mean(originals, settings.group_size) if settings.duo_scaling else None
+        if not _needs_samples(layer, g):
+            W = originals[0]
+
+            def loss_of(s, W=W, xtx=inp.xtx, n=inp.n):
+                return linear_loss_from_hessian(W - scaled_quantized(W, s, settings.bits, settings.group_size), xtx, n)
+        else:
+            block = layer.get_submodule(g.inspect)
+            is_attention = g.inspect == family.attention
+            reference = [_run_block(block, is_attention, inp.samples[s : s + chunk], kw).float()
+                         for s in range(0, inp.samples.shape[0], chunk)]
+
+            def loss_of(s, block=block, is_attention=is_attention, samples=inp.samples, reference=reference):
+                for m, W in zip(linears, originals):
+                    m.weight.data = scaled_quantized(W, s, settings.bits, settings.group_size)
+                try:
+                    return _block_loss(block, is_attention, samples, reference, kw, chunk)
+                finally:
+                    for m, W in zip(linears, originals):
+                        m.weight.data = W
+        found = search_scales(x_mean, w_mean, loss_of)
+        result[f"scales.{g.prev_op}"] = found.scales
+        metrics[f"awq.{g.prev_op}.ratio"] = found.ratio
+        metrics[f"awq.{g.prev_op}.loss"] = found.loss
+        # s = 1 is not on the grid (with the duo statistic even ratio 0 scales): the loss of
+        # plain rounding, so that the gain of the search shows per layer.
+        metrics[f"awq.{g.prev_op}.loss_unscaled"] = float(loss_of(torch.ones_like(x_mean)))
+    return result, metrics
+
+
+@torch.no_grad()
+def search_layer_clip(layer: nn.Module, family: Family, all_inputs: list[GroupInput], scales: dict[str, torch.Tensor],
+                      settings: AWQSettings) -> dict[str, torch.Tensor]:
+    """Clip values of every clipped linear, searched on the layer *after* all scales are folded
+    (a linear can be scaled twice: on its input columns by its own group, on its output rows by
+    the next group, as up_proj is by down_proj's), with the inputs divided by their scales.
+
+    Returns:
+        {"clip.<linear>": [out, groups]}.
+    """
+    result = {}
+    by_linear = {n: (g, inp) for g, inp in zip(family.awq_groups, all_inputs) for n in g.linears}
+    for name in family.linears:
+        # every linear but q/k, scaled or not (o_proj is not scaled under GQA)
+        if name in family.awq_no_clip or name not in by_linear:
+            continue
+        g, inp = by_linear[name]
+        s = scales.get(f"scales.{g.prev_op}", torch.ones(inp.xtx.shape[0]))
+        gram = (inp.xtx / inp.n) / s.unsqueeze(0) / s.unsqueeze(1)
+        W = layer.get_submodule(name).weight.data.float()
+        result[f"clip.{name}"] = search_clip(W, gram_blocks(gram, settings.group_size), settings.bits,
+                                             settings.group_size)
+    return result
+
+
+@torch.no_grad()
+def apply_scales(layer: nn.Module, groups: list[ScalingGroup], result: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Fold every group's scales into its prev op (1/s) and its linears (s)."""
+    for g in groups:
+        s = result[f"scales.{g.prev_op}"]
+        prev = layer.get_submodule(g.prev_op)
+        if isinstance(prev, nn.Linear):
+            prev.weight.data = prev.weight.data / s.unsqueeze(1)
+            if prev.bias is not None:
+                prev.bias.data = prev.bias.data / s
+        else:  # an RMSNorm / LayerNorm: y = w * norm(x) (+ b)
+            prev.weight.data = (prev.weight.data / s).to(dtype).float()
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.data = (prev.bias.data / s).to(dtype).float()
+        for n in g.linears:
+            m = layer.get_submodule(n)
+            m.weight.data = m.weight.data * s.unsqueeze(0)
+
+
+@torch.no_grad()
+def apply_clip(layer: nn.Module, result: dict[str, torch.Tensor]) -> None:
+    for key, max_val in result.items():
+        if key.startswith("clip."):
+            m = layer.get_submodule(key[len("clip."):])
+            m.weight.data = clip_weight(m.weight.data, max_val)
+
+
+def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, dtype: torch.dtype, chunk: int = 8):
+    """The engine's per-layer hook: search (or load the saved search) and apply."""
+
+    def transform(i: int, layer: nn.Module, hidden: torch.Tensor, position_ids, position_embeddings) -> dict[str, float]:
+        groups = active_groups(layer, family)
+        path = checkpoint_dir / SEARCH_FILE.format(i)
+        metrics: dict[str, float] = {}
+        if path.exists() and valid_shard(path):
+            with safe_open(str(path), "pt") as st:
+                result = {k: st.get_tensor(k) for k in st.keys()}
+                metrics = json.loads((st.metadata() or {}).get("metrics", "{}"))
+            apply_scales(layer, groups, result, dtype)
+        else:
+            kw = _Kwargs(position_ids, position_embeddings)
+            inputs = capture(layer, list(family.awq_groups), hidden, kw, chunk, settings.search_windows)
+            result, metrics = search_layer_scales(layer, family, inputs, settings, kw, chunk)
+            apply_scales(layer, groups, result, dtype)
+            if settings.clip:
+                result.update(search_layer_clip(layer, family, inputs, result, settings))
+            del inputs
+            save_atomic(result, path, metadata={"metrics": json.dumps(metrics)})
+        apply_clip(layer, result)
+        return metrics
+
+    return transform

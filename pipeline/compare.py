@@ -1,0 +1,84 @@
+"""`pipeline compare`: the artifacts of several runs in one table.
+
+Reads each run's `report/output/metrics.json` (what the `report` stage wrote), so it compares
+finished runs whatever recipes they came from: two recipes differing in `merge.into` or in
+group size line up row by row. Settings that differ between the runs are shown as columns.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+DEFAULT_COLUMNS = ("domain_ppl", "general_ppl", "size_bytes", "quantize_seconds", "peak_memory_bytes",
+                   "prefill_tokens_per_second", "decode_tokens_per_second")
+HEADERS = {"domain_ppl": "domain ppl", "general_ppl": "general ppl", "size_bytes": "size MB",
+           "quantize_seconds": "quantize s", "peak_memory_bytes": "peak mem MB",
+           "prefill_tokens_per_second": "prefill tok/s", "decode_tokens_per_second": "decode tok/s",
+           "load_seconds": "load s"}
+
+
+def _recipe_settings(run_dir: Path) -> dict[str, str]:
+    """The flattened recipe a run was made with (from its stages' manifests)."""
+    settings: dict[str, str] = {}
+    for manifest in sorted(run_dir.glob("*/manifest.json")):
+        config = json.loads(manifest.read_text()).get("config", {})
+        stage = manifest.parent.name
+
+        def flat(prefix, v):
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    flat(f"{prefix}.{k}", x)
+            else:
+                settings[prefix] = json.dumps(v)
+        for k, v in config.items():
+            if stage == "merge" or stage == "train" or stage == "calibrate":
+                flat(k, v)
+    return settings
+
+
+def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Rows (run, artifact, metrics...) of every artifact of every run, and the columns to show:
+    the requested metrics plus the settings that differ between the runs."""
+    runs = []
+    for d in run_dirs:
+        path = d / "report" / "output" / "metrics.json"
+        if not path.is_file():
+            raise InputError(f"{d}: no report (expected {path}); run the pipeline to its report stage first")
+        runs.append((d, json.loads(path.read_text()), _recipe_settings(d)))
+    keys = set().union(*(s.keys() for _, _, s in runs))
+    differing = sorted(k for k in keys if len({s.get(k) for _, _, s in runs}) > 1)
+    columns = list(columns or DEFAULT_COLUMNS)
+    rows = []
+    for d, report, settings in runs:
+        gate = report.get("gate", {})
+        for name, m in report["artifacts"].items():
+            row = {"run": d.name, "artifact": name, **{k: m.get(k) for k in columns}}
+            row.update({k: settings.get(k, "–") for k in differing})
+            if name in gate:
+                row["gate"] = "FAILED" if gate[name] else "passed"
+            rows.append(row)
+    extra = differing + (["gate"] if any("gate" in r for r in rows) else [])
+    return rows, columns + extra
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if key.endswith("_bytes"):
+            return f"{v / 1e6:.1f}"
+        return f"{v:.3f}" if key.endswith("_ppl") else f"{v:.1f}"
+    return str(v)
+
+
+def render(rows: list[dict], columns: list[str], markdown: bool) -> str:
+    head = ["run", "artifact"] + [HEADERS.get(c, c) for c in columns]
+    body = [[r["run"], r["artifact"]] + [_fmt(c, r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

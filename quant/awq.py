@@ -1,0 +1,171 @@
+"""AWQ (Lin et al., 2023): activation-aware per-channel scaling, then clipping, then 4-bit groups.
+
+Written from QUANT_SPEC.md section C. Pure functions: tensors in, tensors out; the loss of a
+scale candidate is a callable the caller provides (it runs the inspected block).
+
+Notation:
+    W       weight [out, in]; a scaling group is several linears reading the same input x [n, in]
+    s       per-input-channel scale [in]: the group's weights become W diag(s), the op before
+            them absorbs diag(1/s), so the float function is unchanged and only rounding moves
+    Q(.)    group pseudo-quantization (quantize then dequantize)
+
+Two departures from the reference implementations, both exact rewrites of the same objective:
+- The loss of a group whose inspected block is a single linear (o_proj, down_proj) is
+  mean((x (W - Q(W s)/s)^T)^2) = tr(D H D^T) / (n out) with H = X^T X, so it is computed from
+  the Hessian instead of a forward over every token.
+- The clipping error per (row, group) is mean_t (x_g . d_g)^2 = d_g^T G_g d_g with G_g the
+  group's diagonal block of X^T X / n, so the search sees every calibration token (the
+  references subsample 512) at a fraction of the cost.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+__all__ = [
+    "pseudo_quantize",
+    "weight_channel_mean",
+    "candidate_scales",
+    "search_scales",
+    "ScaleSearch",
+    "linear_loss_from_hessian",
+    "gram_blocks",
+    "search_clip",
+    "clip_weight",
+]
+
+N_GRID = 20  # scale ratios k/20, k = 0..19; clip shrink 1 - k/20, k = 0..9 (max_shrink 0.5)
+
+
+def pseudo_quantize(W: torch.Tensor, bits: int, group_size: int, scale_dtype: Optional[torch.dtype] = torch.float16) -> torch.Tensor:
+    """Asymmetric min/max group quantization of W [out, in], returned dequantized.
+
+    The range of each group is widened to include 0 (as GPTQ's grid does; AWQ's own grid does
+    not, which only matters for groups of one sign, where it cannot represent the far end).
+    Scales are rounded to `scale_dtype` first, as the packed checkpoint stores them, so this
+    is exactly the weight the checkpoint decodes to.
+    """
+    out_f, in_f = W.shape
+    gs = in_f if group_size == -1 else group_size
+    w = W.float().reshape(out_f, in_f // gs, gs)
+    maxq = 2**bits - 1
+    lo = w.amin(dim=2, keepdim=True).clamp(max=0)
+    hi = w.amax(dim=2, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / maxq
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
+    scale = scale.clamp(min=torch.finfo(scale_dtype or torch.float32).tiny)
+    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return ((q - zero) * scale).reshape(out_f, in_f)
+
+
+def weight_channel_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """w_mean [in]: mean over output rows of |w| / absmax of its group (AutoAWQ's duo statistic),
+    over the group's weights concatenated along the output dimension."""
+    W = torch.cat([w.float() for w in weights], dim=0)
+    out_f, in_f = W.shape
+    gs = in_f if group_size == -1 else group_size
+    w = W.abs().reshape(out_f, in_f // gs, gs)
+    w = w / (w.amax(dim=2, keepdim=True) + 1e-6)
+    return w.reshape(out_f, in_f).mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: Optional[torch.Tensor], ratio: float) -> torch.Tensor:
+    """One grid point: s = x_mean^r / w_mean^(1-r) (duo) or x_mean^r, normalized so that
+    max(s) * min(s) = 1."""
+    x = x_mean.float()
+    if w_mean is None:
+        s = x.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x.pow(ratio) / (w_mean.float().pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+    return s / (s.max() * s.min()).sqrt()
+
+
+class ScaleSearch(NamedTuple):
+    """The best grid point: scales [in], its ratio and loss; and the loss of every grid point."""
+
+    scales: torch.Tensor
+    ratio: float
+    loss: float
+    losses: list[float]
+
+
+def search_scales(x_mean: torch.Tensor, w_mean: Optional[torch.Tensor],
+                  loss_of: Callable[[torch.Tensor], float], n_grid: int = N_GRID) -> ScaleSearch:
+    """Grid search of the scale exponent: `loss_of(s)` is the inspected block's output error
+    with the group's weights replaced by Q(W diag(s)) diag(1/s)."""
+    best: Optional[ScaleSearch] = None
+    losses = []
+    for k in range(n_grid):
+        ratio = k / n_grid
+        s = candidate_scales(x_mean, w_mean, ratio)
+        loss = float(loss_of(s))
+        losses.append(loss)
+        if best is None or loss < best.loss:
+            best = ScaleSearch(s, ratio, loss, [])
+    assert best is not None
+    return best._replace(losses=losses)
+
+
+def scaled_quantized(W: torch.Tensor, s: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Q(W diag(s)) diag(1/s): the weight a candidate scale leaves in the unscaled basis."""
+    return pseudo_quantize(W.float() * s, bits, group_size) / s
+
+
+def linear_loss_from_hessian(D: torch.Tensor, XtX: torch.Tensor, n_tokens: int) -> float:
+    """mean over tokens and outputs of (x D^T)^2, from XtX = X^T X (not averaged)."""
+    return float(((D @ XtX) * D).sum()) / (n_tokens * D.shape[0])
+
+
+def gram_blocks(XtX_over_n: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal blocks [groups, g, g] of the input Gram matrix."""
+    in_f = XtX_over_n.shape[0]
+    gs = in_f if group_size == -1 else group_size
+    n = in_f // gs
+    idx = torch.arange(n, device=XtX_over_n.device)
+    return XtX_over_n.reshape(n, gs, n, gs)[idx, :, idx, :]
+
+
+def search_clip(W: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int,
+                n_grid: int = N_GRID, max_shrink: float = 0.5, rows_per_batch: int = 1024) -> torch.Tensor:
+    """Best symmetric clip value per (row, group) of W [out, in] (already scaled).
+
+    For shrink factors 1, 1 - 1/n_grid, ... > 1 - max_shrink, clamp the group to
+    [-m, m] with m = shrink * absmax, pseudo-quantize, and keep the m with the lowest
+    mean_t (x_g . (w_g - q_g))^2, computed from the group's Gram block.
+
+    Returns:
+        float32 [out, groups] clip values.
+    """
+    out_f, in_f = W.shape
+    gs = in_f if group_size == -1 else group_size
+    ng = in_f // gs
+    best_max = torch.empty(out_f, ng, dtype=torch.float32, device=W.device)
+    grams = grams.float()
+    for r0 in range(0, out_f, rows_per_batch):
+        w = W[r0 : r0 + rows_per_batch].float()
+        rows = w.shape[0]
+        org_max = w.reshape(rows, ng, gs).abs().amax(dim=2)
+        best_err = torch.full_like(org_max, float("inf"))
+        best = org_max.clone()
+        for k in range(int(max_shrink * n_grid)):
+            m = org_max * (1 - k / n_grid)
+            clamped = clip_weight(w, m)
+            d = (w - pseudo_quantize(clamped, bits, gs)).reshape(rows, ng, gs)
+            err = torch.einsum("rgi,gij,rgj->rg", d, grams, d)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, m, best)
+        best_max[r0 : r0 + rows] = best
+    return best_max
+
+
+def clip_weight(W: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """Clamp every group of W [out, in] to [-max, max] with max [out, groups]."""
+    out_f, in_f = W.shape
+    ng = max_val.shape[1]
+    m = max_val.reshape(out_f, ng, 1)
+    return torch.max(torch.min(W.reshape(out_f, ng, -1), m), -m).reshape(out_f, in_f)

@@ -1,0 +1,84 @@
+"""AWQ on a real decoder layer: folding scales keeps the layer's function; search finds scales
+that lower the quantized layer's error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.awq_layer import (
+    AWQSettings, _Kwargs, active_groups, apply_clip, apply_scales, capture, search_layer_clip, search_layer_scales,
+)
+from pipeline.checkpoints import read_prefix, weight_map
+from pipeline.families import LLAMA
+from pipeline.layerwise import LayerwiseRunner
+from pipeline.checkpoints import read_config
+from quant.awq import pseudo_quantize
+from tests.conftest import make_tiny_llama
+
+
+def _layer(model_dir, i=0):
+    runner = LayerwiseRunner(read_config(model_dir), torch.float32)
+    layer = runner.layers[i]
+    runner.materialize(layer, read_prefix(weight_map(model_dir), f"model.layers.{i}."), torch.float32)
+    return runner, layer
+
+
+def _inputs(runner, n=4, L=32, dim=64):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, L, dim, generator=g)
+    hidden[..., ::9] *= 15  # salient channels
+    pos_ids = torch.arange(L).unsqueeze(0)
+    return hidden, _Kwargs(pos_ids, runner.base.rotary_emb(hidden, position_ids=pos_ids))
+
+
+def _forward(layer, hidden, kw):
+    return layer(hidden, attention_mask=None, position_ids=kw.position_ids, position_embeddings=kw.position_embeddings)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_folding_scales_keeps_the_layer_function(tmp_path, smollm2_dir, kv_heads):
+    model_dir = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=1, kv_heads=kv_heads)
+    runner, layer = _layer(model_dir)
+    hidden, kw = _inputs(runner)
+    before = _forward(layer, hidden, kw)
+    groups = active_groups(layer, LLAMA)
+    assert len(groups) == (4 if kv_heads == 4 else 3)
+    g = torch.Generator().manual_seed(1)
+    result = {f"scales.{grp.prev_op}": torch.rand(layer.get_submodule(grp.linears[0]).in_features, generator=g) * 4 + 0.25
+              for grp in groups}
+    apply_scales(layer, groups, result, torch.float32)  # float32: no rounding of the folded norms
+    assert torch.allclose(_forward(layer, hidden, kw), before, rtol=1e-4, atol=1e-4)
+
+
+def _quantized_error(layer, hidden, kw, reference):
+    for name in LLAMA.linears:
+        m = layer.get_submodule(name)
+        m.weight.data = pseudo_quantize(m.weight.data, 4, 32)
+    return float(((_forward(layer, hidden, kw) - reference) ** 2).mean().detach())
+
+
+def test_searched_scales_and_clipping_lower_the_quantized_layer_error(tmp_path, smollm2_dir):
+    model_dir = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=1)
+    runner, layer = _layer(model_dir)
+    hidden, kw = _inputs(runner, n=8)
+    reference = _forward(layer, hidden, kw)
+    plain = _quantized_error(_layer(model_dir)[1], hidden, kw, reference)
+
+    groups = list(LLAMA.awq_groups)
+    inputs = capture(layer, groups, hidden, kw, chunk=4, search_windows=4)
+    assert inputs[0].samples.shape == (4, 32, 64) and inputs[3].samples is None  # down_proj: Hessian loss only
+    assert inputs[2].n == 8 * 32
+    settings = AWQSettings(4, 32, True, True, 4)
+    scales, metrics = search_layer_scales(layer, LLAMA, inputs, settings, kw, chunk=4)
+    for grp in active_groups(layer, LLAMA):
+        assert metrics[f"awq.{grp.prev_op}.loss"] <= metrics[f"awq.{grp.prev_op}.loss_unscaled"]
+    apply_scales(layer, active_groups(layer, LLAMA), scales, torch.float32)
+    clip = search_layer_clip(layer, LLAMA, inputs, scales, settings)
+    assert set(clip) == {f"clip.{n}" for n in LLAMA.linears if n not in LLAMA.awq_no_clip}
+    for key, max_val in clip.items():  # searched on the weights as folded: a shrink of 1 .. 0.55
+        w = layer.get_submodule(key[len("clip."):]).weight
+        shrink = max_val / w.abs().reshape(w.shape[0], -1, 32).amax(dim=2)
+        assert shrink.min() >= 0.55 - 1e-6 and shrink.max() <= 1 + 1e-6
+    apply_clip(layer, clip)
+    awq = _quantized_error(layer, hidden, kw, reference)
+    assert awq < 0.9 * plain

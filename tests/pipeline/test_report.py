@@ -1,0 +1,107 @@
+"""Evaluation and comparison: speed, memory and generations per artifact, the quality gate, the
+report's plots, `pipeline compare`, and the same figures in the MLflow store."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import cli, tiny_recipe
+from tests.pipeline.test_quantize import random_adapter
+
+PROMPTS = ["def fibonacci(n):", "The with statement"]
+
+
+def _recipe(model_dir, tmp_path, name, adapter, quantize, **sections):
+    r = tiny_recipe(model_dir, tmp_path, run={"name": name}, merge={"adapter": str(adapter)},
+                    calibration={"samples": 4, "seq_len": 128},
+                    evaluate={**tiny_recipe(model_dir, tmp_path)["evaluate"], "prompts": PROMPTS, "max_new_tokens": 6,
+                              "decode_tokens": 4, **sections.pop("evaluate", {})}, **sections)
+    r["quantize"] = quantize
+    return r
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_llama_dir, smollm2_dir):
+    """A tiny random model (fast, every feature) and the real SmolLM2, where quality means
+    something: 4-bit and 2-bit round-to-nearest under a 100% gate."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("report")
+    codes = {}
+    for name, model, quantize, evaluate in (
+        ("g32", tiny_llama_dir, [{"name": "rtn", "method": "rtn", "group_size": 32}], {}),
+        ("bad", smollm2_dir, [{"name": "rtn", "method": "rtn", "group_size": 64},
+                              {"name": "rtn-2bit", "method": "rtn", "bits": 2, "group_size": 64}],
+         {"gate": {"max_domain_ppl_increase": 100.0}, "prompts": [], "speed": False}),
+    ):
+        adapter = random_adapter(model, tmp / f"adapter-{name}")
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_recipe(model, tmp, name, adapter, quantize, evaluate=evaluate)))
+        codes[name] = cli("run", str(path))
+    return tmp, codes
+
+
+def test_every_artifact_has_speed_memory_and_the_same_generations(two_runs):
+    tmp, codes = two_runs
+    assert codes["g32"] == 0
+    report = json.loads((tmp / "runs" / "g32" / "report" / "output" / "metrics.json").read_text())["artifacts"]
+    assert set(report) == {"base", "base-nf4", "merged", "rtn"}
+    for name, m in report.items():
+        assert m["prefill_tokens_per_second"] > 0 and m["decode_tokens_per_second"] > 0
+        assert m["peak_memory_bytes"] > 0 and m["size_bytes"] > 0 and m["load_seconds"] >= 0
+        assert [g["prompt"] for g in m["generations"]] == PROMPTS
+    text = (tmp / "runs" / "g32" / "report" / "output" / "report.md").read_text()
+    assert "decode tok/s" in text and "## Generations (greedy)" in text and "`def fibonacci(n):`" in text
+
+
+def test_report_plots_are_pngs(two_runs):
+    tmp, _ = two_runs
+    out = tmp / "runs" / "g32" / "report" / "output"
+    for name in ("ppl_vs_size.png", "layer_error.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (out / "report.md").read_text()
+
+
+def test_the_gate_fails_two_bit_round_to_nearest_after_finishing(two_runs, capsys):
+    tmp, codes = two_runs
+    assert codes["bad"] == 1
+    run_dir = tmp / "runs" / "bad"
+    report = json.loads((run_dir / "report" / "output" / "metrics.json").read_text())
+    assert report["gate"]["rtn"] == []  # 4-bit passes
+    assert report["gate"]["rtn-2bit"] and "max_domain_ppl_increase: 100%" in report["gate"]["rtn-2bit"][0]
+    assert "**FAILED**" in (run_dir / "report" / "output" / "report.md").read_text()
+    # every stage finished, the failing artifact's included
+    assert all((run_dir / s / "manifest.json").exists() for s in ("evaluate-rtn-2bit", "evaluate-rtn", "report"))
+
+
+def test_gate_message_names_the_artifact_and_threshold(two_runs, capsys):
+    tmp, _ = two_runs
+    assert cli("run", str(tmp / "bad.yaml")) == 1  # up to date, still failing
+    err = capsys.readouterr().err
+    assert "quality gate failed: rtn-2bit: domain perplexity" in err and "evaluate.gate.max_domain_ppl_increase" in err
+
+
+def test_compare_lines_up_two_runs(two_runs, capsys, tmp_path):
+    tmp, _ = two_runs
+    md = tmp_path / "compare.md"
+    assert cli("compare", str(tmp / "runs" / "g32"), str(tmp / "runs" / "bad"), "--markdown", str(md)) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith(("g32", "bad"))]
+    assert len(lines) == 4 + 5 and "domain ppl" in out and "FAILED" in out
+    assert md.read_text().startswith("| run | artifact | domain ppl")
+    assert cli("compare", str(tmp_path / "nothing")) == 2
+    assert "no report" in capsys.readouterr().err
+
+
+def test_mlflow_has_the_same_metric_names_on_both_parent_runs(two_runs):
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = two_runs
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("qlora-pipeline")
+    parents = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId IS NULL")}
+    assert {"g32", "bad"} <= set(parents)
+    for name in ("g32", "bad"):
+        assert {"merged.domain_ppl", "rtn.domain_ppl", "rtn.size_bytes"} <= set(parents[name].data.metrics)
+    assert parents["bad"].data.metrics["rtn-2bit.gate_passed"] == 0.0
