@@ -1,8 +1,9 @@
 """`LinearInt4`: a linear layer loaded from a packed int4 checkpoint, computed as it ships.
 
 Two layouts: GPTQ (2/3/4/8-bit, act-order via `g_idx`, v1 or v2 zeros) and AWQ GEMM (4-bit,
-consecutive groups, true zeros). Plain-torch compute: unpack and dequantize the weight, then
-matmul; the Triton W4A16 kernels of `kernels/` take over on CUDA once they exist.
+consecutive groups, true zeros). On CUDA the Triton W4A16 kernels of `kernels/` compute
+straight from the packed words (act-order GPTQ permuted once, at the first call); elsewhere
+(and for 2/3/8-bit GPTQ) the weight is unpacked and dequantized, then multiplied.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
 
 
@@ -48,8 +50,25 @@ class LinearInt4(nn.Module):
         packed = GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx)
         return dequantize_gptq(packed, self.bits, self.v1).to(dtype)
 
+    def kernel_weight(self) -> Optional["kernels.W4A16Weight"]:
+        """The packed weight as the W4A16 kernels read it (None: not a layout they take),
+        prepared once per device."""
+        key = (self.qweight.device, self.qweight.data_ptr())
+        if getattr(self, "_kernel_key", None) != key:
+            if self.layout == "awq":
+                self._kernel_weight = kernels.from_awq(AWQPacked(self.qweight, self.qzeros, self.scales))
+            else:
+                self._kernel_weight = kernels.from_gptq(GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx),
+                                                        self.bits, self.v1)
+            self._kernel_key = key
+        return self._kernel_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if kernels.use_triton(x) and self.kernel_weight() is not None:
+            y = kernels.w4a16_matmul(x, self.kernel_weight())
+            return y + bias if bias is not None else y
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         fmt = "awq-gemm" if self.layout == "awq" else f"gptq{'' if self.v1 else '_v2'}"

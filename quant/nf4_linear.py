@@ -1,16 +1,16 @@
 """`LinearNF4`: a linear layer whose frozen weight is stored in NF4 with double quantization.
 
-Plain-torch compute (dequantize to the activation dtype, then matmul); the Triton kernels
-of `kernels/` take over on CUDA once they exist.
+Compute goes through `kernels`: on CUDA the Triton kernels dequantize tile by tile inside the
+matmul (forward and input gradient); elsewhere their plain-torch twins (dequantize, matmul).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
 
 
@@ -24,11 +24,11 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "LinearNF4") -> torch.Tensor:
         ctx.layer = layer
-        return x @ layer.dequantized_weight(x.dtype).t()
+        return kernels.nf4_matmul(x, layer.nf4())
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out @ ctx.layer.dequantized_weight(grad_out.dtype), None
+        return kernels.nf4_matmul_grad_input(grad_out, ctx.layer.nf4()), None
 
 
 class LinearNF4(nn.Module):
@@ -85,7 +85,7 @@ class LinearNF4(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             y = _NF4Matmul.apply(x, self)
         else:
-            y = F.linear(x, dequantize_nf4(self.nf4(), x.dtype))
+            y = kernels.nf4_matmul(x, self.nf4())
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
