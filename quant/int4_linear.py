@@ -3,7 +3,8 @@
 Two layouts: GPTQ (2/3/4/8-bit, act-order via `g_idx`, v1 or v2 zeros) and AWQ GEMM (4-bit,
 consecutive groups, true zeros). On CUDA the Triton W4A16 kernels of `kernels/` compute
 straight from the packed words (act-order GPTQ permuted once, at the first call); elsewhere
-(and for 2/3/8-bit GPTQ) the weight is unpacked and dequantized, then multiplied.
+(and for 2/3/8-bit GPTQ) the weight is unpacked and dequantized, then multiplied; at
+inference that float weight is kept after the first call (see `inference_weight`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ from torch import nn
 
 import kernels
 from quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
+
+
+def inference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight for the torch path. Without a kernel (on the CPU), inference
+    unpacks each layer once and keeps the float weight, so decoding does not re-unpack every
+    layer per token; the values are exactly the packed checkpoint's. Under autograd (training)
+    nothing is kept: memory stays at the packed size."""
+    if torch.is_grad_enabled():
+        return layer.dequantized_weight(dtype)
+    key = (dtype, layer.weight_key())
+    cached = getattr(layer, "_dequantized", None)
+    if cached is None or cached[0] != key:
+        cached = (key, layer.dequantized_weight(dtype))
+        layer._dequantized = cached
+    return cached[1]
 
 
 class LinearInt4(nn.Module):
@@ -44,6 +60,9 @@ class LinearInt4(nn.Module):
     def from_awq(cls, packed: AWQPacked, bias: Optional[torch.Tensor] = None) -> "LinearInt4":
         return cls("awq", 4, packed.qweight.shape[0], packed.scales.shape[1], packed._asdict(), False, bias)
 
+    def weight_key(self) -> tuple:
+        return (self.qweight.device, self.qweight.data_ptr())
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.layout == "awq":
             return dequantize_awq(AWQPacked(self.qweight, self.qzeros, self.scales)).to(dtype)
@@ -68,7 +87,7 @@ class LinearInt4(nn.Module):
         if kernels.use_triton(x) and self.kernel_weight() is not None:
             y = kernels.w4a16_matmul(x, self.kernel_weight())
             return y + bias if bias is not None else y
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return F.linear(x, inference_weight(self, x.dtype), bias)
 
     def extra_repr(self) -> str:
         fmt = "awq-gemm" if self.layout == "awq" else f"gptq{'' if self.v1 else '_v2'}"

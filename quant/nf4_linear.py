@@ -1,7 +1,8 @@
 """`LinearNF4`: a linear layer whose frozen weight is stored in NF4 with double quantization.
 
 Compute goes through `kernels`: on CUDA the Triton kernels dequantize tile by tile inside the
-matmul (forward and input gradient); elsewhere their plain-torch twins (dequantize, matmul).
+matmul (forward and input gradient); elsewhere their plain-torch twins (dequantize, matmul),
+and at inference on the CPU the dequantized weight is kept after the first call.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import kernels
+from quant.int4_linear import inference_weight
 from quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
 
 
@@ -78,14 +80,19 @@ class LinearNF4(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return quant_state_tensors(self.nf4())
 
+    def weight_key(self) -> tuple:
+        return (self.weight.device, self.weight.data_ptr())
+
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_nf4(self.nf4(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             y = _NF4Matmul.apply(x, self)
-        else:
+        elif kernels.use_triton(x):
             y = kernels.nf4_matmul(x, self.nf4())
+        else:
+            y = x @ inference_weight(self, x.dtype).t()
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:

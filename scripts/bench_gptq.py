@@ -1,11 +1,11 @@
-"""GPTQ and round-to-nearest on SmolLM2 with the exact protocol of BASELINES.md.
+"""GPTQ, AWQ, AWQ+GPTQ and round-to-nearest on SmolLM2 with the exact protocol of BASELINES.md.
 
 Quantizes the fp32 SmolLM2-135M (all seven linears of every layer, 4-bit asymmetric) through
 the same sequential layer engine and packed format as the `quantize-<name>` stage, evaluates
 the *packed* checkpoint, and prints per method: perplexity, its increase over fp32, wall time,
 and per-layer time. Writes JSON for comparison across versions.
 
-    python scripts/bench_gptq.py [--group-size 128] [--samples 128] [--methods rtn gptq] [--out FILE]
+    python scripts/bench_gptq.py [--group-size 128] [--samples 128] [--methods rtn gptq awq awq+gptq] [--out FILE]
 
 Protocol (BASELINES.md): topics of pydoc_data.topics sorted by key, eval = i % 5 == 0, each
 split joined with blank lines and tokenized without special tokens; 33 eval windows of 512;
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq", "awq", "awq+gptq"])
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
@@ -62,7 +62,8 @@ def main() -> None:
     from pipeline.recipe import ModelConfig
     from pipeline.shards import REST_SHARD, save_atomic, assemble_shards
     from pipeline.stages.evaluate import perplexity
-    from pipeline.stages.quantize import _linear_result, _restore
+    from pipeline.awq_layer import AWQSettings, make_transform
+    from pipeline.stages.quantize import _awq_result, _linear_result, _restore
     from quant.gptq import gptq_quantize, rtn_quantize
 
     model_dir = resolve_model(ModelConfig())
@@ -94,9 +95,15 @@ def main() -> None:
                 layer_times.append(now - last[0])
                 last[0] = now
 
+            transform = None
+            if method.startswith("awq"):
+                transform = make_transform(LLAMA, AWQSettings(4, gs, True, True, 8), ckpt, torch.float32)
             if method == "rtn":
                 fn = lambda n, W, H: _linear_result(rtn_quantize(W, 4, gs, False, scale_dtype=torch.float16), 4, None)
                 ids = None
+            elif method == "awq":
+                fn = lambda n, W, H: _awq_result(rtn_quantize(W, 4, gs, False, scale_dtype=torch.float16))
+                ids = calib
             else:
                 fn = lambda n, W, H: _linear_result(gptq_quantize(
                     W, H, 4, gs, False, args.act_order, args.static_groups, args.damp_percent,
@@ -105,15 +112,18 @@ def main() -> None:
             t0 = time.time()
             last[0] = t0
             n_layers = quantize_sequentially(model_dir, ids, LLAMA, torch.float32, ckpt, fn, partial(_restore, bits=4),
-                                             args.true_sequential, no_progress, on_layer)
+                                             args.true_sequential and method != "awq", no_progress, on_layer,
+                                             transform_layer=transform)
             seconds = time.time() - t0
             wmap = weight_map(model_dir)
             rest = [n for n in wmap if not n.startswith("model.layers.")]
             save_atomic(read_tensors(wmap, rest), ckpt / REST_SHARD)
             assemble_shards(ckpt, out, n_layers)
             config = read_config(model_dir)
-            config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": gs,
-                                              "checkpoint_format": "gptq_v2"}
+            config["quantization_config"] = (
+                {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True, "version": "gemm"}
+                if method == "awq" else
+                {"quant_method": "gptq", "bits": 4, "group_size": gs, "checkpoint_format": "gptq_v2"})
             (out / "config.json").write_text(json.dumps(config))
             model = load_int4_model(out, torch.float32, "cpu")
             ppl, _ = perplexity(model, eval_windows, 4, "cpu", no_progress, method)
@@ -122,11 +132,11 @@ def main() -> None:
     base = rows[0]["ppl"]
     print(f"group size {gs}, {args.samples} calibration windows, act_order={args.act_order}, "
           f"static_groups={args.static_groups}, true_sequential={args.true_sequential}")
-    print(f"{'method':<8} {'ppl':>8} {'increase':>9} {'seconds':>8} {'s/layer':>8}")
+    print(f"{'method':<9} {'ppl':>8} {'increase':>9} {'seconds':>8} {'s/layer':>8}")
     for r in rows:
         r["increase_percent"] = 100 * (r["ppl"] / base - 1)
         per_layer = sum(r.get("layer_seconds", [0])) / max(len(r.get("layer_seconds", [])), 1)
-        print(f"{r['method']:<8} {r['ppl']:>8.3f} {r['increase_percent']:>+8.1f}% {r['seconds']:>8.1f} {per_layer:>8.2f}")
+        print(f"{r['method']:<9} {r['ppl']:>8.3f} {r['increase_percent']:>+8.1f}% {r['seconds']:>8.1f} {per_layer:>8.2f}")
     out_path = args.out or REPO / "benchmarks" / f"gptq_smollm2_g{gs}_n{args.samples}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({"benchmark": "gptq_smollm2_protocol", "group_size": gs, "samples": args.samples,

@@ -1,4 +1,4 @@
-"""Peak resident memory of the streaming stages (`merge`, `quantize-gptq`) against model depth.
+"""Peak resident memory of the streaming stages (`merge`, `quantize-gptq`, `quantize-awq`) against model depth.
 
 Builds synthetic Llama models that differ only in their number of decoder layers (each
 layer several times smaller than the model), gives each a random LoRA adapter, runs the
@@ -94,14 +94,15 @@ def main() -> None:
                 "data": {"seq_len": 128, "general": None},
                 "merge": {"adapter": str(adapter_dir)},
                 "calibration": {"samples": 16, "seq_len": 256},
-                "quantize": [{"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True}],
+                "quantize": [{"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True},
+                             {"name": "awq", "method": "awq", "group_size": 64}],
                 "tracking": {"enabled": False},
                 "run": {"name": f"depth-{n}", "dir": str(tmp / "runs")},
             }))
             peak_rss_mib(["run", str(recipe), "--only", "data"], tmp)
             peak_rss_mib(["run", str(recipe), "--only", "base"], tmp)
             row = {"layers": n, "model_mib": model_bytes / 2**20, "layer_mib": layer_bytes / 2**20}
-            for stage in ("merge", "calibrate", "quantize-gptq"):
+            for stage in ("merge", "calibrate", "quantize-gptq", "quantize-awq"):
                 t0 = time.time()
                 peak = peak_rss_mib(["run", str(recipe), "--only", stage], tmp)
                 if stage != "calibrate":
@@ -110,14 +111,15 @@ def main() -> None:
 
     first = rows[0]
     print(f"{'layers':>6} {'model MiB':>10} {'layer MiB':>10} {'model x':>8} | {'merge peak MiB':>14} {'x':>5} | "
-          f"{'gptq peak MiB':>13} {'x':>5}")
+          f"{'gptq peak MiB':>13} {'x':>5} | {'awq peak MiB':>12} {'x':>5}")
     for r in rows:
         r["model_growth"] = r["model_mib"] / first["model_mib"]
-        for stage in ("merge", "quantize-gptq"):
+        for stage in ("merge", "quantize-gptq", "quantize-awq"):
             r[f"{stage}_peak_growth"] = r[f"{stage}_peak_rss_mib"] / first[f"{stage}_peak_rss_mib"]
         print(f"{r['layers']:>6} {r['model_mib']:>10.1f} {r['layer_mib']:>10.1f} {r['model_growth']:>8.2f} | "
               f"{r['merge_peak_rss_mib']:>14.1f} {r['merge_peak_growth']:>5.2f} | "
-              f"{r['quantize-gptq_peak_rss_mib']:>13.1f} {r['quantize-gptq_peak_growth']:>5.2f}")
+              f"{r['quantize-gptq_peak_rss_mib']:>13.1f} {r['quantize-gptq_peak_growth']:>5.2f} | "
+              f"{r['quantize-awq_peak_rss_mib']:>12.1f} {r['quantize-awq_peak_growth']:>5.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "stage_peak_rss", "machine": platform.machine(),
                                     "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=2))

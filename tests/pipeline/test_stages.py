@@ -134,3 +134,13 @@ def test_default_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     assert metrics["artifacts"]["base-nf4"]["size_bytes"] < 0.3 * base["size_bytes"]
     # QLoRA on the language reference: the merged model beats the original base on held-out topics.
     assert metrics["artifacts"]["merged"]["domain_ppl"] < 0.95 * base["domain_ppl"]
+    # Requantization on domain calibration: AWQ at least halves round-to-nearest's increase over
+    # the merged model (issue 5), GPTQ and AWQ+GPTQ beat round-to-nearest; every 4-bit artifact
+    # passes the recipe's gate (the command exited 0); the report has its plots.
+    art = metrics["artifacts"]
+    increase = {n: art[n]["domain_ppl"] / art["merged"]["domain_ppl"] - 1
+                for n in ("rtn-w4g64", "gptq-w4g64", "awq-w4g64", "awq-gptq-w4g64")}
+    assert increase["awq-w4g64"] <= increase["rtn-w4g64"] / 2
+    assert max(increase["gptq-w4g64"], increase["awq-gptq-w4g64"]) < increase["rtn-w4g64"] / 2
+    out = tmp_path / "runs" / "smollm2_domain" / "report" / "output"
+    assert all((out / f).exists() for f in ("ppl_vs_size.png", "train_loss.png", "layer_error.png"))
