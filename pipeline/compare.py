@@ -19,22 +19,25 @@ HEADERS = {"domain_ppl": "domain ppl", "general_ppl": "general ppl", "size_bytes
            "load_seconds": "load s"}
 
 
-def _recipe_settings(run_dir: Path) -> dict[str, str]:
-    """The flattened recipe a run was made with (from its stages' manifests)."""
-    settings: dict[str, str] = {}
-    for manifest in sorted(run_dir.glob("*/manifest.json")):
-        config = json.loads(manifest.read_text()).get("config", {})
-        stage = manifest.parent.name
+SETTING_STAGES = ("train", "merge", "calibrate")  # whose settings tell runs apart (quantize entries are rows)
 
-        def flat(prefix, v):
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    flat(f"{prefix}.{k}", x)
-            else:
-                settings[prefix] = json.dumps(v)
-        for k, v in config.items():
-            if stage == "merge" or stage == "train" or stage == "calibrate":
-                flat(k, v)
+
+def _flatten(prefix: str, value, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = json.dumps(value)
+
+
+def _recipe_settings(run_dir: Path) -> dict[str, str]:
+    """The flattened settings of a run's train/merge/calibrate stages (from their manifests)."""
+    settings: dict[str, str] = {}
+    for stage in SETTING_STAGES:
+        manifest = run_dir / stage / "manifest.json"
+        if manifest.is_file():
+            for k, v in json.loads(manifest.read_text()).get("config", {}).items():
+                _flatten(k, v, settings)
     return settings
 
 
