@@ -1,11 +1,28 @@
-"""Triton kernels: NF4 dequantize, NF4 matmul (forward and input gradient), W4A16 matmul.
+"""Triton kernels: NF4 dequantize, NF4 matmul (forward and input gradient), W4A16 matmul and
+dequantize (GPTQ and AWQ-GEMM layouts).
 
-Every kernel computes in float32 registers and casts only at the store (bf16 arithmetic is
-wrong under TRITON_INTERPRET, and fp32 accumulation is what the tests hold the kernels to).
-Launch configurations are explicit (no autotune: it does not run in the interpreter); the
-wrappers pick them from the shape.
+Numerics (docs/kernels.md#pitfalls):
+- No TF32. With fp16/bf16 activations the weight tile is dequantized straight into the
+  activation dtype and `tl.dot` takes fp16/bf16 operands with float32 accumulation. The
+  weight values equal the twins' (float32 math rounded once to the activation dtype). With
+  float32 activations (their callers ask for float32) the dot runs with
+  `input_precision="ieee"`, since a plain fp32 `tl.dot` is TF32 on Ampere and Hopper.
+- bf16 arithmetic is wrong in the interpreter, so the kernels only load, convert and dot bf16
+  (elementwise math is float32, or fp16 when activations and scales are both fp16); bf16
+  is checked by compiling only (tests/kernels/test_compile.py).
+- Offsets: program ids and row indices become int64 before they meet a row stride, so
+  M*K, M*N and the NF4 flat index N*K may pass 2^31.
+- Split-K partial sums are reduced in float32 (`_store_tile`).
+
+Launch configurations are explicit (autotune does not run in the interpreter): the wrappers
+pick them from the shape with `_w4a16_config` / `_nf4_config`, which `launch_configs` also
+enumerates for the compile-only tests. None of the choices has been timed on a GPU yet
+(scripts/bench_kernels.py is how to).
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -14,209 +31,594 @@ import triton.language as tl
 from kernels.layouts import W4A16Weight
 from quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor
 
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# Activations with at most this many rows take the split-K path (M padded to 16 in the dot).
+SPLIT_K_MAX_M = 16
+MAX_SPLIT = 16
+# From this many rows on, the wrappers dequantize the whole weight once (one launch, into the
+# activation dtype) and call cuBLAS, which beats an in-register-dequantizing Triton GEMM once
+# the problem is compute-bound. Both values are guesses (exllama switches at M = 32, vLLM at 50,
+# with different kernels): they must be measured on the target GPU (scripts/bench_kernels.py
+# reports both paths per M) and set here.
+W4A16_CUBLAS_MIN_M = 1024
+NF4_CUBLAS_MIN_M = 1024
+
+
+# ---------------------------------------------------------------- shared pieces
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b, accumulated in float32. float32 operands are multiplied at full precision
+    ("ieee"): the default for float32 is TF32 on Ampere and Hopper."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _store_tile(acc, out_ptrs, ws_ptrs, mask, count_ptr, SPLIT: tl.constexpr):
+    """Store the float32 tile `acc` into out, cast to out's dtype.
+
+    With SPLIT > 1, `acc` is one of SPLIT partial sums of the tile (program axis 2 splits the
+    reduction). Each is added with relaxed float32 atomics into a float32 workspace; a per-tile
+    counter (acq_rel: it orders the adds before it) tells the program that arrives last, which
+    reads the total, stores it in out's dtype and leaves workspace and counter at zero for the
+    next call. So a split-K call is one launch: no memset before, no cast after.
+    """
+    if SPLIT == 1:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the counter's release
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            # read through an atomic: it is served by L2, where the other programs' adds landed
+            # (a plain load may hit a stale L1 line)
+            total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed")
+            total = tl.where(mask, total, 0.0)  # masked lanes return undefined values (the interpreter: garbage)
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 split-K workspace (at least `floats` elements) and int32 tile counters (at
+    least `tiles`), zeroed once and reused: the kernels leave them at zero. One pair per device
+    and stream (two streams must not share one); it grows and never shrinks (at most
+    SPLIT_K_MAX_M rows of the widest layer). A CUDA graph keeps the workspace of the stream it
+    was captured on: two graphs captured on one stream must not be replayed concurrently."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, count = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < floats or count.numel() < tiles:
+        floats = max(floats, 0 if ws is None else ws.numel(), 1)
+        tiles = max(tiles, 0 if count is None else count.numel(), 1)
+        ws = torch.zeros(floats, dtype=torch.float32, device=device)
+        count = torch.zeros(tiles, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # under CUDA graph capture the zeroing is a node of the graph, not done now: this
+            # pair is this call's own (zeroed at each replay), never cached for eager calls
+            return ws, count
+        _WORKSPACES[key] = (ws, count)
+    return ws, count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; off CUDA (the interpreter) an H100's 132, so the tests
+    take the same split decisions as an H100 would."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _split_k(out_tiles: int, red_tiles: int, device: torch.device) -> int:
+    """Splits of the reduction: enough programs for about two waves, at least two tiles of the
+    reduction per split, at most MAX_SPLIT (untuned)."""
+    want = triton.cdiv(2 * _sm_count(device), max(out_tiles, 1))
+    return max(1, min(MAX_SPLIT, red_tiles // 2, want))
 
 
 # ---------------------------------------------------------------- NF4
 
 @triton.jit
-def _nf4_values(e, mask, packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr, code_ptr, nested_code_ptr,
-                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
-    """float32 values of the NF4 elements at flat indices `e` (any shape): the high nibble of
-    byte e // 2 for even e, the low one for odd e; absmax decoded from its 8-bit code inside
-    (the offset is read from device memory: no host sync per call)."""
-    byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-    nib = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
-    v = tl.load(code_ptr + nib, mask=mask, other=0.0)
-    blk = e // BLOCKSIZE
+def _nf4_code(code_ptr):
+    """The 16 code values as scalars: loaded once per program, not gathered per element."""
+    return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+            tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+            tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+            tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15))
+
+
+@triton.jit
+def _nf4_lookup(nib, c):
+    """float32 code[nib] for int32 nibbles of any shape: a select tree on the nibble's four
+    bits over the scalars of `_nf4_code` (registers only; no memory access per element)."""
+    b0 = (nib & 1) != 0
+    b1 = (nib & 2) != 0
+    b2 = (nib & 4) != 0
+    b3 = (nib & 8) != 0
+    p0 = tl.where(b0, c[1], c[0])
+    p1 = tl.where(b0, c[3], c[2])
+    p2 = tl.where(b0, c[5], c[4])
+    p3 = tl.where(b0, c[7], c[6])
+    p4 = tl.where(b0, c[9], c[8])
+    p5 = tl.where(b0, c[11], c[10])
+    p6 = tl.where(b0, c[13], c[12])
+    p7 = tl.where(b0, c[15], c[14])
+    q0 = tl.where(b1, p1, p0)
+    q1 = tl.where(b1, p3, p2)
+    q2 = tl.where(b1, p5, p4)
+    q3 = tl.where(b1, p7, p6)
+    return tl.where(b3, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
+
+
+@triton.jit
+def _nf4_absmax(blk, mask, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, NESTED: tl.constexpr):
+    """float32 absmax of blocks `blk` (int64, any shape): nested_code[qabsmax] * nested + offset.
+    Launched with fp fusion off, so the multiply-add rounds twice, as in the twin."""
     qa = tl.load(qabsmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-    absmax = tl.load(nested_code_ptr + qa, mask=mask, other=0.0) * tl.load(nested_ptr + blk // NESTED, mask=mask,
-                                                                            other=0.0) + tl.load(offset_ptr)
-    return v * absmax
+    return tl.load(nested_code_ptr + qa, mask=mask, other=0.0) * tl.load(nested_ptr + blk // NESTED, mask=mask,
+                                                                          other=0.0) + offset
+
+
+@triton.jit
+def _nf4_rows(rn, k0, N, K, packed_ptr, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, code,
+              DTYPE: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, C: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    """W[rn, k0 : k0 + C] of the NF4 weight W [N, K] (row-major, flat blocks of BLOCKSIZE), in
+    DTYPE, shape [len(rn), C]. Entries outside W are finite and meet zero activations.
+
+    ALIGNED (K % BLOCKSIZE == 0, C divides BLOCKSIZE, k0 % C == 0): each row of the tile is C/2
+    whole bytes inside one block, so the bytes are loaded once as a [R, C/2] tile and split
+    into nibbles in registers, and one absmax per row is decoded. Otherwise (rows that do not
+    start on a block or byte boundary) each element finds its own byte and block."""
+    rn64 = rn.to(tl.int64)
+    if ALIGNED:
+        start = rn64 * K + k0  # flat index of each row's first element: even, inside one block
+        rb = tl.arange(0, C // 2)
+        byte = tl.load(packed_ptr + (start // 2)[:, None] + rb[None, :], mask=(rn < N)[:, None], other=0,
+                       eviction_policy="evict_first").to(tl.int32)
+        nib = tl.interleave(byte >> 4, byte & 0xF)  # element 2i: high nibble, 2i+1: low
+        absmax = _nf4_absmax(start // BLOCKSIZE, rn < N, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, NESTED)
+        w = _nf4_lookup(nib, code) * absmax[:, None]
+    else:
+        rk = k0 + tl.arange(0, C)
+        e = rn64[:, None] * K + rk[None, :]
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+        nib = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
+        w = _nf4_lookup(nib, code) * _nf4_absmax(e // BLOCKSIZE, mask, qabsmax_ptr, nested_ptr, nested_code_ptr,
+                                                 offset, NESTED)
+    return w.to(DTYPE)
 
 
 @triton.jit
 def _nf4_dequantize_kernel(out_ptr, n, packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr, code_ptr, nested_code_ptr,
-                           BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < n
-    v = _nf4_values(e, mask, packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr, code_ptr, nested_code_ptr, BLOCKSIZE, NESTED)
-    tl.store(out_ptr + e, v.to(out_ptr.dtype.element_ty), mask=mask)
+                           BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr):
+    """out[e] = code[nibble e] * absmax[e // BLOCKSIZE] for the ROWS blocks of this program
+    (flat indices; n elements in all, any n). Each packed byte is loaded once and each absmax
+    decoded once. Takes the NF4Tensor's buffers; out is fp16/bf16/fp32."""
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    nbytes = (n + 1) // 2
+    byte_idx = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < nbytes, other=0, eviction_policy="evict_first").to(tl.int32)
+    nib = tl.interleave(byte >> 4, byte & 0xF)
+    absmax = _nf4_absmax(blk, blk * BLOCKSIZE < n, qabsmax_ptr, nested_ptr, nested_code_ptr, tl.load(offset_ptr),
+                         NESTED)
+    v = _nf4_lookup(nib, _nf4_code(code_ptr)) * absmax[:, None]
+    e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + e, v.to(out_ptr.dtype.element_ty), mask=e < n)
+
+
+def _nf4_dequantize_rows(blocksize: int) -> int:
+    """Blocks per program of the dequantize kernel: 2048 elements, or one block if larger (untuned)."""
+    return max(1, 2048 // blocksize)
 
 
 def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    n = 1
-    for s in t.shape:
-        n *= s
+    n = math.prod(t.shape)
     out = torch.empty(t.shape, dtype=dtype, device=t.packed.device)
-    BLOCK = 1024
-    _nf4_dequantize_kernel[(triton.cdiv(n, BLOCK),)](
+    if n == 0:
+        return out
+    rows = _nf4_dequantize_rows(t.blocksize)
+    _nf4_dequantize_kernel[(triton.cdiv(triton.cdiv(n, t.blocksize), rows),)](
         out, n, t.packed, t.qabsmax, t.nested_absmax, t.offset, t.code, t.nested_code,
-        BLOCKSIZE=t.blocksize, NESTED=NESTED_BLOCKSIZE, BLOCK=BLOCK)
+        BLOCKSIZE=t.blocksize, NESTED=NESTED_BLOCKSIZE, ROWS=rows, num_warps=4, enable_fp_fusion=False)
     return out
 
 
 @triton.jit
-def _nf4_matmul_kernel(a_ptr, c_ptr, M, P, R, stride_am, stride_ar, stride_cm, stride_cp,
-                       stride_er, stride_ep, packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr, code_ptr, nested_code_ptr,
+def _nf4_matmul_kernel(a_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_am, stride_ar, stride_om, stride_op,
+                       packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr, code_ptr, nested_code_ptr, r_per_split,
+                       FORWARD: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                        BM: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
-    """C[M, P] = A[M, R] @ B[R, P], with B[r, p] the NF4 element at flat index
-    r * stride_er + p * stride_ep: B = W^T for the forward (W [N, K] row-major: stride_er = 1,
-    stride_ep = K), B = W for the input gradient (stride_er = K, stride_ep = 1)."""
-    pid_m, pid_p = tl.program_id(0), tl.program_id(1)
+    """FORWARD: out[M, N] = a[M, K] @ W^T (P = N, reduction R = K). Else the input gradient
+    out[M, K] = a[M, N] @ W (P = K, R = N). W [N, K] is the NF4 weight, dequantized tile by
+    tile into a's dtype. Program axes: M tiles, P tiles, SPLIT chunks of r_per_split (a
+    multiple of BR) of the reduction. With SPLIT > 1, ws [M, P] (float32) and one counter per
+    (M, P) tile are the zeroed workspace of `_store_tile`.
+
+    Requires: the tile of W along K (BR forward, BP backward) divides BLOCKSIZE when ALIGNED."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    if FORWARD:
+        P = N
+        R = K
+    else:
+        P = K
+        R = N
     rm = pid_m * BM + tl.arange(0, BM)
     rp = pid_p * BP + tl.arange(0, BP)
+    code = _nf4_code(code_ptr)
+    offset = tl.load(offset_ptr)
     acc = tl.zeros((BM, BP), dtype=tl.float32)
-    for r0 in range(0, R, BR):
+    r_start = pid_r * r_per_split
+    r_end = tl.minimum(r_start + r_per_split, R)
+    for r0 in range(r_start, r_end, BR):
         rr = r0 + tl.arange(0, BR)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rr[None, :] * stride_ar,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0).to(tl.float32)
-        e = rr[:, None] * stride_er + rp[None, :] * stride_ep
-        b = _nf4_values(e, (rr[:, None] < R) & (rp[None, :] < P), packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr,
-                        code_ptr, nested_code_ptr, BLOCKSIZE, NESTED)
-        acc += tl.dot(a, b)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rp[None, :] * stride_cp, acc.to(c_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rp[None, :] < P))
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0, eviction_policy="evict_last")
+        if FORWARD:
+            w = tl.trans(_nf4_rows(rp, r0, N, K, packed_ptr, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, code,
+                                   a.dtype, BLOCKSIZE, NESTED, BR, ALIGNED))
+        else:
+            w = _nf4_rows(rr, pid_p * BP, N, K, packed_ptr, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, code,
+                          a.dtype, BLOCKSIZE, NESTED, BP, ALIGNED)
+        acc = _dot(a, w, acc)
+    mask = (rm[:, None] < M) & (rp[None, :] < P)
+    tile = pid_m * tl.num_programs(1) + pid_p
+    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, ws_ptr + rm[:, None] * P + rp[None, :],
+                mask, count_ptr + tile, SPLIT)
 
 
-def _nf4_mm(a2: torch.Tensor, t: NF4Tensor, transpose_w: bool) -> torch.Tensor:
+class NF4Config(NamedTuple):
+    BM: int
+    BP: int
+    BR: int
+    num_warps: int
+    num_stages: int
+
+
+def _nf4_config(M: int, blocksize: int, forward: bool) -> NF4Config:
+    """Tiles of the NF4 matmul (untuned): the weight tile's extent along K (BR forward, BP for
+    the input gradient) is at most one block, so an aligned tile row needs one absmax."""
+    kt = min(64, blocksize)
+    bm = 16 if M <= SPLIT_K_MAX_M else 64
+    return NF4Config(bm, 64 if forward else kt, kt if forward else 64, 4, 3)
+
+
+def _nf4_mm(a2: torch.Tensor, t: NF4Tensor, forward: bool) -> torch.Tensor:
     N, K = t.shape
     M, R = a2.shape
-    P = N if transpose_w else K
-    stride_er, stride_ep = (1, K) if transpose_w else (K, 1)
-    c = torch.empty(M, P, dtype=a2.dtype, device=a2.device)
-    BM = 16 if M <= 16 else 64
-    BP, BR = 64, 32
-    _nf4_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(P, BP))](
-        a2, c, M, P, R, a2.stride(0), a2.stride(1), c.stride(0), c.stride(1), stride_er, stride_ep,
-        t.packed, t.qabsmax, t.nested_absmax, t.offset, t.code, t.nested_code,
-        BLOCKSIZE=t.blocksize, NESTED=NESTED_BLOCKSIZE, BM=BM, BP=BP, BR=BR)
-    return c
+    P = N if forward else K
+    out = torch.empty(M, P, dtype=a2.dtype, device=a2.device)
+    if M == 0:
+        return out
+    if M >= NF4_CUBLAS_MIN_M:
+        w = nf4_dequantize(t, a2.dtype)
+        return torch.matmul(a2, w.t() if forward else w, out=out)
+    cfg = _nf4_config(M, t.blocksize, forward)
+    grid_m, grid_p, red_tiles = triton.cdiv(M, cfg.BM), triton.cdiv(P, cfg.BP), triton.cdiv(R, cfg.BR)
+    split = _split_k(grid_m * grid_p, red_tiles, a2.device) if M <= SPLIT_K_MAX_M else 1
+    r_per_split = triton.cdiv(red_tiles, split) * cfg.BR  # whole BR tiles per split
+    split = triton.cdiv(R, r_per_split)
+    ws, count = _workspace(a2.device, M * P if split > 1 else 0, grid_m * grid_p if split > 1 else 0)
+    _nf4_matmul_kernel[(grid_m, grid_p, split)](
+        a2, out, ws, count, M, N, K, a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
+        t.packed, t.qabsmax, t.nested_absmax, t.offset, t.code, t.nested_code, r_per_split,
+        FORWARD=forward, ALIGNED=K % t.blocksize == 0, SPLIT=split, BLOCKSIZE=t.blocksize, NESTED=NESTED_BLOCKSIZE,
+        BM=cfg.BM, BP=cfg.BP, BR=cfg.BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return out
 
 
 def nf4_matmul(x: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    return _nf4_mm(x2, t, transpose_w=True).reshape(*x.shape[:-1], t.shape[0])
+    return _nf4_mm(x2, t, forward=True).reshape(*x.shape[:-1], t.shape[0])
 
 
 def nf4_matmul_grad_input(g: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
     g2 = g.reshape(-1, g.shape[-1])
-    return _nf4_mm(g2, t, transpose_w=False).reshape(*g.shape[:-1], t.shape[1])
+    return _nf4_mm(g2, t, forward=False).reshape(*g.shape[:-1], t.shape[1])
 
 
 # ---------------------------------------------------------------- W4A16
 
 @triton.jit
-def _w4_tile(qweight_ptr, qzeros_ptr, scales_ptr, rk, rn, K, N, stride_qk, stride_qn, stride_zg, stride_zn,
-             stride_sg, stride_sn, zero_offset, GROUP: tl.constexpr, AWQ: tl.constexpr):
-    """float32 [BK, BN] tile of the dequantized weight at rows rk, columns rn."""
-    mask = (rk[:, None] < K) & (rn[None, :] < N)
-    if AWQ:
-        word = tl.load(qweight_ptr + rk[:, None] * stride_qk + (rn[None, :] // 8) * stride_qn, mask=mask, other=0)
-        j = rn % 8
-        shift = 4 * ((j // 2) + 4 * (j % 2))  # nibble of column j in the order 0 2 4 6 1 3 5 7
-        q = (word >> shift[None, :]) & 0xF
+def _nibble_shifts(INTERLEAVED: tl.constexpr):
+    """Bit shift of value j = 0..7 in its int32 word: 4j, or for AWQ's nibble order
+    0 2 4 6 1 3 5 7 the position of j in that order."""
+    j = tl.arange(0, 8)
+    if INTERLEAVED:
+        s = 4 * ((j // 2) + 4 * (j % 2))
     else:
-        word = tl.load(qweight_ptr + (rk[:, None] // 8) * stride_qk + rn[None, :] * stride_qn, mask=mask, other=0)
-        q = (word >> ((rk % 8) * 4)[:, None]) & 0xF
-        j = rn % 8
-        shift = j * 4
-    g = rk // GROUP
-    zword = tl.load(qzeros_ptr + g[:, None] * stride_zg + (rn[None, :] // 8) * stride_zn, mask=mask, other=0)
-    z = ((zword >> shift[None, :]) & 0xF) + zero_offset
-    s = tl.load(scales_ptr + g[:, None] * stride_sg + rn[None, :] * stride_sn, mask=mask, other=0.0).to(tl.float32)
-    return (q - z).to(tl.float32) * s
+        s = 4 * j
+    return s
 
 
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, M, N, K,
-                       stride_xm, stride_xk, stride_om, stride_on, stride_qk, stride_qn, stride_zg, stride_zn,
-                       stride_sg, stride_sn, zero_offset, k_per_split,
-                       GROUP: tl.constexpr, AWQ: tl.constexpr, ATOMIC: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[M, N] (+)= x[M, K-range] @ W[K-range, N]. With ATOMIC, program axis 2 is a split of
-    K (the small-M path: more programs on a thin problem) and partial sums are added in
-    float32 into a zeroed float32 output."""
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _scale(qz, s, DTYPE: tl.constexpr):
+    """(q - z) * s in DTYPE. Both ways round the exact product once, as the twin does (its
+    float32 product of a small integer and an fp16/bf16 scale is exact): in DTYPE when the
+    scales already are, else in float32 and cast."""
+    if s.dtype == DTYPE:
+        w = qz.to(DTYPE) * s
+    else:
+        w = (qz.to(tl.float32) * s.to(tl.float32)).to(DTYPE)
+    return w
+
+
+@triton.jit
+def _w4_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, n0, K, N, stride_qk, stride_qn, stride_zg, stride_zn,
+             stride_sg, stride_sn, zero_offset, DTYPE: tl.constexpr, GROUP: tl.constexpr, AWQ: tl.constexpr,
+             BK: tl.constexpr, BN: tl.constexpr):
+    """The dequantized weight W[k0 : k0 + BK, n0 : n0 + BN] in DTYPE (zero outside W).
+
+    Packed words are loaded once as an int32 tile ([BK/8, BN] GPTQ, [BK, BN/8] AWQ) and
+    their nibbles expanded in registers. When GROUP % BK == 0 the tile lies in one group:
+    one row of scales [BN] and of zero words [BN/8]. Any other group size (one that is not a
+    multiple of 16, so no BK fits inside it) takes the group of each K row.
+
+    Requires: k0 % BK == 0, n0 % BN == 0, BK and BN multiples of 8."""
+    rn = n0 + tl.arange(0, BN)
+    rk = k0 + tl.arange(0, BK)
+    nw = (N + 7) // 8  # words per row of qzeros (and of AWQ's qweight)
+    rw = n0 // 8 + tl.arange(0, BN // 8)
+    plain = _nibble_shifts(False)
+    order = _nibble_shifts(AWQ)  # shifts along N: qzeros of both layouts, AWQ's qweight
+    # int32 offsets suffice for the packed tensors: K*N/8 words stay below 2^31 up to K*N = 1.7e10
+    # (Llama-3-70B's fused gate_up: 4.7e8); activations and outputs use int64 rows (callers).
+    if AWQ:
+        word = tl.load(qweight_ptr + rk[:, None] * stride_qk + rw[None, :] * stride_qn,
+                       mask=(rk[:, None] < K) & (rw[None, :] < nw), other=0, eviction_policy="evict_first")
+        q = tl.reshape((word[:, :, None] >> order[None, None, :]) & 0xF, (BK, BN))
+    else:
+        rkw = k0 // 8 + tl.arange(0, BK // 8)
+        word = tl.load(qweight_ptr + rkw[:, None] * stride_qk + rn[None, :] * stride_qn,
+                       mask=(rkw[:, None] < K // 8) & (rn[None, :] < N), other=0, eviction_policy="evict_first")
+        q = tl.reshape((word[:, None, :] >> plain[None, :, None]) & 0xF, (BK, BN))
+    if GROUP % BK == 0:
+        g = k0 // GROUP
+        zword = tl.load(qzeros_ptr + g * stride_zg + rw * stride_zn, mask=rw < nw, other=0)
+        z = tl.reshape((zword[:, None] >> order[None, :]) & 0xF, (BN,)) + zero_offset
+        s = tl.load(scales_ptr + g * stride_sg + rn * stride_sn, mask=rn < N, other=0.0)
+        w = _scale(q - z[None, :], s[None, :], DTYPE)
+    else:
+        gk = rk // GROUP
+        kmask = rk[:, None] < K
+        zword = tl.load(qzeros_ptr + gk[:, None] * stride_zg + rw[None, :] * stride_zn,
+                        mask=kmask & (rw[None, :] < nw), other=0)
+        z = tl.reshape((zword[:, :, None] >> order[None, None, :]) & 0xF, (BK, BN)) + zero_offset
+        s = tl.load(scales_ptr + gk[:, None] * stride_sg + rn[None, :] * stride_sn,
+                    mask=kmask & (rn[None, :] < N), other=0.0)
+        w = _scale(q - z, s, DTYPE)
+    return w
+
+
+@triton.jit
+def _w4a16_matmul_kernel(x_ptr, perm_ptr, out_ptr, ws_ptr, count_ptr, qweight_ptr, qzeros_ptr, scales_ptr, M, N, K,
+                         stride_xm, stride_xk, stride_om, stride_on, stride_qk, stride_qn, stride_zg, stride_zn,
+                         stride_sg, stride_sn, zero_offset, k_per_split,
+                         GROUP: tl.constexpr, AWQ: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[M, N] = x[M, K][:, perm] @ W[K, N], W the packed 4-bit weight (`_w4_tile`),
+    dequantized into x's dtype. HAS_PERM: act-order GPTQ, whose rows were sorted by group at
+    load (`kernels.layouts.from_gptq`); x's columns are gathered here through perm (int64 [K]),
+    not by a separate launch. Program axes: M tiles, N tiles, SPLIT chunks of k_per_split (a
+    multiple of BK) of K; with SPLIT > 1, ws [M, N] float32 and one counter per (M, N) tile
+    are the zeroed workspace of `_store_tile`."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    for k0 in range(k_start, k_start + k_per_split, BK):
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)
-        w = _w4_tile(qweight_ptr, qzeros_ptr, scales_ptr, rk, rn, K, N, stride_qk, stride_qn, stride_zg, stride_zn,
-                     stride_sg, stride_sn, zero_offset, GROUP, AWQ)
-        acc += tl.dot(x, w)
-    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(optrs, acc, mask=omask)
+        if HAS_PERM:
+            xk = tl.load(perm_ptr + rk, mask=rk < K, other=0)
+        else:
+            xk = rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + xk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0, eviction_policy="evict_last")
+        w = _w4_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, pid_n * BN, K, N, stride_qk, stride_qn, stride_zg,
+                     stride_zn, stride_sg, stride_sn, zero_offset, x.dtype, GROUP, AWQ, BK, BN)
+        acc = _dot(x, w, acc)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, ws_ptr + rm[:, None] * N + rn[None, :],
+                mask, count_ptr + tile, SPLIT)
+
+
+@triton.jit
+def _w4a16_dequantize_kernel(out_ptr, perm_ptr, qweight_ptr, qzeros_ptr, scales_ptr, N, K, stride_ok, stride_on,
+                             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, zero_offset,
+                             GROUP: tl.constexpr, AWQ: tl.constexpr, HAS_PERM: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr):
+    """out [K, N] = W in out's dtype, rows in the checkpoint's order: with HAS_PERM row k of the
+    packed (group-sorted) weight goes to row perm[k], so `x @ out` needs no gather of x."""
+    k0 = tl.program_id(0) * BK
+    n0 = tl.program_id(1) * BN
+    w = _w4_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, n0, K, N, stride_qk, stride_qn, stride_zg, stride_zn,
+                 stride_sg, stride_sn, zero_offset, out_ptr.dtype.element_ty, GROUP, AWQ, BK, BN)
+    rk = k0 + tl.arange(0, BK)
+    rn = n0 + tl.arange(0, BN)
+    if HAS_PERM:
+        rows = tl.load(perm_ptr + rk, mask=rk < K, other=0)
     else:
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        rows = rk.to(tl.int64)
+    tl.store(out_ptr + rows[:, None] * stride_ok + rn[None, :] * stride_on, w, mask=(rk[:, None] < K) & (rn[None, :] < N))
 
 
-SMALL_M = 16  # up to here: split-K over thin tiles; above: one program per output tile
+class W4A16Config(NamedTuple):
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+    num_stages: int
+
+
+def _w4a16_bk(group_size: int) -> int:
+    """The largest K-tile (16..64, a power of two) inside one group; 32 with a per-row group
+    when the group is not a multiple of 16 (e.g. 40)."""
+    for bk in (64, 32, 16):
+        if group_size % bk == 0:
+            return bk
+    return 32
+
+
+def _w4a16_config(M: int, group_size: int) -> W4A16Config:
+    """Tiles of the W4A16 matmul (untuned): BM = 16 for split-K at small M, 64 above."""
+    return W4A16Config(16 if M <= SPLIT_K_MAX_M else 64, 64, _w4a16_bk(group_size), 4, 3)
+
+
+def _w4a16_common(w: W4A16Weight) -> tuple:
+    return (w.qweight, w.qzeros, w.scales)
+
+
+def _w4a16_strides(w: W4A16Weight) -> tuple:
+    return (w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1),
+            w.scales.stride(0), w.scales.stride(1))
+
+
+def w4a16_dequantize(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
+    """[K, N] in `dtype`, rows in the checkpoint's order (act-order undone): x @ it is the layer."""
+    K, N = w.in_features, w.out_features
+    out = torch.empty(K, N, dtype=dtype, device=w.qweight.device)
+    bk, bn = _w4a16_bk(w.group_size), 64
+    _w4a16_dequantize_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn))](
+        out, w.perm if w.perm is not None else w.qweight, *_w4a16_common(w), N, K, out.stride(0), out.stride(1),
+        *_w4a16_strides(w), w.zero_offset, GROUP=w.group_size, AWQ=w.layout == "awq", HAS_PERM=w.perm is not None,
+        BN=bn, BK=bk, num_warps=4)
+    return out
 
 
 def w4a16_matmul(x: torch.Tensor, w: W4A16Weight) -> torch.Tensor:
-    """x [..., K] @ W [K, N]: the GEMV/split-K path for M <= 16, the GEMM path above."""
-    if w.perm is not None:
-        x = x[..., w.perm]
+    """x [..., K] @ W [K, N] in x's dtype: split-K for M <= SPLIT_K_MAX_M (one launch), a tiled
+    GEMM up to W4A16_CUBLAS_MIN_M, dequantize + cuBLAS from there."""
     x2 = x.reshape(-1, x.shape[-1])
     M, K, N = x2.shape[0], w.in_features, w.out_features
-    BK = min(64, w.group_size) if w.group_size % 16 == 0 else 16
-    common = (w.qweight, w.qzeros, w.scales)
-    strides = (w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1),
-               w.scales.stride(0), w.scales.stride(1))
-    if M <= SMALL_M:
-        BM, BN = 16, 64
-        n_k_blocks = triton.cdiv(K, BK)
-        split = max(1, min(8, n_k_blocks // 4))
-        k_per_split = triton.cdiv(n_k_blocks, split) * BK  # a whole number of BK tiles per split
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M >= W4A16_CUBLAS_MIN_M:
+        torch.matmul(x2, w4a16_dequantize(w, x.dtype), out=out)
+    elif M > 0:
+        cfg = _w4a16_config(M, w.group_size)
+        grid_m, grid_n, red_tiles = triton.cdiv(M, cfg.BM), triton.cdiv(N, cfg.BN), triton.cdiv(K, cfg.BK)
+        split = _split_k(grid_m * grid_n, red_tiles, x.device) if M <= SPLIT_K_MAX_M else 1
+        k_per_split = triton.cdiv(red_tiles, split) * cfg.BK  # whole BK tiles per split
         split = triton.cdiv(K, k_per_split)
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split)
-        _w4a16_gemm_kernel[grid](x2, out, *common, M, N, K, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
-                                 *strides, w.zero_offset, k_per_split, GROUP=w.group_size, AWQ=w.layout == "awq",
-                                 ATOMIC=True, BM=BM, BN=BN, BK=BK)
-        out = out.to(x.dtype)
-    else:
-        BM, BN = 64, 64
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), 1)
-        _w4a16_gemm_kernel[grid](x2, out, *common, M, N, K, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
-                                 *strides, w.zero_offset, triton.cdiv(K, BK) * BK, GROUP=w.group_size,
-                                 AWQ=w.layout == "awq", ATOMIC=False, BM=BM, BN=BN, BK=BK)
+        ws, count = _workspace(x.device, M * N if split > 1 else 0, grid_m * grid_n if split > 1 else 0)
+        _w4a16_matmul_kernel[(grid_m, grid_n, split)](
+            x2, w.perm if w.perm is not None else w.qweight, out, ws, count, *_w4a16_common(w), M, N, K,
+            x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), *_w4a16_strides(w), w.zero_offset, k_per_split,
+            GROUP=w.group_size, AWQ=w.layout == "awq", HAS_PERM=w.perm is not None, SPLIT=split,
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.reshape(*x.shape[:-1], N)
 
 
 # ---------------------------------------------------------------- compile-only configurations
 
-def launch_configs(dtype: str = "fp16"):
-    """(name, kernel, signature, constexprs) of every launch configuration the wrappers above
-    can choose, for compile-only checks (shared memory, compile crashes) without a GPU."""
-    nf4_sig = {"a_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "M": "i32", "P": "i32", "R": "i32", "stride_am": "i32",
-               "stride_ar": "i32", "stride_cm": "i32", "stride_cp": "i32", "stride_er": "i32", "stride_ep": "i32",
-               "packed_ptr": "*u8", "qabsmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32",
-               "nested_code_ptr": "*fp32", "BLOCKSIZE": "constexpr", "NESTED": "constexpr", "BM": "constexpr",
-               "BP": "constexpr", "BR": "constexpr"}
-    for bm in (16, 64):
-        yield (f"nf4_matmul BM={bm}", _nf4_matmul_kernel, nf4_sig,
-               {"BLOCKSIZE": 64, "NESTED": NESTED_BLOCKSIZE, "BM": bm, "BP": 64, "BR": 32})
-    deq_sig = {"out_ptr": f"*{dtype}", "n": "i32", "packed_ptr": "*u8", "qabsmax_ptr": "*u8", "nested_ptr": "*fp32",
-               "offset_ptr": "*fp32", "code_ptr": "*fp32", "nested_code_ptr": "*fp32", "BLOCKSIZE": "constexpr",
-               "NESTED": "constexpr", "BLOCK": "constexpr"}
-    yield "nf4_dequantize", _nf4_dequantize_kernel, deq_sig, {"BLOCKSIZE": 64, "NESTED": NESTED_BLOCKSIZE, "BLOCK": 1024}
-    for atomic in (True, False):
-        w4_sig = {"x_ptr": f"*{dtype}", "out_ptr": "*fp32" if atomic else f"*{dtype}", "qweight_ptr": "*i32",
-                  "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-                  **{k: "i32" for k in ("stride_xm", "stride_xk", "stride_om", "stride_on", "stride_qk", "stride_qn",
-                                        "stride_zg", "stride_zn", "stride_sg", "stride_sn", "zero_offset", "k_per_split")},
-                  **{k: "constexpr" for k in ("GROUP", "AWQ", "ATOMIC", "BM", "BN", "BK")}}
+# Group sizes compiled: a K-tile of 64, 32, 16 inside one group (128, 32, 48), a group that is
+# not a multiple of 16 (40: each row's group), and one group per row ("group_size: -1") of
+# Llama-3-8B's down projection (14336, the same path as 128 with another constant).
+COMPILED_GROUPS = (128, 32, 48, 40, 14336)
+# (activation, scales) dtypes: each pair takes its own dequantization path (`_scale`).
+COMPILED_DTYPES = (("fp16", "fp16"), ("bf16", "fp16"), ("bf16", "bf16"), ("fp16", "bf16"), ("fp32", "fp16"))
+# NF4 block sizes compiled: 32 and 64 set the K extent of the weight tile; 4096 (the largest
+# quant/nf4.ALLOWED_BLOCKSIZES) has several tiles per block.
+COMPILED_BLOCKSIZES = (64, 32, 4096)
+
+
+class LaunchConfig(NamedTuple):
+    """One launch configuration, for `triton.compile(ASTSource(kernel, signature, constexprs,
+    attrs), target=..., options=options)`."""
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+
+def _config(name, kernel, signature: dict, constexprs: dict, options: dict, unit_strides: str) -> LaunchConfig:
+    """As the launch with contiguous tensors compiles it: Triton specializes integer arguments
+    equal to 1 into constants (the unit strides) and marks 16-byte-aligned pointers (every
+    fresh torch allocation) divisible by 16, which decides how loads vectorize."""
+    signature = dict(signature)
+    constexprs = dict(constexprs)
+    for stride in unit_strides.split():
+        signature[stride] = "constexpr"
+        constexprs[stride] = 1
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
+    return LaunchConfig(name, kernel, signature, constexprs, attrs, options)
+
+
+def _sig(names: str, kind: str) -> dict:
+    return {n: kind for n in names.split()}
+
+
+def launch_configs():
+    """Every launch configuration the wrappers above can choose (tiles, split-K or not, group
+    and block paths, dtypes), for compile-only checks of shared memory and compiler crashes
+    without a GPU. The tiles come from the same `_nf4_config` / `_w4a16_config` / `_w4a16_bk`
+    the wrappers call; SPLIT = 2 stands for any split above 1 (it only changes a constant)."""
+    nf4_bufs = {"packed_ptr": "*u8", "qabsmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32",
+                "code_ptr": "*fp32", "nested_code_ptr": "*fp32"}
+    for act in ("fp16", "bf16", "fp32"):
+        for blocksize in (64, 4096):
+            sig = {"out_ptr": f"*{act}", "n": "i32", **nf4_bufs, **_sig("BLOCKSIZE NESTED ROWS", "constexpr")}
+            yield _config(f"nf4_dequantize -> {act} blocksize={blocksize}", _nf4_dequantize_kernel, sig,
+                          {"BLOCKSIZE": blocksize, "NESTED": NESTED_BLOCKSIZE, "ROWS": _nf4_dequantize_rows(blocksize)},
+                          {"num_warps": 4, "enable_fp_fusion": False}, "")
+        for forward in (True, False):
+            for m in (1, SPLIT_K_MAX_M + 1):
+                for blocksize in COMPILED_BLOCKSIZES:
+                    for aligned in (True, False):
+                        cfg = _nf4_config(m, blocksize, forward)
+                        sig = {"a_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32", "count_ptr": "*i32",
+                               **_sig("M N K stride_am stride_ar stride_om stride_op", "i32"), **nf4_bufs,
+                               "r_per_split": "i32",
+                               **_sig("FORWARD ALIGNED SPLIT BLOCKSIZE NESTED BM BP BR", "constexpr")}
+                        yield _config(
+                            f"nf4_matmul {'fwd' if forward else 'grad'} {act} M={m} blocksize={blocksize}"
+                            f"{'' if aligned else ' unaligned'}", _nf4_matmul_kernel, sig,
+                            {"FORWARD": forward, "ALIGNED": aligned, "SPLIT": 2 if m <= SPLIT_K_MAX_M else 1,
+                             "BLOCKSIZE": blocksize, "NESTED": NESTED_BLOCKSIZE, "BM": cfg.BM, "BP": cfg.BP,
+                             "BR": cfg.BR},
+                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False},
+                            "stride_ar stride_op")
+    w4_strides = "stride_qk stride_qn stride_zg stride_zn stride_sg stride_sn zero_offset"
+    for act, sc in COMPILED_DTYPES:
         for awq in (False, True):
-            for bk in (16, 32, 64):
-                yield (f"w4a16 {'awq' if awq else 'gptq'} {'split-k' if atomic else 'gemm'} BK={bk}", _w4a16_gemm_kernel,
-                       w4_sig, {"GROUP": 128, "AWQ": awq, "ATOMIC": atomic, "BM": 16 if atomic else 64, "BN": 64, "BK": bk})
+            for group in COMPILED_GROUPS:
+                for has_perm in ((False, True) if not awq and group == 128 else (False,)):
+                    perm = "*i64" if has_perm else "*i32"
+                    what = f"{'awq' if awq else 'gptq'}{' act-order' if has_perm else ''}"
+                    for m in (1, SPLIT_K_MAX_M + 1):
+                        cfg = _w4a16_config(m, group)
+                        sig = {"x_ptr": f"*{act}", "perm_ptr": perm, "out_ptr": f"*{act}", "ws_ptr": "*fp32",
+                               "count_ptr": "*i32", "qweight_ptr": "*i32", "qzeros_ptr": "*i32",
+                               "scales_ptr": f"*{sc}",
+                               **_sig(f"M N K stride_xm stride_xk stride_om stride_on {w4_strides} k_per_split", "i32"),
+                               **_sig("GROUP AWQ HAS_PERM SPLIT BM BN BK", "constexpr")}
+                        yield _config(
+                            f"w4a16 {what} {act} x {sc} scales g{group} M={m}", _w4a16_matmul_kernel, sig,
+                            {"GROUP": group, "AWQ": awq, "HAS_PERM": has_perm, "SPLIT": 2 if m <= SPLIT_K_MAX_M else 1,
+                             "BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK},
+                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                            "stride_xk stride_on stride_qn stride_zn stride_sn")
+                    # the dequantize + cuBLAS path, into the activation dtype
+                    sig = {"out_ptr": f"*{act}", "perm_ptr": perm, "qweight_ptr": "*i32", "qzeros_ptr": "*i32",
+                           "scales_ptr": f"*{sc}", **_sig(f"N K stride_ok stride_on {w4_strides}", "i32"),
+                           **_sig("GROUP AWQ HAS_PERM BN BK", "constexpr")}
+                    yield _config(
+                        f"w4a16_dequantize {what} -> {act}, {sc} scales g{group}", _w4a16_dequantize_kernel, sig,
+                        {"GROUP": group, "AWQ": awq, "HAS_PERM": has_perm, "BN": 64, "BK": _w4a16_bk(group)},
+                        {"num_warps": 4}, "stride_on stride_qn stride_zn stride_sn")

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.errors import InputError, StageError
+from pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
 from quant.nf4 import QUANT_STATE_KEY
 from quant.nf4_linear import LinearNF4
 
@@ -28,8 +29,12 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index or the single-file checkpoint."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        mapping = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / fname for name, fname in mapping.items()}
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+            return {name: model_dir / fname for name, fname in mapping.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or no weight_map table
+            raise InputError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
+                             "names to files); re-save the checkpoint with save_pretrained") from None
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise InputError(f"{model_dir}: no safetensors weights")
@@ -63,8 +68,6 @@ def read_prefix(wmap: dict[str, Path], prefix: str) -> dict[str, torch.Tensor]:
     return {n[len(prefix):]: t for n, t in read_tensors(wmap, names).items()}
 
 
-def read_config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -39,13 +40,15 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    try:
+    # transformers and huggingface_hub read these when first imported: quiet without importing
+    # them here (commands like `validate` and `status` never do).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (in-process callers): tell it directly
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _load(recipe_path: str, sets: tuple[str, ...]):
@@ -54,19 +57,72 @@ def _load(recipe_path: str, sets: tuple[str, ...]):
     return load_recipe(recipe_path, list(sets))
 
 
-def _runner(recipe, run_dir: Optional[str], with_tracking: bool):
+def _load_checked(recipe_path: str, sets: tuple[str, ...]):
+    """The validated recipe whose local inputs (model, adapter, data files) passed preflight.
+
+    Runs before any Runner or Tracker exists: bad input leaves no run directory, lock or
+    MLflow run behind.
+    """
+    from pipeline.preflight import preflight
+
+    cfg, raw = _load(recipe_path, sets)
+    preflight(cfg, source=recipe_path)
+    return cfg, raw
+
+
+def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None):
     from pipeline.recipe import flatten
+    from pipeline.runinfo import check_records
     from pipeline.runner import Runner
     from pipeline.stages import build_stages
-    from pipeline.tracking import Tracker
 
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
+    check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
     specs = build_stages(recipe)
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
     if with_tracking and recipe.tracking.enabled and is_main:
-        tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment)
-    return Runner(directory, specs, recipe, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe))
+        from pipeline.tracking import Tracker, parent_run_name
+
+        tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
+                          parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
+    return Runner(directory, specs, recipe, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
+                  verify_inputs=recipe.run.verify_inputs)
+
+
+def _describe_parent_run(runner) -> None:
+    """The parent run's description in MLflow: the report's headline table (after the report
+    stage ran or was found up to date)."""
+    tracker = runner.tracker
+    if tracker is None or not tracker.enabled:
+        return
+    from pipeline.tracking import report_columns, report_note
+
+    note = report_note(runner.run_dir)
+    info = _read_json(runner.run_dir / "run.json")
+    if note and info.get("mlflow_parent_run_id"):
+        tracker.set_note(info["mlflow_parent_run_id"], note)
+        tracker.show_columns(report_columns(runner.run_dir))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _print_summary(planned, seconds: float, report: Path) -> None:
+    """The end of a run: per stage what happened and how long it took, the total, the report."""
+    width = max(len(p.spec.name) for p in planned)
+    click.echo("stage summary:")
+    for p in planned:
+        took = f"{p.seconds:8.1f} s" if p.outcome in ("ran", "resumed") else " " * 10
+        click.echo(f"  {p.spec.name:<{width}}  {p.outcome or 'skipped':<8} {took}  {p.reason}")
+    ran = sum(p.outcome in ("ran", "resumed") for p in planned)
+    click.echo(f"{ran} stage(s) ran, {len(planned) - ran} skipped, {seconds:.1f} s in all"
+               + (f"; report: {report}" if report.is_file() else ""))
 
 
 def _print_plan(planned) -> None:
@@ -102,15 +158,17 @@ _run_dir_option = click.option("--run-dir", type=click.Path(file_okay=False), de
 @click.option("--force", is_flag=True, help="Re-run every stage (with --only: just that one).")
 def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Run the recipe's stages; skip what is up to date, resume what was interrupted."""
-    cfg, _ = _load(recipe, sets)
-    runner = _runner(cfg, run_dir, with_tracking=True)
+    cfg, _ = _load_checked(recipe, sets)
+    runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem)
     logger.info("run directory: %s", runner.run_dir)
+    t0 = time.time()
     planned = runner.run(from_stage=from_stage, only=only, force=force)
-    ran = [p.spec.name for p in planned if p.action == "run"]
-    logger.info("done: %d stage(s) ran, %d up to date", len(ran), len(planned) - len(ran))
     report = runner.run_dir / "report" / "output" / "report.md"
-    if report.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        click.echo(report.read_text())
+    _describe_parent_run(runner)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if report.is_file():
+            click.echo(report.read_text())
+        _print_summary(planned, time.time() - t0, report)
     if runner.tracker and runner.tracker.enabled:
         logger.info("tracking: %s (open it with `pipeline ui`)", runner.tracker.uri)
     from pipeline.stages.report import gate_failures
@@ -147,7 +205,7 @@ def compare(run_dirs, markdown, metrics) -> None:
 @click.option("--force", is_flag=True)
 def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Show the stage graph and, per stage, whether `run` would run or skip it, and why."""
-    cfg, _ = _load(recipe, sets)
+    cfg, _ = _load_checked(recipe, sets)
     runner = _runner(cfg, run_dir, with_tracking=False)
     click.echo(f"run directory: {runner.run_dir}")
     _print_plan(runner.plan(from_stage, only, force))
@@ -158,18 +216,15 @@ def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 @click.option("--verify", is_flag=True, help="Re-hash every output file against its manifest.")
 def status(run_dir: str, verify: bool) -> None:
     """Per stage of RUN_DIR: done, partial (resume point), failed (error), stale or pending."""
-    from pipeline.recipe import Recipe
+    from pipeline.runinfo import check_records, read_lock_holder, read_run_recipe
     from pipeline.runner import Runner
     from pipeline.stages import build_stages
 
     path = Path(run_dir)
-    run_json = path / "run.json"
-    if not run_json.is_file():
-        raise InputError(f"{path} is not a run directory (no run.json); runs are created by `pipeline run`")
-    recipe = Recipe.model_validate(json.loads(run_json.read_text())["recipe"])
-    runner = Runner(path, build_stages(recipe), recipe)
-    lock = path / ".lock"
-    holder = json.loads(lock.read_text()) if lock.is_file() else None
+    recipe = read_run_recipe(path)
+    holder = read_lock_holder(path)  # before printing: a damaged lock is reported alone
+    check_records(path)
+    runner = Runner(path, build_stages(recipe), recipe, verify_inputs=recipe.run.verify_inputs)
     names = {"missing": "pending"}
     width = max(len(s.name) for s in runner.specs)
     for p in runner.plan(full_verify=verify):
@@ -185,23 +240,119 @@ def validate(recipe: str, sets) -> None:
     """Check a recipe; report every problem at once, each with its key path."""
     from pipeline.stages import build_stages
 
-    cfg, _ = _load(recipe, sets)
+    from pipeline.preflight import network_sources
+
+    cfg, _ = _load_checked(recipe, sets)
     stages = [s.name for s in build_stages(cfg)]
     click.echo(f"{recipe}: ok ({len(stages)} stages: {', '.join(stages)})")
+    for line in network_sources(cfg):
+        click.echo(f"needs the network: {line}")
 
 
 @cli.command()
-@click.option("--recipe", type=click.Path(), default=None, help="Use this recipe's tracking.uri.")
+@click.option("--recipe", type=click.Path(), default=None, help="Use this recipe's tracking.uri and experiment.")
+@click.option("--uri", default=None, help="Tracking store (default: the recipe's tracking.uri, else MLflow's default).")
+@click.option("--experiment", default=None, help="Experiment whose runs page to show (default: the recipe's, "
+              "else qlora-pipeline).")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def ui(recipe: Optional[str], port: int, host: str) -> None:
-    """Start the MLflow UI on the tracking store the runs use (default: ./mlflow.db)."""
-    from pipeline.tracking import default_tracking_uri
+@click.option("--workers", default=1, show_default=True, help="Server worker processes (one serves a user; MLflow's "
+              "default, 4, takes longer to start).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the runs page in a web browser.")
+def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], port: int, host: str, workers: int,
+       open_browser: bool) -> None:
+    """Start the MLflow UI on the tracking store the runs use (default: ./mlflow.db) and print
+    the URL of the experiment's runs page."""
+    import subprocess
 
-    uri = (_load(recipe, ())[0].tracking.uri if recipe else None) or default_tracking_uri()
-    click.echo(f"MLflow UI for {uri} at http://{host}:{port}")
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port)])
+    from pipeline.recipe import TrackingConfig
+    from pipeline.tracking import default_tracking_uri, find_experiment, runs_url
+
+    tracking = _load(recipe, ())[0].tracking if recipe else TrackingConfig()
+    uri = uri or tracking.uri or default_tracking_uri()
+    name = experiment or tracking.experiment
+    experiment_id, view = find_experiment(uri, name)
+    if experiment_id is None:
+        click.echo(f"no experiment '{name}' in {uri} yet; the UI opens on its experiment list", err=True)
+    if uri.startswith(("http://", "https://")):  # an `mlflow server`: it serves the UI itself
+        url = runs_url(uri, experiment_id, view)
+        click.echo(f"MLflow UI of {uri}")
+        click.echo(f"runs: {url}")
+        if open_browser:
+            _open_browser(url)
+        return
+    browse = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = runs_url(f"http://{'[' + browse + ']' if ':' in browse else browse}:{port}", experiment_id, view)
+    import signal
+
+    # Its own process group: the server, its workers and job runner stop together with us.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+                             "--port", str(port), "--workers", str(workers)], start_new_session=True)
+
+    def stop(signum, frame):  # `kill` of this process: stop the server too (see finally)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        if not _wait_for_ui(url.split("/#", 1)[0].rstrip("/"), proc):
+            raise StageError(f"the MLflow UI did not start (exit code {proc.poll()}); is port {port} in use? "
+                             "choose another with --port")
+        click.echo(f"MLflow UI for {uri}")
+        click.echo(f"runs: {url}")
+        sys.stdout.flush()
+        if open_browser:
+            _open_browser(url)
+        proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(proc)
+
+
+def _stop_group(proc) -> None:
+    """Stop a process started with start_new_session=True and everything in its group:
+    SIGTERM, up to 10 s to finish, then SIGKILL for what is left."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _wait_for_ui(base: str, proc, timeout: float = 120.0) -> bool:
+    """True once the UI answers on `base` + /health; False if its process ends first or it times out."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def _open_browser(url: str) -> None:
+    import webbrowser
+
+    if not webbrowser.open(url):
+        click.echo("no web browser found here; open the URL above yourself", err=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

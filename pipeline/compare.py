@@ -30,15 +30,45 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(value)
 
 
+def _read_object(path: Path, repair: str) -> dict:
+    """A JSON object file of a run directory; else one InputError naming it and `repair`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        what = f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) \
+            else type(exc).__name__
+        raise InputError(f"{path} is unreadable ({what}); {repair}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds a JSON {type(value).__name__}, not an object; {repair}")
+    return value
+
+
 def _recipe_settings(run_dir: Path) -> dict[str, str]:
     """The flattened settings of a run's train/merge/calibrate stages (from their manifests)."""
     settings: dict[str, str] = {}
     for stage in SETTING_STAGES:
         manifest = run_dir / stage / "manifest.json"
         if manifest.is_file():
-            for k, v in json.loads(manifest.read_text()).get("config", {}).items():
+            config = _read_object(manifest, f"`pipeline run` re-runs the {stage} stage of {run_dir} to rewrite it")
+            for k, v in (config.get("config") or {}).items():
                 _flatten(k, v, settings)
     return settings
+
+
+def _read_report(run_dir: Path) -> dict:
+    """A run's report/output/metrics.json, checked for the shape the table reads."""
+    path = run_dir / "report" / "output" / "metrics.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir}: no report (expected {path}); run the pipeline to its report stage first")
+    # `pipeline run` sees the altered file against the report's manifest and writes it again.
+    repair = f"run the recipe of {run_dir} again (`pipeline run RECIPE --run-dir {run_dir}`) to rebuild the report"
+    report = _read_object(path, repair)
+    artifacts = report.get("artifacts")
+    if not isinstance(artifacts, dict) or not all(isinstance(m, dict) for m in artifacts.values()):
+        raise InputError(f"{path} has no \"artifacts\" table of per-artifact metrics; {repair}")
+    if not isinstance(report.get("gate", {}), dict):
+        raise InputError(f"{path}: \"gate\" is not a table of per-artifact verdicts; {repair}")
+    return report
 
 
 def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tuple[list[dict], list[str]]:
@@ -46,10 +76,7 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     the requested metrics plus the settings that differ between the runs."""
     runs = []
     for d in run_dirs:
-        path = d / "report" / "output" / "metrics.json"
-        if not path.is_file():
-            raise InputError(f"{d}: no report (expected {path}); run the pipeline to its report stage first")
-        runs.append((d, json.loads(path.read_text()), _recipe_settings(d)))
+        runs.append((d, _read_report(d), _recipe_settings(d)))
     keys = set().union(*(s.keys() for _, _, s in runs))
     differing = sorted(k for k in keys if len({s.get(k) for _, _, s in runs}) > 1)
     columns = list(columns or DEFAULT_COLUMNS)

@@ -1,17 +1,26 @@
-"""Text sources, the train/eval split by document, and tokenization into token streams.
+"""Text sources, the train/valid/test split by document, decontamination, and tokenization.
 
 Sources: local files or folders (text, JSON/JSONL, parquet) read through `datasets`, a hub
 dataset id, and two offline corpora that ship with CPython itself:
   python-docs    the language reference topics (`pydoc_data.topics`), one document per topic
-  python-stdlib  the standard library's own `.py` files, one document per file
+  python-stdlib  the standard library's own `.py` files, one document per file (without
+                 `pydoc_data/`, which holds the whole python-docs corpus)
 
-The domain split is by document: document i (in source order; topics sorted by key) is
-held out when i % holdout_every == 0, so no window of an eval document is ever trained on.
+The domain split is by document (in source order; topics sorted by key): document i goes to
+the test split `eval` when i % holdout_every == 0; of the rest, the j-th goes to `valid` when
+j % valid_every == 0, the others to `train`. Documents nest inside each other (python-docs'
+`specialnames` holds `customization` and `attribute-access`, `compound` holds `for`, `while`,
+`else`), so a split by document alone leaves held-out text in the training side;
+`decontaminate` then cuts every held-out paragraph out of the training side: eval's out of
+valid and train, valid's out of train. Held-out documents stay whole.
 """
 from __future__ import annotations
 
 import random
+import re
 import sysconfig
+from bisect import bisect_right
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,13 +39,19 @@ def python_docs() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def python_stdlib(max_chars: int, seed: int = 0) -> list[str]:
-    """Source files of the standard library, in a seeded random order, up to `max_chars`."""
+def stdlib_files() -> list[Path]:
+    """The standard library's `.py` files, sorted; without installed packages, caches, and
+    `pydoc_data/`, which is the python-docs domain corpus itself (the language reference as
+    one dict): general text must not contain the domain's test split."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "__pycache__" not in p.parts
-    )
+    return sorted(p for p in root.rglob("*.py")
+                  if not {"site-packages", "__pycache__", "pydoc_data"} & set(p.relative_to(root).parts))
+
+
+def python_stdlib(max_chars: int, seed: int = 0) -> list[str]:
+    """Source files of the standard library (`stdlib_files`), in a seeded random order, up to
+    `max_chars`."""
+    files = stdlib_files()
     random.Random(seed).shuffle(files)
     docs, total = [], 0
     for path in files:
@@ -80,13 +95,14 @@ def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
     return docs
 
 
-def _hub_documents(repo: str, split: str, text_field: str, key: str) -> list[str]:
+def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str | None = None) -> list[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo, split=split)
+        ds = datasets.load_dataset(repo, config, split=split)
     except Exception as exc:
-        raise DataError(f"{key}.hub: cannot load '{repo}' split '{split}' ({type(exc).__name__}: "
+        what = f"'{repo}'" + (f" config '{config}'" if config else "")
+        raise DataError(f"{key}.hub: cannot load {what} split '{split}' ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}); check the id and network, or use a local path") from None
     if text_field not in ds.column_names:
         raise DataError(f"{key}.text_field: column '{text_field}' not in '{repo}'; columns: {', '.join(ds.column_names)}")
@@ -106,23 +122,349 @@ def load_documents(source, key: str, max_chars: int | None = None) -> list[str]:
     elif source.path is not None:
         docs = _local_documents(Path(source.path).expanduser(), source.text_field, key)
     else:
-        docs = _hub_documents(source.hub, source.split, source.text_field, key)
+        docs = _hub_documents(source.hub, source.split, source.text_field, key, source.config)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{key}: the source holds no text")
     return docs
 
 
-def split_documents(docs: list[str], holdout_every: int) -> tuple[list[str], list[str]]:
-    """(train, eval): document i goes to eval when i % holdout_every == 0.
+@dataclass(frozen=True)
+class Splits:
+    """The domain documents by split: `train` is trained on, `valid` steers training and the
+    merge (eval loss, `merge.into: auto`), `eval` is the test split reported at the end."""
 
-    A train document whose exact text is also held out is dropped, so no eval text is ever
-    trained on (python-docs has one: the topics 'else' and 'if' share their text).
+    train: list[str]
+    valid: list[str]
+    eval: list[str]
+
+
+def split_documents(docs: list[str], holdout_every: int, valid_every: int) -> Splits:
+    """Document i goes to eval when i % holdout_every == 0; of the remaining documents, in
+    order, the j-th goes to valid when j % valid_every == 0, the others to train.
+
+    A train or valid document whose exact text is also held out (in eval, or for train also
+    in valid) is dropped: python-docs has one, the topics 'else' and 'if' share their text.
+    Any split may come out empty; the caller decides whether that is an error.
     """
     held = [d for i, d in enumerate(docs) if i % holdout_every == 0]
-    held_texts = set(held)
-    train = [d for i, d in enumerate(docs) if i % holdout_every != 0 and d not in held_texts]
-    return train, held
+    rest = [d for i, d in enumerate(docs) if i % holdout_every != 0]
+    eval_texts = set(held)
+    valid = [d for j, d in enumerate(rest) if j % valid_every == 0 and d not in eval_texts]
+    valid_texts = set(valid)
+    train = [d for j, d in enumerate(rest) if j % valid_every != 0 and d not in eval_texts | valid_texts]
+    return Splits(train=train, valid=valid, eval=held)
+
+
+# ---------------------------------------------------------------- decontamination
+# A paragraph is the text between blank lines, whitespace-normalized (every run of
+# whitespace one space, stripped). "Held-out paragraph p appears in side S" means p is a
+# substring of S's normalized text, documents joined as the token stream joins them, so a
+# match inside a larger paragraph, across a paragraph break, or across two documents counts.
+
+_BLANK_LINE = re.compile(r"\n\s*\n")
+_WORD = re.compile(r"\S+")
+_ANCHOR_WORDS = 3  # words of a held-out paragraph that index it (see _NormalizedSide.find_all)
+# (name, held-out split, training-side split): the pairs checked and recorded.
+PAIRS = (("eval_in_train", "eval", "train"), ("eval_in_valid", "eval", "valid"), ("valid_in_train", "valid", "train"))
+# The order in which sides are cleaned: valid first, so train is cleaned against the valid
+# text that will actually ship.
+_CLEANING_ORDER = ("eval_in_valid", "eval_in_train", "valid_in_train")
+
+
+def normalize(text: str) -> str:
+    """Runs of whitespace become one space; leading and trailing whitespace goes."""
+    return " ".join(_WORD.findall(text))
+
+
+def paragraphs(text: str, min_chars: int) -> list[str]:
+    """The normalized paragraphs of `text` with at least `min_chars` characters, in order."""
+    return [p for p in map(normalize, _BLANK_LINE.split(text)) if len(p) >= min_chars]
+
+
+def _paragraph_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) in `text` of every paragraph (blank-line separators excluded)."""
+    spans, pos = [], 0
+    for m in _BLANK_LINE.finditer(text):
+        spans.append((pos, m.start()))
+        pos = m.end()
+    spans.append((pos, len(text)))
+    return spans
+
+
+class _NormalizedSide:
+    """The normalized text of a list of documents joined as one (one space between
+    documents, as a blank line normalizes), and the way back from a position in it to
+    (document, position in the original document)."""
+
+    def __init__(self, docs: list[str]):
+        self.docs = docs
+        normalized = [normalize(d) for d in docs]
+        self.starts, pos = [], 0
+        for n in normalized:
+            self.starts.append(pos)
+            pos += len(n) + 1
+        self.text = " ".join(normalized)
+        self._word_starts: dict[int, tuple[list[int], list[int]]] = {}
+
+    def locate(self, q: int) -> tuple[int, int]:
+        """(document, original position) of normalized position `q`, which must not be a
+        space: every normalized character but a space comes from one original character."""
+        d = bisect_right(self.starts, q) - 1
+        if d not in self._word_starts:  # built lazily: only documents with a match need it
+            words = list(_WORD.finditer(self.docs[d]))
+            norm_starts, k = [], 0
+            for w in words:
+                norm_starts.append(k)
+                k += len(w.group()) + 1
+            self._word_starts[d] = (norm_starts, [w.start() for w in words])
+        norm_starts, orig_starts = self._word_starts[d]
+        r = q - self.starts[d]
+        w = bisect_right(norm_starts, r) - 1
+        return d, orig_starts[w] + (r - norm_starts[w])
+
+    def occurrences(self, needle: str) -> list[tuple[int, int]]:
+        """(start, end) of every occurrence of `needle` in the normalized text, overlapping
+        ones included: one substring search of the whole text."""
+        found, i = [], self.text.find(needle)
+        while i >= 0:
+            found.append((i, i + len(needle)))
+            i = self.text.find(needle, i + 1)
+        return found
+
+    def find_all(self, needles: set[str]) -> list[tuple[int, int]]:
+        """(start, end) of every occurrence of every needle (normalized, non-empty).
+
+        In one pass over the text's words rather than one search per needle: a needle of
+        `_ANCHOR_WORDS` + 2 words or more is looked up by its 2nd to (`_ANCHOR_WORDS`+1)-th
+        words, which every occurrence holds as whole words of the text (only a needle's first
+        and last word may sit inside a longer word of the text), and each hit is confirmed by
+        comparing the text. Shorter needles (few, long words) are searched one by one.
+        """
+        anchored: dict[str, list[str]] = {}
+        found: list[tuple[int, int]] = []
+        for needle in needles:
+            words = needle.split(" ")
+            if len(words) >= _ANCHOR_WORDS + 2:
+                anchored.setdefault(" ".join(words[1 : _ANCHOR_WORDS + 1]), []).append(needle)
+            else:
+                found += self.occurrences(needle)
+        heads = {key.split(" ", 1)[0] for key in anchored}
+        text = self.text
+        for word in _WORD.finditer(text):
+            if word.group() not in heads:
+                continue
+            end = word.end()
+            for _ in range(_ANCHOR_WORDS - 1):
+                end = text.find(" ", end + 1)
+                if end < 0:
+                    end = len(text)
+                    break
+            for needle in anchored.get(text[word.start() : end], ()):
+                start = word.start() - 1 - needle.index(" ")
+                if start >= 0 and text.startswith(needle, start):
+                    found.append((start, start + len(needle)))
+        return found
+
+    def original_spans(self, start: int, end: int) -> dict[int, tuple[int, int]]:
+        """The original text behind normalized [start, end), per document (a match that
+        crosses a document boundary takes the end of one and the start of the next)."""
+        (d0, p0), (d1, p1) = self.locate(start), self.locate(end - 1)
+        if d0 == d1:
+            return {d0: (p0, p1 + 1)}
+        spans = {d0: (p0, len(self.docs[d0])), d1: (0, p1 + 1)}
+        spans.update({d: (0, len(self.docs[d])) for d in range(d0 + 1, d1)})
+        return spans
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Held-out paragraphs (>= min_chars) found in the training side, and their characters;
+    `fraction` is those characters over all the held-out side's checked characters."""
+
+    paragraphs: int
+    chars: int
+    checked_paragraphs: int
+    checked_chars: int
+
+    @property
+    def fraction(self) -> float:
+        return self.chars / self.checked_chars if self.checked_chars else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"paragraphs": self.paragraphs, "chars": self.chars, "fraction": round(self.fraction, 6),
+                "checked_paragraphs": self.checked_paragraphs, "checked_chars": self.checked_chars}
+
+
+def overlap(held: list[str], side: list[str], min_chars: int) -> Overlap:
+    """How much of `held` appears verbatim in `side`: every held-out paragraph of at least
+    `min_chars` characters (repeats counted each time) that is a substring of `side`'s
+    normalized text."""
+    view = _NormalizedSide(side)
+    checked = [p for d in held for p in paragraphs(d, min_chars)]
+    present = {view.text[a:b] for a, b in view.find_all(set(checked))}
+    found = [p for p in checked if p in present]
+    return Overlap(len(found), sum(map(len, found)), len(checked), sum(map(len, checked)))
+
+
+def measure_overlap(splits: Splits, min_chars: int) -> dict[str, Overlap]:
+    """`overlap` for every pair of `PAIRS`."""
+    return {name: overlap(getattr(splits, held), getattr(splits, side), min_chars) for name, held, side in PAIRS}
+
+
+def _cut(docs: list[str], spans: dict[int, list[tuple[int, int]]]) -> list[str]:
+    """`docs` with the given original spans removed, each replaced by a paragraph break (so
+    the text around a cut is not glued into one new paragraph); documents left without text
+    are dropped."""
+    out = []
+    for d, text in enumerate(docs):
+        merged: list[list[int]] = []
+        for a, b in sorted(spans.get(d, ())):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        for a, b in reversed(merged):
+            text = text[:a].rstrip() + "\n\n" + text[b:].lstrip()
+        if merged:
+            text = text.strip()
+        if text.strip():
+            out.append(text)
+    return out
+
+
+def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[list[str], int]:
+    """`side` with every occurrence of a held-out paragraph (>= min_chars) cut out, repeated
+    until none is left (a cut can, in principle, join text into a new occurrence), and the
+    characters removed (of the normalized text). Only the matched text goes, not the rest of
+    its paragraph.
+
+    Cost: about one pass over the training side's words per round (`find_all`).
+    """
+    needles = {p for d in held for p in paragraphs(d, min_chars)}
+    removed = 0
+    while True:
+        view = _NormalizedSide(side)
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for start, end in view.find_all(needles):
+            for d, span in view.original_spans(start, end).items():
+                spans.setdefault(d, []).append(span)
+        if not spans:
+            return side, removed
+        side = _cut(side, spans)
+        removed += len(view.text) - len(_NormalizedSide(side).text)
+
+
+def _shingles(paragraph: str, words: int) -> set[str]:
+    """Word n-grams of a normalized paragraph (the whole paragraph if it is shorter)."""
+    tokens = paragraph.split(" ")
+    return {" ".join(tokens[i : i + words]) for i in range(max(1, len(tokens) - words + 1))}
+
+
+def _minhashes(shingle_sets: list[set[str]], num_perm: int) -> list:
+    from datasketch import MinHash
+
+    return MinHash.bulk([[s.encode() for s in sorted(sh)] for sh in shingle_sets], num_perm=num_perm, seed=1)
+
+
+NUM_PERM = 128  # MinHash permutations: datasketch's default, Jaccard estimates to about +-0.09
+# LSH looks for candidates this far below the threshold: its recall drops steeply near its own
+# threshold, and each candidate's exact Jaccard decides anyway.
+LSH_MARGIN = 0.1
+
+
+def remove_near_duplicates(side: list[str], held: list[str], min_chars: int, threshold: float,
+                           shingle_words: int) -> tuple[list[str], int]:
+    """`side` without its paragraphs (>= min_chars) whose word-shingle Jaccard similarity to
+    some held-out paragraph is at least `threshold`, and how many were removed.
+
+    Candidates come from datasketch's MinHashLSH (sublinear in the held-out side, for large
+    corpora), queried below the threshold; each candidate's exact Jaccard similarity decides,
+    so only LSH's recall, not the sketch's estimation error, shapes the result.
+    """
+    from datasketch import MinHashLSH
+
+    held_paragraphs = sorted({p for d in held for p in paragraphs(d, min_chars)})
+    if not held_paragraphs or not side:
+        return side, 0
+    held_shingles = [_shingles(p, shingle_words) for p in held_paragraphs]
+    lsh = MinHashLSH(threshold=max(0.05, threshold - LSH_MARGIN), num_perm=NUM_PERM)
+    for i, m in enumerate(_minhashes(held_shingles, NUM_PERM)):
+        lsh.insert(i, m)
+    candidates = [(d, span, _shingles(normalize(text[span[0]:span[1]]), shingle_words))
+                  for d, text in enumerate(side) for span in _paragraph_spans(text)
+                  if len(normalize(text[span[0]:span[1]])) >= min_chars]
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for (d, span, shingles), m in zip(candidates, _minhashes([c[2] for c in candidates], NUM_PERM)):
+        if any(_jaccard(shingles, held_shingles[i]) >= threshold for i in lsh.query(m)):
+            spans.setdefault(d, []).append(span)
+    return (_cut(side, spans), sum(map(len, spans.values()))) if spans else (side, 0)
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b)
+
+
+@dataclass(frozen=True)
+class Decontamination:
+    """What `decontaminate` did: overlap per pair before and after, characters cut per pair
+    (verbatim matches), and paragraphs dropped as near duplicates per pair."""
+
+    before: dict[str, Overlap]
+    after: dict[str, Overlap]
+    removed_chars: dict[str, int]
+    near_duplicates_removed: dict[str, int]
+
+    @property
+    def clean(self) -> bool:
+        return not any(o.paragraphs for o in self.after.values())
+
+    def as_dict(self) -> dict:
+        return {"before": {k: v.as_dict() for k, v in self.before.items()},
+                "after": {k: v.as_dict() for k, v in self.after.items()},
+                "removed_chars": dict(self.removed_chars),
+                "near_duplicates_removed": dict(self.near_duplicates_removed)}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat float metrics: `overlap_{before,after}_{pair}_{paragraphs,chars,fraction}`,
+        `removed_chars_{pair}`, `near_duplicates_removed_{pair}`."""
+        out = {}
+        for when, table in (("before", self.before), ("after", self.after)):
+            for pair, o in table.items():
+                out.update({f"overlap_{when}_{pair}_paragraphs": float(o.paragraphs),
+                            f"overlap_{when}_{pair}_chars": float(o.chars),
+                            f"overlap_{when}_{pair}_fraction": float(o.fraction)})
+        out.update({f"removed_chars_{k}": float(v) for k, v in self.removed_chars.items()})
+        out.update({f"near_duplicates_removed_{k}": float(v) for k, v in self.near_duplicates_removed.items()})
+        return out
+
+
+def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
+    """Cut held-out text out of the training side of every pair (`DecontaminateConfig`):
+    eval's paragraphs out of valid and train, valid's out of train; with
+    `cfg.near_duplicates`, also the training-side paragraphs near-identical to a held-out
+    one. Passes repeat until one changes nothing. `eval` is never touched.
+    """
+    before = measure_overlap(splits, cfg.min_chars)
+    removed = {name: 0 for name, _, _ in PAIRS}
+    near = {name: 0 for name, _, _ in PAIRS}
+    pairs = {name: (held, side) for name, held, side in PAIRS}
+    changed = True
+    while changed:
+        changed = False
+        for name in _CLEANING_ORDER:
+            held, side = pairs[name]
+            docs, cut = remove_contained(getattr(splits, side), getattr(splits, held), cfg.min_chars)
+            dropped = 0
+            if cfg.near_duplicates:
+                docs, dropped = remove_near_duplicates(docs, getattr(splits, held), cfg.min_chars,
+                                                       cfg.near_duplicate_jaccard, cfg.shingle_words)
+            if docs != getattr(splits, side):
+                splits = replace(splits, **{side: docs})
+                removed[name] += cut
+                near[name] += dropped
+                changed = True
+    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near)
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:

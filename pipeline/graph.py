@@ -60,7 +60,6 @@ class StageSpec:
         fn: `(StageContext) -> StageResult`.
         deps: upstream stage names; their outputs become `ctx.inputs`.
         config: the settings that define this stage's result (part of the fingerprint).
-        version: bumped when the stage's code changes what it produces.
         distributed: every rank of a multi-process launch runs it (training); other stages
             run on the main process while the rest wait.
     """
@@ -69,16 +68,60 @@ class StageSpec:
     fn: Callable[[StageContext], StageResult]
     deps: tuple[str, ...]
     config: dict
-    version: int
     distributed: bool = False
 
+    @property
+    def module(self) -> str:
+        """The module that defines the stage's function (what `codehash.code_files` hashes),
+        known without importing it when `fn` is a `StageRef`."""
+        return getattr(self.fn, "__module__", None) or ""
 
-def fingerprint(spec: StageSpec, dep_fingerprints: dict[str, str]) -> str:
+
+class StageRef:
+    """A stage function named by its module, imported on first call.
+
+    Building the stage graph (`validate`, `plan`, `status`) then imports no stage module (they
+    import torch and transformers). `build(module)` returns the function, e.g.
+    `lambda m: m.run`; the default takes the module's `run`. `__module__` is the module's
+    name, so `codehash.code_files` hashes its source exactly as it would the function's.
+    """
+
+    def __init__(self, module: str, build: Optional[Callable[[Any], Callable[[StageContext], StageResult]]] = None):
+        self.__module__ = module
+        self._build = build
+        self._fn: Optional[Callable[[StageContext], StageResult]] = None
+
+    def resolve(self) -> Callable[[StageContext], StageResult]:
+        if self._fn is None:
+            import importlib
+
+            mod = importlib.import_module(self.__module__)
+            self._fn = self._build(mod) if self._build is not None else mod.run
+        return self._fn
+
+    def __call__(self, ctx: StageContext) -> StageResult:
+        return self.resolve()(ctx)
+
+    def __repr__(self) -> str:
+        return f"StageRef({self.__module__!r})"
+
+
+def output_digest(files: dict[str, dict]) -> str:
+    """The content of a published output, from its manifest's file table: one hash over
+    every file's relative path and sha256. Equal bytes give an equal digest, whenever and
+    however often the stage ran."""
+    table = {rel: meta["sha256"] for rel, meta in sorted(files.items())}
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def fingerprint(spec: StageSpec, code: dict[str, str], input_digests: dict[str, str]) -> str:
+    """What defines a stage's result: its settings, the code it runs (`codehash.code_files`)
+    and the content of its inputs (`output_digest` of each upstream output)."""
     payload = {
         "stage": spec.name,
-        "version": spec.version,
         "config": spec.config,
-        "inputs": {k: dep_fingerprints[k] for k in sorted(spec.deps)},
+        "code": code,
+        "inputs": {k: input_digests[k] for k in sorted(spec.deps)},
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]

@@ -61,6 +61,31 @@ def source_identity(model_cfg) -> dict:
     return {"hub": src, "revision": model_cfg.revision}
 
 
+def read_config(model_dir: Path, key: str | None = None) -> dict:
+    """A model directory's config.json as a dict.
+
+    Raises:
+        InputError: the file is missing, unreadable, not JSON or not a JSON object; the
+            message names the file and, when given, the recipe key it came from (`key`).
+    """
+    path = Path(model_dir) / "config.json"
+    where = f"{key}: {path}" if key else str(path)
+    fix = "it must be the config.json that save_pretrained writes"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{where} is missing; {fix}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{where} is not UTF-8 text; {fix}") from None
+    except OSError as exc:
+        raise InputError(f"{where} cannot be read ({type(exc).__name__}: {exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {fix}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{where} holds a JSON {type(config).__name__}, not an object; {fix}")
+    return config
+
+
 def cached_config(model_cfg) -> dict | None:
     """The model's config.json when it is on disk already (local directory, converted GGUF), else None.
 
@@ -70,7 +95,7 @@ def cached_config(model_cfg) -> dict | None:
     src = model_cfg.source
     path = Path(src).expanduser()
     if path.is_dir():
-        return json.loads((path / "config.json").read_text())
+        return read_config(path, key="model.source")
     try:
         gguf = _smollm2_gguf() if src.startswith("builtin:") else (path if path.is_file() else None)
     except InputError:
@@ -80,7 +105,12 @@ def cached_config(model_cfg) -> dict | None:
     name = src.split(":", 1)[1] if src.startswith("builtin:") else path.stem
     key = hashlib.sha256(f"{_file_identity(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{name}-{key}" / "config.json"
-    return json.loads(target.read_text()) if target.is_file() else None
+    if not target.is_file():
+        return None
+    try:
+        return read_config(target.parent, key="model.source")
+    except InputError as exc:  # our own cache, damaged: converting again repairs it
+        raise InputError(f"{exc}; it is a cached conversion: delete {target.parent} to convert the model again") from None
 
 
 def resolve_model(model_cfg) -> Path:

@@ -66,6 +66,8 @@ class DataSource(_Section):
     builtin: Optional[Literal["python-docs", "python-stdlib"]] = None
     path: Optional[str] = Field(None, description="a .txt/.md/.rst/.json/.jsonl/.parquet file or a folder of them")
     hub: Optional[str] = Field(None, description="a hub dataset id (needs network)")
+    config: Optional[str] = Field(None, description="configuration (subset) of a hub dataset, for datasets that "
+                                  "have several (e.g. Salesforce/wikitext: wikitext-103-raw-v1)")
     split: str = Field("train", description="split of a hub dataset")
     text_field: str = Field("text", description="column holding the text in JSON/JSONL/parquet/hub data")
 
@@ -74,6 +76,8 @@ class DataSource(_Section):
         given = [k for k in ("builtin", "path", "hub") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of builtin, path, hub (got {', '.join(given) or 'none'})")
+        if self.config is not None and self.hub is None:
+            raise ValueError("config names a configuration of a hub dataset; it needs hub")
         if self.path is not None:
             path = Path(self.path).expanduser()
             if not path.exists():
@@ -88,6 +92,23 @@ class DataSource(_Section):
         return self
 
 
+class DecontaminateConfig(_Section):
+    """Held-out text removed from the training side of each split pair (see `pipeline.data`)."""
+
+    min_chars: int = Field(
+        80, ge=1, description="a paragraph (text between blank lines, whitespace-normalized) counts from this many "
+        "characters; shorter ones (headings, 'Changed in version 3.x.', one-line code) recur legitimately",
+    )
+    near_duplicates: bool = Field(
+        False, description="also drop training-side paragraphs that are near-duplicates of a held-out paragraph "
+        "(MinHash LSH over word shingles; for large corpora with boilerplate, e.g. hub datasets)",
+    )
+    near_duplicate_jaccard: float = Field(
+        0.7, gt=0, le=1, description="word-shingle Jaccard similarity from which a paragraph is a near duplicate",
+    )
+    shingle_words: int = Field(3, ge=1, description="words per shingle for the near-duplicate comparison")
+
+
 class DataConfig(_Section):
     domain: DataSource = Field(default_factory=lambda: DataSource(builtin="python-docs"))
     general: Optional[DataSource] = Field(
@@ -96,8 +117,18 @@ class DataConfig(_Section):
     )
     seq_len: int = Field(512, ge=16, le=131072, description="tokens per window for training and evaluation")
     holdout_every: int = Field(
-        5, ge=2, description="domain document i (in source order) is held out for evaluation when i % holdout_every == 0"
+        5, ge=2, description="domain document i (in source order) goes to the test split (domain_eval) when "
+        "i % holdout_every == 0",
     )
+    # 5: of python-docs' 63 non-test topics, 13 validate (20k tokens, about as many as the 16
+    # test topics hold: enough for train.eval_windows and a stable merge.into: auto) and 50
+    # train (49: 'if' repeats the test topic 'else'), 64k tokens; 4 would validate on 31k and
+    # leave 50k to train. Larger corpora can afford a larger value (a smaller validation share).
+    valid_every: int = Field(
+        5, ge=2, description="of the documents not in the test split, in order, the j-th goes to the validation "
+        "split (domain_valid) when j % valid_every == 0, the others to training",
+    )
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     general_max_tokens: int = Field(200_000, ge=1, description="tokens of general text to prepare")
 
 
@@ -127,7 +158,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_interval: int = Field(50, ge=1)
-    eval_windows: int = Field(16, ge=1, description="held-out domain windows for the eval loss every eval_interval")
+    eval_windows: int = Field(16, ge=1, description="domain_valid windows for the eval loss every eval_interval (the test split is never used in training)")
     save_interval: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in train/checkpoints")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -144,8 +175,22 @@ class TrainConfig(_Section):
 
 class MergeConfig(_Section):
     into: Literal["dequantized", "original", "auto"] = Field(
-        "dequantized", description="auto: merge both ways, keep the lower held-out domain perplexity")
+        "dequantized", description="auto: merge both ways, keep the lower perplexity on domain_valid (never the test split)")
     adapter: Optional[str] = Field(None, description="merge this PEFT adapter directory instead of training one")
+    # Measured max |logit diff| of correct bf16 merges (4 windows of 256 tokens; float32 on CPU):
+    #   builtin:smollm2-135m with recipes/smollm2_domain.yaml's lora/train settings but
+    #     train.steps=10 (`pipeline run R --only data`, then base, train, merge; then
+    #     `--only merge --force --set merge.into=original`): into dequantized 0.204, into
+    #     original 0.392 (its float32 weights rounded too; mean |logit| 8.1);
+    #   random Llama hidden 1024, 4 layers, 16 heads / 4 KV, 12 steps: 0.024 (both ways);
+    #   tests/conftest.py make_tiny_llama, 12 steps: 0.0027 (both ways).
+    # Merges made wrong on purpose (Adapter.delta monkeypatched): smollm2 delta dropped 12.1,
+    # doubled 12.2; random 1024-wide dropped 3.4. 2.0 is 5x the largest correct merge and 6x below
+    # the smallest wrong one on the real model. (The tiny model's logits are too small for any
+    # threshold: dropping its adapter moves them by only 0.27, so its test scales the head.)
+    verify_max_logit_diff: float = Field(
+        2.0, gt=0, description="the merge fails when the largest |logit difference| between the merged "
+        "checkpoint and the weights it merged into + the unmerged adapter (its self-check) exceeds this")
 
     @field_validator("adapter")
     @classmethod
@@ -217,7 +262,7 @@ class GateConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    max_domain_windows: Optional[int] = Field(None, ge=1, description="cap on held-out domain windows (null: all)")
+    max_domain_windows: Optional[int] = Field(None, ge=1, description="cap on domain_eval (test split) windows (null: all)")
     max_general_windows: int = Field(32, ge=1)
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -241,6 +286,9 @@ class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
     dir: str = Field("runs", description="parent folder of run directories")
     seed: int = 0
+    verify_inputs: bool = Field(
+        True, description="hash the upstream files a stage reads against their manifests before it runs "
+        "(an altered file is rebuilt first); off only for huge models where hashing costs too much")
 
     @field_validator("name")
     @classmethod
@@ -332,25 +380,97 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_override(data: dict, parts: list[str], value: Any) -> None:
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
-        if isinstance(node, list):
-            if not isinstance(key, int) or key >= len(node):
-                raise RecipeError([f"--set {'.'.join(parts)}: index '{part}' is out of range for {'.'.join(parts[:i])}"], "--set")
-            node = node[key]
+def _declared_kind(parts: list[str]) -> Optional[str]:
+    """What the schema declares at a key path: "section", "list" or "value" (a scalar), or None
+    when the path is unknown or the type is a union of kinds (the schema judges those)."""
+    annotation: Any = Recipe
+    for part in parts:
+        annotation = _without_none(annotation)
+        if get_origin(annotation) is list and part.isdigit():
+            annotation = get_args(annotation)[0]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
         else:
-            if not isinstance(node.get(key), (dict, list)):
-                node[key] = {}
-            node = node[key]
-    last: Any = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise RecipeError([f"--set {'.'.join(parts)}: index '{last}' is out of range"], "--set")
-        node[int(last)] = value
-    else:
-        node[last] = value
+            return None
+    annotation = _without_none(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    if get_origin(annotation) is list:
+        return "list"
+    if get_origin(annotation) is Union:
+        return None
+    return "value"
+
+
+def _without_none(annotation: Any) -> Any:
+    """Optional[X] -> X; other annotations unchanged."""
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "section"}.get(type(value), type(value).__name__)
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    """Set the key path `parts` of the raw recipe `data` to `value`, in place.
+
+    Mappings are walked by key, lists by index (`quantize.0.group_size`). A key missing on
+    the way (or null) becomes an empty mapping, so `--set train.steps=5` works on a recipe
+    without a train section; the schema then validates the result.
+
+    Raises:
+        RecipeError: the path goes through a scalar (`model.source.x`), names a key of a list
+            (`quantize.name`), or an index a list does not have; the message names the key
+            path and the kind of value found there.
+    """
+    text = ".".join(parts)
+
+    def fail(problem: str) -> RecipeError:
+        return RecipeError([f"--set {text}: {problem}"], "--set")
+
+    node: Any = data
+    for i, part in enumerate(parts):
+        here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
+        if isinstance(node, list):
+            where = ".".join(parts[:i])
+            if not part.isdigit():
+                raise fail(f"{where} is a list; address an item by its index, e.g. {where}.0"
+                           + ("." + ".".join(parts[i:]) if parts[i:] else ""))
+            if int(part) >= len(node):
+                raise fail(f"{where} has {len(node)} item(s), so there is no index {part}; "
+                           f"set the whole list instead: --set '{where}=[...]'")
+            if last:
+                node[int(part)] = value
+                return
+            child = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+                return
+            child = node.get(part)
+            if child is None:  # a section the recipe leaves out (or null): create it, if it is one
+                declared = _declared_kind(parts[: i + 1])
+                if declared == "list" or parts[i + 1].isdigit():
+                    nxt = parts[i + 1]
+                    raise fail(f"{here} is a list not given in this recipe, so it has no "
+                               f"{f'item {nxt}' if nxt.isdigit() else repr(nxt)}; "
+                               f"set the whole list instead: --set '{here}=[...]'")
+                if declared == "value":
+                    raise fail(f"{here} is a single value, not a section, so it has no key '{parts[i + 1]}'; "
+                               f"set {here} itself: --set {here}=VALUE")
+                child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise fail(f"{here} is a {_kind(child)} ({child!r}), not a section or list, so it has no key "
+                       f"'{parts[i + 1]}'; set {here} itself: --set {here}=VALUE")
+        node = child
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict]:
@@ -365,8 +485,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"recipe file '{path}' does not exist"], source=str(path))
+    empty = RecipeError([f"recipe file '{path}' is empty; write its sections (see recipes/*.yaml), "
+                         "or `{}` to run every default"], source=str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():  # checked before YAML, which refuses a tab even in a blank file
+            raise empty
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -374,7 +499,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
     except UnicodeDecodeError:
         raise RecipeError(["not a UTF-8 text file"], source=str(path)) from None
     if data is None:
-        data = {}
+        # An empty file (or only comments) is far more likely a mistake, such as a truncated
+        # copy or the wrong file, than a request for the full default run; `{}` asks for that.
+        raise empty
     if not isinstance(data, dict):
         raise RecipeError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path))
     for text in overrides:

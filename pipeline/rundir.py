@@ -50,10 +50,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in `path`; None when the file is missing, not JSON or not an object
+    (a damaged record reads as no record)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -88,13 +91,15 @@ def describe_files(root: Path) -> dict[str, dict]:
     return out
 
 
-def verify_files(root: Path, files: dict[str, dict], full: bool = False) -> list[str]:
+def verify_files(root: Path, files: dict[str, dict], full: bool = False, memo: Optional[dict] = None) -> list[str]:
     """Problems found comparing `root` with a manifest's file table (empty when all is well).
 
     Sizes are always checked. Hashes are checked when `full`, or when a file's mtime moved
     (an altered file); this keeps "skip when up to date" fast on multi-GB checkpoints.
+    `memo` ({(path, size, mtime_ns): sha256}) saves hashing a file twice within one plan.
     """
     problems = []
+    memo = {} if memo is None else memo
     for rel, meta in files.items():
         path = root / rel
         if not path.is_file():
@@ -103,8 +108,12 @@ def verify_files(root: Path, files: dict[str, dict], full: bool = False) -> list
         st = path.stat()
         if st.st_size != meta["size"]:
             problems.append(f"{path}: size {st.st_size} bytes, manifest says {meta['size']} (truncated or altered)")
-        elif (full or st.st_mtime_ns != meta.get("mtime_ns")) and sha256_file(path) != meta["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (altered)")
+        elif full or st.st_mtime_ns != meta.get("mtime_ns"):
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in memo:
+                memo[key] = sha256_file(path)
+            if memo[key] != meta["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest (altered)")
     return problems
 
 

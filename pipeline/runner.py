@@ -1,27 +1,34 @@
 """The stage runner: decides what is up to date, runs what is not, and records the results.
 
-A stage is skipped when its manifest's fingerprint matches and its files verify. Changing a
-setting changes that stage's fingerprint and, through the fingerprint chain, every stage
-downstream of it; nothing else re-runs. An interrupted stage keeps its `checkpoints/` and
-resumes from them when its fingerprint is unchanged.
+A stage's fingerprint covers its settings, the code it runs (`codehash`) and the *content* of
+its inputs (the output hashes its upstream manifests record). A stage is skipped when its
+manifest's fingerprint matches and its files verify. Changing a setting or a source file
+re-runs the stages that use it; a downstream stage re-runs only when an upstream output
+actually changed: an upstream rebuild that reproduces the same bytes leaves it up to date.
+Before a stage runs, the upstream files it reads are hashed against their manifests
+(`verify_inputs`); an altered file makes its stage rebuild first, so no stage computes on
+altered bytes. An interrupted stage keeps its `checkpoints/` and resumes from them when its
+fingerprint is unchanged.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
 
 from pipeline import rundir
+from pipeline.codehash import changed_files, code_files
 from pipeline.errors import InputError, StageError
-from pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, topological
+from pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
 from pipeline.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -31,11 +38,21 @@ CKPT_FINGERPRINT = ".fingerprint"
 
 @dataclass
 class PlannedStage:
+    """One stage of a plan.
+
+    `fingerprint` is None while an upstream stage that runs first may still change this
+    stage's inputs (`waits_on`); the runner decides again once they are published.
+    """
+
     spec: StageSpec
-    fingerprint: str
+    fingerprint: Optional[str]
     action: str  # "run" | "skip"
     reason: str
-    status: str  # done | stale | partial | failed | missing | corrupt
+    status: str  # done | stale | partial | failed | missing | corrupt | running
+    waits_on: tuple[str, ...] = ()
+    forced: bool = False
+    outcome: str = ""  # after `run`: ran | skipped | resumed, and seconds
+    seconds: float = 0.0
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -48,6 +65,32 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(path)
     return keys
+
+
+def _disk_full(exc: BaseException) -> Optional[BaseException]:
+    """The ENOSPC error behind `exc` (also when a library wrapped it in its own error type)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        text = str(exc)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Delete half-written files (`*.tmp*`, `.tmp` folders) under `root`."""
+    if not root.exists():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if ".tmp" in path.name:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def code_version() -> str:
@@ -100,7 +143,8 @@ class Ranks:
 
 class Runner:
     def __init__(self, run_dir: Path, specs: list[StageSpec], recipe, tracker: Optional[Tracker] = None,
-                 recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None):
+                 recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None,
+                 verify_inputs: bool = True):
         self.run_dir = Path(run_dir)
         self.specs = topological(specs)
         self.by_name = {s.name: s for s in self.specs}
@@ -108,44 +152,95 @@ class Runner:
         self.tracker = tracker
         self.recipe_dump = recipe_dump or {}
         self.params = params or {}
+        self.verify_inputs = verify_inputs
+        self._code: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------------------ planning
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
 
-    def inspect(self, spec: StageSpec, fp: str, full_verify: bool = False) -> tuple[str, str]:
-        """(status, reason) of a stage on disk against fingerprint `fp`."""
+    def code(self, spec: StageSpec) -> dict[str, str]:
+        if spec.name not in self._code:
+            self._code[spec.name] = code_files(spec.fn)
+        return self._code[spec.name]
+
+    def input_digests(self, spec: StageSpec) -> dict[str, Optional[str]]:
+        """Per upstream stage, the content digest of its published output (None: not published)."""
+        out = {}
+        for dep in spec.deps:
+            manifest = rundir.read_json(self.stage_dir(dep) / rundir.MANIFEST)
+            out[dep] = output_digest(manifest["files"]) if manifest and "files" in manifest else None
+        return out
+
+    def current_fingerprint(self, spec: StageSpec) -> tuple[Optional[str], dict[str, Optional[str]]]:
+        digests = self.input_digests(spec)
+        if any(d is None for d in digests.values()):
+            return None, digests
+        return fingerprint(spec, self.code(spec), digests), digests
+
+    def inspect(self, spec: StageSpec, fp: Optional[str], digests: dict[str, Optional[str]],
+                full_verify: bool = False, altered: Optional[str] = None) -> tuple[str, str]:
+        """(status, reason) of a stage on disk against fingerprint `fp` (None: inputs not all published).
+
+        `altered`: a problem with the stage's output found by hashing it before a downstream
+        stage reads it.
+        """
         sdir = self.stage_dir(spec.name)
         manifest = rundir.read_json(sdir / rundir.MANIFEST)
         state = rundir.read_json(sdir / rundir.STATE) or {}
         if manifest is not None:
-            if manifest.get("fingerprint") != fp:
-                changed = _changed_keys(manifest.get("config", {}), spec.config)
-                if changed:
-                    return "stale", f"settings changed: {', '.join(changed[:6])}"
-                if manifest.get("version") != spec.version:
-                    return "stale", f"stage code changed (version {manifest.get('version')} -> {spec.version})"
-                return "stale", "an upstream stage changed"
-            problems = rundir.verify_files(sdir / rundir.OUTPUT, manifest.get("files", {}), full=full_verify)
-            if problems:
-                return "corrupt", f"output does not match its manifest: {problems[0]}"
-            return "done", "up to date"
-        if state.get("status") == "failed" and state.get("fingerprint") == fp:
+            if fp is not None and manifest.get("fingerprint") == fp:
+                if altered:
+                    return "corrupt", altered
+                problems = rundir.verify_files(sdir / rundir.OUTPUT, manifest.get("files", {}), full=full_verify)
+                if problems:
+                    return "corrupt", f"output altered: {self._rel(problems[0])}"
+                return "done", "up to date"
+            return "stale", self._why_stale(spec, manifest, digests)
+        if fp is not None and state.get("status") == "failed" and state.get("fingerprint") == fp:
             return "failed", f"failed: {state.get('error', '?')}"
-        if state.get("status") == "running" and state.get("fingerprint") == fp and state.get("host") == socket.gethostname() \
-                and rundir._alive(int(state.get("pid", -1)), None):
+        if fp is not None and state.get("status") == "running" and state.get("fingerprint") == fp \
+                and state.get("host") == socket.gethostname() and rundir._alive(int(state.get("pid", -1)), None):
             return "running", f"running in pid {state['pid']} since {state.get('started')}"
         ckpt = sdir / rundir.CHECKPOINTS
-        if (ckpt / CKPT_FINGERPRINT).is_file() and (ckpt / CKPT_FINGERPRINT).read_text().strip() == fp:
+        if fp is not None and (ckpt / CKPT_FINGERPRINT).is_file() and (ckpt / CKPT_FINGERPRINT).read_text().strip() == fp:
             n = sum(1 for p in ckpt.iterdir() if p.name != CKPT_FINGERPRINT)
             if n == 0:
                 return "partial", "interrupted before its first checkpoint; restarts"
             return "partial", f"interrupted; resumes from {n} checkpoint file(s)"
         return "missing", "not run yet"
 
+    def _rel(self, problem: str) -> str:
+        """A verification problem with its path shown relative to the run directory."""
+        prefix = str(self.run_dir) + os.sep
+        return problem.replace(prefix, "", 1) if problem.startswith(prefix) else problem
+
+    def _why_stale(self, spec: StageSpec, manifest: dict, digests: dict[str, Optional[str]]) -> str:
+        parts = []
+        changed = _changed_keys(manifest.get("config", {}), spec.config)
+        if changed:
+            parts.append(f"settings changed: {', '.join(changed[:6])}")
+        if "code" in manifest:
+            files = changed_files(manifest["code"], self.code(spec))
+            if files:
+                parts.append(f"code changed: {', '.join(files[:4])}" + (f" (+{len(files) - 4} more)" if len(files) > 4 else ""))
+        recorded = manifest.get("inputs", {})
+        moved = [d for d in spec.deps if digests.get(d) is not None and recorded.get(d) != digests[d]]
+        if moved:
+            parts.append(f"input changed: {', '.join(moved)}")
+        missing = [d for d in spec.deps if digests.get(d) is None]
+        if missing:
+            parts.append(f"input not built yet: {', '.join(missing)}")
+        return "; ".join(parts) or "made by an earlier version of the pipeline"
+
     def plan(self, from_stage: Optional[str] = None, only: Optional[str] = None, force: bool = False,
              full_verify: bool = False) -> list[PlannedStage]:
+        """What `run` would do, and why, without writing anything.
+
+        When `verify_inputs` is on, every upstream output that a running stage will read is
+        hashed against its manifest; an altered one makes its own stage run first.
+        """
         for name in (from_stage, only):
             if name is not None and name not in self.by_name:
                 raise InputError(f"unknown stage '{name}'; stages of this recipe: {', '.join(self.by_name)}")
@@ -155,35 +250,87 @@ class Runner:
         if force:
             forced = {only} if only else set(self.by_name)
 
-        fps: dict[str, str] = {}
+        altered: dict[str, str] = {}
+        memo: dict = {}
+        while True:
+            planned = self._plan_once(forced, only, full_verify, altered)
+            found = self._hash_inputs(planned, altered, memo) if self.verify_inputs else {}
+            if not found:
+                break
+            altered.update(found)
+
+        if only:
+            target = next(p for p in planned if p.spec.name == only)
+            not_done = [p for p in planned if p.spec.name in target.spec.deps and p.status != "done"]
+            corrupt = [p for p in not_done if p.status == "corrupt"]
+            if corrupt:
+                raise StageError(f"--only {only}: its input {corrupt[0].spec.name} does not match its manifest "
+                                 f"({corrupt[0].reason}); rebuild it first (drop --only, or use --from {corrupt[0].spec.name})")
+            if not_done:
+                raise InputError(
+                    f"--only {only}: its upstream stage(s) {', '.join(p.spec.name for p in not_done)} are not done; "
+                    f"run them first (drop --only, or use --from {not_done[0].spec.name})"
+                )
+        return planned
+
+    def _plan_once(self, forced: set[str], only: Optional[str], full_verify: bool,
+                   altered: dict[str, str]) -> list[PlannedStage]:
         planned: list[PlannedStage] = []
         will_run: set[str] = set()
         for spec in self.specs:
-            fp = fingerprint(spec, fps)
-            fps[spec.name] = fp
-            status, reason = self.inspect(spec, fp, full_verify)
+            fp, digests = self.current_fingerprint(spec)
+            status, reason = self.inspect(spec, fp, digests, full_verify, altered.get(spec.name))
+            waits = tuple(d for d in spec.deps if d in will_run)
             if only and spec.name != only:
-                action = "skip"
-                reason = f"{status}: {reason} (not selected by --only)"
+                action, reason = "skip", f"{status}: {reason} (not selected by --only)"
             elif spec.name in forced:
-                action, reason = "run", "forced" + (" (--from)" if from_stage and not force else "")
-            elif status == "done" and not will_run.intersection(spec.deps):
+                action, reason = "run", "forced"
+            elif waits and status == "done":
+                them = ", ".join(waits)
+                action, reason = "run", f"after {them}: re-runs unless the output of {them} comes out unchanged"
+            elif status == "done":
                 action = "skip"
             else:
                 action = "run"
             if action == "run":
                 will_run.add(spec.name)
-            planned.append(PlannedStage(spec, fp, action, reason, status))
-
-        if only:
-            target = next(p for p in planned if p.spec.name == only)
-            missing = [p.spec.name for p in planned if p.spec.name in target.spec.deps and p.status != "done"]
-            if missing:
-                raise InputError(
-                    f"--only {only}: its upstream stage(s) {', '.join(missing)} are not done; "
-                    f"run them first (drop --only, or use --from {missing[0]})"
-                )
+            planned.append(PlannedStage(spec, None if waits else fp, action, reason, status, waits,
+                                        forced=spec.name in forced))
         return planned
+
+    def _hash_inputs(self, planned: list[PlannedStage], altered: dict[str, str], memo: dict) -> dict[str, str]:
+        """Hash the outputs of skipped stages that a running stage reads; {stage: problem} for altered ones."""
+        by_name = {p.spec.name: p for p in planned}
+        found: dict[str, str] = {}
+        for p in planned:
+            if p.action != "run":
+                continue
+            for dep in p.spec.deps:
+                d = by_name[dep]
+                if d.action != "skip" or d.status != "done" or dep in altered or dep in found:
+                    continue
+                manifest = rundir.read_json(self.stage_dir(dep) / rundir.MANIFEST) or {}
+                problems = rundir.verify_files(self.stage_dir(dep) / rundir.OUTPUT, manifest.get("files", {}),
+                                               full=True, memo=memo)
+                if problems:
+                    found[dep] = f"output altered: {self._rel(problems[0])} (found before {p.spec.name} read it)"
+        return found
+
+    def decide(self, p: PlannedStage) -> tuple[Optional[str], str, str]:
+        """(fingerprint, action, reason) of a planned stage at the moment it is due.
+
+        A stage that waited on upstream stages is decided again from their published outputs:
+        unchanged bytes upstream leave it up to date.
+        """
+        if p.action == "skip" or not p.waits_on:
+            return p.fingerprint, p.action, p.reason
+        fp, digests = self.current_fingerprint(p.spec)
+        if p.forced:
+            return fp, "run", p.reason
+        status, reason = self.inspect(p.spec, fp, digests)
+        if status == "done":
+            return fp, "skip", f"up to date ({', '.join(p.waits_on)} rebuilt with identical output)"
+        return fp, "run", reason
 
     # ------------------------------------------------------------------------------ running
 
@@ -194,42 +341,70 @@ class Runner:
         if not ranks.is_main:
             self._follow(planned, ranks)
             return planned
-        with rundir.RunLock(self.run_dir / ".lock"):
-            run_json = rundir.read_json(self.run_dir / "run.json") or {}
-            parent_id = None
-            if self.tracker:
-                parent_id = self.tracker.parent_run(
-                    run_json.get("mlflow_parent_run_id"), self.run_dir.name, self.params,
-                    tags={"run_dir": str(self.run_dir.resolve()), "code_version": code_version()},
-                )
-            run_json.update({
-                "recipe": self.recipe_dump,
-                "mlflow_parent_run_id": parent_id or run_json.get("mlflow_parent_run_id"),
-                "tracking_uri": self.tracker.uri if self.tracker else None,
-                "code_version": code_version(),
-                "stages": [s.name for s in self.specs],
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
-            rundir.write_json_atomic(self.run_dir / "run.json", run_json)
-            try:
-                for p in planned:
-                    if p.action == "skip":
-                        logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
-                        continue
-                    self._run_stage(p, parent_id, ranks)
-                    ranks.barrier()
-            except BaseException:
+        existed = self.run_dir.exists()
+        run_json_path = self.run_dir / "run.json"
+        previous_run_json = run_json_path.read_bytes() if run_json_path.is_file() else None
+        created_runs: list[Optional[str]] = []
+        try:
+            with rundir.RunLock(self.run_dir / ".lock"):
+                run_json = rundir.read_json(run_json_path) or {}
+                parent_id = None
                 if self.tracker:
-                    self.tracker.finish(parent_id, "FAILED")
-                raise
-            if self.tracker:
-                self.tracker.finish(parent_id, "FINISHED")
+                    parent_id = self.tracker.parent_run(
+                        run_json.get("mlflow_parent_run_id"), self.run_dir.name, self.params,
+                        tags={"run_dir": str(self.run_dir.resolve()), "code_version": code_version()},
+                    )
+                    if parent_id != run_json.get("mlflow_parent_run_id"):
+                        created_runs.append(parent_id)
+                run_json.update({
+                    "recipe": self.recipe_dump,
+                    "mlflow_parent_run_id": parent_id or run_json.get("mlflow_parent_run_id"),
+                    "tracking_uri": self.tracker.uri if self.tracker else None,
+                    "code_version": code_version(),
+                    "stages": [s.name for s in self.specs],
+                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                })
+                rundir.write_json_atomic(run_json_path, run_json)
+                try:
+                    for p in planned:
+                        if p.action == "skip":
+                            logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
+                            p.outcome = "skipped"
+                            continue
+                        ranks.barrier()  # upstream published: every rank decides from the same files
+                        fp, action, reason = self.decide(p)
+                        if action == "skip":
+                            logger.info("%-22s skip  (%s)", p.spec.name, reason)
+                            p.action, p.reason, p.outcome = "skip", reason, "skipped"
+                            continue
+                        p.fingerprint, p.reason = fp, reason
+                        self._run_stage(p, parent_id, ranks, created_runs)
+                        ranks.barrier()
+                except BaseException:
+                    if self.tracker:
+                        self.tracker.finish(parent_id, "FAILED")
+                    raise
+                if self.tracker:
+                    self.tracker.finish(parent_id, "FINISHED")
+        except InputError:
+            # Bad input found while running: leave the run directory as it was before.
+            if not existed:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                for run_id in created_runs if self.tracker else ():
+                    self.tracker.delete(run_id)
+            elif previous_run_json is not None:
+                rundir.write_bytes_atomic(run_json_path, previous_run_json)
+            raise
         return planned
 
     def _follow(self, planned: list[PlannedStage], ranks: Ranks) -> None:
         """A non-main rank: wait while the main process runs each stage; join distributed ones."""
         for p in planned:
             if p.action == "skip":
+                continue
+            ranks.barrier()  # upstream published
+            fp, action, _ = self.decide(p)
+            if action == "skip":
                 continue
             ranks.barrier()  # the main process has prepared the stage's directories
             if p.spec.distributed:
@@ -249,15 +424,21 @@ class Runner:
                     shutil.rmtree(scratch, ignore_errors=True)
             ranks.barrier()  # the main process has published the stage
 
-    def _run_stage(self, p: PlannedStage, parent_id: Optional[str], ranks: Optional[Ranks] = None) -> StageResult:
+    def _run_stage(self, p: PlannedStage, parent_id: Optional[str], ranks: Optional[Ranks] = None,
+                   created_runs: Optional[list] = None) -> StageResult:
         spec, fp = p.spec, p.fingerprint
         sdir = self.stage_dir(spec.name)
+        stage_existed = sdir.exists()
+        previous_state = (sdir / rundir.STATE).read_bytes() if (sdir / rundir.STATE).is_file() else None
         sdir.mkdir(parents=True, exist_ok=True)
         state = rundir.read_json(sdir / rundir.STATE) or {}
         ckpt = sdir / rundir.CHECKPOINTS
         fp_file = ckpt / CKPT_FINGERPRINT
-        if ckpt.exists() and (not fp_file.is_file() or fp_file.read_text().strip() != fp):
+        ours = ckpt.exists() and fp_file.is_file() and fp_file.read_text().strip() == fp
+        resumed = ours and any(p.name != CKPT_FINGERPRINT for p in ckpt.iterdir())
+        if ckpt.exists() and not ours:
             shutil.rmtree(ckpt)  # progress of a different configuration: not ours to resume
+        ckpt_existed = ckpt.exists()
         ckpt.mkdir(exist_ok=True)
         rundir.write_bytes_atomic(fp_file, fp.encode())
         partial = sdir / rundir.PARTIAL
@@ -269,6 +450,8 @@ class Runner:
         if self.tracker:
             previous = state.get("mlflow_run_id") if state.get("fingerprint") == fp else None
             child_id = self.tracker.child_run(parent_id, previous, spec.name)
+            if child_id != previous and created_runs is not None:
+                created_runs.append(child_id)
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rundir.write_json_atomic(sdir / rundir.STATE, {
             "fingerprint": fp, "status": "running", "started": started, "pid": os.getpid(),
@@ -286,19 +469,52 @@ class Runner:
         t0 = time.time()
         try:
             result = spec.fn(ctx) or StageResult()
+            seconds = time.time() - t0
+            self._publish(spec, fp, result, seconds, started, child_id, parent_id)
         except BaseException as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            _remove_temporaries(sdir)
+            if isinstance(exc, InputError):
+                # Bad input, not a failed stage: put the stage's directory back as it was.
+                if not stage_existed:
+                    shutil.rmtree(sdir, ignore_errors=True)
+                else:
+                    if not ckpt_existed:
+                        shutil.rmtree(ckpt, ignore_errors=True)
+                    if previous_state is None:
+                        (sdir / rundir.STATE).unlink(missing_ok=True)
+                    else:
+                        rundir.write_bytes_atomic(sdir / rundir.STATE, previous_state)
+                if self.tracker:
+                    self.tracker.finish(child_id, "FAILED")
+                raise
+            full = _disk_full(exc)
             err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            rundir.write_json_atomic(sdir / rundir.STATE, {
-                "fingerprint": fp, "status": "failed", "started": started, "error": err, "mlflow_run_id": child_id,
-            })
+            if full is not None:
+                where = getattr(full, "filename", None) or partial
+                err = f"no space left on device while writing {where}"
+            try:
+                rundir.write_json_atomic(sdir / rundir.STATE, {
+                    "fingerprint": fp, "status": "failed", "started": started, "error": err, "mlflow_run_id": child_id,
+                })
+            except OSError:
+                _remove_temporaries(sdir)  # the disk is still full: the next run finds the old state
             if self.tracker:
                 self.tracker.finish(child_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            if isinstance(exc, (InputError, KeyboardInterrupt)):
+            if isinstance(exc, KeyboardInterrupt):
                 raise
+            if full is not None:
+                raise StageError(f"stage {spec.name}: {err}; free some space and rerun the same command to resume") from exc
             raise StageError(f"stage {spec.name} failed: {err}") from exc
-        seconds = time.time() - t0
+        p.seconds = seconds
+        p.outcome = "resumed" if resumed else "ran"
+        logger.info("%-22s done  in %.1fs", spec.name, seconds)
+        return result
 
-        # Publish: drop the old manifest first so no manifest ever points at a half-swapped output.
+    def _publish(self, spec: StageSpec, fp: str, result: StageResult, seconds: float, started: str,
+                 child_id: Optional[str], parent_id: Optional[str]) -> None:
+        sdir = self.stage_dir(spec.name)
+        # Drop the old manifest first so no manifest ever points at a half-swapped output.
         (sdir / rundir.MANIFEST).unlink(missing_ok=True)
         rundir.fsync_dir(sdir)
         out = rundir.publish_output(sdir)
@@ -306,9 +522,9 @@ class Runner:
         manifest = {
             "stage": spec.name,
             "fingerprint": fp,
-            "version": spec.version,
             "config": spec.config,
-            "inputs": {d: (rundir.read_json(self.stage_dir(d) / rundir.MANIFEST) or {}).get("fingerprint") for d in spec.deps},
+            "code": self.code(spec),
+            "inputs": {d: v for d, v in self.input_digests(spec).items()},
             "files": rundir.describe_files(out),
             "metrics": metrics,
             "info": result.info,
@@ -320,15 +536,13 @@ class Runner:
         rundir.write_json_atomic(sdir / rundir.STATE, {
             "fingerprint": fp, "status": "done", "started": started, "mlflow_run_id": child_id,
         })
-        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(sdir / rundir.CHECKPOINTS, ignore_errors=True)
         if self.tracker:
             self.tracker.log_metrics(child_id, metrics)
             if result.parent_metrics:
                 self.tracker.log_metrics(parent_id, result.parent_metrics)
             self.tracker.set_tags(child_id, {"output_dir": str(out.resolve()), "fingerprint": fp})
             self.tracker.finish(child_id, "FINISHED")
-        logger.info("%-22s done  in %.1fs", spec.name, seconds)
-        return result
 
 
 class _NullLogger:

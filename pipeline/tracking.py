@@ -7,6 +7,7 @@ the process; the stage's metrics still land in its manifest.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,6 +15,22 @@ from pathlib import Path
 from typing import Optional
 
 logger = logging.getLogger(__name__)
+
+# MLflow 3 opens an experiment on the page its kind calls for; without this tag its UI infers
+# a kind (and may land on the GenAI "Overview"). This is a model-training experiment: the
+# UI's "Machine learning" kind, which opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The run's description in the MLflow UI (rendered as markdown).
+NOTE_TAG = "mlflow.note.content"
+RUN_NAME_LIMIT = 250  # MLflow stores run names in a VARCHAR(250)
+# The runs table shows no metric columns until someone picks them. The pipeline keeps a view
+# (MLflow's "shared view": an experiment tag holding the UI state, opened by a URL parameter)
+# whose columns are the report's figures of the parent runs; `pipeline ui` links to it.
+VIEW_KEY = "pipeline-report"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_METRICS = ("domain_ppl", "general_ppl")  # per artifact, in the report's artifact order
+EXPERIMENT_TAG_LIMIT = 5000  # MLflow's longest experiment tag value
 
 # Fail fast instead of MLflow's default minutes of retries when the server is down.
 _FAST_FAIL_ENV = {
@@ -29,13 +46,85 @@ def default_tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def runs_url(base_url: str, experiment_id: Optional[str], view: bool = False) -> str:
+    """The MLflow UI page listing an experiment's runs (MLflow 3's UI routes with `#/`), in
+    its model-training layout, with the report's columns when `view` (see VIEW_TAG); the UI's
+    home page when the experiment does not exist yet."""
+    base = base_url.rstrip("/")
+    if not experiment_id:
+        return f"{base}/"
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={VIEW_KEY}" if view else "")
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def report_columns(run_dir: Path) -> list[str]:
+    """The parent-run metrics the runs table shows: `<artifact>.<metric>` for VIEW_METRICS,
+    from the report's `metrics.json` (empty when there is no report)."""
+    try:
+        artifacts = json.loads((Path(run_dir) / "report" / "output" / "metrics.json").read_text())["artifacts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [f"{name}.{metric}" for metric in VIEW_METRICS for name, m in artifacts.items()
+            if isinstance(m, dict) and metric in m]
+
+
+def view_state(previous: Optional[str], metric_keys: list[str]) -> str:
+    """The view's JSON: the columns of `metric_keys` first, then those of earlier runs (`previous`)
+    while they fit in an experiment tag."""
+    try:
+        old = json.loads(previous).get("selectedColumns", []) if previous else []
+    except (ValueError, AttributeError):
+        old = []
+    columns = [f"metrics.`{k}`" for k in metric_keys]
+    columns += [c for c in old if isinstance(c, str) and c not in columns]
+    while columns and len(json.dumps({"selectedColumns": columns})) > EXPERIMENT_TAG_LIMIT:
+        columns.pop()
+    return json.dumps({"selectedColumns": columns})
+
+
+def parent_run_name(recipe_name: str, run_dir: Path) -> str:
+    """The parent run's name in MLflow: which recipe, run where (`smollm2_domain @ runs/smollm2_domain`)."""
+    try:
+        where = Path(run_dir).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        where = Path(run_dir).as_posix()
+    name = f"{recipe_name} @ {where}"
+    return name if len(name) <= RUN_NAME_LIMIT else name[: RUN_NAME_LIMIT - 1] + "…"
+
+
+def report_note(run_dir: Path, limit: int = 20000) -> Optional[str]:
+    """The parent run's description: the report's headline table (`report/output/report.md`),
+    as markdown, with where the full report is. None when there is no report."""
+    path = Path(run_dir) / "report" / "output" / "report.md"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        return None
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    title = next((line.lstrip("# ").strip() for line in lines if line.startswith("# ")), f"Report: {Path(run_dir).name}")
+    after = next((line for line in lines[end:] if line.strip()), "")  # the sentence on what was evaluated
+    note = [f"**{title}**", "", *lines[start:end], ""]
+    if after and not after.startswith("#"):
+        note += [after, ""]
+    note.append(f"Full report (generations, plots): `{path}`, also in this run's artifacts.")
+    out = "\n".join(note)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
 class Tracker:
     """A failure-tolerant handle on one MLflow tracking store."""
 
-    def __init__(self, uri: Optional[str], experiment: str, enabled: bool = True):
+    def __init__(self, uri: Optional[str], experiment: str, enabled: bool = True, parent_name: Optional[str] = None):
         self.enabled = enabled
         self.uri = uri
         self.experiment = experiment
+        self.parent_name = parent_name  # the parent run's name (default: what the runner passes)
         self._client = None
         self._experiment_id: Optional[str] = None
         if enabled:
@@ -48,8 +137,11 @@ class Tracker:
 
         self._client = MlflowClient(tracking_uri=self.uri)
         self.uri = self._client.tracking_uri
-        exp = self._client.get_experiment_by_name(self.experiment)
-        self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+        self._experiment_id = ensure_experiment(self._client, self.experiment)
+
+    @property
+    def experiment_id(self) -> Optional[str]:
+        return self._experiment_id
 
     def _guard(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
@@ -70,9 +162,11 @@ class Tracker:
     def parent_run(self, existing_id: Optional[str], name: str, params: dict[str, str], tags: dict[str, str]) -> Optional[str]:
         """Continue `existing_id` if it still exists, else create the pipeline's parent run."""
 
+        name = self.parent_name or name
+
         def go() -> str:
             if existing_id and self._run_exists(existing_id):
-                self._client.update_run(existing_id, status="RUNNING")
+                self._client.update_run(existing_id, status="RUNNING", name=name)
                 return existing_id
             run = self._client.create_run(self._experiment_id, run_name=name, tags=tags)
             self._log_params(run.info.run_id, params)
@@ -97,6 +191,11 @@ class Tracker:
     def finish(self, run_id: Optional[str], status: str = "FINISHED") -> None:
         if run_id:
             self._guard("closing a run", self._client.set_terminated, run_id, status)
+
+    def delete(self, run_id: Optional[str]) -> None:
+        """Remove a run this process created (a run abandoned because its input was bad)."""
+        if run_id:
+            self._guard("deleting a run", self._client.delete_run, run_id)
 
     def _run_exists(self, run_id: str) -> bool:
         try:
@@ -134,6 +233,53 @@ class Tracker:
         if run_id:
             for k, v in tags.items():
                 self._guard("setting a tag", self._client.set_tag, run_id, k, v)
+
+    def set_note(self, run_id: Optional[str], markdown: Optional[str]) -> None:
+        """The run's description in the MLflow UI (markdown)."""
+        if run_id and markdown:
+            self._guard("setting the run description", self._client.set_tag, run_id, NOTE_TAG, markdown)
+
+    def show_columns(self, metric_keys: list[str]) -> None:
+        """Add `metric_keys` (parent-run metrics) to the experiment's report view (VIEW_TAG)."""
+        if not metric_keys or self._experiment_id is None:
+            return
+
+        def go() -> None:
+            previous = self._client.get_experiment(self._experiment_id).tags.get(VIEW_TAG)
+            self._client.set_experiment_tag(self._experiment_id, VIEW_TAG, view_state(previous, metric_keys))
+
+        self._guard("updating the runs view", go)
+
+
+def find_experiment(uri: Optional[str], name: str) -> tuple[Optional[str], bool]:
+    """(the id of experiment `name` in the store at `uri`, whether it has the report view), tagged
+    as a model-training experiment on the way; (None, False) when it does not exist or the
+    store cannot be read."""
+    for k, v in _FAST_FAIL_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            return None, False
+        return ensure_experiment(client, name), VIEW_TAG in exp.tags
+    except Exception as exc:  # the UI still starts; it shows what the store holds
+        logger.warning("could not read experiment '%s' from %s (%s: %s)", name, uri, type(exc).__name__,
+                       str(exc).splitlines()[0][:200] if str(exc) else "")
+        return None, False
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if missing, tagged as a model-training experiment
+    (also when it exists already: MLflow's UI may have tagged it with a kind it inferred)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 class RunLogger:

@@ -1,6 +1,6 @@
 """AWQ (Lin et al., 2023): activation-aware per-channel scaling, then clipping, then 4-bit groups.
 
-Written from QUANT_SPEC.md section C. Pure functions: tensors in, tensors out; the loss of a
+Written from docs/formats.md#awq-algorithm. Pure functions: tensors in, tensors out; the loss of a
 scale candidate is a callable the caller provides (it runs the inspected block).
 
 Notation:

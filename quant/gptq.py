@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al., 2022): layer-wise quantization with second-order error compensation.
 
-Written from QUANT_SPEC.md section B. Pure functions: tensors in, tensors out.
+Written from docs/formats.md#gptq-algorithm. Pure functions: tensors in, tensors out.
 
 Notation (the paper's):
     W      weight [out, in] (float32 working copy)

@@ -1,6 +1,6 @@
 """NF4 with double quantization, bit-for-bit in the bitsandbytes layout.
 
-Written from QUANT_SPEC.md section A (QLoRA, Dettmers et al. 2023; bitsandbytes
+Written from docs/formats.md#nf4-and-double-quantization (QLoRA, Dettmers et al. 2023; bitsandbytes
 `quantize_4bit` / `dequantize_4bit`). The functions here are pure: tensors in, tensors out.
 
 Notation:
@@ -33,7 +33,7 @@ __all__ = [
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
-# The 16 NF4 code values, float32, sorted: index == 4-bit code (QUANT_SPEC A).
+# The 16 NF4 code values, float32, sorted: index == 4-bit code (docs/formats.md#nf4-code-values).
 NF4_CODE = torch.tensor(
     [
         -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -49,7 +49,7 @@ def _signed_dynamic_map() -> torch.Tensor:
     """The 8-bit signed dynamic map used for the nested absmax (256 sorted float32 values).
 
     For exponent i in 0..6: the 2**i midpoints of linspace(0.1, 1, 2**i + 1), scaled by
-    10**(i - 6), with both signs; then 0 and 1.0 (QUANT_SPEC A, "The dynamic map").
+    10**(i - 6), with both signs; then 0 and 1.0 (docs/formats.md#signed-dynamic-map).
     """
     values: list[float] = []
     max_exponent_bits = 7
@@ -205,7 +205,7 @@ QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 
 
 def quant_state_tensors(t: NF4Tensor) -> dict[str, torch.Tensor]:
-    """The tensors bitsandbytes' `Linear4bit` writes under `P.weight.<key>` (QUANT_SPEC A).
+    """The tensors bitsandbytes' `Linear4bit` writes under `P.weight.<key>` (docs/formats.md#nf4-serialization).
 
     The JSON blob has the same keys, order and formatting as bitsandbytes'
     `QuantState.as_dict(packed=True)`, so the serialized bytes are identical.

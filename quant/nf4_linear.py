@@ -24,11 +24,13 @@ class _NF4Matmul(torch.autograd.Function):
     """
 
     @staticmethod
+    @kernels.custom_fwd
     def forward(ctx, x: torch.Tensor, layer: "LinearNF4") -> torch.Tensor:
         ctx.layer = layer
         return kernels.nf4_matmul(x, layer.nf4())
 
     @staticmethod
+    @kernels.custom_bwd
     def backward(ctx, grad_out: torch.Tensor):
         return kernels.nf4_matmul_grad_input(grad_out, ctx.layer.nf4()), None
 

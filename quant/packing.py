@@ -1,6 +1,6 @@
 """Packing integer codes into the standard checkpoint layouts, and unpacking them.
 
-GPTQ (QUANT_SPEC.md D, AutoGPTQ layout): `qweight` int32 [in * bits / 32, out] packed along
+GPTQ (docs/formats.md#gptq-checkpoint-layout, AutoGPTQ layout): `qweight` int32 [in * bits / 32, out] packed along
 the input dimension, LSB first; `qzeros` int32 [groups, out * bits / 32] packed along the
 output dimension; `scales` float16 [groups, out]; `g_idx` int32 [in]. Format "gptq" (v1)
 stores zero - 1; "gptq_v2" stores the true zero. 2-, 3-, 4- and 8-bit.
@@ -122,7 +122,7 @@ def dequantize_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> torch.Tensor:
     return p.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())
 
 
-# AWQ GEMM (QUANT_SPEC.md D, AutoAWQ `gemm.py`): 4-bit only, packed along the *output*
+# AWQ GEMM (docs/formats.md#awq-gemm-layout, AutoAWQ `gemm.py`): 4-bit only, packed along the *output*
 # dimension; nibble i of word column c holds output column 8c + AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble that holds output column 8c + j

@@ -1,4 +1,4 @@
-"""GPTQ, AWQ, AWQ+GPTQ and round-to-nearest on SmolLM2 with the exact protocol of BASELINES.md.
+"""GPTQ, AWQ, AWQ+GPTQ and round-to-nearest on SmolLM2 with the exact protocol of docs/baselines.md.
 
 Quantizes the fp32 SmolLM2-135M (all seven linears of every layer, 4-bit asymmetric) through
 the same sequential layer engine and packed format as the `quantize-<name>` stage, evaluates
@@ -7,7 +7,7 @@ and per-layer time. Writes JSON for comparison across versions.
 
     python scripts/bench_gptq.py [--group-size 128] [--samples 128] [--methods rtn gptq awq awq+gptq] [--out FILE]
 
-Protocol (BASELINES.md): topics of pydoc_data.topics sorted by key, eval = i % 5 == 0, each
+Protocol (docs/baselines.md#protocol): topics of pydoc_data.topics sorted by key, eval = i % 5 == 0, each
 split joined with blank lines and tokenized without special tokens; 33 eval windows of 512;
 calibration = 512-token windows at offsets torch.randint(0, len(train) - 511, (128,), seed 0).
 """
@@ -80,7 +80,7 @@ def main() -> None:
     ppl, _ = perplexity(fp32, eval_windows, 4, "cpu", no_progress, "fp32")
     del fp32
     rows.append({"method": "fp32", "ppl": ppl, "seconds": 0.0})
-    gs = args.group_size  # 128 leaves SmolLM2's 576-wide inputs a 64-column last group, as in BASELINES.md
+    gs = args.group_size  # 128 leaves SmolLM2's 576-wide inputs a 64-column last group, as in docs/baselines.md
     for method in args.methods:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)

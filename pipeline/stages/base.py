@@ -20,7 +20,6 @@ from pipeline.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic
 from pipeline.errors import InputError
 from quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
 
-VERSION = 1
 def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
     """NF4 for the named linear weights, `dtype` for every other floating tensor."""
     out: dict[str, torch.Tensor] = {}
@@ -37,7 +36,7 @@ def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], d
 def run(ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     src = resolve_model(recipe.model)
-    config = read_config(src)
+    config = read_config(src, key="model.source")
     family = family_for(config.get("model_type", "?"))
     dtype = DTYPES[recipe.model.dtype]
     n_layers = int(config["num_hidden_layers"])

@@ -2,7 +2,7 @@
 
 `calibration.safetensors` holds `input_ids` int64 [samples, seq_len]; every quantizer reads
 these same tokens. Start offsets come from one seeded `torch.randint` call over the train
-token stream (the protocol of BASELINES.md).
+token stream (the protocol of docs/baselines.md#protocol).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import DataError
 from pipeline.graph import StageContext, StageResult
 
-VERSION = 1
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -1,8 +1,13 @@
-"""Stage `data`: read the sources, split the domain by document, tokenize once.
+"""Stage `data`: read the sources, split the domain by document, decontaminate, tokenize once.
 
-Output `tokens.safetensors` holds int64 token streams `domain_train`, `domain_eval` and
-(optionally) `general_eval`; every later stage cuts its windows from these, so all
-artifacts are evaluated on the same tokens.
+The domain is split by document into `train`, `valid` and `eval` (the test split), then every
+held-out paragraph is cut out of the training side (`pipeline.data.decontaminate`): nothing of
+eval is in valid or train, nothing of valid in train. Output `tokens.safetensors` holds int64
+token streams `domain_train` (trained on, and calibration), `domain_valid` (training's eval
+loss, `merge.into: auto`, the merge's self-check), `domain_eval` (the evaluate stages only)
+and (optionally) `general_eval`; every later stage cuts its windows from these, so all
+artifacts are evaluated on the same tokens. `data.json` holds the counts and the overlap of
+each split pair before and after cleaning.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ from pipeline.errors import DataError
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
 
-VERSION = 1
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -24,17 +28,17 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.data
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(ctx.recipe.model))
     docs = data.load_documents(cfg.domain, "data.domain")
-    train_docs, eval_docs = data.split_documents(docs, cfg.holdout_every)
-    if not train_docs:
-        raise DataError(f"data.domain: only {len(docs)} document(s); with holdout_every={cfg.holdout_every} none is left for training")
-    streams = {
-        "domain_train": data.tokenize_documents(tokenizer, train_docs),
-        "domain_eval": data.tokenize_documents(tokenizer, eval_docs),
-    }
+    by_document = data.split_documents(docs, cfg.holdout_every, cfg.valid_every)
+    _require_documents(by_document, len(docs), cfg)
+    splits, report = data.decontaminate(by_document, cfg.decontaminate)
+    _require_clean(splits, report, cfg)
+    streams = {f"domain_{name}": data.tokenize_documents(tokenizer, getattr(splits, name))
+               for name in ("train", "valid", "eval")}
     if cfg.general is not None:
         general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6)
         streams["general_eval"] = data.tokenize_documents(tokenizer, general_docs, max_tokens=cfg.general_max_tokens)
-    for name, key in (("domain_eval", "data.domain"), ("domain_train", "data.domain"), ("general_eval", "data.general")):
+    for name, key in (("domain_eval", "data.domain"), ("domain_valid", "data.domain"), ("domain_train", "data.domain"),
+                      ("general_eval", "data.general")):
         if name in streams and streams[name].numel() < cfg.seq_len:
             raise DataError(
                 f"{key}: {name} has {streams[name].numel()} tokens, fewer than one window of data.seq_len={cfg.seq_len}; "
@@ -42,8 +46,33 @@ def run(ctx: StageContext) -> StageResult:
             )
     save_file({k: v.contiguous() for k, v in streams.items()}, str(ctx.output_dir / "tokens.safetensors"))
     stats = {
-        "domain_documents": len(docs), "train_documents": len(train_docs), "eval_documents": len(eval_docs),
-        **{f"{k}_tokens": int(v.numel()) for k, v in streams.items()},
+        "domain_documents": len(docs), "train_documents": len(splits.train), "valid_documents": len(splits.valid),
+        "eval_documents": len(splits.eval), **{f"{k}_tokens": int(v.numel()) for k, v in streams.items()},
     }
-    (ctx.output_dir / "data.json").write_text(json.dumps(stats, indent=2))
-    return StageResult(metrics={k: float(v) for k, v in stats.items()})
+    summary = {**stats, "decontamination": {"min_chars": cfg.decontaminate.min_chars, **report.as_dict()}}
+    (ctx.output_dir / "data.json").write_text(json.dumps(summary, indent=2))
+    return StageResult(metrics={**{k: float(v) for k, v in stats.items()}, **report.metrics()})
+
+
+def _require_documents(splits: data.Splits, total: int, cfg) -> None:
+    """Every split holds a document after the split by document (eval always does: it gets
+    document 0)."""
+    if not splits.valid:
+        raise DataError(f"data.holdout_every: only {total} document(s); with holdout_every={cfg.holdout_every} "
+                        "none is left for validation and training (documents identical to a test document are dropped)")
+    if not splits.train:
+        raise DataError(f"data.valid_every: of {total} document(s), none is left for training (holdout_every="
+                        f"{cfg.holdout_every}, valid_every={cfg.valid_every}); add documents or raise these")
+
+
+def _require_clean(splits: data.Splits, report: data.Decontamination, cfg) -> None:
+    """After decontamination: no held-out paragraph left in a training side, and no split
+    emptied by the cleaning."""
+    if not report.clean:
+        left = ", ".join(f"{k}: {o.paragraphs} paragraph(s)" for k, o in report.after.items() if o.paragraphs)
+        raise DataError(f"data.domain: held-out text is still in the training side after decontamination ({left})")
+    for name in ("valid", "train"):
+        if not getattr(splits, name):
+            raise DataError(f"data.decontaminate: every domain {name} document is held-out text (paragraphs of "
+                            f">= {cfg.decontaminate.min_chars} chars); nothing is left for {name}; add documents "
+                            "or change data.holdout_every / data.valid_every")

@@ -21,12 +21,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from pipeline import data
+from pipeline import data, rundir
 from pipeline.checkpoints import DTYPES, dir_size, load_hf_model, load_int4_model, load_nf4_model
 from pipeline.graph import StageContext, StageResult
 from pipeline.models import resolve_model
 
-VERSION = 2
 
 
 def eval_device_dtype(cfg) -> tuple[str, torch.dtype]:
@@ -145,9 +144,9 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         model, artifact_dir = loader(ctx, dtype, device)
         load_seconds = time.time() - t0
         metrics = {"size_bytes": float(dir_size(artifact_dir)), "load_seconds": round(load_seconds, 3)}
-        quant_info = artifact_dir / "quantization.json"
-        if quant_info.is_file():
-            metrics["quantize_seconds"] = json.loads(quant_info.read_text())["seconds"]
+        producer = rundir.read_json(artifact_dir.parent / rundir.MANIFEST) or {}  # a stage output's manifest
+        if (artifact_dir / "quantization.json").is_file() and "stage_seconds" in producer.get("metrics", {}):
+            metrics["quantize_seconds"] = producer["metrics"]["stage_seconds"]
         domain = data.windows(streams["domain_eval"], seq_len, recipe.evaluate.max_domain_windows)
         metrics["domain_ppl"], metrics["domain_tokens"] = perplexity(
             model, domain, recipe.evaluate.batch_size, device, ctx.progress, f"{artifact}: domain ppl")

@@ -4,15 +4,18 @@ Streams one decoder layer at a time (peak memory about one layer plus the adapte
 merged layer is an intra-stage checkpoint shard, so a killed merge resumes at the next layer.
 The merge base is `merge.into`: `dequantized` (the NF4 weights the adapter was trained
 against), `original` (the base model's own weights), or `auto`: both merges, each evaluated
-on the held-out domain windows, the one with the lower perplexity kept (`merge_choice.json`
-says which and why). The stage verifies itself: logits of the merged checkpoint against the
-NF4 base + adapter on held-out windows.
+on the domain validation windows (`domain_valid`, never the test split), the one with the
+lower perplexity kept (`merge_choice.json` says which, why, and on which split). The stage
+verifies itself: logits of the merged checkpoint against the weights it merged into + the
+unmerged adapter on validation windows; it fails, publishing nothing, when they differ by more
+than `merge.verify_max_logit_diff`.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline import data
 from pipeline.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_prefix, read_tensors, weight_map
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StageError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.layerwise import LayerwiseRunner
@@ -29,7 +32,6 @@ from pipeline.models import resolve_model
 from pipeline.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from quant.nf4 import dequantize_nf4, nf4_from_state_tensors
 
-VERSION = 1
 VERIFY_WINDOWS = 4
 
 
@@ -40,7 +42,12 @@ class Adapter:
         cfg_path = path / "adapter_config.json"
         if not cfg_path.is_file():
             raise InputError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-        self.config = json.loads(cfg_path.read_text())
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{cfg_path} is not valid JSON; it must be the adapter_config.json that PEFT writes") from None
+        if not isinstance(self.config, dict):
+            raise InputError(f"{cfg_path} is not a JSON object; it must be the adapter_config.json that PEFT writes")
         if self.config.get("peft_type", "LORA") != "LORA":
             raise InputError(f"{path}: adapter type {self.config.get('peft_type')} is not LoRA")
         if self.config.get("use_dora"):
@@ -101,9 +108,10 @@ def run(ctx: StageContext) -> StageResult:
         max_delta = results.get(chosen, (0, float("nan")))[1]
         a, b = extra[f"auto_{chosen}_domain_ppl"], extra[f"auto_{other}_domain_ppl"]
         choice = {
-            "chosen": chosen, "domain_ppl": {"dequantized": extra["auto_dequantized_domain_ppl"],
-                                             "original": extra["auto_original_domain_ppl"]},
-            "reason": f"merging into the {chosen} weights gives held-out domain perplexity {a:.4f}, "
+            "chosen": chosen, "split": "domain_valid",
+            "domain_ppl": {"dequantized": extra["auto_dequantized_domain_ppl"],
+                           "original": extra["auto_original_domain_ppl"]},
+            "reason": f"merging into the {chosen} weights gives validation domain perplexity {a:.4f}, "
                       f"{100 * (b / a - 1):.2f}% lower than into the {other} weights ({b:.4f})",
         }
         (ctx.output_dir / "merge_choice.json").write_text(json.dumps(choice, indent=2))
@@ -111,7 +119,12 @@ def run(ctx: StageContext) -> StageResult:
         ctx.metrics.set_tags({"merge.into.chosen": chosen})
         into = chosen
 
-    verify = verify_merge(ctx, adapter, family)
+    verify = verify_merge(ctx, adapter, family, into)
+    try:
+        check_verification(verify, recipe.merge.verify_max_logit_diff, into)
+    except StageError:
+        _discard_progress(ctx.checkpoint_dir)  # a rerun merges afresh, not from the layers that failed
+        raise
     metrics = {"size_bytes": float(total_size), "merged_modules": float(len(adapter.pairs)), **verify, **extra}
     if not math.isnan(max_delta):
         metrics["max_abs_delta"] = max_delta
@@ -120,14 +133,15 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _domain_ppl(ctx: StageContext, model_dir: Path) -> float:
-    """Held-out domain perplexity of a merged candidate (merge.into: auto), in float32 on the
-    evaluation device, on the windows the evaluate stages use."""
+    """Validation domain perplexity of a merged candidate (merge.into: auto), in float32 on
+    the evaluation device, with the evaluate stages' window settings on `domain_valid`: the
+    choice must not be made on the test split it is then reported on."""
     from pipeline.checkpoints import load_hf_model
     from pipeline.stages.evaluate import eval_device_dtype, perplexity
 
     device, _ = eval_device_dtype(ctx.recipe.evaluate)
     streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-    windows = data.windows(streams["domain_eval"], ctx.recipe.data.seq_len, ctx.recipe.evaluate.max_domain_windows)
+    windows = data.windows(streams["domain_valid"], ctx.recipe.data.seq_len, ctx.recipe.evaluate.max_domain_windows)
     model = load_hf_model(model_dir, torch.float32, device)
     ppl, _ = perplexity(model, windows, ctx.recipe.evaluate.batch_size, device, ctx.progress, f"merge auto: {model_dir.name}")
     del model
@@ -154,7 +168,7 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
     original_map = None
     if into == "original":
         src = resolve_model(recipe.model)
-        if is_bnb_4bit(read_config(src)):
+        if is_bnb_4bit(read_config(src, key="model.source")):
             raise InputError(f"merge.into: '{recipe.merge.into}' needs the base's float weights, but model.source is a "
                              "pre-quantized 4-bit checkpoint; use merge.into: dequantized")
         original_map = weight_map(src)
@@ -217,18 +231,55 @@ def _plain_tensors(names, base_map, original_map, dtype) -> dict[str, torch.Tens
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
+def _discard_progress(checkpoint_dir: Path) -> None:
+    """Remove the merge's layer shards and candidates; dot-files are the runner's bookkeeping."""
+    for entry in checkpoint_dir.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def check_verification(verify: dict[str, float], limit: float, into: str) -> None:
+    """Fail the stage when the merged checkpoint's logits stray from the reference by more
+    than `limit` (merge.verify_max_logit_diff). A correct merge differs only by the rounding
+    of the merged weights to model.dtype; a wrong one (a delta dropped, doubled, transposed,
+    put on the wrong module) differs by whole logits.
+
+    Raises:
+        StageError: one line with both numbers and what to check (NaN fails too).
+    """
+    diff, scale = verify["verify_max_abs_logit_diff"], verify["verify_logit_scale"]
+    if diff <= limit:
+        return
+    raise StageError(
+        f"merge verification failed: the merged checkpoint's logits differ from the {into} base + unmerged adapter "
+        f"by up to {diff:.4g}, over merge.verify_max_logit_diff = {limit:g} (mean |logit| {scale:.3g}); rounding "
+        "alone stays far below that. Check that the adapter was trained on this model.source with these lora "
+        "settings, or raise merge.verify_max_logit_diff if this model's logits are unusually large")
+
+
 @torch.no_grad()
-def verify_merge(ctx: StageContext, adapter: Adapter, family) -> dict[str, float]:
-    """Largest |logit difference| between the merged bf16 checkpoint and NF4 base + unmerged
-    LoRA (both in float32), on a few held-out windows. Both run one decoder layer at a time,
-    so the check costs the memory of one layer, not of the model."""
+def verify_merge(ctx: StageContext, adapter: Adapter, family, into: str = "dequantized") -> dict[str, float]:
+    """Largest |logit difference| between the merged checkpoint and the weights it was merged
+    into (`into`: the dequantized NF4 base, or the original weights) + the unmerged LoRA, both
+    in float32, on a few validation windows. Both run one decoder layer at a time, so the check
+    costs the memory of one layer, not of the model.
+
+    The reference is the merge's own base so that the difference is the merge's error alone:
+    against the NF4 base, an `original` merge would also carry NF4's quantization error."""
     streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-    windows = data.windows(streams["domain_eval"], min(ctx.recipe.data.seq_len, 256), VERIFY_WINDOWS)
+    windows = data.windows(streams["domain_valid"], min(ctx.recipe.data.seq_len, 256), VERIFY_WINDOWS)
     merged_map, base_map = weight_map(ctx.output_dir), weight_map(ctx.inputs["base"])
     config = read_config(ctx.inputs["base"])
     runner = LayerwiseRunner(config, torch.float32, family.layers_prefix)
+    original_map = weight_map(resolve_model(ctx.recipe.model)) if into == "original" else None
 
     def reference_weights(prefix: str) -> dict[str, torch.Tensor]:
+        if original_map is not None:
+            return read_prefix(original_map, prefix)
         out = {}
         quantized = {n.split(".weight.", 1)[0] for n in base_map if n.startswith(prefix) and ".weight." in n}
         for module in quantized:

@@ -14,8 +14,6 @@ some zero is 0, which v1 cannot store (then `checkpoint_format: gptq_v2`).
 from __future__ import annotations
 
 import json
-import math
-import time
 from functools import partial
 
 import torch
@@ -23,59 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import DTYPES, copy_tokenizer, read_config, read_tensors, weight_map
-from pipeline.errors import InputError
 from pipeline.families import family_for
 from pipeline.graph import StageContext, StageResult
 from pipeline.awq_layer import AWQSettings, make_transform
 from pipeline.layer_engine import LinearResult, quantize_sequentially
 from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
+from pipeline.stages.quantize_settings import METHODS, check_shapes, relevant_settings  # noqa: F401  (re-exported)
 from quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
 from quant.packing import (
     AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_along_rows, unpack_gptq,
 )
-
-VERSION = 2
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-
-
-def values_per_word_run(bits: int) -> int:
-    """Rows that fill whole int32 words: 8 for 4-bit, 16 for 2-bit, 4 for 8-bit, 32 for 3-bit."""
-    return 32 // math.gcd(bits, 32)
-
-
-def divisors_hint(n: int, bits: int) -> list[int]:
-    pf = values_per_word_run(bits)
-    return [d for d in range(8, n + 1) if n % d == 0 and d % pf == 0]
-
-
-def check_shapes(entry, config: dict, key: str) -> None:
-    """A group size that does not divide a layer's input size is a recipe error."""
-    sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
-    pf = values_per_word_run(entry.bits)
-    for what, n in sizes.items():
-        if entry.group_size != -1 and n % entry.group_size:
-            common = [d for d in divisors_hint(sizes["hidden_size"], entry.bits) if sizes["intermediate_size"] % d == 0]
-            raise InputError(f"{key}.group_size: {entry.group_size} does not divide the model's {what} {n}; "
-                             f"group sizes that work: {', '.join(map(str, common[:12]))} or -1")
-        if n % pf:
-            raise InputError(f"{key}.bits: {entry.bits}-bit packing needs sizes divisible by {pf}; {what} is {n}")
-    if entry.method == "awq":
-        heads = int(config.get("num_attention_heads", 1))
-        head_dim = int(config.get("head_dim") or sizes["hidden_size"] // heads)
-        kv = int(config.get("num_key_value_heads", heads)) * head_dim
-        for what, n in {**sizes, "key/value size": kv}.items():
-            if n % 8:
-                raise InputError(f"{key}.method: the AWQ GEMM layout packs 8 output columns per word; "
-                                 f"the model's {what} is {n}; use method: gptq")
-
-
-def relevant_settings(q) -> dict:
-    """The entry's settings that change this method's output (its stage fingerprint): AWQ's
-    options do not concern rtn or gptq entries."""
-    entry = q.model_dump(mode="json")
-    if not q.method.startswith("awq"):
-        entry.pop("awq")
-    return entry
 
 
 def _linear_result(res: GPTQResult, bits: int, H) -> LinearResult:
@@ -114,7 +69,6 @@ def quantization_config(q, v1: bool) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    started = time.time()
     entry = ctx.config["entry"]
     name = entry["name"]
     recipe = ctx.recipe
@@ -181,10 +135,10 @@ def run(ctx: StageContext) -> StageResult:
     (ctx.output_dir / "layer_metrics.json").write_text(json.dumps(layer_metrics))
     losses = [v for m in layer_metrics for k, v in m.items() if k.count(".") == 1 and k.endswith(".loss")]
     out_errs = [v for m in layer_metrics for k, v in m.items() if k.endswith(".output_rel_err")]
-    # Wall time of this invocation (a resumed stage counts only its own part; see the manifest).
+    # No timings in the output (the same work gives the same bytes): the stage's seconds are
+    # in its manifest, where evaluation reads them.
     fmt = qconfig.get("checkpoint_format", "awq-gemm")
-    (ctx.output_dir / "quantization.json").write_text(json.dumps(
-        {"method": q.method, "seconds": round(time.time() - started, 3), "checkpoint_format": fmt}))
+    (ctx.output_dir / "quantization.json").write_text(json.dumps({"method": q.method, "checkpoint_format": fmt}))
     return StageResult(
         metrics={"size_bytes": float(total), "layers": float(n_layers), "total_loss": float(sum(losses)),
                  **({"mean_output_rel_err": sum(out_errs) / len(out_errs)} if out_errs else {})},

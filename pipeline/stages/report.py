@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pipeline.graph import StageContext, StageResult
 
-VERSION = 2
 COLUMNS = (("domain_ppl", "domain ppl", "{:.3f}"), ("general_ppl", "general ppl", "{:.3f}"),
            ("size_bytes", "size (MB)", None), ("quantize_seconds", "quantize (s)", "{:.0f}"),
            ("load_seconds", "load (s)", "{:.1f}"), ("peak_memory_bytes", "peak mem (MB)", None),
@@ -119,7 +118,7 @@ def _plots(out: Path, artifacts: dict[str, dict], train_log: Path | None, layer_
                         fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("size on disk (MB, log scale)")
-    ax.set_ylabel("held-out domain perplexity")
+    ax.set_ylabel("test-split domain perplexity")
     ax.set_title("Quality against size")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -134,7 +133,7 @@ def _plots(out: Path, artifacts: dict[str, dict], train_log: Path | None, layer_
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
         evals = [h for h in log.get("evals", history) if "eval_loss" in h]
         if evals:
-            ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out loss")
+            ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation loss (domain_valid)")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title("LoRA training")

@@ -1,4 +1,5 @@
-"""Stage `train`: LoRA adapters (peft) on the frozen NF4 base, on the domain train windows.
+"""Stage `train`: LoRA adapters (peft) on the frozen NF4 base, on the domain train windows;
+the eval loss every `eval_interval` steps is on the validation split (`domain_valid`).
 
 Deterministic and resumable: the batch of every step is a pure function of (seed, step), and
 every `save_interval` steps a checkpoint holds the adapter, optimizer, scheduler and RNG
@@ -30,12 +31,13 @@ from pipeline.graph import StageContext, StageResult
 from pipeline.lora import attach_lora
 from pipeline.models import resolve_model, source_identity
 from pipeline.rundir import fsync_dir, fsync_tree
+from pipeline.safe_state import load_state, save_state
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
 STEP_DIR = "step-{:07d}"
 COMPLETE = "complete"
+TRAINER_STATE = "trainer"  # optimizer, scheduler, RNG: trainer.json + trainer.safetensors
 
 
 def train_device_dtype(cfg, nf4_cfg) -> tuple[str, torch.dtype]:
@@ -108,19 +110,25 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, hist
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                "step": step, "history": history, "position": position}, tmp / "trainer.pt")
+    save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "step": step, "history": history, "position": position}, tmp, TRAINER_STATE)
     (tmp / COMPLETE).write_text(str(step))
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_dir(ckpt_dir)
-    for old in sorted(p for p in ckpt_dir.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
+    for old in sorted(p for p in ckpt_dir.glob("step-*") if _is_checkpoint(p))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A finished checkpoint of this format (a `trainer.pt` pickle from elsewhere is not one)."""
+    return all((path / f).is_file() for f in (COMPLETE, "adapter.safetensors", f"{TRAINER_STATE}.json",
+                                               f"{TRAINER_STATE}.safetensors"))
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / COMPLETE).is_file())
+    done = sorted(p for p in ckpt_dir.glob("step-*") if _is_checkpoint(p))
     return done[-1] if done else None
 
 
@@ -130,11 +138,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
-    state = torch.load(path / "trainer.pt", weights_only=False)
+    state = load_state(path, TRAINER_STATE)  # plain data only: a run directory never runs code
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return state["step"], state["history"]
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that changes from process to
+    process; sorted, the same training gives the same bytes."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
@@ -164,7 +181,8 @@ def run(ctx: StageContext) -> StageResult:
     if train_windows.shape[0] < cfg.micro_batch_size:
         raise InputError(f"train.micro_batch_size: {cfg.micro_batch_size} exceeds the {train_windows.shape[0]} "
                          f"training windows of {seq_len} tokens; lower it or train.seq_len")
-    eval_windows = data.windows(streams["domain_eval"], recipe.data.seq_len, cfg.eval_windows)
+    # The validation split: the test split (domain_eval) stays unseen until the evaluate stages.
+    eval_windows = data.windows(streams["domain_valid"], recipe.data.seq_len, cfg.eval_windows)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -216,13 +234,15 @@ def run(ctx: StageContext) -> StageResult:
         optimizer.zero_grad(set_to_none=True)
         if accelerator.num_processes > 1:
             step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
-        record = {"step": step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_second": tokens_per_step / max(time.time() - t0, 1e-9)}
+        # Timings go to MLflow only: the stage's output files hold what was computed, so the
+        # same work gives the same bytes.
+        record = {"step": step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": float(grad_norm)}
+        speed = {"tokens_per_second": tokens_per_step / max(time.time() - t0, 1e-9)}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
             record["eval_loss"] = eval_loss(model, eval_windows, cfg.micro_batch_size, device)
         history.append(record)
         if accelerator.is_main_process:
-            ctx.metrics.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+            ctx.metrics.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **speed}, step=step + 1)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
             if (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.steps:
@@ -237,6 +257,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics["final_eval_ppl"] = math.exp(evals[-1])
     if accelerator.is_main_process:
         model.save_pretrained(ctx.output_dir)
+        _sort_target_modules(ctx.output_dir / "adapter_config.json")
         (ctx.output_dir / "train_log.json").write_text(json.dumps({
             "history": history, "optimizer": optimizer_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
             "processes": accelerator.num_processes, "target_modules": targets,

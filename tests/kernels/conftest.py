@@ -1,4 +1,4 @@
-"""Kernel tests run the Triton kernels through the interpreter on the CPU (KERNELS.md §4), and
+"""Kernel tests run the Triton kernels through the interpreter on the CPU (docs/kernels.md#testing-without-a-gpu), and
 on the GPU itself when one is present. The interpreter must be chosen before triton is imported."""
 import os
 

@@ -65,3 +65,27 @@ def test_nf4_linear_backward_through_the_kernel(monkeypatch):
         (layer(xi) ** 2).sum().backward()
         grads[mode] = xi.grad
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+def test_nf4_linear_under_autocast_runs_in_the_autocast_dtype(monkeypatch, autocast_dtype):
+    """float32 activations under autocast are cast to the autocast dtype before the kernel (no
+    float32 kernel, no TF32) and come back in it; the input gradient returns to float32.
+    Checked through the kernels for fp16; bf16 (wrong in the interpreter) through the twins."""
+    monkeypatch.setenv("QLP_KERNELS", "triton" if autocast_dtype == torch.float16 else "torch")
+    import kernels
+
+    layer = LinearNF4.from_linear(nn.Linear(128, 96, bias=False), 64)
+    x = torch.randn(5, 128, requires_grad=True)
+    calls = []
+    original = kernels.nf4_matmul
+    monkeypatch.setattr(kernels, "nf4_matmul", lambda a, t: calls.append(a.dtype) or original(a, t))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = layer(x)
+    assert calls == [autocast_dtype] and y.dtype == autocast_dtype
+    assert torch.equal(y, original(x.detach().to(autocast_dtype), layer.nf4()))
+    (y.float() ** 2).sum().backward()
+    assert x.grad.dtype == torch.float32
+    g = (2 * y.float()).to(autocast_dtype)
+    expected = kernels.nf4_matmul_grad_input(g, layer.nf4()).float()
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)

@@ -1,14 +1,18 @@
-"""Data sources, the split by document, tokenization."""
+"""Data sources, the split by document, decontamination of the splits, tokenization."""
 from __future__ import annotations
 
 import json
+import re
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline import data
 from pipeline.errors import DataError
-from pipeline.recipe import DataSource
+from pipeline.recipe import DataSource, DecontaminateConfig
+from tests.conftest import cli, tiny_recipe
 
 
 def test_python_docs_split_matches_the_baseline_protocol(smollm2_dir):
@@ -16,12 +20,13 @@ def test_python_docs_split_matches_the_baseline_protocol(smollm2_dir):
 
     docs = data.python_docs()
     assert len(docs) == 79
-    train, held = data.split_documents(docs, 5)
+    splits = data.split_documents(docs, 5, 5)
+    train, held = splits.train, splits.eval
     # The topics 'else' (held out) and 'if' share their text: the train copy is dropped.
-    assert (len(train), len(held)) == (62, 16)
-    assert not set(train) & set(held)
+    assert (len(train), len(splits.valid), len(held)) == (49, 13, 16)
+    assert not set(train) & set(held) and not set(train) & set(splits.valid)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    # BASELINES.md: 17,203 eval tokens (same windows); its 95,904 train tokens include the leaked copy.
+    # docs/baselines.md#protocol: 17,203 eval tokens (same windows); its 95,904 train tokens include the leaked copy.
     assert data.tokenize_documents(tok, held).numel() == 17203
     assert data.tokenize_documents(tok, train).numel() < 95904
 
@@ -67,3 +72,189 @@ def test_whitespace_only_source_is_empty(tmp_path):
     f.write_text("   \n\n  ")
     with pytest.raises(DataError, match="data.general: the source holds no text"):
         data.load_documents(DataSource(path=str(f)), "data.general")
+
+
+# ---------------------------------------------------------------- decontamination
+# The checks below re-derive paragraphs with their own code, not pipeline.data's.
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _paragraphs(text: str, min_chars: int = 80) -> list[str]:
+    return [p for p in (_flat(p) for p in re.split(r"\n\s*\n", text)) if len(p) >= min_chars]
+
+
+def _decoded_streams(stage_output: Path, tokenizer_dir: Path) -> dict[str, str]:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    streams = load_file(str(stage_output / "tokens.safetensors"))
+    return {k: tok.decode(v.tolist(), clean_up_tokenization_spaces=False) for k, v in streams.items()}
+
+
+def test_python_docs_held_out_text_is_nowhere_in_training_text(smollm2_dir, tmp_path, write_recipe, monkeypatch):
+    """The real corpus, the real tokenizer: decoded from the stage's token streams, no test
+    paragraph (>= 80 chars) is inside the train or valid text, no valid paragraph inside train."""
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tiny_recipe(smollm2_dir, tmp_path))
+    assert cli("run", str(path), "--only", "data") == 0
+    out = tmp_path / "runs" / "tiny" / "data" / "output"
+    text = _decoded_streams(out, smollm2_dir)
+    assert set(text) == {"domain_train", "domain_valid", "domain_eval", "general_eval"}
+    flat = {k: _flat(v) for k, v in text.items()}
+    held, valid = _paragraphs(text["domain_eval"]), _paragraphs(text["domain_valid"])
+    assert len(held) > 200 and len(valid) > 200
+    assert [p for p in held if p in flat["domain_train"]] == []
+    assert [p for p in held if p in flat["domain_valid"]] == []
+    assert [p for p in valid if p in flat["domain_train"]] == []
+    assert text["domain_eval"] == "\n\n".join(data.python_docs()[::5])  # the test documents stay whole
+
+    stats = json.loads((out / "data.json").read_text())
+    assert (stats["train_documents"], stats["valid_documents"], stats["eval_documents"]) == (49, 13, 16)
+    assert stats["domain_eval_tokens"] == 17203  # the test split is untouched
+    before, after = stats["decontamination"]["before"], stats["decontamination"]["after"]
+    # The nesting is real: nearly half of the test text sat verbatim in the training documents.
+    assert before["eval_in_train"]["paragraphs"] > 100 and before["eval_in_train"]["fraction"] > 0.4
+    assert before["valid_in_train"]["paragraphs"] > 40
+    assert all(o["paragraphs"] == 0 and o["chars"] == 0 and o["fraction"] == 0 for o in after.values())
+    metrics = json.loads((out.parent / "manifest.json").read_text())["metrics"]
+    assert metrics["overlap_before_eval_in_train_paragraphs"] == before["eval_in_train"]["paragraphs"]
+    assert metrics["overlap_after_eval_in_train_fraction"] == 0.0
+
+
+def _long(tag: str) -> str:
+    """A distinct paragraph of well over 80 characters."""
+    return (f"The {tag} paragraph explains one thing about the {tag} statement, in more than eighty "
+            f"characters of text that no other {tag} paragraph repeats.")
+
+
+def test_nested_and_spanning_held_out_text_is_cut_from_the_training_side_only(tiny_llama_dir, tmp_path, write_recipe,
+                                                                               monkeypatch):
+    """holdout_every=3, valid_every=3 over 6 documents: eval = {0, 3}, valid = {1, 5}, train = {2, 4}."""
+    p_a, p_b, q, v1, w1, s5, u4 = (_long(t) for t in ("alpha", "beta", "gamma", "valid", "wide", "solo", "unrelated"))
+    q1 = q[:60].rsplit(" ", 1)[0]  # q = q1 + " " + q2, split between two words
+    q2 = q[len(q1) + 1:]
+    intro, outro = _long("intro"), _long("outro")
+    lead, trail = "Leading words on the same line as the start of it.", "and trailing words after it."
+    docs = [
+        f"{p_a}\n\n{p_b}",                                           # 0 eval: nested whole in doc 2
+        f"{v1}\n\n{w1}",                                             # 1 valid: v1 also sits in doc 4
+        f"{intro}\n\n{p_a}\n\n{p_b}\n\n{outro}",                   # 2 train: holds doc 0
+        q,                                                            # 3 eval: one paragraph
+        f"{u4}\n\n{lead} {q1}\n\n  {q2} {trail}\n\n{v1}",            # 4 train: q across a paragraph break
+        f"{s5}\n\n{p_b}",                                            # 5 valid: holds an eval paragraph
+    ]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"doc{i}.txt").write_text(d)
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"path": str(folder)}, "general": None, "seq_len": 16,
+                                                         "holdout_every": 3, "valid_every": 3})
+    assert cli("run", str(write_recipe(recipe)), "--only", "data") == 0
+    out = tmp_path / "runs" / "tiny" / "data" / "output"
+    text = _decoded_streams(out, tiny_llama_dir)
+    assert text["domain_eval"] == f"{docs[0]}\n\n{docs[3]}"  # held-out documents unchanged
+    assert text["domain_valid"] == f"{docs[1]}\n\n{s5}"  # valid lost exactly the eval paragraph
+    # Train lost exactly the contained text: doc 0 inside doc 2; q, which spans a paragraph
+    # break inside larger paragraphs of doc 4; and the valid paragraph v1.
+    assert text["domain_train"] == f"{intro}\n\n{outro}\n\n{u4}\n\n{lead}\n\n{trail}"
+    report = json.loads((out / "data.json").read_text())["decontamination"]
+    assert {k: v["paragraphs"] for k, v in report["before"].items()} == {
+        "eval_in_train": 3, "eval_in_valid": 1, "valid_in_train": 2}
+    assert all(v["paragraphs"] == 0 for v in report["after"].values())
+
+
+def test_a_paragraph_split_across_two_training_documents_is_cut_from_both():
+    # The token stream joins documents with a blank line, so a paragraph can span two of them.
+    held = _long("held")
+    first = held[:50].rsplit(" ", 1)[0]
+    second = held[len(first) + 1:]
+    splits = data.Splits(train=[f"{_long('one')}\n\n{first}", f"{second}\n\n{_long('two')}"], valid=[_long("v")],
+                         eval=[held])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert clean.train == [_long("one"), _long("two")]
+    assert report.before["eval_in_train"].paragraphs == 1 and report.clean
+
+
+def test_a_match_inside_longer_words_and_a_paragraph_of_few_long_words_are_found():
+    held = _long("glued")
+    few_words = "x" * 50 + " " + "y" * 40  # two words: searched without the word index
+    splits = data.Splits(train=[f"({held}) and [{few_words}]"], valid=[_long("v")], eval=[f"{held}\n\n{few_words}"])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    # Substrings, not whole words: the brackets around the matches stay.
+    assert clean.train == ["(\n\n) and [\n\n]"]
+    assert report.before["eval_in_train"].paragraphs == 2
+
+
+def test_the_word_index_finds_what_a_plain_search_finds():
+    splits = data.split_documents(data.python_docs(), 5, 5)
+    view = data._NormalizedSide(splits.train)
+    needles = {p for d in splits.eval + splits.valid for p in data.paragraphs(d, 80)}
+    assert sorted(view.find_all(needles)) == sorted(o for n in needles for o in view.occurrences(n))
+
+
+def test_min_chars_decides_which_paragraphs_count():
+    short = "A sixty-character paragraph of held-out text, nested below."  # 59 characters
+    assert 50 <= len(short) < 80
+    splits = data.Splits(train=[f"{_long('t')}\n\n{short}"], valid=[_long("v")], eval=[f"{short}\n\n{_long('e')}"])
+    kept, report = data.decontaminate(splits, DecontaminateConfig())  # min_chars 80: not a paragraph that counts
+    assert kept.train == splits.train and report.before["eval_in_train"].checked_paragraphs == 1
+    cut, report = data.decontaminate(splits, DecontaminateConfig(min_chars=50))
+    assert cut.train == [_long("t")]
+    assert report.before["eval_in_train"].paragraphs == 1 and report.before["eval_in_train"].checked_paragraphs == 2
+
+
+def test_near_duplicate_switch_removes_a_paragraph_one_word_apart():
+    held = ("When return passes control out of a try statement with a finally clause, that finally clause is "
+            "executed before really leaving the function, whatever the try block was doing at the time.")
+    near = held.replace("function", "loop")
+    splits = data.Splits(train=[f"{_long('t')}\n\n{near}"], valid=[_long("v")], eval=[held])
+    kept, report = data.decontaminate(splits, DecontaminateConfig())
+    assert kept.train == splits.train and report.near_duplicates_removed["eval_in_train"] == 0
+    cut, report = data.decontaminate(splits, DecontaminateConfig(near_duplicates=True))
+    assert cut.train == [_long("t")] and report.near_duplicates_removed["eval_in_train"] == 1
+    assert report.metrics()["near_duplicates_removed_eval_in_train"] == 1.0
+    # A higher threshold than this pair's similarity keeps it.
+    strict, _ = data.decontaminate(splits, DecontaminateConfig(near_duplicates=True, near_duplicate_jaccard=0.95))
+    assert strict.train == splits.train
+
+
+def test_python_stdlib_leaves_out_pydoc_data():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert (root / "pydoc_data" / "topics.py").is_file()  # it is there to leave out
+    files = data.stdlib_files()
+    assert len(files) > 500 and not any("pydoc_data" in p.parts for p in files)
+
+
+def test_an_empty_split_is_a_data_error_naming_the_key():
+    from pipeline.recipe import DataConfig
+    from pipeline.stages.data import _require_clean, _require_documents
+
+    cfg = DataConfig(holdout_every=2)
+    two = ["one document of text", "another one"]  # eval gets the first, valid the second
+    with pytest.raises(DataError, match=r"^data.valid_every: of 2 document\(s\), none is left for training"):
+        _require_documents(data.split_documents(two, cfg.holdout_every, cfg.valid_every), len(two), cfg)
+    with pytest.raises(DataError, match=r"^data.holdout_every: only 1 document"):
+        _require_documents(data.split_documents(two[:1], 2, 2), 1, cfg)
+    # The only training document is the test document, line-wrapped: cleaning empties train.
+    cfg = DataConfig(holdout_every=3, valid_every=2)
+    docs = [_long("x"), _long("y"), _long("x").replace(" ", "\n")]
+    splits = data.split_documents(docs, cfg.holdout_every, cfg.valid_every)
+    _require_documents(splits, len(docs), cfg)
+    clean, report = data.decontaminate(splits, cfg.decontaminate)
+    with pytest.raises(DataError, match=r"^data.decontaminate: every domain train document is held-out text"):
+        _require_clean(clean, report, cfg)
+
+
+def test_overlap_left_after_cleaning_is_a_data_error():
+    from pipeline.stages.data import _require_clean
+
+    splits = data.Splits(train=[_long("e")], valid=[_long("v")], eval=[_long("e")])
+    dirty = data.measure_overlap(splits, 80)
+    report = data.Decontamination(dirty, dirty, {}, {})
+    with pytest.raises(DataError, match=r"data.domain: held-out text is still in the training side.*eval_in_train: 1"):
+        _require_clean(splits, report, DecontaminateConfig())

@@ -75,7 +75,7 @@ def specs(log, crash=None, on_b=None):
         (ctx.output_dir / "b.txt").write_text("b")
         return StageResult(metrics={"b_metric": 4.0})
 
-    return [StageSpec("a", a, (), {}, 1), StageSpec("b", b, ("a",), {}, 1)]
+    return [StageSpec("a", a, (), {}), StageSpec("b", b, ("a",), {})]
 
 
 def run_pipeline(run_dir, uri, **kw):

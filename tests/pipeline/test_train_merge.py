@@ -51,7 +51,8 @@ def test_training_logs_every_step_and_eval(trained):
     log = json.loads((trained / "train" / "output" / "train_log.json").read_text())
     history = log["history"]
     assert [h["step"] for h in history] == list(range(1, 13))
-    assert {"loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(history[0])
+    assert {"loss", "learning_rate", "grad_norm"} <= set(history[0])
+    assert "tokens_per_second" not in history[0]  # timings go to MLflow: same work, same bytes
     assert [h["step"] for h in history if "eval_loss" in h] == [6, 12]
     assert all(math.isfinite(h["loss"]) for h in history)  # learning itself is shown on SmolLM2 (slow test)
     assert history[1]["learning_rate"] > history[0]["learning_rate"]  # warm-up
@@ -116,6 +117,18 @@ def test_merge_into_original_equals_plain_base_plus_adapter(trained, tiny_llama_
     assert not (tmp_path / "runs" / "orig" / "train").exists()  # merge.adapter skips training
 
 
+def valid_ppl(run_dir: Path) -> float:
+    """Perplexity of a run's merged model on the domain_valid windows (float32, the CPU)."""
+    from pipeline import data
+    from pipeline.checkpoints import load_hf_model
+    from pipeline.stages.evaluate import perplexity
+
+    streams = load_file(str(run_dir / "data" / "output" / "tokens.safetensors"))
+    windows = data.windows(streams["domain_valid"], 128, 4)  # tiny_recipe: seq_len 128, 4 domain windows
+    model = load_hf_model(run_dir / "merge" / "output", torch.float32, "cpu")
+    return perplexity(model, windows, 4, "cpu", lambda it, **_: it, "valid")[0]
+
+
 def test_merge_into_auto_keeps_the_better_merge_and_says_why(trained, tiny_llama_dir, tmp_path, write_recipe):
     from safetensors.torch import load_file
 
@@ -128,10 +141,11 @@ def test_merge_into_auto_keeps_the_better_merge_and_says_why(trained, tiny_llama
             assert cli("run", str(path), "--only", stage) == 0
         runs[into] = tmp_path / "runs" / into
     choice = json.loads((runs["auto"] / "merge" / "output" / "merge_choice.json").read_text())
-    ppl = {w: json.loads((runs[w] / "evaluate-merged" / "output" / "metrics.json").read_text())["domain_ppl"]
-           for w in ("dequantized", "original")}
-    # auto measured the same perplexities as evaluating each merge, and kept the lower one
-    assert choice["domain_ppl"] == pytest.approx(ppl, rel=1e-6)
+    # The choice is made on the validation split, never on the test split the report shows.
+    assert choice["split"] == "domain_valid"
+    ppl = {w: valid_ppl(runs[w]) for w in ("dequantized", "original")}
+    # auto measured the same perplexities as evaluating each merge on domain_valid, and kept the lower one
+    assert choice["domain_ppl"] == pytest.approx(ppl, rel=1e-5)
     assert choice["chosen"] == min(ppl, key=ppl.get) and choice["chosen"] in choice["reason"]
     kept = load_file(str(next((runs["auto"] / "merge" / "output").glob("model-00001-*"))))
     same = load_file(str(next((runs[choice["chosen"]] / "merge" / "output").glob("model-00001-*"))))
@@ -167,6 +181,66 @@ def test_external_adapter_on_a_prequantized_bnb_checkpoint(trained, tiny_llama_d
     delta = (a[f"{prefix}.lora_B.weight"].float() @ a[f"{prefix}.lora_A.weight"].float()) * (8 / 4)
     torch.testing.assert_close(merged["model.layers.1.mlp.up_proj.weight"].float(),
                                (dequant + delta).to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def loud_model_and_adapter(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny Llama with its output head scaled so that its logits spread like a real
+    model's (mean |logit| of several units, not 0.1), and a PEFT adapter on every linear whose
+    LoRA B is random and large: the delta moves the weights by about half their own size, so
+    a merge that loses or repeats it is far off, as it would be on a real model."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    tmp = tmp_path_factory.mktemp("loud")
+    model_dir = Path(shutil.copytree(tiny_llama_dir, tmp / "model"))
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 40
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    peft_model.save_pretrained(tmp / "adapter")
+    return model_dir, tmp / "adapter"
+
+
+@pytest.mark.parametrize("breakage", ["delta dropped", "delta doubled"])
+def test_a_wrong_merge_fails_its_verification_and_publishes_nothing(breakage, loud_model_and_adapter, tmp_path,
+                                                                    write_recipe, monkeypatch, capsys):
+    from pipeline.recipe import MergeConfig
+    from pipeline.stages import merge
+
+    model_dir, adapter = loud_model_and_adapter
+    path = write_recipe(recipe_for(model_dir, tmp_path, "verify", merge={"adapter": str(adapter)}))
+    for stage in ("data", "base"):
+        assert cli("run", str(path), "--only", stage) == 0
+    real_delta = merge.Adapter.delta
+    if breakage == "delta dropped":
+        monkeypatch.setattr(merge.Adapter, "delta", lambda self, prefix: None)
+    else:
+        monkeypatch.setattr(merge.Adapter, "delta",
+                            lambda self, prefix: None if (d := real_delta(self, prefix)) is None else 2 * d)
+    capsys.readouterr()
+    assert cli("run", str(path), "--only", "merge") == 1
+    err = capsys.readouterr().err
+    assert "merge verification failed" in err and "merge.verify_max_logit_diff" in err and "Traceback" not in err
+    stage = tmp_path / "runs" / "verify" / "merge"
+    assert not (stage / "manifest.json").exists() and not (stage / "output").exists()
+    assert json.loads((stage / "state.json").read_text())["status"] == "failed"
+
+    monkeypatch.undo()  # the same command with a correct merge: passes (not resumed from the wrong layers)
+    assert cli("run", str(path), "--only", "merge") == 0
+    metrics = json.loads((stage / "manifest.json").read_text())["metrics"]
+    assert metrics["verify_max_abs_logit_diff"] <= MergeConfig().verify_max_logit_diff
+    assert metrics["verify_logit_scale"] > 2  # the loud head: logits of a real model's size
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_llama_dir, tmp_path, write_recipe, capsys):

@@ -71,7 +71,7 @@ def test_scale_search_beats_plain_rounding_on_salient_channels():
 
 
 def _reference_clip(W, x, gs, n_grid=20, max_shrink=0.5):
-    """QUANT_SPEC C's clip search written directly: error over every token of each group's output."""
+    """The clip search of docs/formats.md#awq-clip-search written directly: error over every token of each group's output."""
     out_f, in_f = W.shape
     w = W.reshape(out_f, 1, -1, gs)
     xg = x.reshape(1, x.shape[0], -1, gs)

@@ -1,0 +1,134 @@
+"""The project code a stage runs, and a hash of it that only changes when the code does.
+
+A stage's code is the module that defines its function plus every project module that module
+imports, transitively (imports inside functions included). Each file is hashed through `ast`,
+with docstrings removed: comments, docstrings and formatting do not count, any change to
+what the code does does. The stage runner puts the per-file hashes into the stage's
+fingerprint and manifest, so a changed file makes exactly the stages that run it stale and
+`plan` can name it.
+
+Only the modules an import statement names are followed (`from pipeline.stages import merge`
+follows `pipeline/stages/merge.py`, not the package's `__init__.py`, which imports every
+stage); a package `__init__.py` counts when names are imported from the package itself.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+PROJECT_PACKAGES = ("pipeline", "quant", "kernels")
+# The stage framework itself: how stages are described and which errors they raise, not
+# what any stage computes. Changing them re-runs nothing.
+FRAMEWORK_MODULES = frozenset({"pipeline.graph", "pipeline.errors"})
+
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding the project's packages
+
+
+def module_path(name: str) -> Optional[Path]:
+    """The source file of project module `name` (a package's `__init__.py`), or None."""
+    if name.split(".", 1)[0] not in PROJECT_PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=None)
+def _parse(path: Path, mtime_ns: int, size: int) -> tuple[str, ast.Module]:
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path))
+    digest = hashlib.sha256(ast.dump(_strip_docstrings(ast.parse(source)), include_attributes=False).encode())
+    return digest.hexdigest()[:16], tree
+
+
+def file_hash(path: Path) -> str:
+    """Hash of a Python file's syntax tree without docstrings (comments never reach the tree)."""
+    st = path.stat()
+    return _parse(path, st.st_mtime_ns, st.st_size)[0]
+
+
+def _imports(path: Path, module: str) -> frozenset[str]:
+    """Project modules named by the import statements of `path` (module name `module`)."""
+    st = path.stat()
+    return _imports_of(path, st.st_mtime_ns, st.st_size, module)
+
+
+@lru_cache(maxsize=None)
+def _imports_of(path: Path, mtime_ns: int, size: int, module: str) -> frozenset[str]:
+    """`_imports`, once per file version: a plan asks for the same files once per stage."""
+    tree = _parse(path, mtime_ns, size)[1]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base_parts = parts[: len(parts) - node.level + 1] if node.level > 1 else parts
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            submodules = [f"{base}.{a.name}" for a in node.names if module_path(f"{base}.{a.name}")]
+            found.update(submodules)
+            if len(submodules) < len(node.names):  # some names are attributes of `base` itself
+                found.add(base)
+    return frozenset(m for m in found if module_path(m) is not None)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return path.relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def code_files(fn: Union[Callable, str]) -> dict[str, str]:
+    """{file relative to the project root: hash} of the code stage function `fn` runs.
+
+    `fn` may also be a module name (`"pipeline.stages.train"`), or anything whose `__module__`
+    names the module (`graph.StageRef`): the module is read, never imported.
+    """
+    module = fn if isinstance(fn, str) else (getattr(fn, "__module__", None) or "")
+    start = module_path(module)
+    if start is None:  # a stage defined outside the project packages (tests, plugins)
+        if isinstance(fn, str):
+            return {}
+        source = inspect.getsourcefile(fn)
+        if source is None:
+            return {}
+        start = Path(source).resolve()
+    out: dict[str, str] = {}
+    todo = [(module, start)]
+    seen: set[Path] = set()
+    while todo:
+        name, path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if name not in FRAMEWORK_MODULES:
+            out[_relative(path)] = file_hash(path)
+        for imported in _imports(path, name):
+            todo.append((imported, module_path(imported)))
+    return dict(sorted(out.items()))
+
+
+def changed_files(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Files added, removed or changed between two `code_files` results, sorted."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

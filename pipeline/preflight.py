@@ -1,0 +1,321 @@
+"""Preflight: check the recipe's inputs on disk before a run directory or MLflow run exists.
+
+The schema (pipeline/recipe.py) checks that paths exist; this module opens them: a local
+model directory must hold a readable config.json and safetensors weights, a `.gguf` file must
+be a GGUF file, an external adapter must be a PEFT LoRA directory, every local data file must
+be readable and JSON/JSONL files must parse their first record. A problem found here would
+otherwise surface minutes into a run, after the run directory, its lock and an MLflow run were
+created; found here, it costs nothing and names its recipe key.
+
+Contract: `check_inputs` only reads (a few bytes per data file, the small JSON files whole),
+imports neither torch nor transformers, and returns every problem found, one line each,
+starting with the recipe key path. Hub ids (model or data) cannot be checked offline and pass,
+unless they are template placeholders (`your-org/your-domain-corpus`): those are refused by
+name. `network_sources` lists what a run will download, for `validate` to say so.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.errors import InputError, RecipeError
+from pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
+from pipeline.recipe import LOCAL_DATA_SUFFIXES
+
+GGUF_MAGIC = b"GGUF"
+PARQUET_MAGIC = b"PAR1"
+JSON_SUFFIXES = (".json", ".jsonl")  # read as JSON / JSON Lines by pipeline.data (which imports torch)
+HEAD_BYTES = 1 << 20  # read of each data file; enough for the first record of most JSON files
+MAX_RECORD_BYTES = 64 << 20  # a first JSON record longer than this is not judged
+SAFETENSORS_HINT = "save it with save_pretrained(..., safe_serialization=True)"
+
+
+def preflight(recipe, source: str = "recipe") -> None:
+    """Raise one `RecipeError` listing every input problem of a validated `recipe`.
+
+    `source` names the recipe file in the error's first line.
+    """
+    problems = check_inputs(recipe)
+    if problems:
+        raise RecipeError(problems, source=source)
+
+
+def check_inputs(recipe) -> list[str]:
+    """Every problem with the recipe's local inputs, each line starting with its key path."""
+    problems = check_placeholders(recipe)
+    problems += check_model_source(recipe.model.source)
+    if recipe.merge.adapter is not None:
+        problems += check_adapter(Path(recipe.merge.adapter).expanduser(), "merge.adapter")
+    for key, source in (("data.domain", recipe.data.domain), ("data.general", recipe.data.general)):
+        if source is not None and source.path is not None:
+            problems += check_data_path(Path(source.path).expanduser(), source.text_field, f"{key}.path")
+    problems += check_tracking_uri(recipe.tracking.uri if recipe.tracking.enabled else None)
+    return problems
+
+
+# ----------------------------------------------------------------------------- hub sources
+
+# A path segment of a hub id that stands for "put yours here": your-org, YOUR_DATASET, <name>,
+# placeholder, changeme, todo, xxx.
+PLACEHOLDER_SEGMENT = re.compile(r"(your([-_].*)?|<.*>|\{.*\}|.*placeholder.*|change[-_]?me|todo|x{3,})", re.IGNORECASE)
+
+
+def is_hub_model(src: str) -> bool:
+    """A model source that names a hub repository (not built in, not a local path)."""
+    return not src.startswith("builtin:") and not Path(src).expanduser().exists()
+
+
+def is_placeholder(repo_id: str) -> bool:
+    return any(PLACEHOLDER_SEGMENT.fullmatch(part) for part in repo_id.split("/"))
+
+
+def check_placeholders(recipe) -> list[str]:
+    """Hub ids left as a template's placeholders: refused before anything runs, by key."""
+    problems = []
+    if is_hub_model(recipe.model.source) and is_placeholder(recipe.model.source):
+        problems.append(f"model.source: '{recipe.model.source}' is a placeholder, not a model; give a hub model id "
+                        "(e.g. meta-llama/Meta-Llama-3-8B), a local HF model directory or a .gguf file")
+    for key, source in (("data.domain", recipe.data.domain), ("data.general", recipe.data.general)):
+        if source is not None and source.hub is not None and is_placeholder(source.hub):
+            problems.append(f"{key}.hub: '{source.hub}' is a placeholder, not a dataset; give your corpus's hub "
+                            f"dataset id, or replace `hub:` with `path:` and a local .txt/.md/.jsonl/.parquet "
+                            "file or folder")
+    return problems
+
+
+def network_sources(recipe) -> list[str]:
+    """What a run downloads from the Hugging Face hub, one line per source, starting with its key.
+    (Information: a download happens once; the hub cache serves later runs.)"""
+    lines = []
+    src = recipe.model.source
+    if is_hub_model(src):
+        rev = f" at revision {recipe.model.revision}" if recipe.model.revision else ""
+        lines.append(f"model.source: hub model {src}{rev} (downloaded on the first run; gated models need "
+                     "`huggingface-cli login`)")
+    for key, source in (("data.domain", recipe.data.domain), ("data.general", recipe.data.general)):
+        if source is not None and source.hub is not None:
+            config = f", config {source.config}" if source.config else ""
+            lines.append(f"{key}.hub: hub dataset {source.hub}{config}, split {source.split} (downloaded by the data "
+                         "stage)")
+    return lines
+
+
+def check_tracking_uri(uri: Optional[str]) -> list[str]:
+    """A local SQLite tracking store needs an existing folder (MLflow creates the file, not the folder)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return []
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+    if str(path) in ("", ":memory:") or path.parent.is_dir():
+        return []
+    return [f"tracking.uri: folder {path.parent} of the SQLite store {path.name} does not exist; create it or "
+            "change tracking.uri"]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def check_model_source(src: str, key: str = "model.source") -> list[str]:
+    """Problems with a model source: the built-in package, a .gguf file or an HF directory."""
+    if src.startswith("builtin:"):
+        try:
+            gguf = _smollm2_gguf()
+        except InputError as exc:
+            return [str(exc)]
+        return check_gguf(gguf, key)
+    path = Path(src).expanduser()
+    if path.is_file():
+        return check_gguf(path, key)
+    if path.is_dir():
+        return check_model_dir(path, key)
+    return []  # a hub id: resolved (and checked) when the run downloads it
+
+
+def check_gguf(path: Path, key: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        return [f"{key}: cannot read {path} ({_oserror(exc)})"]
+    if magic != GGUF_MAGIC:
+        return [f"{key}: {path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                "give a .gguf model file or a Hugging Face model directory"]
+    return []
+
+
+def check_model_dir(path: Path, key: str) -> list[str]:
+    """A Hugging Face model directory: config.json (a JSON object with model_type) and
+    safetensors weights (model.safetensors, or an index whose every shard is present)."""
+    problems = []
+    try:
+        config = read_config(path, key)
+    except InputError as exc:
+        problems.append(str(exc))
+        config = None
+    if config is not None and "model_type" not in config:
+        problems.append(f"{key}: {path / 'config.json'} has no 'model_type'; it must be the config.json "
+                        "that save_pretrained writes (e.g. \"model_type\": \"llama\")")
+    problems += check_weights(path, key)
+    return problems
+
+
+def check_weights(path: Path, key: str) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        table, problem = read_json_object(index, key)
+        if problem:
+            return [f"{problem}; re-save the model ({SAFETENSORS_HINT})"]
+        weight_map = table.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            return [f"{key}: {index} has no 'weight_map' of tensor names to shard files; re-save the model "
+                    f"({SAFETENSORS_HINT})"]
+        shards = sorted({str(f) for f in weight_map.values()})
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            return [f"{key}: {len(missing)} of the {len(shards)} shard file(s) listed in {index.name} are missing "
+                    f"from {path}: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
+                    "copy the complete checkpoint"]
+        return []
+    if (path / "model.safetensors").is_file():
+        return []
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        return [f"{key}: {path} holds PyTorch .bin/.pt (pickle) weights, which are not supported (they can run "
+                f"code when loaded); convert them: load the model with transformers and {SAFETENSORS_HINT}"]
+    return [f"{key}: {path} has no weights (expected model.safetensors or model.safetensors.index.json with its "
+            f"shards); {SAFETENSORS_HINT}"]
+
+
+def check_adapter(path: Path, key: str) -> list[str]:
+    """A PEFT adapter directory: a readable adapter_config.json and adapter_model.safetensors."""
+    problems = []
+    _, problem = read_json_object(path / "adapter_config.json", key)
+    if problem:
+        problems.append(f"{problem}; it must be the adapter_config.json that PEFT's save_pretrained writes")
+    if not (path / "adapter_model.safetensors").is_file():
+        pickled = (path / "adapter_model.bin").is_file()
+        problems.append(f"{key}: {path} has no adapter_model.safetensors"
+                        + (" (adapter_model.bin pickle weights are not supported)" if pickled else "")
+                        + f"; {SAFETENSORS_HINT}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files `pipeline.data` reads for a local source: the file itself, or every file
+    with a supported suffix under the folder (other files are ignored there too)."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in LOCAL_DATA_SUFFIXES and not p.is_dir())
+
+
+def check_data_path(path: Path, text_field: str, key: str) -> list[str]:
+    """Every data file readable; the first record of each JSON/JSONL file parses and holds
+    `text_field`. Reports at most a few files per source, then a count."""
+    problems = []
+    for f in data_files(path):
+        problem = check_data_file(f, text_field, key)
+        if problem:
+            problems.append(problem)
+    if len(problems) > 5:
+        problems = problems[:5] + [f"{key}: ... and {len(problems) - 5} more unreadable file(s) under {path}"]
+    return problems
+
+
+def check_data_file(f: Path, text_field: str, key: str) -> Optional[str]:
+    if not f.is_file():  # a dangling link: the data it pointed to would be silently missing
+        return f"{key}: {f} is a broken link or not a regular file; fix it or remove it"
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(HEAD_BYTES)
+    except OSError as exc:
+        return f"{key}: cannot read {f} ({_oserror(exc)}); fix its permissions or remove it"
+    if f.suffix == ".parquet":
+        if head[:4] != PARQUET_MAGIC:
+            return f"{key}: {f} is not a parquet file (no PAR1 magic bytes); fix it or remove it"
+        return None
+    problem = _utf8_problem(f, head, key)
+    if problem or f.suffix not in JSON_SUFFIXES:
+        return problem
+    return _check_first_record(f, text_field, key)
+
+
+def _utf8_problem(f: Path, head: bytes, key: str) -> Optional[str]:
+    try:
+        # Incremental: a multi-byte character cut off at the end of the head is not an error.
+        codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=len(head) < HEAD_BYTES)
+    except UnicodeDecodeError as exc:
+        return f"{key}: {f} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8 or remove it"
+    return None
+
+
+def _check_first_record(f: Path, text_field: str, key: str) -> Optional[str]:
+    """The first record of a JSON Lines file, or of a JSON array, must parse and be an object
+    holding the text field. When the file is longer than what was read, a parse error is only
+    reported once reading more of the file does not move it (so a long first record cut off
+    at the end of the read is not mistaken for a broken one); a first record longer than
+    MAX_RECORD_BYTES is not judged."""
+    size, previous = HEAD_BYTES, None
+    while True:
+        with open(f, "rb") as fh:
+            raw = fh.read(size)
+        complete = len(raw) < size
+        text = raw.decode("utf-8-sig", errors="replace")
+        stripped = text.lstrip()
+        if not stripped:
+            return None  # no records: pipeline.data reports a source without text
+        offset = len(text) - len(stripped)
+        if stripped[0] == "[":  # a JSON array of records: its first element
+            rest = stripped[1:].lstrip()
+            if rest.startswith("]"):
+                return None
+            offset = len(text) - len(rest)
+        try:
+            record, _ = json.JSONDecoder().raw_decode(text, offset)
+            break
+        except json.JSONDecodeError as exc:
+            where = (exc.pos, exc.msg)
+            settled = where == previous and not exc.msg.startswith("Unterminated string")
+            if complete or settled:
+                return (f"{key}: {f}: first record is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                        f"{exc.msg}); fix the file (JSON Lines: one object per line) or remove it")
+            if size >= MAX_RECORD_BYTES:
+                return None
+            size, previous = size * 4, where
+    if not isinstance(record, dict):
+        return (f"{key}: {f}: first record is a JSON {type(record).__name__}, not an object; "
+                f"give one object per record with the text under '{text_field}'")
+    if text_field not in record:
+        field_key = key.rsplit(".", 1)[0] + ".text_field"
+        return (f"{field_key}: {f}: first record has no '{text_field}' field (its keys: "
+                f"{', '.join(map(str, list(record)[:8])) or 'none'}); set {field_key} to the field holding the text")
+    return None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def read_json_object(path: Path, key: str) -> tuple[Any, Optional[str]]:
+    """(the parsed JSON object, None), or (None, a problem line naming `key` and `path`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"{key}: {path} is missing"
+    except OSError as exc:
+        return None, f"{key}: cannot read {path} ({_oserror(exc)})"
+    except UnicodeDecodeError:
+        return None, f"{key}: {path} is not UTF-8 text"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"{key}: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+    if not isinstance(value, dict):
+        return None, f"{key}: {path} holds a JSON {type(value).__name__}, not an object"
+    return value, None
+
+
+def _oserror(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}"

