@@ -3,7 +3,8 @@
 Both checkpoint layouts keep their packed words (no repacking for AWQ, none for GPTQ without
 act-order). A GPTQ act-order checkpoint (g_idx not equal to k // group_size) is reordered
 once: rows sorted by group (`perm = argsort(g_idx)`), so the kernel sees consecutive groups
-and every call only permutes the activation columns (`x[:, perm]`).
+and every call only permutes the activation columns: the Triton kernel reads x through `perm`
+(no separate gather), the twin computes `x[:, perm]`.
 """
 from __future__ import annotations
 

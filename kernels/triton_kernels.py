@@ -273,8 +273,8 @@ def _nf4_matmul_kernel(a_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_am, st
         acc = _dot(a, w, acc)
     mask = (rm[:, None] < M) & (rp[None, :] < P)
     tile = pid_m * tl.num_programs(1) + pid_p
-    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, ws_ptr + rm[:, None] * P + rp[None, :],
-                mask, count_ptr + tile, SPLIT)
+    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op,
+                ws_ptr + rm[:, None] * P + rp[None, :], mask, count_ptr + tile, SPLIT)
 
 
 class NF4Config(NamedTuple):
@@ -433,8 +433,8 @@ def _w4a16_matmul_kernel(x_ptr, perm_ptr, out_ptr, ws_ptr, count_ptr, qweight_pt
         acc = _dot(x, w, acc)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tile = pid_m * tl.num_programs(1) + pid_n
-    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, ws_ptr + rm[:, None] * N + rn[None, :],
-                mask, count_ptr + tile, SPLIT)
+    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+                ws_ptr + rm[:, None] * N + rn[None, :], mask, count_ptr + tile, SPLIT)
 
 
 @triton.jit
@@ -454,7 +454,8 @@ def _w4a16_dequantize_kernel(out_ptr, perm_ptr, qweight_ptr, qzeros_ptr, scales_
         rows = tl.load(perm_ptr + rk, mask=rk < K, other=0)
     else:
         rows = rk.to(tl.int64)
-    tl.store(out_ptr + rows[:, None] * stride_ok + rn[None, :] * stride_on, w, mask=(rk[:, None] < K) & (rn[None, :] < N))
+    tl.store(out_ptr + rows[:, None] * stride_ok + rn[None, :] * stride_on, w,
+             mask=(rk[:, None] < K) & (rn[None, :] < N))
 
 
 class W4A16Config(NamedTuple):

@@ -238,9 +238,8 @@ def status(run_dir: str, verify: bool) -> None:
 @_set_option
 def validate(recipe: str, sets) -> None:
     """Check a recipe; report every problem at once, each with its key path."""
-    from pipeline.stages import build_stages
-
     from pipeline.preflight import network_sources
+    from pipeline.stages import build_stages
 
     cfg, _ = _load_checked(recipe, sets)
     stages = [s.name for s in build_stages(cfg)]
@@ -303,6 +302,8 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
         if open_browser:
             _open_browser(url)
         proc.wait()
+    except KeyboardInterrupt:
+        click.echo("MLflow UI stopped", err=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_group(proc)

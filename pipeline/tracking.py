@@ -16,9 +16,10 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-# MLflow 3 opens an experiment on the page its kind calls for; without this tag its UI infers
-# a kind (and may land on the GenAI "Overview"). This is a model-training experiment: the
-# UI's "Machine learning" kind, which opens on the runs table.
+# MLflow 3 records what an experiment is for in this tag (its UI infers and writes one when it
+# is missing). This is a model-training experiment: the UI's "Machine learning" kind. (Which
+# page MLflow 3.17's UI opens also follows its GenAI / Model training switch, which a URL sets
+# with `workflowType`: see `runs_url`.)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # The run's description in the MLflow UI (rendered as markdown).
@@ -30,7 +31,8 @@ RUN_NAME_LIMIT = 250  # MLflow stores run names in a VARCHAR(250)
 VIEW_KEY = "pipeline-report"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_METRICS = ("domain_ppl", "general_ppl")  # per artifact, in the report's artifact order
-EXPERIMENT_TAG_LIMIT = 5000  # MLflow's longest experiment tag value
+EXPERIMENT_TAG_LIMIT = 5000  # the longest experiment tag value older MLflow servers take (3.17: 20000)
+NOTE_LIMIT = 5000  # the longest run tag value older MLflow servers take (3.17: 8000)
 
 # Fail fast instead of MLflow's default minutes of retries when the server is down.
 _FAST_FAIL_ENV = {
@@ -92,7 +94,7 @@ def parent_run_name(recipe_name: str, run_dir: Path) -> str:
     return name if len(name) <= RUN_NAME_LIMIT else name[: RUN_NAME_LIMIT - 1] + "…"
 
 
-def report_note(run_dir: Path, limit: int = 20000) -> Optional[str]:
+def report_note(run_dir: Path, limit: int = NOTE_LIMIT) -> Optional[str]:
     """The parent run's description: the report's headline table (`report/output/report.md`),
     as markdown, with where the full report is. None when there is no report."""
     path = Path(run_dir) / "report" / "output" / "report.md"
@@ -112,7 +114,7 @@ def report_note(run_dir: Path, limit: int = 20000) -> Optional[str]:
     note = [f"**{title}**", "", *lines[start:end], ""]
     if after and not after.startswith("#"):
         note += [after, ""]
-    note.append(f"Full report (generations, plots): `{path}`, also in this run's artifacts.")
+    note.append(f"Full report (generations, plots): `{path}`, also among the artifacts of the `report` stage's run.")
     out = "\n".join(note)
     return out if len(out) <= limit else out[: limit - 1] + "…"
 

@@ -327,7 +327,8 @@ def evaluate(rows: list[dict], measured: dict) -> None:
     for r in rows:
         key = (r["model"], r["layer"], r["M"])
         k = times[key + (r["kernel"],)]
-        r.update(us=k["us"], us_eager=k["us_eager"], check_rel_error=k["check_rel_error"], path=_path(r["kernel"], r["M"]))
+        r.update(us=k["us"], us_eager=k["us_eager"], check_rel_error=k["check_rel_error"],
+                 path=_path(r["kernel"], r["M"]))
         K, N, M = r["K"], r["N"], r["M"]
         if r["baseline"] == "copy bandwidth":
             if r["kernel"] == "nf4_dequantize":
@@ -336,8 +337,9 @@ def evaluate(rows: list[dict], measured: dict) -> None:
                 moved = _w4_bytes(K, N) + 2 * M * (K + N)
             r["value"] = moved / (k["us"] / 1e6) / bw
         else:
-            base = {"dequantize + cuBLAS": f"{'nf4' if r['kernel'].startswith('nf4') else r['kernel']} dequantize + cuBLAS"
-                    }.get(r["baseline"], r["baseline"])
+            base = r["baseline"]
+            if base == "dequantize + cuBLAS":  # measured per weight format
+                base = f"{'nf4' if r['kernel'].startswith('nf4') else r['kernel']} dequantize + cuBLAS"
             b = times[key + (base,)]
             r.update(baseline_us=b["us"], baseline_us_eager=b["us_eager"], value=b["us"] / k["us"])
         ok_check = r["check_rel_error"] is None or r["check_rel_error"] <= CHECK_TOLERANCE

@@ -121,7 +121,8 @@ def test_w4a16_gptq_layout(m, n, k, gs, act_order):
     w = from_gptq(GPTQPacked(*(t.to(DEVICE) for t in packed)), 4, v1=v1)
     assert (w.perm is not None) == (act_order and not torch.equal(packed.g_idx.long(), torch.arange(k) // gs))
     x = torch.randn(m, k, generator=_gen(m)).to(DEVICE)
-    torch.testing.assert_close(reference.w4a16_matmul(x, w).cpu(), x.cpu() @ W.t(), rtol=1e-5, atol=1e-5)  # the twin is the checkpoint's math
+    # the twin is the checkpoint's math
+    torch.testing.assert_close(reference.w4a16_matmul(x, w).cpu(), x.cpu() @ W.t(), rtol=1e-5, atol=1e-5)
     for dtype in (torch.float32, torch.float16):
         xd = x.to(dtype)
         assert_matches(triton_kernels.w4a16_matmul(xd, w), xd, W.t().to(DEVICE))

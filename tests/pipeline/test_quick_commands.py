@@ -55,6 +55,13 @@ def test_stage_functions_are_named_by_module_and_hashed_without_importing():
         assert spec.module.replace(".", "/") + ".py" in files
 
 
+def test_every_stage_of_the_default_recipe_resolves_to_a_function_of_its_module():
+    recipe, _ = load_recipe(SMOLLM2)
+    for spec in build_stages(recipe):
+        fn = spec.fn.resolve()
+        assert callable(fn) and fn.__module__ == spec.module, spec.name
+
+
 def test_stage_ref_resolves_to_the_function_it_names():
     from pipeline.stages import report
 

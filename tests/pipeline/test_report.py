@@ -100,9 +100,8 @@ def test_mlflow_has_the_same_metric_names_on_both_parent_runs(two_runs):
     tmp, _ = two_runs
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("qlora-pipeline")
-    parents = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId IS NULL")}
-    # parent runs are named "<recipe> @ <run directory>"
-    parents = {name.split(" @ ", 1)[0]: r for name, r in parents.items() if name.endswith(f"runs/{name.split(' @ ')[0]}")}
+    runs = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId IS NULL")
+    parents = {r.info.run_name.split(" @ ", 1)[0]: r for r in runs}  # named "<recipe> @ <run directory>"
     assert {"g32", "bad"} <= set(parents)
     for name in ("g32", "bad"):
         assert {"merged.domain_ppl", "rtn.domain_ppl", "rtn.size_bytes"} <= set(parents[name].data.metrics)
