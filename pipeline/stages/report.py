@@ -186,7 +186,7 @@ def run(ctx: StageContext) -> StageResult:
     lines = [
         f"# Report: {ctx.run_dir.name}",
         "",
-        f"Held-out domain text and general text, non-overlapping windows of {ctx.recipe.data.seq_len} tokens. "
+        f"Domain text of the test split (`domain_eval`: documents and paragraphs no stage trained, calibrated or chose on) and general text, non-overlapping windows of {ctx.recipe.data.seq_len} tokens. "
         "Quantized artifacts are evaluated from their packed checkpoints. Throughput is batch 1 on "
         f"{any_m['device']} ({any_m['dtype']}); peak memory is above the process's level before loading.",
         "",
