@@ -134,6 +134,18 @@ def test_kill_9_at_random_moments_across_stage_kinds_resumes_to_the_same_outputs
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name == "output.partial"]
 
 
+def copy_run(reference: Path, tmp_path: Path, runs: Path | None = None) -> tuple[Path, Path]:
+    """A copy of the reference run under `runs` (default tmp_path/runs) and its recipe pointing there."""
+    runs = runs or tmp_path / "runs"
+    run_dir = runs / "ref"
+    shutil.copytree(reference, run_dir, symlinks=True)
+    recipe = yaml.safe_load((reference.parent.parent / "ref.yaml").read_text())
+    recipe["run"]["dir"] = str(runs)
+    recipe_path = tmp_path / "ref.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return run_dir, recipe_path
+
+
 STAGE_FILES = {  # one output file of each stage kind, and what must run after altering it
     "data": ("tokens.safetensors", {"data"}),
     "base": ("model-*.safetensors", {"base"}),
@@ -148,12 +160,7 @@ STAGE_FILES = {  # one output file of each stage kind, and what must run after a
 
 
 def test_an_altered_output_file_rebuilds_exactly_its_stage(reference, tmp_path):
-    run_dir = tmp_path / "runs" / "ref"
-    shutil.copytree(reference, run_dir, symlinks=True)
-    recipe_path = tmp_path / "ref.yaml"
-    recipe = yaml.safe_load((reference.parent.parent / "ref.yaml").read_text())
-    recipe["run"]["dir"] = str(tmp_path / "runs")
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_dir, recipe_path = copy_run(reference, tmp_path)
     for stage, (pattern, expected) in STAGE_FILES.items():
         target = sorted((run_dir / stage / "output").glob(pattern))[0]
         name = target.name
@@ -171,12 +178,7 @@ def test_an_altered_output_file_rebuilds_exactly_its_stage(reference, tmp_path):
 
 
 def test_altered_merge_with_its_mtime_restored_is_never_computed_on(reference, tmp_path):
-    run_dir = tmp_path / "runs" / "ref"
-    shutil.copytree(reference, run_dir, symlinks=True)
-    recipe = yaml.safe_load((reference.parent.parent / "ref.yaml").read_text())
-    recipe["run"]["dir"] = str(tmp_path / "runs")
-    recipe_path = tmp_path / "ref.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_dir, recipe_path = copy_run(reference, tmp_path)
     target = sorted((run_dir / "merge" / "output").glob("model-*.safetensors"))[-1]
     good = target.read_bytes()
     st = target.stat()
@@ -210,12 +212,7 @@ class _Payload:
 
 
 def test_a_planted_trainer_pickle_is_never_executed(reference, tmp_path):
-    run_dir = tmp_path / "runs" / "ref"
-    shutil.copytree(reference, run_dir, symlinks=True)
-    recipe = yaml.safe_load((reference.parent.parent / "ref.yaml").read_text())
-    recipe["run"]["dir"] = str(tmp_path / "runs")
-    recipe_path = tmp_path / "ref.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_dir, recipe_path = copy_run(reference, tmp_path)
     # Make train look interrupted after step 6, with a crafted checkpoint of the old format.
     fp = json.loads((run_dir / "train" / "manifest.json").read_text())["fingerprint"]
     (run_dir / "train" / "manifest.json").unlink()
@@ -258,19 +255,14 @@ def test_disk_full_in_the_middle_of_a_quantize_stage_then_resume(reference, tmp_
     disk = tmp_path / "disk"
     disk.mkdir()
     stage_bytes = _tree_bytes(reference / "quantize-gptq" / "output")
-    run_dir = disk / "runs" / "ref"
     size_kb = 2 * _tree_bytes(reference) // 1024 + 65536  # roomy; a filler file takes the rest
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(disk)],
                       capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        shutil.copytree(reference, run_dir, symlinks=True)
+        run_dir, recipe_path = copy_run(reference, tmp_path, disk / "runs")
         for stage in ("quantize-gptq", "evaluate-gptq", "report"):
             shutil.rmtree(run_dir / stage)
-        recipe = yaml.safe_load((reference.parent.parent / "ref.yaml").read_text())
-        recipe["run"]["dir"] = str(disk / "runs")
-        recipe_path = tmp_path / "ref.yaml"
-        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         # Fill what is left but about half of the stage's output.
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         (disk / "filler").write_bytes(b"\0" * max(0, free - stage_bytes // 2))
