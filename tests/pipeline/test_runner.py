@@ -56,6 +56,13 @@ class Toy:
         return Runner(self.run_dir, specs, recipe=None)
 
 
+def bit_rot(path) -> None:
+    """Alter a file's bytes keeping its size and mtime: only hashing can tell."""
+    st = path.stat()
+    path.write_text("X" * st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.fixture
 def toy(tmp_path):
     return Toy(tmp_path)
@@ -142,9 +149,7 @@ def test_truncated_or_altered_output_is_detected_and_rerun(toy):
     toy.runner().run()
     assert toy.calls == ["b"]  # b's rebuild reproduced its bytes: c is still up to date
     # Same size, different bytes, mtime kept: only the full verification can see it.
-    st = target.stat()
-    target.write_text("X" * st.st_size)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bit_rot(target)
     assert toy.runner().plan()[1].status == "done"
     assert toy.runner().plan(full_verify=True)[1].status == "corrupt"
 
@@ -181,6 +186,7 @@ def test_a_second_runner_in_the_same_dir_is_refused(toy):
 # ----------------------------------------------------------------------------- content, code, verification
 
 
+
 def test_rebuilt_upstream_with_identical_bytes_leaves_downstream_up_to_date(toy):
     toy.runner().run()
     toy.calls.clear()
@@ -209,9 +215,7 @@ def test_changed_upstream_output_reruns_downstream_with_the_reason(toy):
 def test_altered_input_with_mtime_restored_is_rebuilt_before_it_is_read(toy):
     toy.runner().run()
     target = toy.run_dir / "b" / "output" / "b.txt"
-    st = target.stat()
-    target.write_text("X" * st.st_size)  # bit rot: same size, mtime put back
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bit_rot(target)
     toy.calls.clear()
     planned = toy.runner(c=2).plan()  # c must run, and it reads b
     assert [(p.spec.name, p.action, p.status) for p in planned][1] == ("b", "run", "corrupt")
@@ -224,9 +228,7 @@ def test_altered_input_with_mtime_restored_is_rebuilt_before_it_is_read(toy):
 def test_verification_can_be_switched_off(toy):
     toy.runner().run()
     target = toy.run_dir / "b" / "output" / "b.txt"
-    st = target.stat()
-    target.write_text("X" * st.st_size)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bit_rot(target)
     runner = toy.runner(c=2)
     runner.verify_inputs = False
     assert [p.action for p in runner.plan()] == ["skip", "skip", "run"]
@@ -235,9 +237,7 @@ def test_verification_can_be_switched_off(toy):
 def test_only_refuses_an_altered_input_naming_the_file(toy):
     toy.runner().run()
     target = toy.run_dir / "a" / "output" / "a.txt"
-    st = target.stat()
-    target.write_text("X" * st.st_size)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bit_rot(target)
     with pytest.raises(StageError, match="a/output/a.txt"):
         toy.runner().run(only="b", force=True)
 
