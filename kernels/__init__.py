@@ -38,8 +38,8 @@ import os
 
 import torch
 
-from kernels import reference
-from kernels.layouts import W4A16Weight, from_awq, from_gptq
+from qlora_kernels import reference
+from qlora_kernels.layouts import W4A16Weight, from_awq, from_gptq
 
 __all__ = ["nf4_dequantize", "nf4_matmul", "nf4_matmul_grad_input", "w4a16_matmul", "W4A16Weight", "from_gptq",
            "from_awq", "triton_available", "use_triton", "custom_fwd", "custom_bwd"]
@@ -64,7 +64,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _impl(t: torch.Tensor):
     """The kernels for a tensor they can take (fp16/bf16/fp32 activations), else the twins."""
     if use_triton(t) and (t.dtype in _KERNEL_DTYPES or not t.is_floating_point()):
-        from kernels import triton_kernels
+        from qlora_kernels import triton_kernels
 
         return triton_kernels
     return reference
@@ -73,7 +73,7 @@ def _impl(t: torch.Tensor):
 def _nf4_impl(x: torch.Tensor, t):
     """The kernels tile by powers of two inside a block: a block size outside quant.nf4's
     ALLOWED_BLOCKSIZES (possible in a foreign checkpoint) goes to the twin."""
-    from quant.nf4 import ALLOWED_BLOCKSIZES
+    from qlora_quant.nf4 import ALLOWED_BLOCKSIZES
 
     return _impl(x) if t.blocksize in ALLOWED_BLOCKSIZES else reference
 

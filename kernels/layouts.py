@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from quant.packing import AWQPacked, GPTQPacked, pack_along_rows, unpack_along_rows
+from qlora_quant.packing import AWQPacked, GPTQPacked, pack_along_rows, unpack_along_rows
 
 
 class W4A16Weight(NamedTuple):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.layouts import W4A16Weight
-from quant.nf4 import NF4Tensor, dequantize_nf4
+from qlora_kernels.layouts import W4A16Weight
+from qlora_quant.nf4 import NF4Tensor, dequantize_nf4
 
 
 def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layouts import W4A16Weight
-from quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor
+from qlora_kernels.layouts import W4A16Weight
+from qlora_quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor
 
 # Activations with at most this many rows take the split-K path (M padded to 16 in the dot).
 SPLIT_K_MAX_M = 16

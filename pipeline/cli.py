@@ -15,9 +15,9 @@ from typing import Optional
 
 import click
 
-from pipeline.errors import InputError, StageError
+from qlora_pipeline.errors import InputError, StageError
 
-logger = logging.getLogger("pipeline")
+logger = logging.getLogger("qlora_pipeline")  # the parent of every module logger (__name__)
 
 EPILOG = """\b
 Examples:
@@ -52,7 +52,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(recipe_path: str, sets: tuple[str, ...]):
-    from pipeline.recipe import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     return load_recipe(recipe_path, list(sets))
 
@@ -63,7 +63,7 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
     Runs before any Runner or Tracker exists: bad input leaves no run directory, lock or
     MLflow run behind.
     """
-    from pipeline.preflight import preflight
+    from qlora_pipeline.preflight import preflight
 
     cfg, raw = _load(recipe_path, sets)
     preflight(cfg, source=recipe_path)
@@ -71,10 +71,10 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
 
 
 def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None):
-    from pipeline.recipe import flatten
-    from pipeline.runinfo import check_records
-    from pipeline.runner import Runner
-    from pipeline.stages import build_stages
+    from qlora_pipeline.recipe import flatten
+    from qlora_pipeline.runinfo import check_records
+    from qlora_pipeline.runner import Runner
+    from qlora_pipeline.stages import build_stages
 
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
     check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
@@ -82,7 +82,7 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
     if with_tracking and recipe.tracking.enabled and is_main:
-        from pipeline.tracking import Tracker, parent_run_name
+        from qlora_pipeline.tracking import Tracker, parent_run_name
 
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
                           parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
@@ -96,7 +96,7 @@ def _describe_parent_run(runner) -> None:
     tracker = runner.tracker
     if tracker is None or not tracker.enabled:
         return
-    from pipeline.tracking import report_columns, report_note
+    from qlora_pipeline.tracking import report_columns, report_note
 
     note = report_note(runner.run_dir)
     info = _read_json(runner.run_dir / "run.json")
@@ -171,7 +171,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
         _print_summary(planned, time.time() - t0, report)
     if runner.tracker and runner.tracker.enabled:
         logger.info("tracking: %s (open it with `pipeline ui`)", runner.tracker.uri)
-    from pipeline.stages.report import gate_failures
+    from qlora_pipeline.stages.report import gate_failures
 
     failed = gate_failures(runner.run_dir)
     if failed:
@@ -187,7 +187,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 @click.option("--metric", "metrics", multiple=True, help="Columns to show (default: perplexities, size, speed).")
 def compare(run_dirs, markdown, metrics) -> None:
     """One table of the artifacts of several runs (their report/output/metrics.json)."""
-    from pipeline.compare import compare_runs, render
+    from qlora_pipeline.compare import compare_runs, render
 
     rows, columns = compare_runs([Path(d) for d in run_dirs], list(metrics) or None)
     click.echo(render(rows, columns, markdown=False))
@@ -216,9 +216,9 @@ def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 @click.option("--verify", is_flag=True, help="Re-hash every output file against its manifest.")
 def status(run_dir: str, verify: bool) -> None:
     """Per stage of RUN_DIR: done, partial (resume point), failed (error), stale or pending."""
-    from pipeline.runinfo import check_records, read_lock_holder, read_run_recipe
-    from pipeline.runner import Runner
-    from pipeline.stages import build_stages
+    from qlora_pipeline.runinfo import check_records, read_lock_holder, read_run_recipe
+    from qlora_pipeline.runner import Runner
+    from qlora_pipeline.stages import build_stages
 
     path = Path(run_dir)
     recipe = read_run_recipe(path)
@@ -238,8 +238,8 @@ def status(run_dir: str, verify: bool) -> None:
 @_set_option
 def validate(recipe: str, sets) -> None:
     """Check a recipe; report every problem at once, each with its key path."""
-    from pipeline.preflight import network_sources
-    from pipeline.stages import build_stages
+    from qlora_pipeline.preflight import network_sources
+    from qlora_pipeline.stages import build_stages
 
     cfg, _ = _load_checked(recipe, sets)
     stages = [s.name for s in build_stages(cfg)]
@@ -264,8 +264,8 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
     the URL of the experiment's runs page."""
     import subprocess
 
-    from pipeline.recipe import TrackingConfig
-    from pipeline.tracking import default_tracking_uri, find_experiment, runs_url
+    from qlora_pipeline.recipe import TrackingConfig
+    from qlora_pipeline.tracking import default_tracking_uri, find_experiment, runs_url
 
     tracking = _load(recipe, ())[0].tracking if recipe else TrackingConfig()
     uri = uri or tracking.uri or default_tracking_uri()

@@ -7,7 +7,7 @@ what the code does does. The stage runner puts the per-file hashes into the stag
 fingerprint and manifest, so a changed file makes exactly the stages that run it stale and
 `plan` can name it.
 
-Only the modules an import statement names are followed (`from pipeline.stages import merge`
+Only the modules an import statement names are followed (`from qlora_pipeline.stages import merge`
 follows `pipeline/stages/merge.py`, not the package's `__init__.py`, which imports every
 stage); a package `__init__.py` counts when names are imported from the package itself.
 """
@@ -20,19 +20,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-PROJECT_PACKAGES = ("pipeline", "quant", "kernels")
+# Import name -> folder, as pyproject.toml's package-dir installs them (a test checks they agree).
+PACKAGE_FOLDERS = {"qlora_pipeline": "pipeline", "qlora_quant": "quant", "qlora_kernels": "kernels"}
 # The stage framework itself: how stages are described and which errors they raise, not
 # what any stage computes. Changing them re-runs nothing.
-FRAMEWORK_MODULES = frozenset({"pipeline.graph", "pipeline.errors"})
+FRAMEWORK_MODULES = frozenset({"qlora_pipeline.graph", "qlora_pipeline.errors"})
 
 ROOT = Path(__file__).resolve().parent.parent  # the folder holding the project's packages
 
 
 def module_path(name: str) -> Optional[Path]:
     """The source file of project module `name` (a package's `__init__.py`), or None."""
-    if name.split(".", 1)[0] not in PROJECT_PACKAGES:
+    top, *rest = name.split(".")
+    if top not in PACKAGE_FOLDERS:
         return None
-    base = ROOT.joinpath(*name.split("."))
+    base = ROOT.joinpath(PACKAGE_FOLDERS[top], *rest)
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -102,7 +104,7 @@ def _relative(path: Path) -> str:
 def code_files(fn: Union[Callable, str]) -> dict[str, str]:
     """{file relative to the project root: hash} of the code stage function `fn` runs.
 
-    `fn` may also be a module name (`"pipeline.stages.train"`), or anything whose `__module__`
+    `fn` may also be a module name (`"qlora_pipeline.stages.train"`), or anything whose `__module__`
     names the module (`graph.StageRef`): the module is read, never imported.
     """
     module = fn if isinstance(fn, str) else (getattr(fn, "__module__", None) or "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import InputError
+from qlora_pipeline.errors import InputError
 
 DEFAULT_COLUMNS = ("domain_ppl", "general_ppl", "size_bytes", "quantize_seconds", "peak_memory_bytes",
                    "prefill_tokens_per_second", "decode_tokens_per_second")

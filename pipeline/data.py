@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import DataError
+from qlora_pipeline.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".json", ".jsonl")

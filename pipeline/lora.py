@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from quant.nf4_linear import LinearNF4
+from qlora_kernels.nf4_linear import LinearNF4
 
 
 class LoraLinearNF4(nn.Module, LoraLayer):

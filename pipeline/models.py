@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import InputError
+from qlora_pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.errors import InputError, RecipeError
-from pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
-from pipeline.recipe import LOCAL_DATA_SUFFIXES
+from qlora_pipeline.errors import InputError, RecipeError
+from qlora_pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
+from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
 
 GGUF_MAGIC = b"GGUF"
 PARQUET_MAGIC = b"PAR1"

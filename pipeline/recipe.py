@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import RecipeError
+from qlora_pipeline.errors import RecipeError
 
 BUILTIN_MODELS = ("smollm2-135m",)
 BUILTIN_CORPORA = ("python-docs", "python-stdlib")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.errors import RunLockedError
+from qlora_pipeline.errors import RunLockedError
 
 MANIFEST = "manifest.json"
 STATE = "state.json"

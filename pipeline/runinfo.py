@@ -14,7 +14,7 @@ from typing import Optional
 
 from pydantic import ValidationError
 
-from pipeline.errors import InputError, RecipeError
+from qlora_pipeline.errors import InputError, RecipeError
 
 LOCK_SETTLE_SECONDS = 5  # a lock younger than this may still be being written (see rundir.RunLock)
 
@@ -27,7 +27,7 @@ def read_run_recipe(run_dir: Path):
         RecipeError: the recorded recipe no longer validates (e.g. a local path it names was
             removed); one line per problem, naming the key path.
     """
-    from pipeline.recipe import Recipe, _format_error
+    from qlora_pipeline.recipe import Recipe, _format_error
 
     run_json = run_dir / "run.json"
     if not run_json.is_file():

@@ -25,11 +25,11 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from pipeline import rundir
-from pipeline.codehash import changed_files, code_files
-from pipeline.errors import InputError, StageError
-from pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
-from pipeline.tracking import Tracker
+from qlora_pipeline import rundir
+from qlora_pipeline.codehash import changed_files, code_files
+from qlora_pipeline.errors import InputError, StageError
+from qlora_pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
+from qlora_pipeline.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 

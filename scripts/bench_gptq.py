@@ -54,17 +54,17 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from pipeline.checkpoints import load_hf_model, load_int4_model, read_config, read_tensors, weight_map
-    from pipeline.data import windows
-    from pipeline.families import LLAMA
-    from pipeline.layer_engine import quantize_sequentially
-    from pipeline.models import resolve_model
-    from pipeline.recipe import ModelConfig
-    from pipeline.shards import REST_SHARD, save_atomic, assemble_shards
-    from pipeline.stages.evaluate import perplexity
-    from pipeline.awq_layer import AWQSettings, make_transform
-    from pipeline.stages.quantize import _awq_result, _linear_result, _restore
-    from quant.gptq import gptq_quantize, rtn_quantize
+    from qlora_pipeline.layerwise.checkpoints import load_hf_model, load_int4_model, read_config, read_tensors, weight_map
+    from qlora_pipeline.data import windows
+    from qlora_pipeline.layerwise.families import LLAMA
+    from qlora_pipeline.layerwise.engine import quantize_sequentially
+    from qlora_pipeline.models import resolve_model
+    from qlora_pipeline.recipe import ModelConfig
+    from qlora_pipeline.layerwise.shards import REST_SHARD, save_atomic, assemble_shards
+    from qlora_pipeline.stages.evaluate import perplexity
+    from qlora_pipeline.layerwise.awq_search import AWQSettings, make_transform
+    from qlora_pipeline.stages.quantize import _awq_result, _linear_result, _restore
+    from qlora_quant.gptq import gptq_quantize, rtn_quantize
 
     model_dir = resolve_model(ModelConfig())
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.rundir import sha256_file  # noqa: E402
+from qlora_pipeline.rundir import sha256_file  # noqa: E402
 
 
 def main() -> None:

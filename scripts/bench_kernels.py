@@ -60,7 +60,6 @@ from typing import Callable, Optional
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SHAPES = {  # (layer, K, N) of the decoder linears: y [M, N] = x [M, K] @ W
     "llama3-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
@@ -192,7 +191,7 @@ def _random_w4a16(K: int, N: int, layout: str, act_order: bool):
     """A W4A16Weight of random packed words, zeros and fp16 scales (group 128). Act-order:
     the group-sorted weight plus a random column permutation, what `from_gptq` makes of an
     act-order checkpoint."""
-    from kernels.layouts import W4A16Weight
+    from qlora_kernels.layouts import W4A16Weight
 
     g = K // GROUP
     dev = DEVICE
@@ -205,7 +204,7 @@ def _random_w4a16(K: int, N: int, layout: str, act_order: bool):
 
 def _random_nf4(K: int, N: int):
     """An NF4Tensor [N, K] (block 64, double quantization) of random codes."""
-    from quant.nf4 import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
+    from qlora_quant.nf4 import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
 
     n = N * K
     blocks = n // NF4_BLOCK
@@ -231,8 +230,8 @@ def _nf4_bytes(K: int, N: int) -> int:
 def measure(rows: list[dict], reps: int) -> dict:
     import torch.nn.functional as F
 
-    from kernels import reference
-    from kernels import triton_kernels as tk
+    from qlora_kernels import reference
+    from qlora_kernels import triton_kernels as tk
 
     bnb, bnbF = _bitsandbytes()
     l2 = _l2_bytes()
@@ -311,7 +310,7 @@ def _l2_bytes() -> int:
 
 def _path(kernel: str, M: Optional[int]) -> str:
     """Which path the wrapper takes at this M."""
-    from kernels import triton_kernels as tk
+    from qlora_kernels import triton_kernels as tk
 
     if M is None or not kernel.startswith(("w4a16", "nf4 linear")):
         return "-"

@@ -61,8 +61,8 @@ def build_adapter(model_dir: Path, out: Path) -> None:
 
 
 def peak_rss_mib(args: list[str], cwd: Path) -> float:
-    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "pipeline.cli", *args],
-                          cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "qlora_pipeline.cli", *args],
+                          cwd=cwd, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
         raise SystemExit(f"pipeline {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     return int(proc.stdout.strip().splitlines()[-1]) / 1024
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "stage_memory.json")
     args = parser.parse_args()
 
-    from pipeline.models import resolve_model
-    from pipeline.recipe import ModelConfig
+    from qlora_pipeline.models import resolve_model
+    from qlora_pipeline.recipe import ModelConfig
 
     tokenizer_dir = resolve_model(ModelConfig())
     rows = []

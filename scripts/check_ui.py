@@ -53,7 +53,7 @@ def free_port() -> int:
 
 def start_ui(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start `pipeline ui ARGS` and return (its process, the runs URL it printed)."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "ui", "--host", "127.0.0.1", "--port", str(free_port()), *args]
+    cmd = [sys.executable, "-m", "qlora_pipeline.cli", "ui", "--host", "127.0.0.1", "--port", str(free_port()), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     deadline = time.time() + timeout
@@ -119,8 +119,8 @@ def parent_run(recipe: Path) -> tuple[str, list[str]]:
     """(name, `<artifact>.domain_ppl` metrics) of the parent run of `recipe`'s finished run."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.recipe import load_recipe
-    from pipeline.tracking import default_tracking_uri
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tracking import default_tracking_uri
 
     cfg, _ = load_recipe(recipe)
     run_dir = Path(cfg.run.dir) / cfg.run.name
@@ -135,8 +135,8 @@ def tiny_run(workdir: Path) -> Path:
     import yaml
     from conftest import make_tiny_llama, tiny_recipe
 
-    from pipeline.models import resolve_model
-    from pipeline.recipe import ModelConfig
+    from qlora_pipeline.models import resolve_model
+    from qlora_pipeline.recipe import ModelConfig
 
     model = workdir / "tiny-llama"
     if not (model / "config.json").is_file():
@@ -145,7 +145,7 @@ def tiny_run(workdir: Path) -> Path:
     recipe["quantize"] = [{"name": "rtn-w4g32", "method": "rtn", "bits": 4, "group_size": 32}]
     path = workdir / "tiny_ui.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "run", str(path)], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
     return path
 

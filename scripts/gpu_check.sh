@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, ".")
 from tests.conftest import make_tiny_llama
-from pipeline.models import resolve_model
-from pipeline.recipe import ModelConfig
+from qlora_pipeline.models import resolve_model
+from qlora_pipeline.recipe import ModelConfig
 make_tiny_llama(Path(sys.argv[1]) / "model", resolve_model(ModelConfig(source="builtin:smollm2-135m")),
                 layers=4, hidden=1024, intermediate=2816, kv_heads=4)
 PYEOF

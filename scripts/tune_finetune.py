@@ -28,7 +28,7 @@ KEYS = {"steps": "train.steps", "lr": "train.learning_rate", "r": "lora.r", "alp
 
 
 def pipeline(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", *args], cwd=REPO, check=True)
 
 
 def base_losses(run_dir: Path, recipe, windows: int) -> dict[str, float]:
@@ -36,10 +36,10 @@ def base_losses(run_dir: Path, recipe, windows: int) -> dict[str, float]:
     import torch
     from safetensors.torch import load_file
 
-    from pipeline import data
-    from pipeline.checkpoints import load_hf_model, load_nf4_model
-    from pipeline.models import resolve_model
-    from pipeline.stages.train import eval_loss
+    from qlora_pipeline import data
+    from qlora_pipeline.layerwise.checkpoints import load_hf_model, load_nf4_model
+    from qlora_pipeline.models import resolve_model
+    from qlora_pipeline.stages.train import eval_loss
 
     streams = load_file(str(run_dir / "data" / "output" / "tokens.safetensors"))
     valid = data.windows(streams["domain_valid"], recipe.data.seq_len, windows)
@@ -62,8 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/tune_finetune.json")
     args = ap.parse_args()
 
-    sys.path.insert(0, str(REPO))
-    from pipeline.recipe import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     common = ["--run-dir", args.run_dir, "--set", "tracking.enabled=false", "--set", "quantize=[]",
               "--set", f"train.eval_windows={args.eval_windows}"]

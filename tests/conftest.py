@@ -21,8 +21,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from pipeline.models import resolve_model
-    from pipeline.recipe import ModelConfig
+    from qlora_pipeline.models import resolve_model
+    from qlora_pipeline.recipe import ModelConfig
 
     return resolve_model(ModelConfig(source="builtin:smollm2-135m"))
 
@@ -80,7 +80,7 @@ def tiny_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
 
 
 def cli(*args: str) -> int:
-    from pipeline.cli import main
+    from qlora_pipeline.cli import main
 
     return main(list(args))
 

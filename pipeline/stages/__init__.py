@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.graph import StageRef, StageSpec
-from pipeline.errors import InputError, RecipeError
-from pipeline.models import cached_config, source_identity
-from pipeline.stages import quantize_settings
+from qlora_pipeline.graph import StageRef, StageSpec
+from qlora_pipeline.errors import InputError, RecipeError
+from qlora_pipeline.models import cached_config, source_identity
+from qlora_pipeline.stages import quantize_settings
 
-_EVALUATE = "pipeline.stages.evaluate"
+_EVALUATE = "qlora_pipeline.stages.evaluate"
 
 
 def _stage(name: str) -> StageRef:
     """The `run` function of stage module `pipeline.stages.<name>`, imported when called."""
-    return StageRef(f"pipeline.stages.{name}")
+    return StageRef(f"qlora_pipeline.stages.{name}")
 
 
 def _evaluation(artifact: str, loader: str) -> StageRef:

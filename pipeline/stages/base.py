@@ -12,13 +12,13 @@ import re
 
 import torch
 
-from pipeline.checkpoints import DTYPES, bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
-from pipeline.families import family_for
-from pipeline.graph import StageContext, StageResult
-from pipeline.models import resolve_model
-from pipeline.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
-from pipeline.errors import InputError
-from quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
+from qlora_pipeline.layerwise.checkpoints import DTYPES, bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
+from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.models import resolve_model
+from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
+from qlora_pipeline.errors import InputError
+from qlora_quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
 
 def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
     """NF4 for the named linear weights, `dtype` for every other floating tensor."""

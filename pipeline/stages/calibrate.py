@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import DataError
-from pipeline.graph import StageContext, StageResult
+from qlora_pipeline.errors import DataError
+from qlora_pipeline.graph import StageContext, StageResult
 
 
 

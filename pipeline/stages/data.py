@@ -15,10 +15,10 @@ import json
 
 from safetensors.torch import save_file
 
-from pipeline import data
-from pipeline.errors import DataError
-from pipeline.graph import StageContext, StageResult
-from pipeline.models import resolve_model
+from qlora_pipeline import data
+from qlora_pipeline.errors import DataError
+from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.models import resolve_model
 
 
 

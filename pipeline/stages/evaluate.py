@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from pipeline import data, rundir
-from pipeline.checkpoints import DTYPES, dir_size, load_hf_model, load_int4_model, load_nf4_model
-from pipeline.graph import StageContext, StageResult
-from pipeline.models import resolve_model
+from qlora_pipeline import data, rundir
+from qlora_pipeline.layerwise.checkpoints import DTYPES, dir_size, load_hf_model, load_int4_model, load_nf4_model
+from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.models import resolve_model
 
 
 

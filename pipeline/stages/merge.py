@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import data
-from pipeline.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_prefix, read_tensors, weight_map
-from pipeline.errors import InputError, StageError
-from pipeline.families import family_for
-from pipeline.graph import StageContext, StageResult
-from pipeline.layerwise import LayerwiseRunner
-from pipeline.models import resolve_model
-from pipeline.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
-from quant.nf4 import dequantize_nf4, nf4_from_state_tensors
+from qlora_pipeline import data
+from qlora_pipeline.layerwise.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_prefix, read_tensors, weight_map
+from qlora_pipeline.errors import InputError, StageError
+from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.layerwise.runner import LayerwiseRunner
+from qlora_pipeline.models import resolve_model
+from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
+from qlora_quant.nf4 import dequantize_nf4, nf4_from_state_tensors
 
 VERIFY_WINDOWS = 4
 
@@ -136,8 +136,8 @@ def _domain_ppl(ctx: StageContext, model_dir: Path) -> float:
     """Validation domain perplexity of a merged candidate (merge.into: auto), in float32 on
     the evaluation device, with the evaluate stages' window settings on `domain_valid`: the
     choice must not be made on the test split it is then reported on."""
-    from pipeline.checkpoints import load_hf_model
-    from pipeline.stages.evaluate import eval_device_dtype, perplexity
+    from qlora_pipeline.layerwise.checkpoints import load_hf_model
+    from qlora_pipeline.stages.evaluate import eval_device_dtype, perplexity
 
     device, _ = eval_device_dtype(ctx.recipe.evaluate)
     streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))

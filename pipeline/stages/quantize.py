@@ -20,15 +20,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.checkpoints import DTYPES, copy_tokenizer, read_config, read_tensors, weight_map
-from pipeline.families import family_for
-from pipeline.graph import StageContext, StageResult
-from pipeline.awq_layer import AWQSettings, make_transform
-from pipeline.layer_engine import LinearResult, quantize_sequentially
-from pipeline.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
-from pipeline.stages.quantize_settings import METHODS, check_shapes, relevant_settings  # noqa: F401  (re-exported)
-from quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
-from quant.packing import (
+from qlora_pipeline.layerwise.checkpoints import DTYPES, copy_tokenizer, read_config, read_tensors, weight_map
+from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.layerwise.awq_search import AWQSettings, make_transform
+from qlora_pipeline.layerwise.engine import LinearResult, quantize_sequentially
+from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, save_atomic, valid_shard, assemble_shards
+from qlora_pipeline.stages.quantize_settings import METHODS, check_shapes, relevant_settings  # noqa: F401  (re-exported)
+from qlora_quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
+from qlora_quant.packing import (
     AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_along_rows, unpack_gptq,
 )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.errors import InputError
+from qlora_pipeline.errors import InputError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.graph import StageContext, StageResult
+from qlora_pipeline.graph import StageContext, StageResult
 
 COLUMNS = (("domain_ppl", "domain ppl", "{:.3f}"), ("general_ppl", "general ppl", "{:.3f}"),
            ("size_bytes", "size (MB)", None), ("quantize_seconds", "quantize (s)", "{:.0f}"),

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import data
-from pipeline.checkpoints import DTYPES, load_nf4_model
-from pipeline.errors import InputError, StageError
-from pipeline.families import family_for
-from pipeline.graph import StageContext, StageResult
-from pipeline.lora import attach_lora
-from pipeline.models import resolve_model, source_identity
-from pipeline.rundir import fsync_dir, fsync_tree
-from pipeline.safe_state import load_state, save_state
+from qlora_pipeline import data
+from qlora_pipeline.layerwise.checkpoints import DTYPES, load_nf4_model
+from qlora_pipeline.errors import InputError, StageError
+from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.lora import attach_lora
+from qlora_pipeline.models import resolve_model, source_identity
+from qlora_pipeline.rundir import fsync_dir, fsync_tree
+from qlora_pipeline.safe_state import load_state, save_state
 
 logger = logging.getLogger(__name__)
 

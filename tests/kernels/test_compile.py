@@ -29,7 +29,7 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels.triton_kernels import launch_configs
+    from qlora_kernels.triton_kernels import launch_configs
     c = list(launch_configs())[i]
     k = triton.compile(ASTSource(c.kernel, c.signature, c.constexprs, c.attrs), target=GPUTarget("cuda", cc, 32),
                        options=c.options)
@@ -41,7 +41,7 @@ def compile_one(job):
     return [cc, c.name, k.metadata.shared, "tf32" in ptx, mma, act, pid64 is not None]
 
 if __name__ == "__main__":
-    from kernels.triton_kernels import launch_configs
+    from qlora_kernels.triton_kernels import launch_configs
     n = len(list(launch_configs()))
     jobs = [(cc, i) for cc in (80, 90) for i in range(n)]
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -52,7 +52,6 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1800,
                           cwd=REPO)
@@ -61,7 +60,7 @@ def compiled():
 
 
 def test_every_launch_configuration_compiles_for_sm80_and_sm90(compiled):
-    from kernels.triton_kernels import launch_configs
+    from qlora_kernels.triton_kernels import launch_configs
 
     assert len(compiled) == 2 * len(list(launch_configs()))
     for cc, name, shared, *_ in compiled:
@@ -93,8 +92,8 @@ def test_no_tf32_and_half_precision_operands_on_the_tensor_cores(compiled):
 def test_the_wrappers_choose_only_compiled_tiles():
     """The tiles `w4a16_matmul` and the NF4 wrappers pick, over M and every group and block
     size a recipe or checkpoint can bring, are among the compiled ones."""
-    from kernels import triton_kernels as tk
-    from quant.nf4 import ALLOWED_BLOCKSIZES
+    from qlora_kernels import triton_kernels as tk
+    from qlora_quant.nf4 import ALLOWED_BLOCKSIZES
 
     configs = list(tk.launch_configs())
     w4 = {(c.constexprs["BM"], c.constexprs["BN"], c.constexprs["BK"], c.constexprs["GROUP"] % c.constexprs["BK"] == 0)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.layouts import from_awq, from_gptq
-from quant.gptq import gptq_quantize, rtn_quantize
-from quant.nf4 import quantize_nf4
-from quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq, pack_awq, pack_gptq
+from qlora_kernels import reference
+from qlora_kernels.layouts import from_awq, from_gptq
+from qlora_quant.gptq import gptq_quantize, rtn_quantize
+from qlora_quant.nf4 import quantize_nf4
+from qlora_quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq, pack_awq, pack_gptq
 
-triton_kernels = pytest.importorskip("kernels.triton_kernels")
+triton_kernels = pytest.importorskip("qlora_kernels.triton_kernels")
 tk = triton_kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NF4_FIELDS = ("packed", "qabsmax", "nested_absmax", "offset", "code", "nested_code")

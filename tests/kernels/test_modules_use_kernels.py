@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.stages.evaluate import perplexity
-from quant.gptq import gptq_quantize, rtn_quantize
-from quant.int4_linear import LinearInt4
-from quant.nf4_linear import LinearNF4
-from quant.packing import pack_awq, pack_gptq
+from qlora_pipeline.stages.evaluate import perplexity
+from qlora_quant.gptq import gptq_quantize, rtn_quantize
+from qlora_kernels.int4_linear import LinearInt4
+from qlora_kernels.nf4_linear import LinearNF4
+from qlora_quant.packing import pack_awq, pack_gptq
 
-pytest.importorskip("kernels.triton_kernels")
+pytest.importorskip("qlora_kernels.triton_kernels")
 
 
 def _swap_linears(model, make):
@@ -45,7 +45,7 @@ def test_perplexity_through_the_kernels_equals_the_torch_path(tiny_llama_dir, mo
     expected = run()
     monkeypatch.setenv("QLP_KERNELS", "triton")
     calls = []
-    import kernels.triton_kernels as tk
+    import qlora_kernels.triton_kernels as tk
 
     name = "w4a16_matmul" if kind == "int4" else "nf4_matmul"
     original = getattr(tk, name)
@@ -73,7 +73,7 @@ def test_nf4_linear_under_autocast_runs_in_the_autocast_dtype(monkeypatch, autoc
     float32 kernel, no TF32) and come back in it; the input gradient returns to float32.
     Checked through the kernels for fp16; bf16 (wrong in the interpreter) through the twins."""
     monkeypatch.setenv("QLP_KERNELS", "triton" if autocast_dtype == torch.float16 else "torch")
-    import kernels
+    import qlora_kernels as kernels
 
     layer = LinearNF4.from_linear(nn.Linear(128, 96, bias=False), 64)
     x = torch.randn(5, 128, requires_grad=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.awq_layer import (
+from qlora_pipeline.layerwise.awq_search import (
     AWQSettings, _Kwargs, active_groups, apply_clip, apply_scales, capture, search_layer_clip, search_layer_scales,
 )
-from pipeline.checkpoints import read_prefix, weight_map
-from pipeline.families import LLAMA
-from pipeline.layerwise import LayerwiseRunner
-from pipeline.checkpoints import read_config
-from quant.awq import pseudo_quantize
+from qlora_pipeline.layerwise.checkpoints import read_prefix, weight_map
+from qlora_pipeline.layerwise.families import LLAMA
+from qlora_pipeline.layerwise.runner import LayerwiseRunner
+from qlora_pipeline.layerwise.checkpoints import read_config
+from qlora_quant.awq import pseudo_quantize
 from tests.conftest import make_tiny_llama
 
 

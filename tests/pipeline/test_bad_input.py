@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import Recipe
+from qlora_pipeline.recipe import Recipe
 from tests.conftest import cli, tiny_recipe
 
 COMMANDS = ("validate", "plan", "run")
@@ -115,7 +115,7 @@ def test_preflight_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline.preflight import check_inputs; from pipeline.recipe import Recipe; "
+    code = ("import sys; from qlora_pipeline.preflight import check_inputs; from qlora_pipeline.recipe import Recipe; "
             "check_inputs(Recipe()); print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
@@ -215,7 +215,7 @@ def test_set_into_the_wrong_kind_of_node(case, in_tmp, write_recipe, capsys):
 def test_set_creates_a_missing_section(write_recipe, capsys):
     path = write_recipe({"model": {"source": "builtin:smollm2-135m"}})
     assert cli("validate", str(path), "--set", "train.steps=20", "--set", "merge.verify_max_logit_diff=2") == 0
-    from pipeline.recipe import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     recipe, _ = load_recipe(path, ["train.steps=20", "merge.verify_max_logit_diff=2"])
     assert recipe.train.steps == 20 and recipe.merge.verify_max_logit_diff == 2

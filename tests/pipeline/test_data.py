@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import data
-from pipeline.errors import DataError
-from pipeline.recipe import DataSource, DecontaminateConfig
+from qlora_pipeline import data
+from qlora_pipeline.errors import DataError
+from qlora_pipeline.recipe import DataSource, DecontaminateConfig
 from tests.conftest import cli, tiny_recipe
 
 
@@ -231,8 +231,8 @@ def test_python_stdlib_leaves_out_pydoc_data():
 
 
 def test_an_empty_split_is_a_data_error_naming_the_key():
-    from pipeline.recipe import DataConfig
-    from pipeline.stages.data import _require_clean, _require_documents
+    from qlora_pipeline.recipe import DataConfig
+    from qlora_pipeline.stages.data import _require_clean, _require_documents
 
     cfg = DataConfig(holdout_every=2)
     two = ["one document of text", "another one"]  # eval gets the first, valid the second
@@ -251,7 +251,7 @@ def test_an_empty_split_is_a_data_error_naming_the_key():
 
 
 def test_overlap_left_after_cleaning_is_a_data_error():
-    from pipeline.stages.data import _require_clean
+    from qlora_pipeline.stages.data import _require_clean
 
     splits = data.Splits(train=[_long("e")], valid=[_long("v")], eval=[_long("e")])
     dirty = data.measure_overlap(splits, 80)

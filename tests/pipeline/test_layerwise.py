@@ -5,8 +5,8 @@ from functools import partial
 
 import torch
 
-from pipeline.checkpoints import read_config, read_prefix, weight_map
-from pipeline.layerwise import LayerwiseRunner
+from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
+from qlora_pipeline.layerwise.runner import LayerwiseRunner
 
 
 def test_layerwise_logits_equal_the_full_forward(tiny_llama_dir):

@@ -78,7 +78,7 @@ def test_quantized_artifacts_are_standard_gptq_checkpoints(tiny_llama_dir, tmp_p
 
 def test_evaluation_reads_the_packed_checkpoint(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
     """The int4 model computes with exactly the weights GPTQ chose."""
-    from pipeline.checkpoints import load_int4_model
+    from qlora_pipeline.layerwise.checkpoints import load_int4_model
 
     monkeypatch.chdir(tmp_path)
     adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
@@ -106,8 +106,8 @@ def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2
         path = write_recipe(quant_recipe(deep, tmp_path, name, adapter, [entry]), f"{name}.yaml")
         for s in ("data", "base", "merge", "calibrate"):
             assert cli("run", str(path), "--only", s) == 0
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--only", stage]
+        env = dict(os.environ)
+        cmd = [sys.executable, "-m", "qlora_pipeline.cli", "run", str(path), "--only", stage]
         if name == "killed":
             ckpt = tmp_path / "runs" / name / stage / "checkpoints"
             proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
@@ -147,8 +147,8 @@ AWQ = [
 
 
 def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
-    from pipeline.checkpoints import load_int4_model
-    from quant.packing import AWQPacked, unpack_awq
+    from qlora_pipeline.layerwise.checkpoints import load_int4_model
+    from qlora_quant.packing import AWQPacked, unpack_awq
 
     monkeypatch.chdir(tmp_path)
     adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.codehash import code_files
-from pipeline.graph import StageRef
-from pipeline.recipe import load_recipe
-from pipeline.stages import build_stages
+from qlora_pipeline.codehash import code_files
+from qlora_pipeline.graph import StageRef
+from qlora_pipeline.recipe import load_recipe
+from qlora_pipeline.stages import build_stages
 from tests.conftest import REPO, cli
 
 HEAVY = ("torch", "transformers", "peft", "mlflow", "datasets", "bitsandbytes", "accelerate", "safetensors")
@@ -45,14 +45,14 @@ def test_stage_functions_are_named_by_module_and_hashed_without_importing():
     recipe, _ = load_recipe(SMOLLM2)
     specs = {s.name: s for s in build_stages(recipe)}
     modules = {name: spec.module for name, spec in specs.items()}
-    assert modules["train"] == "pipeline.stages.train"
-    assert modules["evaluate-gptq-w4g64"] == modules["evaluate-base"] == "pipeline.stages.evaluate"
-    assert modules["quantize-awq-w4g64"] == "pipeline.stages.quantize"
+    assert modules["train"] == "qlora_pipeline.stages.train"
+    assert modules["evaluate-gptq-w4g64"] == modules["evaluate-base"] == "qlora_pipeline.stages.evaluate"
+    assert modules["quantize-awq-w4g64"] == "qlora_pipeline.stages.quantize"
     for spec in specs.values():
         assert isinstance(spec.fn, StageRef)
         files = code_files(spec.fn)
         assert files == code_files(spec.module)  # a module name works the same
-        assert spec.module.replace(".", "/") + ".py" in files
+        assert "pipeline/" + spec.module.removeprefix("qlora_pipeline.").replace(".", "/") + ".py" in files
 
 
 def test_every_stage_of_the_default_recipe_resolves_to_a_function_of_its_module():
@@ -63,17 +63,17 @@ def test_every_stage_of_the_default_recipe_resolves_to_a_function_of_its_module(
 
 
 def test_stage_ref_resolves_to_the_function_it_names():
-    from pipeline.stages import report
+    from qlora_pipeline.stages import report
 
-    ref = StageRef("pipeline.stages.report")
+    ref = StageRef("qlora_pipeline.stages.report")
     assert ref.resolve() is report.run
     assert code_files(ref) == code_files(report.run)  # the same fingerprint as before the registry was lazy
-    built = StageRef("pipeline.stages.report", lambda m: m.gate_failures)
+    built = StageRef("qlora_pipeline.stages.report", lambda m: m.gate_failures)
     assert built.resolve() is report.gate_failures
 
 
 def test_quantize_rules_are_the_ones_the_stage_uses():
-    from pipeline.stages import quantize, quantize_settings
+    from qlora_pipeline.stages import quantize, quantize_settings
 
     assert quantize.check_shapes is quantize_settings.check_shapes
     assert quantize.relevant_settings is quantize_settings.relevant_settings

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import Recipe, flatten, load_recipe
+from qlora_pipeline.errors import RecipeError
+from qlora_pipeline.recipe import Recipe, flatten, load_recipe
 from tests.conftest import REPO, cli
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

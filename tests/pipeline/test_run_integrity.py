@@ -49,8 +49,8 @@ def soak_recipe(model_dir: Path, tmp: Path, name: str) -> Path:
 
 
 def start(recipe: Path, cwd: Path, *extra: str, hash_seed: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": hash_seed or str(random.randrange(1 << 30))}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe), *extra], cwd=cwd,
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed or str(random.randrange(1 << 30))}
+    return subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", "run", str(recipe), *extra], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -284,13 +284,13 @@ def test_disk_full_in_the_middle_of_a_quantize_stage_then_resume(reference, tmp_
 def _plan_with_code(reference: Path, tmp_path: Path, monkeypatch, edit) -> dict[str, tuple[str, str]]:
     """The plan of a copy of the reference run when the project's source is a copy with
     `edit(root)` applied: {stage: (action, reason)}."""
-    from pipeline import codehash
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import Runner
-    from pipeline.stages import build_stages
+    from qlora_pipeline import codehash
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.runner import Runner
+    from qlora_pipeline.stages import build_stages
 
     src = tmp_path / "src"
-    for package in codehash.PROJECT_PACKAGES:
+    for package in codehash.PACKAGE_FOLDERS.values():
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     edit(src)
     monkeypatch.setattr(codehash, "ROOT", src)

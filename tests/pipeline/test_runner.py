@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pipeline.errors import InputError, RunLockedError, StageError
-from pipeline.graph import StageResult, StageSpec
-from pipeline.rundir import RunLock
-from pipeline.runner import Runner
+from qlora_pipeline.errors import InputError, RunLockedError, StageError
+from qlora_pipeline.graph import StageResult, StageSpec
+from qlora_pipeline.rundir import RunLock
+from qlora_pipeline.runner import Runner
 
 
 class Toy:
@@ -157,10 +157,10 @@ def test_truncated_or_altered_output_is_detected_and_rerun(toy):
 def test_lock_blocks_a_live_process_and_takes_over_a_dead_one(tmp_path):
     lock_path = tmp_path / "run" / ".lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; sys.path.insert(0, %r);"
-        "from pipeline.rundir import RunLock; from pathlib import Path;"
+        "import time;"
+        "from qlora_pipeline.rundir import RunLock; from pathlib import Path;"
         "l=RunLock(Path(%r)); l.acquire(); print('locked', flush=True); time.sleep(60)"
-    ) % (os.getcwd(), str(lock_path))], stdout=subprocess.PIPE, text=True)
+    ) % (str(lock_path),)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid}"):
@@ -243,7 +243,7 @@ def test_only_refuses_an_altered_input_naming_the_file(toy):
 
 
 STAGE_MODULE = '''
-from pipeline.graph import StageResult
+from qlora_pipeline.graph import StageResult
 
 
 def produce(ctx):

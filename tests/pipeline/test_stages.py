@@ -32,7 +32,7 @@ def test_tiny_pipeline_runs_then_skips(tiny_llama_dir, tmp_path, write_recipe, m
     assert report["base-nf4"]["size_bytes"] < report["base"]["size_bytes"]
     assert "| base-nf4 |" in (run_dir / "report" / "output" / "report.md").read_text()
     caplog.clear()
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="qlora_pipeline"):
         assert cli("run", str(path)) == 0
     assert caplog.text.count("skip  (up to date)") == 8 and "run   (" not in caplog.text
     capsys.readouterr()
@@ -51,7 +51,7 @@ def test_nf4_checkpoint_loads_in_transformers_and_matches_ours(tiny_llama_dir, t
     """The NF4 checkpoint is read by transformers + bitsandbytes with no code of ours."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.checkpoints import load_nf4_model
+    from qlora_pipeline.layerwise.checkpoints import load_nf4_model
 
     monkeypatch.chdir(tmp_path)
     path = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, tracking={"enabled": False}))
@@ -84,9 +84,9 @@ def test_nf4_checkpoint_loads_in_transformers_and_matches_ours(tiny_llama_dir, t
 
 
 def _run_base(recipe: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--only", "base"],
+    return subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", "run", str(recipe), "--only", "base"],
                             cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env=dict(os.environ))
 
 
 def test_kill_9_during_base_then_resume_equals_uninterrupted(tmp_path, smollm2_dir, write_recipe):

@@ -13,10 +13,10 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import StageError
-from pipeline.graph import StageResult, StageSpec
-from pipeline.runner import Runner
-from pipeline.tracking import Tracker
+from qlora_pipeline.errors import StageError
+from qlora_pipeline.graph import StageResult, StageSpec
+from qlora_pipeline.runner import Runner
+from qlora_pipeline.tracking import Tracker
 
 
 def free_port() -> int:

@@ -29,9 +29,9 @@ def recipe_for(model_dir, tmp_path, name, **sections):
 
 
 def pipeline_proc(recipe: Path, cwd: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe), *extra], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", "run", str(recipe), *extra], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env=dict(os.environ))
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +119,9 @@ def test_merge_into_original_equals_plain_base_plus_adapter(trained, tiny_llama_
 
 def valid_ppl(run_dir: Path) -> float:
     """Perplexity of a run's merged model on the domain_valid windows (float32, the CPU)."""
-    from pipeline import data
-    from pipeline.checkpoints import load_hf_model
-    from pipeline.stages.evaluate import perplexity
+    from qlora_pipeline import data
+    from qlora_pipeline.layerwise.checkpoints import load_hf_model
+    from qlora_pipeline.stages.evaluate import perplexity
 
     streams = load_file(str(run_dir / "data" / "output" / "tokens.safetensors"))
     windows = data.windows(streams["domain_valid"], 128, 4)  # tiny_recipe: seq_len 128, 4 domain windows
@@ -215,8 +215,8 @@ def loud_model_and_adapter(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path
 @pytest.mark.parametrize("breakage", ["delta dropped", "delta doubled"])
 def test_a_wrong_merge_fails_its_verification_and_publishes_nothing(breakage, loud_model_and_adapter, tmp_path,
                                                                     write_recipe, monkeypatch, capsys):
-    from pipeline.recipe import MergeConfig
-    from pipeline.stages import merge
+    from qlora_pipeline.recipe import MergeConfig
+    from qlora_pipeline.stages import merge
 
     model_dir, adapter = loud_model_and_adapter
     path = write_recipe(recipe_for(model_dir, tmp_path, "verify", merge={"adapter": str(adapter)}))
@@ -260,8 +260,8 @@ def test_training_under_accelerate_launch_with_two_cpu_processes(tiny_llama_dir,
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     proc = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "pipeline.cli", "run", str(path)],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""},
+         "--dynamo_backend", "no", "-m", "qlora_pipeline.cli", "run", str(path)],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

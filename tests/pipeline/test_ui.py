@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
-from pipeline.graph import StageResult, StageSpec
-from pipeline.runner import Runner
-from pipeline.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG, VIEW_KEY, VIEW_TAG, Tracker,
+from qlora_pipeline import tracking
+from qlora_pipeline.graph import StageResult, StageSpec
+from qlora_pipeline.runner import Runner
+from qlora_pipeline.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG, VIEW_KEY, VIEW_TAG, Tracker,
                                parent_run_name, report_columns, report_note, runs_url, view_state)
 from tests.conftest import cli
 
@@ -60,7 +60,7 @@ def store(tmp_path_factory) -> str:
 def finished_run(tmp_path: Path, uri: str, experiment: str, recipe_name: str = "demo") -> Runner:
     """A finished pipeline run (one report stage) tracked in `experiment`, described as
     `pipeline run` describes its parent run."""
-    from pipeline.cli import _describe_parent_run
+    from qlora_pipeline.cli import _describe_parent_run
 
     run_dir = tmp_path / "runs" / recipe_name
     tracker = Tracker(uri, experiment, parent_name=parent_run_name(recipe_name, run_dir))

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.awq import (
+from qlora_quant.awq import (
     candidate_scales, clip_weight, gram_blocks, linear_loss_from_hessian, pseudo_quantize, scaled_quantized,
     search_clip, search_scales, weight_channel_mean,
 )
-from quant.gptq import rtn_quantize
-from quant.packing import AWQ_ORDER, AWQPacked, dequantize_awq, pack_awq, unpack_awq
+from qlora_quant.gptq import rtn_quantize
+from qlora_quant.packing import AWQ_ORDER, AWQPacked, dequantize_awq, pack_awq, unpack_awq
 
 
 def _inputs_with_outlier_channels(n: int, d: int, seed: int = 0) -> torch.Tensor:

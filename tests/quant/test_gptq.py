@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.gptq import accumulate_hessian, fit_group_params, gptq_quantize, quantize_codes, rtn_quantize
+from qlora_quant.gptq import accumulate_hessian, fit_group_params, gptq_quantize, quantize_codes, rtn_quantize
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 import torch
 from bitsandbytes.functional import QuantState
 
-from quant.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
-from quant.nf4_linear import LinearNF4
+from qlora_quant.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
+from qlora_kernels.nf4_linear import LinearNF4
 
 SHAPES = [(1,), (3, 5), (63,), (65,), (129,), (7, 1000), (100, 77), (576, 576), (1536, 576), (5000, 3), (2, 3, 67)]
 
@@ -81,8 +81,8 @@ def test_special_values():
 
 
 def test_every_smollm2_linear_matches_bitsandbytes(smollm2_dir):
-    from pipeline.checkpoints import read_tensors, weight_map
-    from pipeline.families import LLAMA
+    from qlora_pipeline.layerwise.checkpoints import read_tensors, weight_map
+    from qlora_pipeline.layerwise.families import LLAMA
 
     wmap = weight_map(smollm2_dir)
     names = [n for n in wmap if n.endswith(".weight") and any(f".{lin}." in n for lin in LLAMA.linears)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.int4_linear import LinearInt4
-from quant.packing import pack_along_rows, pack_gptq, unpack_along_rows, unpack_gptq
+from qlora_kernels.int4_linear import LinearInt4
+from qlora_quant.packing import pack_along_rows, pack_gptq, unpack_along_rows, unpack_gptq
 
 
 def test_hand_computed_words():

@@ -13,10 +13,10 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
-from pipeline.errors import InputError, StageError
-from pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
-from quant.nf4 import QUANT_STATE_KEY
-from quant.nf4_linear import LinearNF4
+from qlora_pipeline.errors import InputError, StageError
+from qlora_pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
+from qlora_quant.nf4 import QUANT_STATE_KEY
+from qlora_kernels.nf4_linear import LinearNF4
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -153,8 +153,8 @@ def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):
 
 def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
     """Build the model with `LinearInt4` layers from a packed GPTQ (v1 or v2) or AWQ GEMM checkpoint."""
-    from quant.int4_linear import LinearInt4
-    from quant.packing import AWQPacked, GPTQPacked
+    from qlora_kernels.int4_linear import LinearInt4
+    from qlora_quant.packing import AWQPacked, GPTQPacked
 
     config = read_config(model_dir)
     qcfg = config.get("quantization_config") or {}

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pipeline.families import Family, ScalingGroup
-from pipeline.shards import save_atomic, valid_shard
-from quant.awq import (
+from qlora_pipeline.layerwise.families import Family, ScalingGroup
+from qlora_pipeline.layerwise.shards import save_atomic, valid_shard
+from qlora_quant.awq import (
     gram_blocks, linear_loss_from_hessian, scaled_quantized, search_clip, search_scales, weight_channel_mean,
     clip_weight,
 )

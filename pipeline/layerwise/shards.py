@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.rundir import fsync_dir
+from qlora_pipeline.rundir import fsync_dir
 
 SHARD = "layer-{:05d}.safetensors"
 REST_SHARD = "rest.safetensors"

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-import kernels
-from quant.int4_linear import inference_weight
-from quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
+import qlora_kernels as kernels
+from qlora_kernels.int4_linear import inference_weight
+from qlora_quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.checkpoints import _empty_model
-from pipeline.shards import release_freed_memory
+from qlora_pipeline.layerwise.checkpoints import _empty_model
+from qlora_pipeline.layerwise.shards import release_freed_memory
 
 
 class LayerwiseRunner:

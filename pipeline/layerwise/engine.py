@@ -17,11 +17,11 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from pipeline.checkpoints import read_config, read_prefix, weight_map
-from pipeline.families import Family
-from pipeline.layerwise import LayerwiseRunner
-from pipeline.shards import SHARD, release_freed_memory, save_atomic, valid_shard
-from quant.gptq import accumulate_hessian
+from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
+from qlora_pipeline.layerwise.families import Family
+from qlora_pipeline.layerwise.runner import LayerwiseRunner
+from qlora_pipeline.layerwise.shards import SHARD, release_freed_memory, save_atomic, valid_shard
+from qlora_quant.gptq import accumulate_hessian
 
 
 class LinearResult(NamedTuple):

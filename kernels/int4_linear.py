@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
+import qlora_kernels as kernels
+from qlora_quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
 
 
 def inference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -69,7 +69,7 @@ class LinearInt4(nn.Module):
         packed = GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx)
         return dequantize_gptq(packed, self.bits, self.v1).to(dtype)
 
-    def kernel_weight(self) -> Optional["kernels.W4A16Weight"]:
+    def kernel_weight(self) -> Optional["qlora_kernels.W4A16Weight"]:
         """The packed weight as the W4A16 kernels read it (None: not a layout they take),
         prepared once per device."""
         key = (self.qweight.device, self.qweight.data_ptr())

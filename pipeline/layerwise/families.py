@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import InputError
+from qlora_pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
