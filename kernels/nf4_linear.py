@@ -13,7 +13,7 @@ from torch import nn
 
 import qlora_kernels as kernels
 from qlora_kernels.int4_linear import inference_weight
-from qlora_quant.nf4 import NF4Tensor, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
+from qlora_quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -67,20 +67,12 @@ class LinearNF4(nn.Module):
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         return cls(quantize_nf4(w, blocksize), bias)
 
-    @classmethod
-    def from_state(cls, packed: torch.Tensor, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None) -> "LinearNF4":
-        """From bitsandbytes-serialized tensors: `P.weight` and the `P.weight.<key>` entries."""
-        return cls(nf4_from_state_tensors(packed, state), bias)
-
     def nf4(self) -> NF4Tensor:
         return NF4Tensor(
             packed=self.weight, qabsmax=self.qabsmax, nested_absmax=self.nested_absmax, offset=self.offset,
             code=self.code, nested_code=self.nested_code, shape=(self.out_features, self.in_features),
             dtype=self.weight_dtype, blocksize=self.blocksize,
         )
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return quant_state_tensors(self.nf4())
 
     def weight_key(self) -> tuple:
         return (self.weight.device, self.weight.data_ptr())

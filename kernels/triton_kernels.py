@@ -304,11 +304,11 @@ def _nf4_mm(a2: torch.Tensor, t: NF4Tensor, forward: bool) -> torch.Tensor:
         w = nf4_dequantize(t, a2.dtype)
         return torch.matmul(a2, w.t() if forward else w, out=out)
     cfg = _nf4_config(M, t.blocksize, forward)
-    grid_m, grid_p, red_tiles = triton.cdiv(M, cfg.BM), triton.cdiv(P, cfg.BP), triton.cdiv(R, cfg.BR)
-    split = _split_k(grid_m * grid_p, red_tiles, a2.device) if M <= SPLIT_K_MAX_M else 1
-    r_per_split = triton.cdiv(red_tiles, split) * cfg.BR  # whole BR tiles per split
-    split = triton.cdiv(R, r_per_split)
-    ws, count = _workspace(a2.device, M * P if split > 1 else 0, grid_m * grid_p if split > 1 else 0)
+    grid_m, grid_p = triton.cdiv(M, cfg.BM), triton.cdiv(P, cfg.BP)
+    # Split-K sizing and workspace, shared with w4a16_matmul (`_split_plan` is defined below the
+    # kernels: moving a kernel's source lines would invalidate Triton's compile cache for no
+    # change of code).
+    split, r_per_split, ws, count = _split_plan(M, P, R, grid_m * grid_p, cfg.BR, a2.device)
     _nf4_matmul_kernel[(grid_m, grid_p, split)](
         a2, out, ws, count, M, N, K, a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
         t.packed, t.qabsmax, t.nested_absmax, t.offset, t.code, t.nested_code, r_per_split,
@@ -511,11 +511,8 @@ def w4a16_matmul(x: torch.Tensor, w: W4A16Weight) -> torch.Tensor:
         torch.matmul(x2, w4a16_dequantize(w, x.dtype), out=out)
     elif M > 0:
         cfg = _w4a16_config(M, w.group_size)
-        grid_m, grid_n, red_tiles = triton.cdiv(M, cfg.BM), triton.cdiv(N, cfg.BN), triton.cdiv(K, cfg.BK)
-        split = _split_k(grid_m * grid_n, red_tiles, x.device) if M <= SPLIT_K_MAX_M else 1
-        k_per_split = triton.cdiv(red_tiles, split) * cfg.BK  # whole BK tiles per split
-        split = triton.cdiv(K, k_per_split)
-        ws, count = _workspace(x.device, M * N if split > 1 else 0, grid_m * grid_n if split > 1 else 0)
+        grid_m, grid_n = triton.cdiv(M, cfg.BM), triton.cdiv(N, cfg.BN)
+        split, k_per_split, ws, count = _split_plan(M, N, K, grid_m * grid_n, cfg.BK, x.device)
         _w4a16_matmul_kernel[(grid_m, grid_n, split)](
             x2, w.perm if w.perm is not None else w.qweight, out, ws, count, *_w4a16_common(w), M, N, K,
             x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), *_w4a16_strides(w), w.zero_offset, k_per_split,
@@ -523,6 +520,18 @@ def w4a16_matmul(x: torch.Tensor, w: W4A16Weight) -> torch.Tensor:
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.reshape(*x.shape[:-1], N)
 
+
+
+def _split_plan(M: int, P: int, R: int, out_tiles: int, tile: int, device: torch.device) -> tuple:
+    """(splits, reduction length per split, workspace, counters) of a matmul [M, R] x [R, P]
+    tiled into `out_tiles` output tiles and reduction tiles of `tile`: split-K for M <=
+    SPLIT_K_MAX_M, every split a whole number of tiles, no split left empty."""
+    red_tiles = triton.cdiv(R, tile)
+    split = _split_k(out_tiles, red_tiles, device) if M <= SPLIT_K_MAX_M else 1
+    per_split = triton.cdiv(red_tiles, split) * tile
+    split = triton.cdiv(R, per_split)
+    ws, count = _workspace(device, M * P if split > 1 else 0, out_tiles if split > 1 else 0)
+    return split, per_split, ws, count
 
 # ---------------------------------------------------------------- compile-only configurations
 

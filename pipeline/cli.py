@@ -36,7 +36,11 @@ def _setup_logging(verbose: bool) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         level = logging.WARNING  # one voice per launch: the main process reports
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "datasets", "mlflow", "urllib3", "huggingface_hub", "alembic", "filelock", "accelerate"):
+    for noisy in ("transformers", "datasets", "mlflow", "urllib3", "huggingface_hub", "alembic", "filelock", "accelerate",
+                  # On AVX-512 BF16 CPUs bitsandbytes tries to fetch a CPU GEMM from the kernel hub
+                  # (Hugging Face's `kernels` package, network) at import and warns when it cannot.
+                  # Our NF4 runs on our own kernels; bitsandbytes is here for its optimizers.
+                  "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -86,7 +90,7 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
 
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
                           parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
-    return Runner(directory, specs, recipe, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
+    return Runner(directory, specs, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
                   verify_inputs=recipe.run.verify_inputs)
 
 
@@ -163,7 +167,9 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     logger.info("run directory: %s", runner.run_dir)
     t0 = time.time()
     planned = runner.run(from_stage=from_stage, only=only, force=force)
-    report = runner.run_dir / "report" / "output" / "report.md"
+    from qlora_pipeline.stages.report import REPORT_FILE, metrics_path
+
+    report = metrics_path(runner.run_dir).with_name(REPORT_FILE)
     _describe_parent_run(runner)
     if int(os.environ.get("RANK", "0")) == 0:
         if report.is_file():
@@ -224,7 +230,7 @@ def status(run_dir: str, verify: bool) -> None:
     recipe = read_run_recipe(path)
     holder = read_lock_holder(path)  # before printing: a damaged lock is reported alone
     check_records(path)
-    runner = Runner(path, build_stages(recipe), recipe, verify_inputs=recipe.run.verify_inputs)
+    runner = Runner(path, build_stages(recipe), verify_inputs=recipe.run.verify_inputs)
     names = {"missing": "pending"}
     width = max(len(s.name) for s in runner.specs)
     for p in runner.plan(full_verify=verify):

@@ -9,25 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qlora_pipeline import rundir
 from qlora_pipeline.errors import InputError
+from qlora_pipeline.recipe import flatten_settings
+from qlora_pipeline.stages.report import COLUMNS, format_cell, metrics_path
 
-DEFAULT_COLUMNS = ("domain_ppl", "general_ppl", "size_bytes", "quantize_seconds", "peak_memory_bytes",
-                   "prefill_tokens_per_second", "decode_tokens_per_second")
-HEADERS = {"domain_ppl": "domain ppl", "general_ppl": "general ppl", "size_bytes": "size MB",
-           "quantize_seconds": "quantize s", "peak_memory_bytes": "peak mem MB",
-           "prefill_tokens_per_second": "prefill tok/s", "decode_tokens_per_second": "decode tok/s",
-           "load_seconds": "load s"}
+DEFAULT_COLUMNS = tuple(key for key in COLUMNS if key != "load_seconds")
 
 
 SETTING_STAGES = ("train", "merge", "calibrate")  # whose settings tell runs apart (quantize entries are rows)
-
-
-def _flatten(prefix: str, value, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = json.dumps(value)
 
 
 def _read_object(path: Path, repair: str) -> dict:
@@ -47,17 +37,16 @@ def _recipe_settings(run_dir: Path) -> dict[str, str]:
     """The flattened settings of a run's train/merge/calibrate stages (from their manifests)."""
     settings: dict[str, str] = {}
     for stage in SETTING_STAGES:
-        manifest = run_dir / stage / "manifest.json"
+        manifest = run_dir / stage / rundir.MANIFEST
         if manifest.is_file():
             config = _read_object(manifest, f"`pipeline run` re-runs the {stage} stage of {run_dir} to rewrite it")
-            for k, v in (config.get("config") or {}).items():
-                _flatten(k, v, settings)
+            settings.update(flatten_settings(config.get("config") or {}, leaf=json.dumps))
     return settings
 
 
 def _read_report(run_dir: Path) -> dict:
     """A run's report/output/metrics.json, checked for the shape the table reads."""
-    path = run_dir / "report" / "output" / "metrics.json"
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise InputError(f"{run_dir}: no report (expected {path}); run the pipeline to its report stage first")
     # `pipeline run` sees the altered file against the report's manifest and writes it again.
@@ -93,19 +82,9 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     return rows, columns + extra
 
 
-def _fmt(key: str, v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if key.endswith("_bytes"):
-            return f"{v / 1e6:.1f}"
-        return f"{v:.3f}" if key.endswith("_ppl") else f"{v:.1f}"
-    return str(v)
-
-
 def render(rows: list[dict], columns: list[str], markdown: bool) -> str:
-    head = ["run", "artifact"] + [HEADERS.get(c, c) for c in columns]
-    body = [[r["run"], r["artifact"]] + [_fmt(c, r.get(c)) for c in columns] for r in rows]
+    head = ["run", "artifact"] + [COLUMNS[c][0] if c in COLUMNS else c for c in columns]
+    body = [[r["run"], r["artifact"]] + [format_cell(c, r.get(c)) for c in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from qlora_pipeline.errors import DataError
+from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst")
-JSON_SUFFIXES = (".json", ".jsonl")
 DOC_SEPARATOR = "\n\n"
 _CHUNK_DOCS = 512  # documents tokenized per call; one call for the built-in corpora
 
@@ -78,7 +77,7 @@ def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
             groups.setdefault("text", []).append(str(f))
         elif f.suffix in JSON_SUFFIXES:
             groups.setdefault("json", []).append(str(f))
-        elif f.suffix == ".parquet":
+        elif f.suffix == PARQUET_SUFFIX:
             groups.setdefault("parquet", []).append(str(f))
     docs: list[str] = []
     for builder, data_files in groups.items():

@@ -30,6 +30,3 @@ class RunLockedError(InputError):
 class StageError(Exception):
     """A stage failed while doing its work (exit code 1)."""
 
-
-class CorruptOutputError(StageError):
-    """A stage output does not match its manifest (truncated or altered file)."""

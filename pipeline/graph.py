@@ -23,7 +23,6 @@ class StageContext:
     Attributes:
         name: the stage name, e.g. "evaluate-base-nf4".
         config: the stage's own settings (the normalized recipe slice its fingerprint covers).
-        recipe: the whole validated recipe (read-only).
         inputs: upstream stage name -> its published `output/` directory.
         output_dir: where to write the artifact (published atomically when the stage returns).
         checkpoint_dir: intra-stage progress that survives a crash; wiped when the fingerprint changes.
@@ -33,7 +32,6 @@ class StageContext:
 
     name: str
     config: dict
-    recipe: Any
     inputs: dict[str, Path]
     output_dir: Path
     checkpoint_dir: Path

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from qlora_pipeline.errors import InputError
+from qlora_pipeline.layerwise.families import family_for
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config.dtype = torch.float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing = family_for(config_dict["model_type"]).unexplained_missing(missing)
     if missing or unexpected:
         raise InputError(f"GGUF {gguf}: conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     plain.tie_weights()

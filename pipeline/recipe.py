@@ -14,10 +14,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_pipeline.errors import RecipeError
+from qlora_pipeline.methods import METHODS, format_problems
 
 BUILTIN_MODELS = ("smollm2-135m",)
-BUILTIN_CORPORA = ("python-docs", "python-stdlib")
-LOCAL_DATA_SUFFIXES = (".txt", ".md", ".rst", ".json", ".jsonl", ".parquet")
+BuiltinCorpus = Literal["python-docs", "python-stdlib"]
+# Local data files by suffix: plain text, JSON records, parquet (qlora_pipeline.data reads them).
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+JSON_SUFFIXES = (".json", ".jsonl")
+PARQUET_SUFFIX = ".parquet"
+LOCAL_DATA_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + (PARQUET_SUFFIX,)
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -63,7 +68,7 @@ class ModelConfig(_Section):
 class DataSource(_Section):
     """Exactly one of `builtin`, `path` or `hub`."""
 
-    builtin: Optional[Literal["python-docs", "python-stdlib"]] = None
+    builtin: Optional[BuiltinCorpus] = None
     path: Optional[str] = Field(None, description="a .txt/.md/.rst/.json/.jsonl/.parquet file or a folder of them")
     hub: Optional[str] = Field(None, description="a hub dataset id (needs network)")
     config: Optional[str] = Field(None, description="configuration (subset) of a hub dataset, for datasets that "
@@ -216,7 +221,7 @@ class AWQOptions(_Section):
 
 class QuantizeEntry(_Section):
     name: str
-    method: Literal["gptq", "awq", "awq+gptq", "rtn"]
+    method: str = Field(description="a method of the registry (qlora_pipeline.methods): " + ", ".join(METHODS))
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, description="columns per quantization group; -1 for one group per row")
     sym: bool = False
@@ -243,14 +248,18 @@ class QuantizeEntry(_Section):
             raise ValueError(f"group_size must be -1 or a positive number of columns, got {v}")
         return v
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}'; methods: {', '.join(METHODS)}")
+        return v
+
     @model_validator(mode="after")
-    def _awq_is_4bit(self) -> "QuantizeEntry":
-        if self.method == "awq" and self.bits != 4:
-            raise ValueError(f"AWQ GEMM checkpoints are 4-bit only, got bits={self.bits}")
-        if self.method == "awq" and self.sym:
-            raise ValueError("AWQ GEMM checkpoints store zero points: use sym: false (or method: awq+gptq)")
-        if self.method == "awq" and self.group_size == -1:
-            raise ValueError("AWQ GEMM checkpoints need a group size (e.g. 128), not -1")
+    def _fits_its_format(self) -> "QuantizeEntry":
+        problems = format_problems(self)
+        if problems:
+            raise ValueError(problems[0])
         return self
 
 
@@ -516,8 +525,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
     return recipe, data
 
 
-def flatten(recipe: Recipe) -> dict[str, str]:
-    """The recipe as flat 'section.key' -> string pairs (MLflow params)."""
+def flatten_settings(value: Any, leaf=str) -> dict[str, str]:
+    """Nested settings as flat 'section.key' -> `leaf(value)` pairs; a list of mappings is
+    keyed by each item's `name` (quantize entries) or index."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -528,7 +538,12 @@ def flatten(recipe: Recipe) -> dict[str, str]:
             for i, v in enumerate(value):
                 walk(f"{prefix}.{v.get('name', i)}", v)
         else:
-            out[prefix] = str(value)
+            out[prefix] = leaf(value)
 
-    walk("", recipe.model_dump(mode="json"))
+    walk("", value)
     return out
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """The recipe as flat 'section.key' -> string pairs (MLflow params)."""
+    return flatten_settings(recipe.model_dump(mode="json"))

@@ -142,13 +142,12 @@ class Ranks:
 
 
 class Runner:
-    def __init__(self, run_dir: Path, specs: list[StageSpec], recipe, tracker: Optional[Tracker] = None,
+    def __init__(self, run_dir: Path, specs: list[StageSpec], tracker: Optional[Tracker] = None,
                  recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None,
                  verify_inputs: bool = True):
         self.run_dir = Path(run_dir)
         self.specs = topological(specs)
         self.by_name = {s.name: s for s in self.specs}
-        self.recipe = recipe
         self.tracker = tracker
         self.recipe_dump = recipe_dump or {}
         self.params = params or {}
@@ -413,7 +412,7 @@ class Runner:
                 shutil.rmtree(scratch, ignore_errors=True)
                 scratch.mkdir(parents=True)
                 ctx = StageContext(
-                    name=p.spec.name, config=p.spec.config, recipe=self.recipe,
+                    name=p.spec.name, config=p.spec.config,
                     inputs={d: self.stage_dir(d) / rundir.OUTPUT for d in p.spec.deps}, output_dir=scratch,
                     checkpoint_dir=sdir / rundir.CHECKPOINTS, metrics=_NullLogger(), progress=_progress,
                     run_dir=self.run_dir,
@@ -462,7 +461,7 @@ class Runner:
         inputs = {d: self.stage_dir(d) / rundir.OUTPUT for d in spec.deps}
         metric_logger = self.tracker.logger_for(child_id) if self.tracker else _NullLogger()
         ctx = StageContext(
-            name=spec.name, config=spec.config, recipe=self.recipe, inputs=inputs, output_dir=partial,
+            name=spec.name, config=spec.config, inputs=inputs, output_dir=partial,
             checkpoint_dir=ckpt, metrics=metric_logger, progress=_progress, run_dir=self.run_dir,
         )
         logger.info("%-22s run   (%s)", spec.name, p.reason)

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from qlora_pipeline.stages import report
+
 logger = logging.getLogger(__name__)
 
 # MLflow 3 records what an experiment is for in this tag (its UI infers and writes one when it
@@ -63,7 +65,7 @@ def report_columns(run_dir: Path) -> list[str]:
     """The parent-run metrics the runs table shows: `<artifact>.<metric>` for VIEW_METRICS,
     from the report's `metrics.json` (empty when there is no report)."""
     try:
-        artifacts = json.loads((Path(run_dir) / "report" / "output" / "metrics.json").read_text())["artifacts"]
+        artifacts = json.loads(report.metrics_path(Path(run_dir)).read_text())["artifacts"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [f"{name}.{metric}" for metric in VIEW_METRICS for name, m in artifacts.items()
@@ -97,7 +99,7 @@ def parent_run_name(recipe_name: str, run_dir: Path) -> str:
 def report_note(run_dir: Path, limit: int = NOTE_LIMIT) -> Optional[str]:
     """The parent run's description: the report's headline table (`report/output/report.md`),
     as markdown, with where the full report is. None when there is no report."""
-    path = Path(run_dir) / "report" / "output" / "report.md"
+    path = report.metrics_path(Path(run_dir)).with_name(report.REPORT_FILE)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:

@@ -1,1 +1,2 @@
-"""Pure quantization math: NF4 (and later GPTQ, AWQ, packing) and the quantized nn.Modules."""
+"""Pure quantization math on tensors: NF4 (bitsandbytes layout), GPTQ, AWQ's searches, and the
+GPTQ / AWQ GEMM packing. Imports no other package of the project (tests/test_structure.py)."""

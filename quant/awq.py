@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from qlora_quant.gptq import group_width, rtn_quantize
+
 __all__ = [
     "pseudo_quantize",
     "weight_channel_mean",
@@ -39,26 +41,11 @@ N_GRID = 20  # scale ratios k/20, k = 0..19; clip shrink 1 - k/20, k = 0..9 (max
 
 
 def pseudo_quantize(W: torch.Tensor, bits: int, group_size: int, scale_dtype: Optional[torch.dtype] = torch.float16) -> torch.Tensor:
-    """Asymmetric min/max group quantization of W [out, in], returned dequantized.
-
-    The range of each group is widened to include 0 (as GPTQ's grid does; AWQ's own grid does
-    not, which only matters for groups of one sign, where it cannot represent the far end).
-    Scales are rounded to `scale_dtype` first, as the packed checkpoint stores them, so this
-    is exactly the weight the checkpoint decodes to.
-    """
-    out_f, in_f = W.shape
-    gs = in_f if group_size == -1 else group_size
-    w = W.float().reshape(out_f, in_f // gs, gs)
-    maxq = 2**bits - 1
-    lo = w.amin(dim=2, keepdim=True).clamp(max=0)
-    hi = w.amax(dim=2, keepdim=True).clamp(min=0)
-    scale = (hi - lo) / maxq
-    if scale_dtype is not None:
-        scale = scale.to(scale_dtype).float()
-    scale = scale.clamp(min=torch.finfo(scale_dtype or torch.float32).tiny)
-    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    return ((q - zero) * scale).reshape(out_f, in_f)
+    """Asymmetric min/max group quantization of W [out, in], returned dequantized: GPTQ's
+    round-to-nearest grid (the range of each group widened to include 0; AWQ's own grid does
+    not, which only matters for groups of one sign). Scales are rounded to `scale_dtype`, as the
+    packed checkpoint stores them, so this is exactly the weight the checkpoint decodes to."""
+    return rtn_quantize(W, bits, group_size, sym=False, scale_dtype=scale_dtype).Q
 
 
 def weight_channel_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -66,7 +53,7 @@ def weight_channel_mean(weights: list[torch.Tensor], group_size: int) -> torch.T
     over the group's weights concatenated along the output dimension."""
     W = torch.cat([w.float() for w in weights], dim=0)
     out_f, in_f = W.shape
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
     w = W.abs().reshape(out_f, in_f // gs, gs)
     w = w / (w.amax(dim=2, keepdim=True) + 1e-6)
     return w.reshape(out_f, in_f).mean(dim=0)
@@ -123,7 +110,7 @@ def linear_loss_from_hessian(D: torch.Tensor, XtX: torch.Tensor, n_tokens: int) 
 def gram_blocks(XtX_over_n: torch.Tensor, group_size: int) -> torch.Tensor:
     """The diagonal blocks [groups, g, g] of the input Gram matrix."""
     in_f = XtX_over_n.shape[0]
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
     n = in_f // gs
     idx = torch.arange(n, device=XtX_over_n.device)
     return XtX_over_n.reshape(n, gs, n, gs)[idx, :, idx, :]
@@ -141,7 +128,7 @@ def search_clip(W: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int
         float32 [out, groups] clip values.
     """
     out_f, in_f = W.shape
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
     ng = in_f // gs
     best_max = torch.empty(out_f, ng, dtype=torch.float32, device=W.device)
     grams = grams.float()

@@ -129,30 +129,29 @@ def _dequant(codes: torch.Tensor, p: GroupParams) -> torch.Tensor:
     return p.scale.reshape(-1, 1) * (codes - p.zero.reshape(-1, 1))
 
 
-def _group_starts(n_cols: int, group_size: int) -> list[int]:
-    gs = n_cols if group_size == -1 else group_size
-    return list(range(0, n_cols, gs))
+def group_width(group_size: int, n_cols: int) -> int:
+    """Columns per quantization group: `group_size`, or the whole row for -1."""
+    return n_cols if group_size == -1 else group_size
 
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False,
                  scale_dtype: Optional[torch.dtype] = None) -> GPTQResult:
-    """Round-to-nearest with the same grid and groups as GPTQ (the baseline every report shows)."""
+    """Round-to-nearest with the same grid and groups as GPTQ (the baseline every report shows).
+
+    Every (row, group) is one row of `fit_group_params`, so all groups are fitted at once."""
     W = W.float()
     out_f, in_f = W.shape
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
+    n_groups = in_f // gs
     maxq = 2**bits - 1
-    codes = torch.empty_like(W)
-    scales, zeros = [], []
-    for g0 in _group_starts(in_f, group_size):
-        block = W[:, g0 : g0 + gs]
-        p = fit_group_params(block, bits, sym, mse, scale_dtype=scale_dtype)
-        codes[:, g0 : g0 + gs] = quantize_codes(block, p, maxq)
-        scales.append(p.scale)
-        zeros.append(p.zero)
-    scales_t, zeros_t = torch.stack(scales), torch.stack(zeros)
+    rows = W.reshape(out_f * n_groups, gs)
+    p = fit_group_params(rows, bits, sym, mse, scale_dtype=scale_dtype)
+    codes = quantize_codes(rows, p, maxq)
+    Q = _dequant(codes, p).reshape(out_f, in_f)
+    scales_t = p.scale.reshape(out_f, n_groups).t().contiguous()
+    zeros_t = p.zero.reshape(out_f, n_groups).t().contiguous()
     g_idx = torch.arange(in_f, device=W.device) // gs
-    Q = scales_t[g_idx].t() * (codes - zeros_t[g_idx].t())
-    return GPTQResult(codes.int(), scales_t, zeros_t.int(), g_idx.int(), Q, 0.0, 0.0)
+    return GPTQResult(codes.reshape(out_f, in_f).int(), scales_t, zeros_t.int(), g_idx.int(), Q, 0.0, 0.0)
 
 
 def _inverse_factor(H: torch.Tensor, damp_percent: float, damp_step: float = 0.01) -> tuple[torch.Tensor, float]:
@@ -193,7 +192,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     W = W.float().clone()
     H = H.float().clone()
     out_f, in_f = W.shape
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
     maxq = 2**bits - 1
 
     dead = torch.diag(H) == 0

@@ -19,10 +19,11 @@ import os
 import platform
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
+
+from qlora_pipeline.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = {"fp32": 13.19, "rtn-g128": 17.65, "rtn-g64": 17.06, "gptq-g128-actorder-static": 14.74,
@@ -44,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq", "awq", "awq+gptq"])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=list(METHODS))
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
@@ -54,17 +55,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from qlora_pipeline.layerwise.checkpoints import load_hf_model, load_int4_model, read_config, read_tensors, weight_map
     from qlora_pipeline.data import windows
-    from qlora_pipeline.layerwise.families import LLAMA
-    from qlora_pipeline.layerwise.engine import quantize_sequentially
+    from qlora_pipeline.layerwise.checkpoints import load_hf_model
+    from qlora_pipeline.methods.checkpoint import quantize_checkpoint
     from qlora_pipeline.models import resolve_model
-    from qlora_pipeline.recipe import ModelConfig
-    from qlora_pipeline.layerwise.shards import REST_SHARD, save_atomic, assemble_shards
-    from qlora_pipeline.stages.evaluate import perplexity
-    from qlora_pipeline.layerwise.awq_search import AWQSettings, make_transform
-    from qlora_pipeline.stages.quantize import _awq_result, _linear_result, _restore
-    from qlora_quant.gptq import gptq_quantize, rtn_quantize
+    from qlora_pipeline.recipe import ModelConfig, QuantizeEntry
+    from qlora_pipeline.scoring import perplexity
 
     model_dir = resolve_model(ModelConfig())
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -95,37 +91,16 @@ def main() -> None:
                 layer_times.append(now - last[0])
                 last[0] = now
 
-            transform = None
-            if method.startswith("awq"):
-                transform = make_transform(LLAMA, AWQSettings(4, gs, True, True, 8), ckpt, torch.float32)
-            if method == "rtn":
-                fn = lambda n, W, H: _linear_result(rtn_quantize(W, 4, gs, False, scale_dtype=torch.float16), 4, None)
-                ids = None
-            elif method == "awq":
-                fn = lambda n, W, H: _awq_result(rtn_quantize(W, 4, gs, False, scale_dtype=torch.float16))
-                ids = calib
-            else:
-                fn = lambda n, W, H: _linear_result(gptq_quantize(
-                    W, H, 4, gs, False, args.act_order, args.static_groups, args.damp_percent,
-                    scale_dtype=torch.float16), 4, H)
-                ids = calib
+            # The same entry a recipe would hold, through the same registry and code as the stage.
+            entry = QuantizeEntry(name=method.replace("+", "-"), method=method, bits=4, group_size=gs,
+                                  desc_act=args.act_order, static_groups=args.static_groups,
+                                  true_sequential=args.true_sequential, damp_percent=args.damp_percent,
+                                  awq={"search_windows": 8})
             t0 = time.time()
             last[0] = t0
-            n_layers = quantize_sequentially(model_dir, ids, LLAMA, torch.float32, ckpt, fn, partial(_restore, bits=4),
-                                             args.true_sequential and method != "awq", no_progress, on_layer,
-                                             transform_layer=transform)
+            quantize_checkpoint(model_dir, calib, entry, torch.float32, ckpt, out, no_progress, on_layer)
             seconds = time.time() - t0
-            wmap = weight_map(model_dir)
-            rest = [n for n in wmap if not n.startswith("model.layers.")]
-            save_atomic(read_tensors(wmap, rest), ckpt / REST_SHARD)
-            assemble_shards(ckpt, out, n_layers)
-            config = read_config(model_dir)
-            config["quantization_config"] = (
-                {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True, "version": "gemm"}
-                if method == "awq" else
-                {"quant_method": "gptq", "bits": 4, "group_size": gs, "checkpoint_format": "gptq_v2"})
-            (out / "config.json").write_text(json.dumps(config))
-            model = load_int4_model(out, torch.float32, "cpu")
+            model = METHODS[method].format_module().load(out, torch.float32, "cpu")
             ppl, _ = perplexity(model, eval_windows, 4, "cpu", no_progress, method)
             rows.append({"method": method, "ppl": ppl, "seconds": seconds, "layer_seconds": layer_times})
 

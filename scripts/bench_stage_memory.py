@@ -48,16 +48,10 @@ def build_model(path: Path, layers: int, hidden: int, intermediate: int, tokeniz
 
 
 def build_adapter(model_dir: Path, out: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import random_adapter  # the tests' random LoRA adapter, at r 16
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
-    peft_model.save_pretrained(out)
+    random_adapter(model_dir, out, r=16, alpha=32, std=0.01)
 
 
 def peak_rss_mib(args: list[str], cwd: Path) -> float:

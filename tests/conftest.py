@@ -2,7 +2,6 @@
 Llama for fast pipeline tests, and recipe writers."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -42,6 +41,22 @@ def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 3, hidden: in
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def random_adapter(model_dir: Path, out: Path, r: int = 4, alpha: int = 8, std: float = 0.02) -> Path:
+    """A PEFT LoRA adapter on every linear of `model_dir`, B drawn from N(0, std) (a trained
+    adapter's B is not zero; peft initialises it to zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    peft_model.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +99,3 @@ def cli(*args: str) -> int:
 
     return main(list(args))
 
-
-def env_without_gpu() -> dict:
-    env = dict(os.environ)
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
-    return env

@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from qlora_pipeline.errors import InputError, StageError
+from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
-from qlora_quant.nf4 import QUANT_STATE_KEY
+from qlora_quant.nf4 import QUANT_STATE_KEY, NF4Tensor, nf4_from_state_tensors
 from qlora_kernels.nf4_linear import LinearNF4
 
 TOKENIZER_FILES = (
@@ -70,6 +71,27 @@ def read_prefix(wmap: dict[str, Path], prefix: str) -> dict[str, torch.Tensor]:
 
 
 
+def is_nf4_state(tensor_name: str) -> bool:
+    """A quant-state tensor of an NF4 weight: bitsandbytes names them `<module>.weight.<part>`."""
+    return ".weight." in tensor_name
+
+
+def nf4_modules(wmap: dict[str, Path], prefix: str = "") -> set[str]:
+    """The modules under `prefix` whose weight is stored in NF4."""
+    return {n.split(".weight.", 1)[0] for n in wmap if n.startswith(prefix) and is_nf4_state(n)}
+
+
+def nf4_tensor_names(wmap: dict[str, Path], module: str) -> list[str]:
+    """The packed weight of NF4 module `module` and its quant-state tensors."""
+    return [n for n in wmap if n == f"{module}.weight" or n.startswith(f"{module}.weight.")]
+
+
+def read_nf4(wmap: dict[str, Path], module: str) -> NF4Tensor:
+    tensors = read_tensors(wmap, nf4_tensor_names(wmap, module))
+    state = {n[len(f"{module}.weight."):]: t for n, t in tensors.items() if n != f"{module}.weight"}
+    return nf4_from_state_tensors(tensors[f"{module}.weight"], state)
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
@@ -99,7 +121,7 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _empty_model(config_dict: dict, dtype: torch.dtype):
+def empty_model(config_dict: dict, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,34 +143,20 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype, device: str):
 
 def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):
     """Build the model with `LinearNF4` layers from a bitsandbytes-serialized NF4 checkpoint."""
-    model = _empty_model(read_config(model_dir), dtype)
+    config = read_config(model_dir)
+    model = empty_model(config, dtype)
     wmap = weight_map(model_dir)
-    suffix = ".weight." + QUANT_STATE_KEY
-    prefixes = sorted(n[: -len(suffix)] for n in wmap if n.endswith(suffix))
+    prefixes = sorted(nf4_modules(wmap))
     if not prefixes:
-        raise InputError(f"{model_dir}: no NF4 weights (no '*{suffix}' tensors)")
+        raise InputError(f"{model_dir}: no NF4 weights (no '*.weight.{QUANT_STATE_KEY}' tensors)")
     quant_names = set()
     for prefix in prefixes:
-        names = [n for n in wmap if n == f"{prefix}.weight" or n.startswith(f"{prefix}.weight.")]
-        tensors = read_tensors(wmap, names + ([f"{prefix}.bias"] if f"{prefix}.bias" in wmap else []))
-        quant_names.update(tensors)
-        state = {n[len(f"{prefix}.weight."):]: t for n, t in tensors.items() if n.startswith(f"{prefix}.weight.")}
-        module = LinearNF4.from_state(tensors[f"{prefix}.weight"], state, tensors.get(f"{prefix}.bias"))
+        quant_names.update(nf4_tensor_names(wmap, prefix))
+        bias = read_tensors(wmap, [f"{prefix}.bias"])[f"{prefix}.bias"] if f"{prefix}.bias" in wmap else None
+        quant_names.update([f"{prefix}.bias"] if bias is not None else [])
         parent_name, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module)
-    rest = read_tensors(wmap, [n for n in wmap if n not in quant_names])
-    rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()}
-    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
-    quantized_modules = set(prefixes)
-    missing = [k for k in missing if not k.endswith("lm_head.weight") and k.rpartition(".")[0] not in quantized_modules]
-    if unexpected or missing:
-        raise StageError(f"{model_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise StageError(f"{model_dir}: parameters without weights: {leftover[:3]}")
-    return model.to(device).eval()
+        setattr(model.get_submodule(parent_name), child, LinearNF4(read_nf4(wmap, prefix), bias))
+    return _load_the_rest(model, model_dir, wmap, quant_names, set(prefixes), dtype, device)
 
 
 def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
@@ -165,7 +173,7 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
         raise InputError(f"{model_dir}: not a GPTQ or AWQ checkpoint (quantization_config.quant_method={method})")
     bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
     v1 = qcfg.get("checkpoint_format", "gptq") == "gptq"
-    model = _empty_model(config, dtype)
+    model = empty_model(config, dtype)
     wmap = weight_map(model_dir)
     prefixes = sorted(n[: -len(".qweight")] for n in wmap if n.endswith(".qweight"))
     used = set()
@@ -182,13 +190,22 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
             module = LinearInt4.from_awq(AWQPacked(*(t[n] for n in names)), b)
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
+    return _load_the_rest(model, model_dir, wmap, used, set(prefixes), dtype, device)
+
+
+def _load_the_rest(model, model_dir: Path, wmap: dict[str, Path], used: set[str], quantized: set[str],
+                   dtype: torch.dtype, device: str):
+    """Load every tensor not in `used` (the quantized modules' own) into `model`, in `dtype`;
+    every parameter but a tied head and the quantized modules' float weights must get one."""
     rest = read_tensors(wmap, [n for n in wmap if n not in used])
     rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
-    quantized = set(prefixes)
-    missing = [k for k in missing if not k.endswith("lm_head.weight") and k.rpartition(".")[0] not in quantized]
+    missing = family_for(model.config.model_type).unexplained_missing(missing, quantized)
     if unexpected or missing:
         raise StageError(f"{model_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if model.config.tie_word_embeddings:
         model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise StageError(f"{model_dir}: parameters without weights: {leftover[:3]}")
     return model.to(device).eval()

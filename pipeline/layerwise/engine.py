@@ -107,12 +107,12 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
     """
     config = read_config(merged_dir)
     wmap = weight_map(merged_dir)
-    runner = LayerwiseRunner(config, torch.float32, family.layers_prefix)
+    runner = LayerwiseRunner(config, torch.float32, family)
     n_layers = len(runner.layers)
     hidden = pos_ids = pos_emb = None
     if calibration_ids is not None:
         embed = runner.base.embed_tokens
-        runner.materialize(embed, read_prefix(wmap, "model.embed_tokens."), torch.float32)
+        runner.materialize(embed, read_prefix(wmap, family.embed + "."), torch.float32)
         hidden = embed(calibration_ids)
         pos_ids = torch.arange(calibration_ids.shape[1]).unsqueeze(0)
         pos_emb = runner.base.rotary_emb(hidden, position_ids=pos_ids)

@@ -35,9 +35,21 @@ class Family:
     attention: str  # the attention module (called with position embeddings, not a plain input)
     awq_groups: tuple[ScalingGroup, ...]
     awq_no_clip: tuple[str, ...]  # linears AWQ does not clip (q/k: attention logits are sensitive)
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"  # absent from checkpoints whose head is tied to the embedding
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_prefix}.{i}."
+
+    def in_layers(self, tensor_name: str) -> bool:
+        return tensor_name.startswith(self.layers_prefix + ".")
+
+    def unexplained_missing(self, missing: list[str], quantized_modules=frozenset()) -> list[str]:
+        """The keys of `missing` (from `load_state_dict`) that a checkpoint should have held: a
+        tied head's weight and the float weights of modules replaced by quantized ones are not."""
+        return [k for k in missing
+                if not k.endswith(f"{self.head}.weight") and k.rpartition(".")[0] not in quantized_modules]
 
 
 LLAMA = Family(

@@ -16,7 +16,7 @@ from pathlib import Path
 from qlora_pipeline.graph import StageRef, StageSpec
 from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import cached_config, source_identity
-from qlora_pipeline.stages import quantize_settings
+from qlora_pipeline import methods
 
 _EVALUATE = "qlora_pipeline.stages.evaluate"
 
@@ -53,17 +53,21 @@ def build_stages(recipe) -> list[StageSpec]:
         StageSpec("evaluate-base-nf4", _evaluation("base-nf4", "load_base_nf4"), ("data", "base"),
                   {"evaluate": evaluation}),
     ]
-    merge_config = {"merge": recipe.merge.model_dump(mode="json"), "dtype": recipe.model.dtype}
+    # The merge verifies itself on validation windows of up to data.seq_len tokens.
+    merge_config = {"merge": recipe.merge.model_dump(mode="json"), "dtype": recipe.model.dtype,
+                    "seq_len": recipe.data.seq_len}
     if recipe.merge.adapter is None:
+        # The adapter names its base model; NF4's compute dtype is the default training dtype on CUDA.
         train_config = {"lora": recipe.lora.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
-                        "seq_len": recipe.data.seq_len}
+                        "seq_len": recipe.data.seq_len, "model": model["model"],
+                        "nf4_compute_dtype": recipe.nf4.compute_dtype}
         specs.append(StageSpec("train", _stage("train"), ("data", "base"), train_config, distributed=True))
         merge_deps: tuple[str, ...] = ("data", "base", "train")
     else:
         merge_config["adapter_files"] = adapter_identity(recipe.merge.adapter)
         merge_deps = ("data", "base")
     if recipe.merge.into in ("original", "auto"):
-        merge_config["weights"] = model["weights"]
+        merge_config.update(model)
     if recipe.merge.into == "auto":  # the choice is made on validation windows with these settings
         merge_config["evaluate"] = evaluation
     specs += [
@@ -77,18 +81,18 @@ def build_stages(recipe) -> list[StageSpec]:
         problems = []
         for i, q in enumerate(entries):
             try:
-                quantize_settings.check_shapes(q, config, f"quantize.{recipe.quantize.index(q)}")
+                methods.check_shapes(q, config, f"quantize.{recipe.quantize.index(q)}")
             except InputError as exc:
                 problems.append(str(exc))
         if problems:
             raise RecipeError(problems, source="recipe")
-    if any(q.method != "rtn" for q in entries):
+    if any(methods.METHODS[q.method].calibrated for q in entries):
         specs.append(StageSpec("calibrate", _stage("calibrate"), ("data",),
                                {"calibration": recipe.calibration.model_dump(mode="json")}))
     for q in entries:
-        deps = ("merge",) if q.method == "rtn" else ("merge", "calibrate")
+        deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
         specs += [
-            StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": quantize_settings.relevant_settings(q),
+            StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
                       "dtype": recipe.model.dtype}),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
                       ("data", f"quantize-{q.name}"), {"evaluate": evaluation}),
@@ -96,5 +100,5 @@ def build_stages(recipe) -> list[StageSpec]:
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
     specs.append(StageSpec("report", _stage("report"), report_deps,
-                           {"gate": recipe.evaluate.gate.model_dump(mode="json")}))
+                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len}))
     return specs

@@ -1,7 +1,7 @@
 """Stage `base`: the base model's decoder linears in NF4 with double quantization.
 
 Streams the source checkpoint one decoder layer at a time (peak memory about one layer),
-quantizes each linear with our `quant.nf4`, and writes the layer as a checkpoint shard; a
+quantizes each linear with our `qlora_quant.nf4`, and writes the layer as a checkpoint shard; a
 killed run resumes at the first layer without a shard. The output is a sharded safetensors
 checkpoint in bitsandbytes' serialization with a `quantization_config` transformers reads.
 """
@@ -16,6 +16,7 @@ from qlora_pipeline.layerwise.checkpoints import DTYPES, bnb_quantization_config
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.models import resolve_model
+from qlora_pipeline.recipe import ModelConfig, NF4Config
 from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from qlora_pipeline.errors import InputError
 from qlora_quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
@@ -34,11 +35,12 @@ def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], d
 
 
 def run(ctx: StageContext) -> StageResult:
-    recipe = ctx.recipe
-    src = resolve_model(recipe.model)
+    model_cfg = ModelConfig.model_validate(ctx.config["model"])
+    nf4_cfg = NF4Config.model_validate(ctx.config["nf4"])
+    src = resolve_model(model_cfg)
     config = read_config(src, key="model.source")
     family = family_for(config.get("model_type", "?"))
-    dtype = DTYPES[recipe.model.dtype]
+    dtype = DTYPES[model_cfg.dtype]
     n_layers = int(config["num_hidden_layers"])
     wmap = weight_map(src)
     prequantized = is_bnb_4bit(config)
@@ -68,19 +70,19 @@ def run(ctx: StageContext) -> StageResult:
                                  "give the float checkpoint instead and let the base stage quantize it")
             save_atomic(tensors, shard)
         else:
-            save_atomic(quantize_layer(tensors, linear_weights, dtype, recipe.nf4.blocksize), shard)
+            save_atomic(quantize_layer(tensors, linear_weights, dtype, nf4_cfg.blocksize), shard)
         release_freed_memory()
         del tensors
     rest_shard = ctx.checkpoint_dir / REST_SHARD
     if not (rest_shard.exists() and valid_shard(rest_shard)):
         rest_tensors = read_tensors(wmap, rest)
-        save_atomic(rest_tensors if prequantized else quantize_layer(rest_tensors, set(), dtype, recipe.nf4.blocksize), rest_shard)
+        save_atomic(rest_tensors if prequantized else quantize_layer(rest_tensors, set(), dtype, nf4_cfg.blocksize), rest_shard)
 
     total_size = assemble_shards(ctx.checkpoint_dir, ctx.output_dir, n_layers)
     out_config = dict(config)
     if not prequantized:
-        out_config["quantization_config"] = bnb_quantization_config(recipe.nf4)
-    out_config["dtype"] = recipe.model.dtype
+        out_config["quantization_config"] = bnb_quantization_config(nf4_cfg)
+    out_config["dtype"] = model_cfg.dtype
     out_config.pop("torch_dtype", None)
     (ctx.output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
     copy_tokenizer(src, ctx.output_dir)

@@ -19,14 +19,17 @@ from qlora_pipeline import data
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.models import resolve_model
+from qlora_pipeline.recipe import DataConfig, ModelConfig
 
+TOKENS_FILE = "tokens.safetensors"  # int64 token streams: domain_train, domain_valid, domain_eval, general_eval
+SUMMARY_FILE = "data.json"
 
 
 def run(ctx: StageContext) -> StageResult:
     from transformers import AutoTokenizer
 
-    cfg = ctx.recipe.data
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ctx.recipe.model))
+    cfg = DataConfig.model_validate(ctx.config["data"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ModelConfig.model_validate(ctx.config["model"])))
     docs = data.load_documents(cfg.domain, "data.domain")
     by_document = data.split_documents(docs, cfg.holdout_every, cfg.valid_every)
     _require_documents(by_document, len(docs), cfg)
@@ -44,13 +47,13 @@ def run(ctx: StageContext) -> StageResult:
                 f"{key}: {name} has {streams[name].numel()} tokens, fewer than one window of data.seq_len={cfg.seq_len}; "
                 "add text or lower data.seq_len"
             )
-    save_file({k: v.contiguous() for k, v in streams.items()}, str(ctx.output_dir / "tokens.safetensors"))
+    save_file({k: v.contiguous() for k, v in streams.items()}, str(ctx.output_dir / TOKENS_FILE))
     stats = {
         "domain_documents": len(docs), "train_documents": len(splits.train), "valid_documents": len(splits.valid),
         "eval_documents": len(splits.eval), **{f"{k}_tokens": int(v.numel()) for k, v in streams.items()},
     }
     summary = {**stats, "decontamination": {"min_chars": cfg.decontaminate.min_chars, **report.as_dict()}}
-    (ctx.output_dir / "data.json").write_text(json.dumps(summary, indent=2))
+    (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return StageResult(metrics={**{k: float(v) for k, v in stats.items()}, **report.metrics()})
 
 

@@ -10,7 +10,6 @@ throughput at batch 1 on the evaluation device, and greedy generations of the re
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import threading
@@ -22,34 +21,17 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_pipeline import data, rundir
-from qlora_pipeline.layerwise.checkpoints import DTYPES, dir_size, load_hf_model, load_int4_model, load_nf4_model
+from qlora_pipeline.layerwise.checkpoints import dir_size, load_hf_model, load_nf4_model
 from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.methods import METHODS
 from qlora_pipeline.models import resolve_model
+from qlora_pipeline.recipe import EvaluateConfig, ModelConfig
+from qlora_pipeline.scoring import eval_device_dtype, perplexity
+from qlora_pipeline.stages.data import TOKENS_FILE
+from qlora_pipeline.stages.quantize import SUMMARY_FILE as QUANTIZATION_SUMMARY
 
+METRICS_FILE = "metrics.json"  # one artifact's measurements, what the report reads
 
-
-def eval_device_dtype(cfg) -> tuple[str, torch.dtype]:
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.dtype == "auto":
-        return device, (torch.bfloat16 if device == "cuda" else torch.float32)
-    return device, DTYPES[cfg.dtype]
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progress: Callable, desc: str) -> tuple[float, int]:
-    """(perplexity, number of predicted tokens) over `windows` [n, L]."""
-    total_nll, total_tokens = 0.0, 0
-    for start in progress(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-    return math.exp(total_nll / total_tokens), total_tokens
 
 
 class PeakMemory:
@@ -135,46 +117,47 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
     """A stage function evaluating `artifact`; `loader(ctx, dtype, device)` returns (model, its directory)."""
 
     def run(ctx: StageContext) -> StageResult:
-        recipe = ctx.recipe
-        device, dtype = eval_device_dtype(recipe.evaluate)
-        streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-        seq_len = recipe.data.seq_len
+        settings = dict(ctx.config["evaluate"])
+        seq_len = settings.pop("seq_len")
+        cfg = EvaluateConfig.model_validate(settings)
+        device, dtype = eval_device_dtype(cfg)
+        streams = load_file(str(ctx.inputs["data"] / TOKENS_FILE))
         memory = PeakMemory(device).__enter__()
         t0 = time.time()
         model, artifact_dir = loader(ctx, dtype, device)
         load_seconds = time.time() - t0
         metrics = {"size_bytes": float(dir_size(artifact_dir)), "load_seconds": round(load_seconds, 3)}
         producer = rundir.read_json(artifact_dir.parent / rundir.MANIFEST) or {}  # a stage output's manifest
-        if (artifact_dir / "quantization.json").is_file() and "stage_seconds" in producer.get("metrics", {}):
+        if (artifact_dir / QUANTIZATION_SUMMARY).is_file() and "stage_seconds" in producer.get("metrics", {}):
             metrics["quantize_seconds"] = producer["metrics"]["stage_seconds"]
-        domain = data.windows(streams["domain_eval"], seq_len, recipe.evaluate.max_domain_windows)
+        domain = data.windows(streams["domain_eval"], seq_len, cfg.max_domain_windows)
         metrics["domain_ppl"], metrics["domain_tokens"] = perplexity(
-            model, domain, recipe.evaluate.batch_size, device, ctx.progress, f"{artifact}: domain ppl")
+            model, domain, cfg.batch_size, device, ctx.progress, f"{artifact}: domain ppl")
         if "general_eval" in streams:
-            general = data.windows(streams["general_eval"], seq_len, recipe.evaluate.max_general_windows)
+            general = data.windows(streams["general_eval"], seq_len, cfg.max_general_windows)
             metrics["general_ppl"], metrics["general_tokens"] = perplexity(
-                model, general, recipe.evaluate.batch_size, device, ctx.progress, f"{artifact}: general ppl")
-        if recipe.evaluate.speed:
-            metrics.update(throughput(model, domain[:1], recipe.evaluate.decode_tokens, device))
+                model, general, cfg.batch_size, device, ctx.progress, f"{artifact}: general ppl")
+        if cfg.speed:
+            metrics.update(throughput(model, domain[:1], cfg.decode_tokens, device))
         texts = []
-        if recipe.evaluate.prompts:
+        if cfg.prompts:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
-            texts = generations(model, tokenizer, recipe.evaluate.prompts, recipe.evaluate.max_new_tokens, device)
+            texts = generations(model, tokenizer, cfg.prompts, cfg.max_new_tokens, device)
         memory.__exit__(None, None, None)
         metrics["peak_memory_bytes"] = memory.peak
         metrics = {k: float(v) for k, v in metrics.items()}
         result = {"artifact": artifact, "device": device, "dtype": str(dtype).replace("torch.", ""), **metrics,
                   "generations": texts}
-        (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        (ctx.output_dir / METRICS_FILE).write_text(json.dumps(result, indent=2))
         return StageResult(metrics=metrics, info={"artifact_dir": str(artifact_dir)})
 
     return run
 
 
 def load_original_base(ctx: StageContext, dtype: torch.dtype, device: str):
-    src = resolve_model(ctx.recipe.model)
+    src = resolve_model(ModelConfig.model_validate(ctx.config["model"]))
     return load_hf_model(src, dtype, device), src
 
 
@@ -191,6 +174,7 @@ def load_merged(ctx: StageContext, dtype: torch.dtype, device: str):
 def quantized_loader(name: str):
     def load(ctx: StageContext, dtype: torch.dtype, device: str):
         src = ctx.inputs[f"quantize-{name}"]
-        return load_int4_model(src, dtype, device), src
+        method = METHODS[json.loads((src / QUANTIZATION_SUMMARY).read_text())["method"]]
+        return method.format_module().load(src, dtype, device), src
 
     return load

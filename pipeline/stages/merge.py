@@ -23,15 +23,21 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_pipeline import data
-from qlora_pipeline.layerwise.checkpoints import DTYPES, copy_tokenizer, is_bnb_4bit, read_config, read_prefix, read_tensors, weight_map
+from qlora_pipeline.layerwise.checkpoints import (
+    DTYPES, copy_tokenizer, is_bnb_4bit, is_nf4_state, nf4_modules, read_config, read_nf4, read_prefix, read_tensors,
+    weight_map,
+)
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
 from qlora_pipeline.models import resolve_model
+from qlora_pipeline.recipe import EvaluateConfig, MergeConfig, ModelConfig
 from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
-from qlora_quant.nf4 import dequantize_nf4, nf4_from_state_tensors
+from qlora_pipeline.stages.data import TOKENS_FILE
+from qlora_quant.nf4 import dequantize_nf4
 
+CHOICE_FILE = "merge_choice.json"  # merge.into: auto: which merge was kept, on which split, why
 VERIFY_WINDOWS = 4
 
 
@@ -81,12 +87,12 @@ class Adapter:
 
 
 def run(ctx: StageContext) -> StageResult:
-    recipe = ctx.recipe
-    adapter_dir = Path(recipe.merge.adapter).expanduser() if recipe.merge.adapter else ctx.inputs["train"]
+    cfg = MergeConfig.model_validate(ctx.config["merge"])
+    adapter_dir = Path(cfg.adapter).expanduser() if cfg.adapter else ctx.inputs["train"]
     adapter = Adapter(adapter_dir)
     config = read_config(ctx.inputs["base"])
     family = family_for(config["model_type"])
-    into = recipe.merge.into
+    into = cfg.into
     extra: dict[str, float] = {}
     if into != "auto":
         total_size, max_delta = merge_into(ctx, adapter, family, into, ctx.checkpoint_dir, ctx.output_dir)
@@ -114,14 +120,14 @@ def run(ctx: StageContext) -> StageResult:
             "reason": f"merging into the {chosen} weights gives validation domain perplexity {a:.4f}, "
                       f"{100 * (b / a - 1):.2f}% lower than into the {other} weights ({b:.4f})",
         }
-        (ctx.output_dir / "merge_choice.json").write_text(json.dumps(choice, indent=2))
+        (ctx.output_dir / CHOICE_FILE).write_text(json.dumps(choice, indent=2))
         extra["auto_chose_original"] = float(chosen == "original")
         ctx.metrics.set_tags({"merge.into.chosen": chosen})
         into = chosen
 
     verify = verify_merge(ctx, adapter, family, into)
     try:
-        check_verification(verify, recipe.merge.verify_max_logit_diff, into)
+        check_verification(verify, cfg.verify_max_logit_diff, into)
     except StageError:
         _discard_progress(ctx.checkpoint_dir)  # a rerun merges afresh, not from the layers that failed
         raise
@@ -129,7 +135,7 @@ def run(ctx: StageContext) -> StageResult:
     if not math.isnan(max_delta):
         metrics["max_abs_delta"] = max_delta
     return StageResult(metrics=metrics, info={"adapter": str(adapter_dir), "into": into,
-                                              "into_setting": recipe.merge.into})
+                                              "into_setting": cfg.into})
 
 
 def _domain_ppl(ctx: StageContext, model_dir: Path) -> float:
@@ -137,13 +143,16 @@ def _domain_ppl(ctx: StageContext, model_dir: Path) -> float:
     the evaluation device, with the evaluate stages' window settings on `domain_valid`: the
     choice must not be made on the test split it is then reported on."""
     from qlora_pipeline.layerwise.checkpoints import load_hf_model
-    from qlora_pipeline.stages.evaluate import eval_device_dtype, perplexity
+    from qlora_pipeline.scoring import eval_device_dtype, perplexity
 
-    device, _ = eval_device_dtype(ctx.recipe.evaluate)
-    streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-    windows = data.windows(streams["domain_valid"], ctx.recipe.data.seq_len, ctx.recipe.evaluate.max_domain_windows)
+    settings = dict(ctx.config["evaluate"])
+    seq_len = settings.pop("seq_len")
+    evaluate = EvaluateConfig.model_validate(settings)
+    device, _ = eval_device_dtype(evaluate)
+    streams = load_file(str(ctx.inputs["data"] / TOKENS_FILE))
+    windows = data.windows(streams["domain_valid"], seq_len, evaluate.max_domain_windows)
     model = load_hf_model(model_dir, torch.float32, device)
-    ppl, _ = perplexity(model, windows, ctx.recipe.evaluate.batch_size, device, ctx.progress, f"merge auto: {model_dir.name}")
+    ppl, _ = perplexity(model, windows, evaluate.batch_size, device, ctx.progress, f"merge auto: {model_dir.name}")
     del model
     release_freed_memory()
     return ppl
@@ -156,10 +165,9 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
     Returns:
         (bytes written, largest |delta| of the layers merged by this call).
     """
-    recipe = ctx.recipe
     base_dir = ctx.inputs["base"]
     config = read_config(base_dir)
-    dtype = DTYPES[recipe.model.dtype]
+    dtype = DTYPES[ctx.config["dtype"]]
     n_layers = int(config["num_hidden_layers"])
     base_map = weight_map(base_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -167,9 +175,9 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
 
     original_map = None
     if into == "original":
-        src = resolve_model(recipe.model)
+        src = resolve_model(ModelConfig.model_validate(ctx.config["model"]))
         if is_bnb_4bit(read_config(src, key="model.source")):
-            raise InputError(f"merge.into: '{recipe.merge.into}' needs the base's float weights, but model.source is a "
+            raise InputError(f"merge.into: '{ctx.config['merge']['into']}' needs the base's float weights, but model.source is a "
                              "pre-quantized 4-bit checkpoint; use merge.into: dequantized")
         original_map = weight_map(src)
 
@@ -179,7 +187,7 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
         raise InputError(f"merge.adapter: the adapter targets modules this merge does not handle: {unknown[:3]}")
 
     layer_re = re.compile(re.escape(family.layers_prefix) + r"\.(\d+)\.")
-    plain_names = {n for n in base_map if ".weight." not in n and n.rsplit(".weight", 1)[0] not in linear_prefixes}
+    plain_names = {n for n in base_map if not is_nf4_state(n) and n.rsplit(".weight", 1)[0] not in linear_prefixes}
     max_delta = 0.0
     for i in ctx.progress(range(n_layers), desc=f"merge into {into}", unit="layer"):
         shard = ckpt_dir / SHARD.format(i)
@@ -192,7 +200,7 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
             if original_map is not None:
                 w = read_tensors(original_map, [f"{name}.weight"])[f"{name}.weight"].float()
             else:
-                w = dequantize_nf4(_nf4_at(base_map, name), torch.float32)
+                w = dequantize_nf4(read_nf4(base_map, name), torch.float32)
             delta = adapter.delta(name)
             if delta is not None:
                 w = w + delta
@@ -213,16 +221,9 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
     total_size = assemble_shards(ckpt_dir, out_dir, n_layers)
     copy_tokenizer(base_dir, out_dir)
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    out_config["dtype"] = recipe.model.dtype
+    out_config["dtype"] = ctx.config["dtype"]
     (out_dir / "config.json").write_text(json.dumps(out_config, indent=2))
     return total_size, max_delta
-
-
-def _nf4_at(wmap: dict, name: str):
-    keys = [k for k in wmap if k == f"{name}.weight" or k.startswith(f"{name}.weight.")]
-    t = read_tensors(wmap, keys)
-    state = {k[len(f"{name}.weight."):]: v for k, v in t.items() if k != f"{name}.weight"}
-    return nf4_from_state_tensors(t[f"{name}.weight"], state)
 
 
 def _plain_tensors(names, base_map, original_map, dtype) -> dict[str, torch.Tensor]:
@@ -270,21 +271,21 @@ def verify_merge(ctx: StageContext, adapter: Adapter, family, into: str = "dequa
 
     The reference is the merge's own base so that the difference is the merge's error alone:
     against the NF4 base, an `original` merge would also carry NF4's quantization error."""
-    streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-    windows = data.windows(streams["domain_valid"], min(ctx.recipe.data.seq_len, 256), VERIFY_WINDOWS)
+    streams = load_file(str(ctx.inputs["data"] / TOKENS_FILE))
+    windows = data.windows(streams["domain_valid"], min(ctx.config["seq_len"], 256), VERIFY_WINDOWS)
     merged_map, base_map = weight_map(ctx.output_dir), weight_map(ctx.inputs["base"])
     config = read_config(ctx.inputs["base"])
-    runner = LayerwiseRunner(config, torch.float32, family.layers_prefix)
-    original_map = weight_map(resolve_model(ctx.recipe.model)) if into == "original" else None
+    runner = LayerwiseRunner(config, torch.float32, family)
+    original_map = weight_map(resolve_model(ModelConfig.model_validate(ctx.config["model"]))) if into == "original" else None
 
     def reference_weights(prefix: str) -> dict[str, torch.Tensor]:
         if original_map is not None:
             return read_prefix(original_map, prefix)
         out = {}
-        quantized = {n.split(".weight.", 1)[0] for n in base_map if n.startswith(prefix) and ".weight." in n}
+        quantized = nf4_modules(base_map, prefix)
         for module in quantized:
-            out[f"{module[len(prefix):]}.weight"] = dequantize_nf4(_nf4_at(base_map, module), torch.float32)
-        plain = [n for n in base_map if n.startswith(prefix) and ".weight." not in n
+            out[f"{module[len(prefix):]}.weight"] = dequantize_nf4(read_nf4(base_map, module), torch.float32)
+        plain = [n for n in base_map if n.startswith(prefix) and not is_nf4_state(n)
                  and n.rsplit(".weight", 1)[0] not in quantized]
         out.update({n[len(prefix):]: t for n, t in read_tensors(base_map, plain).items()})
         return out

@@ -16,22 +16,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qlora_pipeline import rundir
 from qlora_pipeline.graph import StageContext, StageResult
 
-COLUMNS = (("domain_ppl", "domain ppl", "{:.3f}"), ("general_ppl", "general ppl", "{:.3f}"),
-           ("size_bytes", "size (MB)", None), ("quantize_seconds", "quantize (s)", "{:.0f}"),
-           ("load_seconds", "load (s)", "{:.1f}"), ("peak_memory_bytes", "peak mem (MB)", None),
-           ("prefill_tokens_per_second", "prefill tok/s", "{:.0f}"),
-           ("decode_tokens_per_second", "decode tok/s", "{:.1f}"))
+REPORT_FILE = "report.md"
+METRICS_FILE = "metrics.json"  # the artifacts' metrics and the gate's verdicts (`compare` and MLflow read it)
+
+# The table's columns, {metric: (header, format)}; `pipeline compare` shows the same. Bytes in MB.
+COLUMNS = {"domain_ppl": ("domain ppl", "{:.3f}"), "general_ppl": ("general ppl", "{:.3f}"),
+           "size_bytes": ("size (MB)", "{:.1f}"), "quantize_seconds": ("quantize (s)", "{:.0f}"),
+           "load_seconds": ("load (s)", "{:.1f}"), "peak_memory_bytes": ("peak mem (MB)", "{:.1f}"),
+           "prefill_tokens_per_second": ("prefill tok/s", "{:.0f}"),
+           "decode_tokens_per_second": ("decode tok/s", "{:.1f}")}
 FIXED = ("base", "base-nf4", "merged")
 
 
-def _cell(metrics: dict, key: str, fmt) -> str:
-    if key not in metrics:
+def format_cell(key: str, value) -> str:
+    """A metric as the tables show it: '–' when absent, bytes in MB, numbers in the column's format."""
+    if value is None:
         return "–"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
     if key.endswith("_bytes"):
-        return f"{metrics[key] / 1e6:.1f}"
-    return fmt.format(metrics[key])
+        value = value / 1e6
+    return COLUMNS.get(key, (None, "{:.3f}"))[1].format(value)
 
 
 def increase(m: dict, ref: dict | None, key: str) -> float | None:
@@ -58,9 +66,14 @@ def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]
     return verdicts
 
 
+def metrics_path(run_dir: Path) -> Path:
+    """Where a run's report keeps its metrics."""
+    return run_dir / "report" / rundir.OUTPUT / METRICS_FILE
+
+
 def gate_failures(run_dir: Path) -> dict[str, list[str]]:
     """The failed artifacts of a finished run's report (what `pipeline run` exits non-zero on)."""
-    path = run_dir / "report" / "output" / "metrics.json"
+    path = metrics_path(run_dir)
     if not path.exists():
         return {}
     gate = json.loads(path.read_text()).get("gate", {})
@@ -74,12 +87,12 @@ def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: 
         inc = None if skip else increase(m, ref, "domain_ppl")
         return "–" if inc is None else f"{inc:+.2f}%"
 
-    header = "| artifact | " + " | ".join(c[1] for c in COLUMNS) + " | domain vs base | domain vs merged |"
+    header = "| artifact | " + " | ".join(h for h, _ in COLUMNS.values()) + " | domain vs base | domain vs merged |"
     if gate_on:
         header += " gate |"
     lines = [header, "|---|" + "---|" * (len(COLUMNS) + 2 + gate_on)]
     for name, m in artifacts.items():
-        row = (f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS)
+        row = (f"| {name} | " + " | ".join(format_cell(k, m.get(k)) for k in COLUMNS)
                + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |")
         if gate_on:
             row += " – |" if name not in verdicts else (" **FAILED** |" if verdicts[name] else " passed |")
@@ -165,17 +178,23 @@ def _plots(out: Path, artifacts: dict[str, dict], train_log: Path | None, layer_
 
 
 def run(ctx: StageContext) -> StageResult:
+    # The producers' file names, imported here: `compare`, `status` and MLflow's notes import
+    # this module for its table and paths and must not load torch with those stage modules.
+    from qlora_pipeline.stages.evaluate import METRICS_FILE as EVALUATION_FILE
+    from qlora_pipeline.stages.quantize import LAYER_METRICS_FILE
+    from qlora_pipeline.stages.train import TRAIN_LOG_FILE
+
     artifacts, layer_metrics, train_log = {}, {}, None
     for stage, out in ctx.inputs.items():
         if stage.startswith("evaluate-"):
-            m = json.loads((out / "metrics.json").read_text())
+            m = json.loads((out / EVALUATION_FILE).read_text())
             artifacts[m["artifact"]] = m
-        elif stage.startswith("quantize-") and (out / "layer_metrics.json").exists():
-            rows = json.loads((out / "layer_metrics.json").read_text())
+        elif stage.startswith("quantize-") and (out / LAYER_METRICS_FILE).exists():
+            rows = json.loads((out / LAYER_METRICS_FILE).read_text())
             if rows:
                 layer_metrics[stage[len("quantize-"):]] = rows
         elif stage == "train":
-            train_log = out / "train_log.json"
+            train_log = out / TRAIN_LOG_FILE
     order = [n for n in FIXED if n in artifacts] + [n for n in artifacts if n not in FIXED]
     artifacts = {n: artifacts[n] for n in order}
     gate = ctx.config.get("gate", {})
@@ -186,7 +205,7 @@ def run(ctx: StageContext) -> StageResult:
     lines = [
         f"# Report: {ctx.run_dir.name}",
         "",
-        f"Domain text of the test split (`domain_eval`: documents and paragraphs no stage trained, calibrated or chose on) and general text, non-overlapping windows of {ctx.recipe.data.seq_len} tokens. "
+        f"Domain text of the test split (`domain_eval`: documents and paragraphs no stage trained, calibrated or chose on) and general text, non-overlapping windows of {ctx.config['seq_len']} tokens. "
         "Quantized artifacts are evaluated from their packed checkpoints. Throughput is batch 1 on "
         f"{any_m['device']} ({any_m['dtype']}); peak memory is above the process's level before loading.",
         "",
@@ -201,13 +220,13 @@ def run(ctx: StageContext) -> StageResult:
     plots = _plots(ctx.output_dir, artifacts, train_log, layer_metrics)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += _generations(artifacts)
-    (ctx.output_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (ctx.output_dir / "metrics.json").write_text(json.dumps({"artifacts": artifacts, "gate": verdicts}, indent=2))
+    (ctx.output_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
+    (ctx.output_dir / METRICS_FILE).write_text(json.dumps({"artifacts": artifacts, "gate": verdicts}, indent=2))
 
     flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     flat.update({f"{name}.gate_passed": float(not reasons) for name, reasons in verdicts.items()})
-    for p in [ctx.output_dir / "report.md", ctx.output_dir / "metrics.json", *plots]:
+    for p in [ctx.output_dir / REPORT_FILE, ctx.output_dir / METRICS_FILE, *plots]:
         ctx.metrics.log_artifact(p)
     if failed:
         ctx.metrics.set_tags({f"gate.{n}": "failed" for n in failed})

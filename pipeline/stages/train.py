@@ -30,21 +30,25 @@ from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.lora import attach_lora
 from qlora_pipeline.models import resolve_model, source_identity
+from qlora_pipeline.recipe import LoraConfig, ModelConfig, TrainConfig
 from qlora_pipeline.rundir import fsync_dir, fsync_tree
 from qlora_pipeline.safe_state import load_state, save_state
+from qlora_pipeline.scoring import summed_nll
+from qlora_pipeline.stages.data import TOKENS_FILE
 
 logger = logging.getLogger(__name__)
+TRAIN_LOG_FILE = "train_log.json"  # loss per step and validation loss per eval interval (the report plots it)
 
 STEP_DIR = "step-{:07d}"
 COMPLETE = "complete"
 TRAINER_STATE = "trainer"  # optimizer, scheduler, RNG: trainer.json + trainer.safetensors
 
 
-def train_device_dtype(cfg, nf4_cfg) -> tuple[str, torch.dtype]:
+def train_device_dtype(cfg, nf4_compute_dtype: str) -> tuple[str, torch.dtype]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.dtype != "auto":
         return device, DTYPES[cfg.dtype]
-    return device, (DTYPES[nf4_cfg.compute_dtype] if device == "cuda" else torch.float32)
+    return device, (DTYPES[nf4_compute_dtype] if device == "cuda" else torch.float32)
 
 
 class BatchOrder:
@@ -154,16 +158,10 @@ def _sort_target_modules(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-@torch.no_grad()
 def eval_loss(model, windows: torch.Tensor, batch_size: int, device: str) -> float:
+    """Mean next-token NLL on the validation windows, the model back in training mode after."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()
-        total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
+    total, count = summed_nll(model, windows, batch_size, device)
     model.train()
     return total / count
 
@@ -171,29 +169,31 @@ def eval_loss(model, windows: torch.Tensor, batch_size: int, device: str) -> flo
 def run(ctx: StageContext) -> StageResult:
     from accelerate import Accelerator
 
-    recipe, cfg = ctx.recipe, ctx.recipe.train
+    cfg = TrainConfig.model_validate(ctx.config["train"])
+    lora = LoraConfig.model_validate(ctx.config["lora"])
+    model_cfg = ModelConfig.model_validate(ctx.config["model"])
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, dtype = train_device_dtype(cfg, recipe.nf4)
+    device, dtype = train_device_dtype(cfg, ctx.config["nf4_compute_dtype"])
     device = str(accelerator.device) if device == "cuda" else "cpu"
-    streams = load_file(str(ctx.inputs["data"] / "tokens.safetensors"))
-    seq_len = cfg.seq_len or recipe.data.seq_len
+    streams = load_file(str(ctx.inputs["data"] / TOKENS_FILE))
+    seq_len = cfg.seq_len or ctx.config["seq_len"]
     train_windows = data.windows(streams["domain_train"], seq_len)
     if train_windows.shape[0] < cfg.micro_batch_size:
         raise InputError(f"train.micro_batch_size: {cfg.micro_batch_size} exceeds the {train_windows.shape[0]} "
                          f"training windows of {seq_len} tokens; lower it or train.seq_len")
     # The validation split: the test split (domain_eval) stays unseen until the evaluate stages.
-    eval_windows = data.windows(streams["domain_valid"], recipe.data.seq_len, cfg.eval_windows)
+    eval_windows = data.windows(streams["domain_valid"], ctx.config["seq_len"], cfg.eval_windows)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     base = load_nf4_model(ctx.inputs["base"], dtype, device)
     family = family_for(base.config.model_type)
     targets = ([name.rsplit(".", 1)[-1] for name in family.linears]
-               if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules))
-    model = attach_lora(base, targets, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout)
+               if lora.target_modules == "all-linear" else list(lora.target_modules))
+    model = attach_lora(base, targets, lora.r, lora.alpha, lora.dropout)
     # Hub ids stay ids (what users pass to from_pretrained); other sources name their local directory.
     model.peft_config["default"].base_model_name_or_path = (
-        recipe.model.source if "hub" in source_identity(recipe.model) else str(resolve_model(recipe.model)))
+        model_cfg.source if "hub" in source_identity(model_cfg) else str(resolve_model(model_cfg)))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -258,7 +258,7 @@ def run(ctx: StageContext) -> StageResult:
     if accelerator.is_main_process:
         model.save_pretrained(ctx.output_dir)
         _sort_target_modules(ctx.output_dir / "adapter_config.json")
-        (ctx.output_dir / "train_log.json").write_text(json.dumps({
+        (ctx.output_dir / TRAIN_LOG_FILE).write_text(json.dumps({
             "history": history, "optimizer": optimizer_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
             "processes": accelerator.num_processes, "target_modules": targets,
         }, indent=1))

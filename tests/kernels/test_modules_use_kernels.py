@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_pipeline.stages.evaluate import perplexity
+from qlora_pipeline.scoring import perplexity
 from qlora_quant.gptq import gptq_quantize, rtn_quantize
 from qlora_kernels.int4_linear import LinearInt4
 from qlora_kernels.nf4_linear import LinearNF4

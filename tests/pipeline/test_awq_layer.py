@@ -17,7 +17,7 @@ from tests.conftest import make_tiny_llama
 
 
 def _layer(model_dir, i=0):
-    runner = LayerwiseRunner(read_config(model_dir), torch.float32)
+    runner = LayerwiseRunner(read_config(model_dir), torch.float32, LLAMA)
     layer = runner.layers[i]
     runner.materialize(layer, read_prefix(weight_map(model_dir), f"model.layers.{i}."), torch.float32)
     return runner, layer

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli, make_tiny_llama, tiny_recipe
+from tests.conftest import REPO, cli, make_tiny_llama, random_adapter, tiny_recipe
 
 QUANTIZE = [
     {"name": "rtn", "method": "rtn", "group_size": 32},
@@ -21,18 +21,6 @@ QUANTIZE = [
 ]
 
 
-def random_adapter(model_dir, out):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def quant_recipe(model_dir, tmp_path, name, adapter, quantize=QUANTIZE):

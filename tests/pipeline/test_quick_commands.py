@@ -73,10 +73,10 @@ def test_stage_ref_resolves_to_the_function_it_names():
 
 
 def test_quantize_rules_are_the_ones_the_stage_uses():
-    from qlora_pipeline.stages import quantize, quantize_settings
+    from qlora_pipeline import methods
+    from qlora_pipeline.stages import quantize
 
-    assert quantize.check_shapes is quantize_settings.check_shapes
-    assert quantize.relevant_settings is quantize_settings.relevant_settings
+    assert quantize.check_shapes is methods.check_shapes
 
 
 # ------------------------------------------------------------------------------- validate

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import cli, tiny_recipe
-from tests.pipeline.test_quantize import random_adapter
+from tests.conftest import random_adapter
 
 PROMPTS = ["def fibonacci(n):", "The with statement"]
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scripts.output_digests import outputs, sha256
 from tests.conftest import REPO, tiny_recipe
 
 QUANTIZE = [
@@ -31,10 +32,6 @@ QUANTIZE = [
     {"name": "awq", "method": "awq", "bits": 4, "group_size": 32, "awq": {"search_windows": 2}},
 ]
 # Measurements, not results: they differ from run to run by nature.
-TIMING_KEYS = {"load_seconds", "peak_memory_bytes", "quantize_seconds", "prefill_tokens_per_second",
-               "decode_tokens_per_second"}
-
-
 def soak_recipe(model_dir: Path, tmp: Path, name: str) -> Path:
     recipe = tiny_recipe(
         model_dir, tmp, run={"name": name}, tracking={"enabled": False},
@@ -58,31 +55,6 @@ def finish(proc: subprocess.Popen) -> str:
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     return err
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def outputs(run_dir: Path) -> dict[str, object]:
-    """Every output file of every stage: its sha256, or for the files that hold measurements
-    (evaluations, report) the computed values without the timings."""
-    out: dict[str, object] = {}
-    for path in sorted(run_dir.glob("*/output/**/*")):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(run_dir).as_posix()
-        stage = rel.split("/", 1)[0]
-        if stage == "report":
-            if path.name == "metrics.json":
-                artifacts = json.loads(path.read_text())["artifacts"]
-                out[rel] = {a: {k: v for k, v in m.items() if k not in TIMING_KEYS} for a, m in artifacts.items()}
-            continue  # the report's text and plots show the timings
-        if stage.startswith("evaluate-") and path.name == "metrics.json":
-            out[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING_KEYS}
-        else:
-            out[rel] = sha256(path)
-    return out
 
 
 def manifest_times(run_dir: Path) -> dict[str, int]:
@@ -297,7 +269,7 @@ def _plan_with_code(reference: Path, tmp_path: Path, monkeypatch, edit) -> dict[
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, symlinks=True)
     recipe, _ = load_recipe(reference.parent.parent / "ref.yaml")
-    planned = Runner(run_dir, build_stages(recipe), recipe).plan()
+    planned = Runner(run_dir, build_stages(recipe)).plan()
     return {p.spec.name: (p.action, p.reason) for p in planned}
 
 

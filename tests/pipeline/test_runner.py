@@ -53,7 +53,7 @@ class Toy:
             StageSpec("b", self.b, ("a",), {"value": b}),
             StageSpec("c", self.c, ("b",), {"value": c}),
         ]
-        return Runner(self.run_dir, specs, recipe=None)
+        return Runner(self.run_dir, specs)
 
 
 def bit_rot(path) -> None:
@@ -263,7 +263,7 @@ def _module_runner(tmp_path, source: str) -> Runner:
     spec = importlib.util.spec_from_file_location("stagemod", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return Runner(tmp_path / "run", [StageSpec("x", module.produce, (), {"value": 1})], recipe=None)
+    return Runner(tmp_path / "run", [StageSpec("x", module.produce, (), {"value": 1})])
 
 
 def test_code_change_makes_a_stage_stale_and_names_the_file(tmp_path):
@@ -310,15 +310,15 @@ def test_disk_full_fails_cleanly_and_resumes(small_disk, tmp_path):
 
     specs = [StageSpec("a", a, (), {}), StageSpec("b", b, ("a",), {})]
     with pytest.raises(StageError, match=r"no space left on device while writing .*b"):
-        Runner(small_disk / "run", specs, recipe=None).run()
+        Runner(small_disk / "run", specs).run()
     left = [p.name for p in (small_disk / "run").rglob("*")]
     assert not any(".tmp" in n for n in left) and "output.partial" not in left
     assert not (small_disk / "run" / "b" / "manifest.json").exists()
     assert (small_disk / "run" / "a" / "manifest.json").exists()
     # Space freed: the same command resumes from the shards and ends as an uninterrupted run.
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
-    Runner(small_disk / "run", specs, recipe=None).run()
-    Runner(tmp_path / "reference", specs, recipe=None).run()
+    Runner(small_disk / "run", specs).run()
+    Runner(tmp_path / "reference", specs).run()
     for stage, name in (("a", "a.bin"), ("b", "b.bin")):
         assert (small_disk / "run" / stage / "output" / name).read_bytes() == \
             (tmp_path / "reference" / stage / "output" / name).read_bytes()
@@ -333,12 +333,12 @@ def test_bad_input_found_by_a_stage_leaves_no_run_directory(tmp_path):
     def b(ctx):
         raise InputError("data.domain: unreadable")
 
-    runner = Runner(tmp_path / "run", [StageSpec("a", a, (), {}), StageSpec("b", b, ("a",), {})], recipe=None)
+    runner = Runner(tmp_path / "run", [StageSpec("a", a, (), {}), StageSpec("b", b, ("a",), {})])
     with pytest.raises(InputError):
         runner.run()
     assert not (tmp_path / "run").exists()
     # An existing run directory keeps what it had; the failing stage leaves nothing behind.
-    ok = Runner(tmp_path / "run", [StageSpec("a", a, (), {})], recipe=None)
+    ok = Runner(tmp_path / "run", [StageSpec("a", a, (), {})])
     ok.run()
     before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*"))
     run_json = (tmp_path / "run" / "run.json").read_bytes()

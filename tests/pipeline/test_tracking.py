@@ -80,7 +80,7 @@ def specs(log, crash=None, on_b=None):
 
 def run_pipeline(run_dir, uri, **kw):
     tracker = Tracker(uri, "test-exp")
-    Runner(run_dir, specs(None, **kw), recipe=None, tracker=tracker, params={"nf4.blocksize": "64"}).run()
+    Runner(run_dir, specs(None, **kw), tracker=tracker, params={"nf4.blocksize": "64"}).run()
     return tracker
 
 
@@ -142,7 +142,7 @@ def test_server_dying_mid_stage_warns_and_the_stage_completes(tmp_path, mlflow_s
 
     tracker = Tracker(url, "test-exp")
     with caplog.at_level(logging.WARNING):
-        Runner(tmp_path / "run", specs(None, on_b=kill_server), recipe=None, tracker=tracker).run()
+        Runner(tmp_path / "run", specs(None, on_b=kill_server), tracker=tracker).run()
     assert (tmp_path / "run" / "b" / "manifest.json").is_file()
     assert "continues without tracking" in caplog.text
     assert tracker.enabled is False
@@ -151,6 +151,6 @@ def test_server_dying_mid_stage_warns_and_the_stage_completes(tmp_path, mlflow_s
 def test_unreachable_server_from_the_start(tmp_path, caplog):
     tracker = Tracker(f"http://127.0.0.1:{free_port()}", "test-exp")
     with caplog.at_level(logging.WARNING):
-        Runner(tmp_path / "run", specs(None), recipe=None, tracker=tracker).run()
+        Runner(tmp_path / "run", specs(None), tracker=tracker).run()
     assert (tmp_path / "run" / "b" / "manifest.json").is_file()
     assert "continues without tracking" in caplog.text

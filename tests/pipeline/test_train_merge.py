@@ -121,7 +121,7 @@ def valid_ppl(run_dir: Path) -> float:
     """Perplexity of a run's merged model on the domain_valid windows (float32, the CPU)."""
     from qlora_pipeline import data
     from qlora_pipeline.layerwise.checkpoints import load_hf_model
-    from qlora_pipeline.stages.evaluate import perplexity
+    from qlora_pipeline.scoring import perplexity
 
     streams = load_file(str(run_dir / "data" / "output" / "tokens.safetensors"))
     windows = data.windows(streams["domain_valid"], 128, 4)  # tiny_recipe: seq_len 128, 4 domain windows

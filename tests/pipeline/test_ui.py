@@ -64,7 +64,7 @@ def finished_run(tmp_path: Path, uri: str, experiment: str, recipe_name: str = "
 
     run_dir = tmp_path / "runs" / recipe_name
     tracker = Tracker(uri, experiment, parent_name=parent_run_name(recipe_name, run_dir))
-    runner = Runner(run_dir, [StageSpec("report", report_stage, (), {})], recipe=None, tracker=tracker)
+    runner = Runner(run_dir, [StageSpec("report", report_stage, (), {})], tracker=tracker)
     runner.run()
     _describe_parent_run(runner)
     return runner
@@ -115,10 +115,10 @@ def test_parent_run_name_description_and_report_columns(tmp_path, store, monkeyp
 def test_a_resumed_run_takes_the_new_name(tmp_path, store):
     run_dir = tmp_path / "run"
     specs = [StageSpec("report", report_stage, (), {})]
-    Runner(run_dir, specs, recipe=None, tracker=Tracker(store, "resumed")).run()
+    Runner(run_dir, specs, tracker=Tracker(store, "resumed")).run()
     first = parent_id(run_dir)
     assert MlflowClient(store).get_run(first).info.run_name == "run"  # the runner's default: the folder
-    Runner(run_dir, specs, recipe=None, tracker=Tracker(store, "resumed", parent_name="recipe @ run")).run()
+    Runner(run_dir, specs, tracker=Tracker(store, "resumed", parent_name="recipe @ run")).run()
     assert parent_id(run_dir) == first
     assert MlflowClient(store).get_run(first).info.run_name == "recipe @ run"
 

@@ -1,0 +1,108 @@
+"""The quantization methods, one registry entry each, and the recipe-side rules they share.
+
+An entry names the module that quantizes a layer (and, for AWQ, transforms it first), the
+packed format it ships in (`formats`: packing, `quantization_config`, loading) and whether
+it needs calibration activations. Adding a method is one entry here and one module beside
+this file; the `quantize-<name>` stage, the evaluation and the benchmark scripts read the
+registry and nothing else.
+
+This module imports no torch: `validate`, `plan` and `status` check recipes with it.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+from qlora_pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    implementation: str          # module with `quantizer(entry)` and `transform(entry, family, checkpoint_dir, dtype)`
+    format: str                  # a key of FORMATS: how the quantized layers are packed, described and loaded
+    calibrated: bool             # needs calibration activations (the `calibrate` stage)
+    hessian_passes: bool = True  # one capture pass per sequential group; False: one pass per layer (metrics only)
+    options: tuple[str, ...] = ()  # entry sections this method reads besides the common settings
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.implementation)
+
+    def format_module(self) -> ModuleType:
+        return importlib.import_module(FORMATS[self.format])
+
+
+# The packed formats: the modules that pack, configure and load them.
+FORMATS = {
+    "gptq": "qlora_pipeline.methods.gptq_format",
+    "awq-gemm": "qlora_pipeline.methods.awq_format",
+}
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False),
+    Method("gptq", "qlora_pipeline.methods.gptq", "gptq", calibrated=True),
+    # AWQ alone uses the Hessians only for the error metrics: one capture pass per layer.
+    Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",)),
+    Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",)),
+)}
+OPTION_SECTIONS = frozenset(s for m in METHODS.values() for s in m.options)
+
+
+def method(name: str) -> Method:
+    return METHODS[name]
+
+
+def format_problems(entry) -> list[str]:
+    """What the entry's packed format cannot store (recipe-time rules, no model needed)."""
+    if METHODS[entry.method].format != "awq-gemm":
+        return []
+    problems = []
+    if entry.bits != 4:
+        problems.append(f"AWQ GEMM checkpoints are 4-bit only, got bits={entry.bits}")
+    if entry.sym:
+        problems.append("AWQ GEMM checkpoints store zero points: use sym: false (or method: awq+gptq)")
+    if entry.group_size == -1:
+        problems.append("AWQ GEMM checkpoints need a group size (e.g. 128), not -1")
+    return problems
+
+
+def values_per_word_run(bits: int) -> int:
+    """Rows that fill whole int32 words: 8 for 4-bit, 16 for 2-bit, 4 for 8-bit, 32 for 3-bit."""
+    return 32 // math.gcd(bits, 32)
+
+
+def divisors_hint(n: int, bits: int) -> list[int]:
+    pf = values_per_word_run(bits)
+    return [d for d in range(8, n + 1) if n % d == 0 and d % pf == 0]
+
+
+def check_shapes(entry, config: dict, key: str) -> None:
+    """A group size that does not divide a layer's input size is a recipe error."""
+    sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
+    pf = values_per_word_run(entry.bits)
+    for what, n in sizes.items():
+        if entry.group_size != -1 and n % entry.group_size:
+            common = [d for d in divisors_hint(sizes["hidden_size"], entry.bits) if sizes["intermediate_size"] % d == 0]
+            raise InputError(f"{key}.group_size: {entry.group_size} does not divide the model's {what} {n}; "
+                             f"group sizes that work: {', '.join(map(str, common[:12]))} or -1")
+        if n % pf:
+            raise InputError(f"{key}.bits: {entry.bits}-bit packing needs sizes divisible by {pf}; {what} is {n}")
+    if METHODS[entry.method].format == "awq-gemm":
+        heads = int(config.get("num_attention_heads", 1))
+        head_dim = int(config.get("head_dim") or sizes["hidden_size"] // heads)
+        kv = int(config.get("num_key_value_heads", heads)) * head_dim
+        for what, n in {**sizes, "key/value size": kv}.items():
+            if n % 8:
+                raise InputError(f"{key}.method: the AWQ GEMM layout packs 8 output columns per word; "
+                                 f"the model's {what} is {n}; use method: gptq")
+
+
+def relevant_settings(entry) -> dict:
+    """The entry's settings that change this method's output (its stage fingerprint): AWQ's
+    options do not concern rtn or gptq entries."""
+    settings = entry.model_dump(mode="json")
+    for section in OPTION_SECTIONS - set(METHODS[entry.method].options):
+        settings.pop(section, None)
+    return settings

@@ -1,0 +1,85 @@
+"""A whole checkpoint quantized with one registry method: the layer engine, the method's
+per-layer quantizer (and transform), and its format's packing and config files.
+
+The output is an HF directory vLLM and transformers read: packed safetensors, embeddings and
+head untouched (norms carry AWQ's folded scales), tokenizer, `config.json` with the format's
+`quantization_config`. No timings in it: the same work gives the same bytes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from qlora_pipeline.layerwise.checkpoints import copy_tokenizer, read_config, read_tensors, weight_map
+from qlora_pipeline.layerwise.engine import quantize_sequentially
+from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.layerwise.shards import REST_SHARD, assemble_shards, save_atomic, valid_shard
+from qlora_pipeline.methods import METHODS
+
+LAYER_METRICS_LOG = "layer_metrics.jsonl"  # in the checkpoint directory, a line per finished layer
+
+
+class Quantized(NamedTuple):
+    n_layers: int
+    size_bytes: int
+    checkpoint_format: str
+    layer_metrics: list[dict]
+
+
+def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor], entry, dtype: torch.dtype,
+                        checkpoint_dir: Path, output_dir: Path, progress: Callable,
+                        on_layer: Callable[[int, dict[str, float]], None]) -> Quantized:
+    """Quantize `merged_dir` with `entry` (a recipe quantize entry) into `output_dir`, resuming
+    from the per-layer shards in `checkpoint_dir`."""
+    method = METHODS[entry.method]
+    impl, fmt = method.module(), method.format_module()
+    config = read_config(merged_dir)
+    family = family_for(config["model_type"])
+    quantizer = impl.quantizer(entry)
+    transform = impl.transform(entry, family, checkpoint_dir, dtype)
+
+    def log_layer(i: int, metrics: dict[str, float]) -> None:
+        on_layer(i, metrics)
+        with open(checkpoint_dir / LAYER_METRICS_LOG, "a") as f:
+            f.write(json.dumps({"layer": i, **metrics}) + "\n")
+
+    n_layers = quantize_sequentially(
+        merged_dir, calibration_ids if method.calibrated else None, family, dtype, checkpoint_dir,
+        lambda name, W, H: fmt.pack(quantizer(name, W, H), entry, H),
+        lambda name, stored: fmt.restore(stored, entry.bits),
+        entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform)
+
+    wmap = weight_map(merged_dir)
+    rest_shard = checkpoint_dir / REST_SHARD
+    if not (rest_shard.exists() and valid_shard(rest_shard)):
+        rest = [n for n in wmap if not family.in_layers(n)]
+        save_atomic({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in read_tensors(wmap, rest).items()},
+                    rest_shard)
+
+    shard_transform, convention = fmt.output_convention(checkpoint_dir, n_layers, entry)
+    layer_metrics = _read_layer_metrics(checkpoint_dir / LAYER_METRICS_LOG)
+    total = assemble_shards(checkpoint_dir, output_dir, n_layers, transform=shard_transform)
+
+    meta = {"quantizer": f"qlora-pipeline:{entry.method}", "mse": entry.mse}
+    meta.update({section: getattr(entry, section).model_dump(mode="json") for section in method.options})
+    qconfig = fmt.quantization_config(entry, meta, convention)
+    out_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    out_config["quantization_config"] = qconfig
+    (output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
+    (output_dir / fmt.CONFIG_FILE).write_text(json.dumps(fmt.side_file(entry, qconfig), indent=2))
+    copy_tokenizer(merged_dir, output_dir)
+    return Quantized(n_layers, total, convention["checkpoint_format"], layer_metrics)
+
+
+def _read_layer_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    by_layer = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_layer[row["layer"]] = row
+    return [by_layer[i] for i in sorted(by_layer)]

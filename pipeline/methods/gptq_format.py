@@ -1,0 +1,76 @@
+"""The GPTQ checkpoint format (also what `rtn` and `awq+gptq` ship in).
+
+Per linear: `qweight` (codes packed along input rows), `qzeros`, `scales`, `g_idx`. Zero
+points stay true (v2) in the per-layer checkpoints; the output is written in the common v1
+convention (stored zero = zero - 1) unless some zero is 0, which v1 cannot store (then
+`checkpoint_format: gptq_v2`). Formats facts: docs/formats.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qlora_pipeline.layerwise.checkpoints import load_int4_model
+from qlora_pipeline.layerwise.engine import LinearResult
+from qlora_pipeline.layerwise.shards import SHARD
+from qlora_quant.gptq import GPTQResult
+from qlora_quant.packing import GPTQPacked, dequantize_gptq, pack_gptq, unpack_along_rows, unpack_gptq
+
+NAME = "gptq"
+CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's copy of the quantization_config
+load = load_int4_model
+
+
+def pack(res: GPTQResult, entry, H) -> LinearResult:
+    packed = pack_gptq(res.codes, res.zeros, res.scales, res.g_idx, entry.bits, v1=False)
+    metrics = {"loss": res.loss}
+    if H is not None:
+        metrics["damp_percent"] = res.damp_percent
+    return LinearResult(res.Q, packed._asdict(), metrics)
+
+
+def restore(stored: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """The weight a finished layer computes with, from its checkpoint shard (true zeros)."""
+    packed = GPTQPacked(stored["qweight"], stored["qzeros"], stored["scales"], stored["g_idx"])
+    return dequantize_gptq(packed, bits, v1=False)
+
+
+def output_convention(checkpoint_dir: Path, n_layers: int, entry):
+    """(shard transform for the output or None, the `quantization_config` fields it implies)."""
+    v1 = entry.sym or not any(_has_zero_zero(checkpoint_dir / SHARD.format(i), entry.bits) for i in range(n_layers))
+    transform = (lambda tensors: _to_v1(tensors, entry.bits)) if v1 else None
+    return transform, {"checkpoint_format": "gptq" if v1 else "gptq_v2"}
+
+
+def quantization_config(entry, meta: dict, convention: dict) -> dict:
+    return {
+        "quant_method": "gptq", "bits": entry.bits, "group_size": entry.group_size, "desc_act": entry.desc_act,
+        "sym": entry.sym, "static_groups": entry.static_groups, "true_sequential": entry.true_sequential,
+        "damp_percent": entry.damp_percent, "checkpoint_format": convention["checkpoint_format"],
+        "pack_dtype": "int32", "lm_head": False, "meta": meta,
+    }
+
+
+def side_file(entry, qconfig: dict) -> dict:
+    return qconfig
+
+
+def _has_zero_zero(shard: Path, bits: int) -> bool:
+    with safe_open(shard, "pt") as st:
+        for k in st.keys():
+            if k.endswith(".qzeros"):
+                if (unpack_along_rows(st.get_tensor(k).t().contiguous(), bits) == 0).any():
+                    return True
+    return False
+
+
+def _to_v1(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """qzeros from true zeros (v2) to the v1 convention (zero - 1)."""
+    for k in [k for k in tensors if k.endswith(".qzeros")]:
+        prefix = k[: -len(".qzeros")]
+        packed = GPTQPacked(tensors[f"{prefix}.qweight"], tensors[k], tensors[f"{prefix}.scales"], tensors[f"{prefix}.g_idx"])
+        codes, zeros = unpack_gptq(packed, bits, v1=False)
+        tensors[k] = pack_gptq(codes, zeros, packed.scales, packed.g_idx, bits, v1=True).qzeros
+    return tensors

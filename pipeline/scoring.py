@@ -1,0 +1,46 @@
+"""How a model is scored on token windows: the device and dtype evaluation runs in, and the
+summed next-token NLL behind both the training-time validation loss and perplexity.
+
+Each window [L] is an independent forward; tokens 1..L-1 are predicted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from qlora_pipeline.layerwise.checkpoints import DTYPES
+
+
+def eval_device_dtype(cfg) -> tuple[str, torch.dtype]:
+    """(device, dtype) for the recipe's `evaluate` settings; `auto`: CUDA in bf16, else CPU in fp32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.dtype == "auto":
+        return device, (torch.bfloat16 if device == "cuda" else torch.float32)
+    return device, DTYPES[cfg.dtype]
+
+
+@torch.no_grad()
+def summed_nll(model, windows: torch.Tensor, batch_size: int, device: str,
+               progress: Optional[Callable] = None, desc: str = "") -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) over `windows` [n, L]."""
+    total_nll, total_tokens = 0.0, 0
+    starts = range(0, windows.shape[0], batch_size)
+    for start in (progress(starts, desc=desc, unit="batch") if progress else starts):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    return total_nll, total_tokens
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progress: Callable, desc: str) -> tuple[float, int]:
+    """(perplexity, number of predicted tokens) over `windows` [n, L]."""
+    nll, tokens = summed_nll(model, windows, batch_size, device, progress, desc)
+    return math.exp(nll / tokens), tokens

@@ -1,0 +1,148 @@
+"""The code's shape: one-way package layers, import names of our own, stages that read only
+what their fingerprint holds, and a method registry that names everything a method needs."""
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from qlora_pipeline import codehash, methods
+from qlora_pipeline.recipe import QuantizeEntry
+
+REPO = Path(__file__).resolve().parent.parent
+# Layers, lowest first: a package may import its own modules and those of the layers below.
+LAYERS = ("qlora_quant", "qlora_kernels", "qlora_pipeline")
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Top-level project packages that `path` imports (at module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found.update(n.split(".")[0] for n in names if n.split(".")[0] in codehash.PACKAGE_FOLDERS)
+    return found
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_packages_import_only_the_layers_below_them(package):
+    allowed = set(LAYERS[: LAYERS.index(package) + 1])
+    folder = REPO / codehash.PACKAGE_FOLDERS[package]
+    wrong = {str(p.relative_to(REPO)): sorted(_project_imports(p) - allowed) for p in folder.rglob("*.py")}
+    assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def test_no_file_imports_the_bare_folder_names():
+    bare = {"pipeline", "quant", "kernels"}
+    offenders = []
+    for path in [*REPO.glob("pipeline/**/*.py"), *REPO.glob("quant/*.py"), *REPO.glob("kernels/*.py"),
+                 *REPO.glob("scripts/*.py"), *REPO.glob("tests/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in bare]
+    assert offenders == []
+
+
+def test_installed_package_folders_are_the_ones_code_hashing_reads():
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == codehash.PACKAGE_FOLDERS
+    for package in setuptools["packages"]:
+        top, *rest = package.split(".")
+        assert (REPO / codehash.PACKAGE_FOLDERS[top] / Path(*rest) / "__init__.py").is_file(), package
+    folders = {p.parent for p in REPO.glob("pipeline/**/__init__.py")}
+    assert len(folders) == len([p for p in setuptools["packages"] if p.startswith("qlora_pipeline")])
+
+
+def test_our_code_does_not_answer_the_ecosystems_import_names(tmp_path):
+    """Outside the repository `import kernels` (Hugging Face's kernel hub, which bitsandbytes
+    and transformers try) must not find ours, nor `pipeline` / `quant`."""
+    script = ("import importlib.util, sys\n"
+              "for name in ('kernels', 'pipeline', 'quant'):\n"
+              "    spec = importlib.util.find_spec(name)\n"
+              "    print(name, spec.origin if spec else None)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(str(REPO)), line
+
+
+def test_plan_prints_no_kernels_community_warning(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "plan", str(REPO / "recipes/smollm2_domain.yaml"),
+                           "--run-dir", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels-community" not in proc.stdout + proc.stderr
+
+
+def test_bitsandbytes_no_longer_finds_our_kernels_package(tmp_path):
+    """bitsandbytes imports `kernels` when it loads. It used to find ours ("cannot import name
+    'get_kernel' from 'kernels' (.../kernels/__init__.py)"); now it finds none, and a pipeline
+    command (logging as the CLI sets it up) says nothing about it."""
+    code = "import bitsandbytes, qlora_kernels.nf4_linear"
+    bare = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert bare.returncode == 0, bare.stderr
+    assert "get_kernel" not in bare.stderr and str(REPO) not in bare.stderr
+    as_cli = subprocess.run([sys.executable, "-c", "from qlora_pipeline.cli import _setup_logging; "
+                             f"_setup_logging(False); {code}"], cwd=tmp_path, capture_output=True, text=True)
+    assert as_cli.returncode == 0, as_cli.stderr
+    assert "kernels" not in as_cli.stdout + as_cli.stderr
+
+
+def _stage_modules() -> list[Path]:
+    return sorted(p for p in (REPO / "pipeline" / "stages").glob("*.py") if p.name != "__init__.py")
+
+
+def test_no_stage_reads_the_whole_recipe():
+    """A stage reads its fingerprinted `ctx.config` slice, never `ctx.recipe`."""
+    offenders = []
+    for path in _stage_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "recipe":
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+    from qlora_pipeline.graph import StageContext
+
+    assert "recipe" not in StageContext.__dataclass_fields__
+
+
+def test_stages_take_only_file_name_constants_from_each_other():
+    """Code hashing does not follow one stage module into another (codehash.STAGE_PACKAGE):
+    what crosses is a constant, never code."""
+    offenders = []
+    for path in _stage_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qlora_pipeline.stages."):
+                offenders += [f"{path.name}: {a.name}" for a in node.names if not a.name.isupper()]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_registered_method_names_what_it_needs(name):
+    method = methods.METHODS[name]
+    impl = method.module()
+    assert callable(impl.quantizer) and callable(impl.transform)
+    fmt = method.format_module()
+    for attr in ("pack", "restore", "output_convention", "quantization_config", "side_file", "load", "CONFIG_FILE"):
+        assert hasattr(fmt, attr), (method.format, attr)
+    entry = QuantizeEntry(name="x", method=name, group_size=64)
+    assert set(methods.relevant_settings(entry)) >= {"name", "method", "bits", "group_size"}
+    assert ("awq" in methods.relevant_settings(entry)) == ("awq" in method.options)
+
+
+def test_a_method_outside_the_registry_is_a_recipe_error():
+    with pytest.raises(ValueError, match="unknown method 'hqq'; methods: rtn, gptq, awq, awq\\+gptq"):
+        QuantizeEntry(name="x", method="hqq")
+
+
+def test_the_registry_imports_no_torch():
+    code = "import sys, qlora_pipeline.methods; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
