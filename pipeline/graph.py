@@ -60,6 +60,9 @@ class StageSpec:
         config: the settings that define this stage's result (part of the fingerprint).
         distributed: every rank of a multi-process launch runs it (training); other stages
             run on the main process while the rest wait.
+        code: modules the stage imports by name at run time (a quantization method's
+            implementation and format, from the registry): their code is part of the stage's,
+            as that of the modules its function's module imports.
     """
 
     name: str
@@ -67,6 +70,7 @@ class StageSpec:
     deps: tuple[str, ...]
     config: dict
     distributed: bool = False
+    code: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:

@@ -161,7 +161,10 @@ class Runner:
 
     def code(self, spec: StageSpec) -> dict[str, str]:
         if spec.name not in self._code:
-            self._code[spec.name] = code_files(spec.fn)
+            files = code_files(spec.fn)
+            for module in spec.code:
+                files.update(code_files(module))
+            self._code[spec.name] = dict(sorted(files.items()))
         return self._code[spec.name]
 
     def input_digests(self, spec: StageSpec) -> dict[str, Optional[str]]:

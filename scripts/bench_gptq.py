@@ -100,7 +100,7 @@ def main() -> None:
             last[0] = t0
             quantize_checkpoint(model_dir, calib, entry, torch.float32, ckpt, out, no_progress, on_layer)
             seconds = time.time() - t0
-            model = METHODS[method].format_module().load(out, torch.float32, "cpu")
+            model = METHODS[method].loader()(out, torch.float32, "cpu")
             ppl, _ = perplexity(model, eval_windows, 4, "cpu", no_progress, method)
             rows.append({"method": method, "ppl": ppl, "seconds": seconds, "layer_seconds": layer_times})
 

@@ -131,8 +131,9 @@ def test_every_registered_method_names_what_it_needs(name):
     impl = method.module()
     assert callable(impl.quantizer) and callable(impl.transform)
     fmt = method.format_module()
-    for attr in ("pack", "restore", "output_convention", "quantization_config", "side_file", "load", "CONFIG_FILE"):
+    for attr in ("pack", "restore", "output_convention", "quantization_config", "side_file", "CONFIG_FILE"):
         assert hasattr(fmt, attr), (method.format, attr)
+    assert callable(method.loader())
     entry = QuantizeEntry(name="x", method=name, group_size=64)
     assert set(methods.relevant_settings(entry)) >= {"name", "method", "bits", "group_size"}
     assert ("awq" in methods.relevant_settings(entry)) == ("awq" in method.options)
@@ -146,3 +147,20 @@ def test_a_method_outside_the_registry_is_a_recipe_error():
 def test_the_registry_imports_no_torch():
     code = "import sys, qlora_pipeline.methods; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_quantize_stage_hashes_the_method_modules_it_imports_by_name(tmp_path):
+    """The registry imports a method's modules by name; their code is the quantize stage's code
+    (and the loader's, the evaluation's), so changing a method re-runs exactly its stages."""
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.runner import Runner
+    from qlora_pipeline.stages import build_stages
+
+    specs = {s.name: s for s in build_stages(load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0])}
+    runner = Runner(tmp_path / "run", list(specs.values()))
+    gptq, awq = runner.code(specs["quantize-gptq-w4g64"]), runner.code(specs["quantize-awq-w4g64"])
+    assert {"pipeline/methods/gptq.py", "pipeline/methods/gptq_format.py", "quant/gptq.py"} <= set(gptq)
+    assert "pipeline/methods/awq.py" not in gptq and "pipeline/methods/awq_format.py" not in gptq
+    assert {"pipeline/methods/awq.py", "pipeline/methods/awq_format.py", "quant/awq.py"} <= set(awq)
+    assert "pipeline/methods/gptq.py" not in awq
+    assert "pipeline/layerwise/checkpoints.py" in runner.code(specs["evaluate-awq-w4g64"])

@@ -14,8 +14,16 @@ import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
 from qlora_pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    module: str  # packs a quantized linear, restores it, writes the quantization_config and config files
+    loader: str  # "module:function" loading a checkpoint of this format as it ships, (dir, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -27,18 +35,30 @@ class Method:
     hessian_passes: bool = True  # one capture pass per sequential group; False: one pass per layer (metrics only)
     options: tuple[str, ...] = ()  # entry sections this method reads besides the common settings
 
+    def code_modules(self) -> tuple[str, ...]:
+        """The modules quantizing with this method runs, imported by name (the quantize stage's
+        code hash includes them)."""
+        return (self.implementation, FORMATS[self.format].module)
+
+    def loader_module(self) -> str:
+        return FORMATS[self.format].loader.split(":")[0]
+
     def module(self) -> ModuleType:
         return importlib.import_module(self.implementation)
 
     def format_module(self) -> ModuleType:
-        return importlib.import_module(FORMATS[self.format])
+        return importlib.import_module(FORMATS[self.format].module)
+
+    def loader(self) -> Callable:
+        module, _, function = FORMATS[self.format].loader.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
-# The packed formats: the modules that pack, configure and load them.
-FORMATS = {
-    "gptq": "qlora_pipeline.methods.gptq_format",
-    "awq-gemm": "qlora_pipeline.methods.awq_format",
-}
+_INT4_LOADER = "qlora_pipeline.layerwise.checkpoints:load_int4_model"
+FORMATS = {f.name: f for f in (
+    Format("gptq", "qlora_pipeline.methods.gptq_format", _INT4_LOADER),
+    Format("awq-gemm", "qlora_pipeline.methods.awq_format", _INT4_LOADER),
+)}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False),

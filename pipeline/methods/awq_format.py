@@ -8,14 +8,12 @@ from pathlib import Path
 
 import torch
 
-from qlora_pipeline.layerwise.checkpoints import load_int4_model
 from qlora_pipeline.layerwise.engine import LinearResult
 from qlora_quant.gptq import GPTQResult
 from qlora_quant.packing import AWQPacked, dequantize_awq, pack_awq
 
 NAME = "awq-gemm"
 CONFIG_FILE = "quant_config.json"  # AutoAWQ's legacy file
-load = load_int4_model
 
 
 def pack(res: GPTQResult, entry, H) -> LinearResult:

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qlora_pipeline.layerwise.checkpoints import load_int4_model
 from qlora_pipeline.layerwise.engine import LinearResult
 from qlora_pipeline.layerwise.shards import SHARD
 from qlora_quant.gptq import GPTQResult
@@ -20,7 +19,6 @@ from qlora_quant.packing import GPTQPacked, dequantize_gptq, pack_gptq, unpack_a
 
 NAME = "gptq"
 CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's copy of the quantization_config
-load = load_int4_model
 
 
 def pack(res: GPTQResult, entry, H) -> LinearResult:

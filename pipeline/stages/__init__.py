@@ -93,9 +93,10 @@ def build_stages(recipe) -> list[StageSpec]:
         deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
-                      "dtype": recipe.model.dtype}),
+                      "dtype": recipe.model.dtype}, code=methods.METHODS[q.method].code_modules()),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
-                      ("data", f"quantize-{q.name}"), {"evaluate": evaluation}),
+                      ("data", f"quantize-{q.name}"), {"evaluate": evaluation},
+                      code=(methods.METHODS[q.method].loader_module(),)),
         ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")

@@ -175,6 +175,6 @@ def quantized_loader(name: str):
     def load(ctx: StageContext, dtype: torch.dtype, device: str):
         src = ctx.inputs[f"quantize-{name}"]
         method = METHODS[json.loads((src / QUANTIZATION_SUMMARY).read_text())["method"]]
-        return method.format_module().load(src, dtype, device), src
+        return method.loader()(src, dtype, device), src
 
     return load
