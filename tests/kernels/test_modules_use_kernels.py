@@ -1,6 +1,7 @@
 """End to end: the int4 and NF4 modules compute through the kernels when asked (on CUDA by
 default; here forced with QLP_KERNELS=triton under the interpreter), and the evaluated
-perplexity equals the torch path's to rounding."""
+perplexity equals the torch path's to rounding. With a GPU the same checks run on it (CUDA
+tensors; the interpreter is off)."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,8 @@ from qlora_kernels.nf4_linear import LinearNF4
 from qlora_quant.packing import pack_awq, pack_gptq
 
 pytest.importorskip("qlora_kernels.triton_kernels")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _swap_linears(model, make):
@@ -39,8 +42,9 @@ def test_perplexity_through_the_kernels_equals_the_torch_path(tiny_llama_dir, mo
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     _swap_linears(model, _int4 if kind == "int4" else (lambda l: LinearNF4.from_linear(l, 64)))
+    model.to(DEVICE)
     windows = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
-    run = lambda: perplexity(model, windows, 2, "cpu", lambda x, **k: x, "")[0]
+    run = lambda: perplexity(model, windows, 2, DEVICE, lambda x, **k: x, "")[0]
     monkeypatch.setenv("QLP_KERNELS", "torch")
     expected = run()
     monkeypatch.setenv("QLP_KERNELS", "triton")
@@ -56,8 +60,8 @@ def test_perplexity_through_the_kernels_equals_the_torch_path(tiny_llama_dir, mo
 
 
 def test_nf4_linear_backward_through_the_kernel(monkeypatch):
-    layer = LinearNF4.from_linear(nn.Linear(128, 96, bias=False), 64)
-    x = torch.randn(5, 128)
+    layer = LinearNF4.from_linear(nn.Linear(128, 96, bias=False), 64).to(DEVICE)
+    x = torch.randn(5, 128).to(DEVICE)
     grads = {}
     for mode in ("torch", "triton"):
         monkeypatch.setenv("QLP_KERNELS", mode)
@@ -75,12 +79,12 @@ def test_nf4_linear_under_autocast_runs_in_the_autocast_dtype(monkeypatch, autoc
     monkeypatch.setenv("QLP_KERNELS", "triton" if autocast_dtype == torch.float16 else "torch")
     import qlora_kernels as kernels
 
-    layer = LinearNF4.from_linear(nn.Linear(128, 96, bias=False), 64)
-    x = torch.randn(5, 128, requires_grad=True)
+    layer = LinearNF4.from_linear(nn.Linear(128, 96, bias=False), 64).to(DEVICE)
+    x = torch.randn(5, 128).to(DEVICE).requires_grad_(True)
     calls = []
     original = kernels.nf4_matmul
     monkeypatch.setattr(kernels, "nf4_matmul", lambda a, t: calls.append(a.dtype) or original(a, t))
-    with torch.autocast("cpu", dtype=autocast_dtype):
+    with torch.autocast(DEVICE, dtype=autocast_dtype):
         y = layer(x)
     assert calls == [autocast_dtype] and y.dtype == autocast_dtype
     assert torch.equal(y, original(x.detach().to(autocast_dtype), layer.nf4()))

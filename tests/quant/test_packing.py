@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qlora_kernels.int4_linear import LinearInt4
-from qlora_quant.packing import pack_along_rows, pack_gptq, unpack_along_rows, unpack_gptq
+from qlora_quant.packing import (dequantize_awq, dequantize_gptq, pack_along_rows, pack_awq, pack_gptq,
+                                 unpack_along_rows, unpack_gptq)
 
 
 def test_hand_computed_words():
@@ -64,3 +65,21 @@ def test_linear_int4_dequantizes_scales_times_codes_minus_zeros():
     assert torch.equal(layer.dequantized_weight(), expected)
     x = torch.randn(3, in_f)
     torch.testing.assert_close(layer(x), x @ expected.t())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_helpers_stay_on_the_data_device(bits):
+    """Every helper tensor is made on the data's device: on the meta device (standing in for
+    CUDA, which a CPU-made index or shift tensor fails against) pack, unpack and dequantize
+    run for both layouts. Found on a GPU: AWQ's torch path raised "found at least two devices"."""
+    out_f, in_f, g = 32, 64, 32
+    codes = torch.zeros(out_f, in_f, dtype=torch.int32, device="meta")
+    zeros = torch.ones(in_f // g, out_f, dtype=torch.int32, device="meta")
+    scales = torch.ones(in_f // g, out_f, device="meta")
+    g_idx = torch.zeros(in_f, dtype=torch.int32, device="meta")
+    p = pack_gptq(codes, zeros, scales, g_idx, bits, v1=False)
+    assert p.qweight.device.type == "meta"
+    assert dequantize_gptq(p, bits, v1=False).shape == (out_f, in_f)
+    if bits == 4:
+        a = pack_awq(codes, zeros, scales)
+        assert dequantize_awq(a).shape == (out_f, in_f) and dequantize_awq(a).device.type == "meta"
