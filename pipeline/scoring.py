@@ -10,17 +10,16 @@ from typing import Callable, Optional
 
 import torch
 
-from qlora_pipeline.layerwise.checkpoints import DTYPES
+from qlora_pipeline.compute import resolve_dtype
 
 
 def eval_device_dtype(cfg) -> tuple[str, torch.dtype]:
-    """(device, dtype) for the recipe's `evaluate` settings; `auto`: CUDA in bf16, else CPU in fp32."""
+    """(device, dtype) for the recipe's `evaluate` settings; `auto`: CUDA when present; bf16 on
+    CUDA and on CPUs with native bf16, else float32 (`compute.auto_dtype`)."""
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.dtype == "auto":
-        return device, (torch.bfloat16 if device == "cuda" else torch.float32)
-    return device, DTYPES[cfg.dtype]
+    return device, resolve_dtype(cfg.dtype, device)
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def main() -> None:
             entry = QuantizeEntry(name=method.replace("+", "-"), method=method, bits=4, group_size=gs,
                                   desc_act=args.act_order, static_groups=args.static_groups,
                                   true_sequential=args.true_sequential, damp_percent=args.damp_percent,
-                                  awq={"search_windows": 8})
+                                  compute_dtype="float32", awq={"search_windows": 8})  # peers measure in fp32
             t0 = time.time()
             last[0] = t0
             quantize_checkpoint(model_dir, calib, entry, torch.float32, ckpt, out, no_progress, on_layer)

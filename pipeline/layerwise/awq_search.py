@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from qlora_pipeline.errors import StageError
 from qlora_pipeline.layerwise.families import Family, ScalingGroup
 from qlora_pipeline.layerwise.shards import save_atomic, valid_shard
 from qlora_quant.awq import (
@@ -223,8 +224,11 @@ def apply_clip(layer: nn.Module, result: dict[str, torch.Tensor]) -> None:
             m.weight.data = clip_weight(m.weight.data, max_val)
 
 
-def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, dtype: torch.dtype, chunk: int = 8):
-    """The engine's per-layer hook: search (or load the saved search) and apply."""
+def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, dtype: torch.dtype, chunk: int = 8,
+                   search: bool = True):
+    """The engine's per-layer hook: search (or load the saved search from `checkpoint_dir`) and
+    apply. With `search` False, `checkpoint_dir` holds a finished search (the output of an
+    `awq-search` stage, read-only) and a missing layer is an error."""
 
     def transform(i: int, layer: nn.Module, hidden: torch.Tensor, position_ids, position_embeddings) -> dict[str, float]:
         groups = active_groups(layer, family)
@@ -235,6 +239,8 @@ def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, 
                 result = {k: st.get_tensor(k) for k in st.keys()}
                 metrics = json.loads((st.metadata() or {}).get("metrics", "{}"))
             apply_scales(layer, groups, result, dtype)
+        elif not search:
+            raise StageError(f"{path}: no AWQ search result for layer {i}; rerun its awq-search stage")
         else:
             kw = _Kwargs(position_ids, position_embeddings)
             inputs = capture(layer, list(family.awq_groups), hidden, kw, chunk, settings.search_windows)

@@ -23,7 +23,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
 )
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def weight_map(model_dir: Path) -> dict[str, Path]:

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from qlora_pipeline.compute import compute_context
 from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
 from qlora_pipeline.layerwise.families import Family
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
@@ -54,11 +55,13 @@ def error_metrics(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor]) -
     return out
 
 
-def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: int) -> torch.Tensor:
+def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: int,
+             compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out = torch.empty_like(hidden)
-    for s in range(0, hidden.shape[0], chunk):
-        out[s : s + chunk] = layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids,
-                                   position_embeddings=pos_emb)
+    with compute_context(compute_dtype):
+        for s in range(0, hidden.shape[0], chunk):
+            out[s : s + chunk] = layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids,
+                                       position_embeddings=pos_emb)
     return out
 
 
@@ -66,15 +69,18 @@ class _InputsSeen(Exception):
     """Raised by a capture hook to stop a layer's forward once the last wanted input is seen."""
 
 
-def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, pos_emb, chunk: int) -> list[torch.Tensor]:
+def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, pos_emb, chunk: int,
+              compute_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The Hessian of the input of each group's first linear, from forwards of the layer that
-    stop as soon as the last of these inputs has been seen (the rest of the layer is not needed)."""
+    stop as soon as the last of these inputs has been seen (the rest of the layer is not needed).
+    The forwards run in `compute_dtype`; the Hessians accumulate in float32."""
     state: list[tuple[Optional[torch.Tensor], int]] = [(None, 0) for _ in groups]
     seen: set[int] = set()
     handles = []
     for k, group in enumerate(groups):
         def hook(mod, inp, k=k):
-            state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
+            with compute_context(torch.float32):
+                state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
             seen.add(k)
             if len(seen) == len(groups):
                 raise _InputsSeen
@@ -83,7 +89,8 @@ def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, 
         for s in range(0, hidden.shape[0], chunk):
             seen.clear()
             try:
-                layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
+                with compute_context(compute_dtype):
+                    layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
             except _InputsSeen:
                 pass
     finally:
@@ -96,27 +103,24 @@ def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, 
 def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tensor], family: Family, dtype: torch.dtype,
                           checkpoint_dir: Path, quantize_linear: QuantizeLinear, restore_linear: RestoreLinear,
                           true_sequential: bool, progress, on_layer: Callable[[int, dict[str, float]], None],
-                          transform_layer: Optional[TransformLayer] = None, chunk: int = 8) -> int:
+                          transform_layer: Optional[TransformLayer] = None, chunk: int = 8,
+                          compute_dtype: torch.dtype = torch.float32) -> int:
     """Quantize every decoder layer of `merged_dir` into `checkpoint_dir/layer-XXXXX.safetensors`.
 
     `calibration_ids` None means the method needs no activations (round-to-nearest).
-    `true_sequential` False collects every group's Hessian in one pass.
+    `true_sequential` False collects every group's Hessian in one pass. `compute_dtype`: the
+    dtype of the calibration forwards (autocast; weights, Hessians and the solve stay float32;
+    an AWQ transform runs its own search in float32).
 
     Returns:
         The number of decoder layers.
     """
-    config = read_config(merged_dir)
     wmap = weight_map(merged_dir)
-    runner = LayerwiseRunner(config, torch.float32, family)
+    runner = LayerwiseRunner(read_config(merged_dir), torch.float32, family)
     n_layers = len(runner.layers)
     hidden = pos_ids = pos_emb = None
     if calibration_ids is not None:
-        embed = runner.base.embed_tokens
-        runner.materialize(embed, read_prefix(wmap, family.embed + "."), torch.float32)
-        hidden = embed(calibration_ids)
-        pos_ids = torch.arange(calibration_ids.shape[1]).unsqueeze(0)
-        pos_emb = runner.base.rotary_emb(hidden, position_ids=pos_ids)
-        embed.to("meta")
+        hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids)
 
     groups = list(family.sequential_groups)
     for i in progress(range(n_layers), desc="quantize", unit="layer"):
@@ -142,7 +146,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                 metrics.update(transform_layer(i, layer, hidden, pos_ids, pos_emb))
             passes = [[g] for g in groups] if true_sequential else [groups]
             for batch in passes:
-                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk)
+                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk, compute_dtype)
                             if hidden is not None else [None] * len(batch))
                 for group, H in zip(batch, hessians):
                     for lin in group:
@@ -161,11 +165,46 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
             save_atomic(out, shard)
         if hidden is not None:
-            hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk)
+            hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk, compute_dtype)
         layer.to("meta")
         release_freed_memory()
     return n_layers
 
+
+
+@torch.no_grad()
+def transform_sequentially(merged_dir: Path, calibration_ids: torch.Tensor, family: Family,
+                           transform_layer: TransformLayer, progress, on_layer: Callable[[int, dict[str, float]], None],
+                           chunk: int = 8, compute_dtype: torch.dtype = torch.float32) -> int:
+    """Run `transform_layer` on every decoder layer in turn, each layer's inputs computed by the
+    transformed float layers before it (nothing is quantized, nothing stored here: the
+    transform keeps its own per-layer results, e.g. AWQ's search, and resumes from them).
+
+    Returns:
+        The number of decoder layers.
+    """
+    wmap = weight_map(merged_dir)
+    runner = LayerwiseRunner(read_config(merged_dir), torch.float32, family)
+    hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids)
+    for i in progress(range(len(runner.layers)), desc="search", unit="layer"):
+        layer = runner.layers[i]
+        runner.materialize(layer, read_prefix(wmap, family.layer_prefix(i)), torch.float32)
+        on_layer(i, transform_layer(i, layer, hidden, pos_ids, pos_emb))
+        hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk, compute_dtype)
+        layer.to("meta")
+        release_freed_memory()
+    return len(runner.layers)
+
+
+def _first_inputs(runner: LayerwiseRunner, wmap: dict[str, Path], family: Family, calibration_ids: torch.Tensor):
+    """(hidden states, position ids, position embeddings) entering the first decoder layer."""
+    embed = runner.base.embed_tokens
+    runner.materialize(embed, read_prefix(wmap, family.embed + "."), torch.float32)
+    hidden = embed(calibration_ids)
+    pos_ids = torch.arange(calibration_ids.shape[1]).unsqueeze(0)
+    pos_emb = runner.base.rotary_emb(hidden, position_ids=pos_ids)
+    embed.to("meta")
+    return hidden, pos_ids, pos_emb
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Optional
 
 from qlora_pipeline.errors import InputError
 
@@ -34,6 +34,9 @@ class Method:
     calibrated: bool             # needs calibration activations (the `calibrate` stage)
     hessian_passes: bool = True  # one capture pass per sequential group; False: one pass per layer (metrics only)
     options: tuple[str, ...] = ()  # entry sections this method reads besides the common settings
+    # A search whose per-layer result the method applies, done once in its own stage for every
+    # entry with the same search settings (`search_settings`): "awq" or None.
+    search: Optional[str] = None
 
     def code_modules(self) -> tuple[str, ...]:
         """The modules quantizing with this method runs, imported by name (the quantize stage's
@@ -64,8 +67,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False),
     Method("gptq", "qlora_pipeline.methods.gptq", "gptq", calibrated=True),
     # AWQ alone uses the Hessians only for the error metrics: one capture pass per layer.
-    Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",)),
-    Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",)),
+    Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",),
+           search="awq"),
+    Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
 )}
 OPTION_SECTIONS = frozenset(s for m in METHODS.values() for s in m.options)
 
@@ -117,6 +121,16 @@ def check_shapes(entry, config: dict, key: str) -> None:
             if n % 8:
                 raise InputError(f"{key}.method: the AWQ GEMM layout packs 8 output columns per word; "
                                  f"the model's {what} is {n}; use method: gptq")
+
+
+def search_settings(entry) -> dict:
+    """What an entry's search depends on (besides the merged model and the calibration set):
+    entries that agree on it share one search stage."""
+    return {"bits": entry.bits, "group_size": entry.group_size, **entry.awq.model_dump(mode="json")}
+
+
+def search_stage_name(entry) -> str:
+    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}"
 
 
 def relevant_settings(entry) -> dict:

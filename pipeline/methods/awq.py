@@ -13,6 +13,13 @@ def quantizer(entry):
     return lambda name, W, H: rtn_quantize(W, 4, entry.group_size, sym=False, scale_dtype=torch.float16)
 
 
-def transform(entry, family, checkpoint_dir, dtype):
-    settings = AWQSettings(entry.bits, entry.group_size, entry.awq.duo_scaling, entry.awq.clip, entry.awq.search_windows)
-    return make_transform(family, settings, checkpoint_dir, dtype)
+def settings(entry) -> AWQSettings:
+    return AWQSettings(entry.bits, entry.group_size, entry.awq.duo_scaling, entry.awq.clip, entry.awq.search_windows)
+
+
+def transform(entry, family, checkpoint_dir, dtype, search_dir=None):
+    """Apply the finished search in `search_dir` (an awq-search stage's output); without one,
+    search here, on the inputs the layers quantized so far produce."""
+    if search_dir is not None:
+        return make_transform(family, settings(entry), search_dir, dtype, search=False)
+    return make_transform(family, settings(entry), checkpoint_dir, dtype)

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from qlora_pipeline.compute import resolve_dtype
 from qlora_pipeline.layerwise.checkpoints import copy_tokenizer, read_config, read_tensors, weight_map
 from qlora_pipeline.layerwise.engine import quantize_sequentially
 from qlora_pipeline.layerwise.families import family_for
@@ -31,15 +32,16 @@ class Quantized(NamedTuple):
 
 def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor], entry, dtype: torch.dtype,
                         checkpoint_dir: Path, output_dir: Path, progress: Callable,
-                        on_layer: Callable[[int, dict[str, float]], None]) -> Quantized:
+                        on_layer: Callable[[int, dict[str, float]], None], search_dir: Optional[Path] = None) -> Quantized:
     """Quantize `merged_dir` with `entry` (a recipe quantize entry) into `output_dir`, resuming
-    from the per-layer shards in `checkpoint_dir`."""
+    from the per-layer shards in `checkpoint_dir`; `search_dir`: the finished search of a
+    method that has one (else it searches as it goes)."""
     method = METHODS[entry.method]
     impl, fmt = method.module(), method.format_module()
     config = read_config(merged_dir)
     family = family_for(config["model_type"])
     quantizer = impl.quantizer(entry)
-    transform = impl.transform(entry, family, checkpoint_dir, dtype)
+    transform = impl.transform(entry, family, checkpoint_dir, dtype, search_dir)
 
     def log_layer(i: int, metrics: dict[str, float]) -> None:
         on_layer(i, metrics)
@@ -50,7 +52,8 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
         merged_dir, calibration_ids if method.calibrated else None, family, dtype, checkpoint_dir,
         lambda name, W, H: fmt.pack(quantizer(name, W, H), entry, H),
         lambda name, stored: fmt.restore(stored, entry.bits),
-        entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform)
+        entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform,
+        compute_dtype=resolve_dtype(entry.compute_dtype, "cpu"))
 
     wmap = weight_map(merged_dir)
     rest_shard = checkpoint_dir / REST_SHARD

@@ -12,5 +12,5 @@ def quantizer(entry):
                                             scale_dtype=torch.float16)
 
 
-def transform(entry, family, checkpoint_dir, dtype):
+def transform(entry, family, checkpoint_dir, dtype, search_dir=None):
     return None

@@ -2,8 +2,9 @@
 
 Only stages that do their real work are registered. This version has `data`, `base`,
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
-evaluations of base, base-nf4 and merged, `calibrate`, `quantize-<name>` for the methods
-`rtn`, `gptq`, `awq` and `awq+gptq` with an evaluation of each, and `report`.
+evaluations of base, base-nf4 and merged, `calibrate`, `awq-search-w<bits>g<group>` (one per
+distinct AWQ search, shared by the `awq` and `awq+gptq` entries it serves), `quantize-<name>`
+for each entry (methods: `qlora_pipeline.methods`) with an evaluation of each, and `report`.
 
 The registry imports no stage module: each stage function is a `StageRef` naming its module,
 imported when the stage runs. `validate`, `plan` and `status` build the graph without
@@ -89,8 +90,20 @@ def build_stages(recipe) -> list[StageSpec]:
     if any(methods.METHODS[q.method].calibrated for q in entries):
         specs.append(StageSpec("calibrate", _stage("calibrate"), ("data",),
                                {"calibration": recipe.calibration.model_dump(mode="json")}))
+    searches: dict[str, dict] = {}  # search stage -> its settings
+    for q in entries:
+        if methods.METHODS[q.method].search:
+            name, settings = methods.search_stage_name(q), methods.search_settings(q)
+            if searches.setdefault(name, settings) != settings:
+                raise RecipeError([f"quantize: entries with method {q.method}, bits {q.bits} and group_size "
+                                   f"{q.group_size} differ in their awq settings; one search serves them all: "
+                                   f"give them the same awq settings"], source="recipe")
+    specs += [StageSpec(name, _stage("awq_search"), ("merge", "calibrate"),
+                        {"search": settings, "dtype": recipe.model.dtype}) for name, settings in searches.items()]
     for q in entries:
         deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
+        if methods.METHODS[q.method].search:
+            deps += (methods.search_stage_name(q),)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
                       "dtype": recipe.model.dtype}, code=methods.METHODS[q.method].code_modules()),

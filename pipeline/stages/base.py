@@ -12,7 +12,8 @@ import re
 
 import torch
 
-from qlora_pipeline.layerwise.checkpoints import DTYPES, bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
+from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.layerwise.checkpoints import bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.models import resolve_model

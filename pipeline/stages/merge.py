@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 
 from qlora_pipeline import data
 from qlora_pipeline.layerwise.checkpoints import (
-    DTYPES, copy_tokenizer, is_bnb_4bit, is_nf4_state, nf4_modules, read_config, read_nf4, read_prefix, read_tensors,
+    copy_tokenizer, is_bnb_4bit, is_nf4_state, nf4_modules, read_config, read_nf4, read_prefix, read_tensors,
     weight_map,
 )
+from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult

@@ -12,8 +12,9 @@ import json
 from safetensors.torch import load_file
 
 from qlora_pipeline.graph import StageContext, StageResult
-from qlora_pipeline.layerwise.checkpoints import DTYPES, read_config
-from qlora_pipeline.methods import METHODS, check_shapes
+from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.layerwise.checkpoints import read_config
+from qlora_pipeline.methods import METHODS, check_shapes, search_stage_name
 from qlora_pipeline.methods.checkpoint import quantize_checkpoint
 from qlora_pipeline.recipe import QuantizeEntry
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
@@ -33,8 +34,9 @@ def run(ctx: StageContext) -> StageResult:
     def on_layer(i: int, metrics: dict[str, float]) -> None:
         ctx.metrics.log_metrics(metrics, step=i)
 
+    search_dir = ctx.inputs.get(search_stage_name(entry)) if METHODS[entry.method].search else None
     done = quantize_checkpoint(merged_dir, calibration, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
-                               ctx.output_dir, ctx.progress, on_layer)
+                               ctx.output_dir, ctx.progress, on_layer, search_dir)
     (ctx.output_dir / LAYER_METRICS_FILE).write_text(json.dumps(done.layer_metrics))
     # No timings in the output (the same work gives the same bytes): the stage's seconds are
     # in its manifest, where evaluation reads them.

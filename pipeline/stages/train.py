@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_pipeline import data
-from qlora_pipeline.layerwise.checkpoints import DTYPES, load_nf4_model
+from qlora_pipeline.compute import DTYPES, resolve_dtype
+from qlora_pipeline.layerwise.checkpoints import load_nf4_model
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
@@ -45,10 +46,9 @@ TRAINER_STATE = "trainer"  # optimizer, scheduler, RNG: trainer.json + trainer.s
 
 
 def train_device_dtype(cfg, nf4_compute_dtype: str) -> tuple[str, torch.dtype]:
+    """Training compute: `auto` is NF4's compute dtype on CUDA, bf16 on CPUs with native bf16."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.dtype != "auto":
-        return device, DTYPES[cfg.dtype]
-    return device, (DTYPES[nf4_compute_dtype] if device == "cuda" else torch.float32)
+    return device, resolve_dtype(cfg.dtype, device, cuda_dtype=DTYPES[nf4_compute_dtype])
 
 
 class BatchOrder:

@@ -81,39 +81,38 @@ def test_evaluation_reads_the_packed_checkpoint(tiny_llama_dir, tmp_path, write_
     assert w.shape == ref.shape and 0 < (w - ref).abs().max() < ref.abs().max()
 
 
-@pytest.mark.parametrize("entry", [
-    {"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True},
-    {"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}},
-], ids=["gptq", "awq"])
-def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2_dir, write_recipe, entry):
+@pytest.mark.parametrize("entry, killed_stage", [
+    ({"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True}, "quantize-gptq"),
+    ({"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}}, "awq-search-w4g64"),
+], ids=["gptq", "awq-search"])
+def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2_dir, write_recipe, entry, killed_stage):
     deep = make_tiny_llama(tmp_path / "deep", smollm2_dir, layers=8, hidden=256, intermediate=768)
     adapter = random_adapter(deep, tmp_path / "adapter")
     stage = f"quantize-{entry['name']}"
+    files = "awq-*.safetensors" if killed_stage.startswith("awq-search") else "layer-*.safetensors"
     hashes = {}
     for name in ("ref", "killed"):
         path = write_recipe(quant_recipe(deep, tmp_path, name, adapter, [entry]), f"{name}.yaml")
         for s in ("data", "base", "merge", "calibrate"):
             assert cli("run", str(path), "--only", s) == 0
         env = dict(os.environ)
-        cmd = [sys.executable, "-m", "qlora_pipeline.cli", "run", str(path), "--only", stage]
+        cmd = [sys.executable, "-m", "qlora_pipeline.cli", "run", str(path), "--only"]
         if name == "killed":
-            ckpt = tmp_path / "runs" / name / stage / "checkpoints"
-            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+            ckpt = tmp_path / "runs" / name / killed_stage / "checkpoints"
+            proc = subprocess.Popen(cmd + [killed_stage], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
             deadline = time.time() + 300
-            while time.time() < deadline and len(list(ckpt.glob("layer-*.safetensors"))) < 3:
+            while time.time() < deadline and len(list(ckpt.glob(files))) < 3:
                 time.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            layers = sorted(ckpt.glob("layer-*.safetensors"))
-            assert 3 <= len(layers) < 8
-            if entry["method"] == "awq":
-                # The last finished layer keeps only its saved search: the resumed stage must
-                # apply it (not search again) and reach the same bytes.
-                assert (ckpt / layers[-1].name.replace("layer-", "awq-")).exists()
-                layers[-1].unlink()
-        assert subprocess.run(cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL).returncode == 0
-        manifest = json.loads((tmp_path / "runs" / name / stage / "manifest.json").read_text())
-        hashes[name] = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}
+            assert 3 <= len(list(ckpt.glob(files))) < 8
+        for s in ([killed_stage] if killed_stage != stage else []) + [stage]:
+            assert subprocess.run(cmd + [s], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL).returncode == 0
+        hashes[name] = {}
+        for s in {killed_stage, stage}:
+            manifest = json.loads((tmp_path / "runs" / name / s / "manifest.json").read_text())
+            hashes[name].update({f"{s}/{k}": v["sha256"] for k, v in manifest["files"].items()
+                                 if k.endswith(".safetensors")})
     assert hashes["killed"] == hashes["ref"]
 
 
@@ -179,12 +178,28 @@ def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path
         assert report[name]["domain_ppl"] > 0 and report[name]["quantize_seconds"] > 0
 
 
+def test_awq_entries_with_the_same_settings_share_one_search(tiny_llama_dir, tmp_path, write_recipe, capsys):
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
+    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "s", adapter, AWQ))
+    specs = {s.name: s for s in build_stages(load_recipe(path)[0])}
+    assert [n for n in specs if "search" in n] == ["awq-search-w4g32"]
+    assert "awq-search-w4g32" in specs["quantize-awq"].deps and "awq-search-w4g32" in specs["quantize-awq-gptq"].deps
+    assert "awq-search-w4g32" not in specs.get("quantize-gptq", specs["calibrate"]).deps
+    differing = [AWQ[0], {**AWQ[1], "awq": {"clip": False}}]
+    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "d", adapter, differing), "d.yaml")
+    assert cli("plan", str(path)) == 2
+    assert "differ in their awq settings" in capsys.readouterr().err
+
+
 def test_awq_without_grouped_query_attention_scales_o_proj(tmp_path, smollm2_dir, write_recipe, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mha = make_tiny_llama(tmp_path / "mha", smollm2_dir, layers=2, kv_heads=4)
     adapter = random_adapter(mha, tmp_path / "adapter")
     path = write_recipe(quant_recipe(mha, tmp_path, "m", adapter, AWQ[:1]))
-    for stage in ("data", "base", "merge", "calibrate", "quantize-awq"):
+    for stage in ("data", "base", "merge", "calibrate", "awq-search-w4g32", "quantize-awq"):
         assert cli("run", str(path), "--only", stage) == 0
     layer_metrics = json.loads((tmp_path / "runs" / "m" / "quantize-awq" / "output" / "layer_metrics.json").read_text())
     assert all("awq.self_attn.v_proj.ratio" in m for m in layer_metrics)

@@ -82,7 +82,8 @@ def test_kill_9_at_random_moments_across_stage_kinds_resumes_to_the_same_outputs
     run_dir = tmp_path / "runs" / "soak"
     rng = random.Random(20261130)
     killed_in = []
-    for target in ("base", "train", "merge", "quantize-gptq", "quantize-awq", "evaluate-merged", "report"):
+    for target in ("base", "train", "merge", "quantize-gptq", "awq-search-w4g32", "quantize-awq", "evaluate-merged",
+                   "report"):
         proc = start(recipe, tmp_path)
         state = run_dir / target / "state.json"
         while proc.poll() is None:
@@ -125,6 +126,7 @@ STAGE_FILES = {  # one output file of each stage kind, and what must run after a
     "merge": ("model-*.safetensors", {"merge"}),
     "calibrate": ("calibration.safetensors", {"calibrate"}),
     "quantize-gptq": ("model-*.safetensors", {"quantize-gptq"}),
+    "awq-search-w4g32": ("awq-*.safetensors", {"awq-search-w4g32"}),
     # An evaluation measures timings again, so the report that shows them is rebuilt too.
     "evaluate-awq": ("metrics.json", {"evaluate-awq", "report"}),
     "report": ("report.md", {"report"}),
