@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
