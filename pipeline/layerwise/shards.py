@@ -25,8 +25,14 @@ def valid_shard(path) -> bool:
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` to `path` through a temporary file and a rename. `metadata` holds at most
+    one key (default {"format": "pt"}): safetensors writes its metadata map in hash order, which
+    changes from process to process, so two keys give different bytes for the same content,
+    and byte-identical outputs are how resumed and reused stages are checked."""
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"one metadata key at most (bytes must not depend on hash order), got {sorted(metadata)}")
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
