@@ -167,8 +167,7 @@ class TrainConfig(_Section):
     save_interval: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in train/checkpoints")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="compute dtype; auto: nf4.compute_dtype on CUDA, bfloat16 on CPUs with native bf16 "
-        "(AVX-512 BF16, AMX), else float32"
+        "auto", description="compute dtype; auto: nf4.compute_dtype on CUDA, float32 on CPU"
     )
     seed: int = 0
 
@@ -233,7 +232,7 @@ class QuantizeEntry(_Section):
     mse: bool = False
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="dtype of the calibration forward passes (the layer engine runs on the CPU); weights, "
-        "Hessians and the solve stay float32; auto: bfloat16 where the CPU has native bf16, else float32")
+        "Hessians and the solve stay float32; auto: float32")
     awq: AWQOptions = AWQOptions()
 
     @field_validator("name")
@@ -280,7 +279,7 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else float32"
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
     prompts: list[str] = Field(default_factory=list, description="greedy generations, the same for every artifact")
     max_new_tokens: int = Field(48, ge=1)

@@ -14,8 +14,8 @@ from qlora_pipeline.compute import resolve_dtype
 
 
 def eval_device_dtype(cfg) -> tuple[str, torch.dtype]:
-    """(device, dtype) for the recipe's `evaluate` settings; `auto`: CUDA when present; bf16 on
-    CUDA and on CPUs with native bf16, else float32 (`compute.auto_dtype`)."""
+    """(device, dtype) for the recipe's `evaluate` settings; `auto`: CUDA when present, in bf16;
+    else the CPU in float32 (`compute.auto_dtype`)."""
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,11 +10,6 @@ import pytest
 import torch
 import yaml
 
-# Unit tests compute in float32 everywhere, as the references they compare with do; `auto`
-# would mean bfloat16 on CPUs with native bf16 (qlora_pipeline.compute). The real-model test
-# runs the default recipe as users do, with the detection on.
-os.environ.setdefault("QLP_CPU_BF16", "0")
-
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_pipeline.cpufeatures import cpu_has_native_bf16
 from qlora_pipeline.graph import StageRef, StageSpec
 from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import cached_config, source_identity
@@ -43,25 +42,17 @@ def adapter_identity(path: str) -> list[str]:
     return [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.iterdir()) if p.is_file()]
 
 
-def _auto(setting: str) -> dict:
-    """What `auto` resolves to on a CPU here, for the fingerprint of a stage whose compute dtype
-    is `setting`: a run resumed, or a cache entry reused, on a CPU that decides otherwise
-    (or under another QLP_CPU_BF16) re-runs the stage instead of mixing float32 and bf16 work."""
-    return {"cpu_bf16": cpu_has_native_bf16()} if setting == "auto" else {}
-
-
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
     evaluation = {"seq_len": recipe.data.seq_len, **recipe.evaluate.model_dump(mode="json", exclude={"gate"})}
-    evaluation_auto = _auto(recipe.evaluate.dtype)
     specs = [
         StageSpec("data", _stage("data"), (), {**model, "data": recipe.data.model_dump(mode="json")}),
         StageSpec("base", _stage("base"), (), {**model, "nf4": recipe.nf4.model_dump(mode="json")}),
         StageSpec("evaluate-base", _evaluation("base", "load_original_base"), ("data",),
-                  {**model, "evaluate": evaluation, **evaluation_auto}),
+                  {**model, "evaluate": evaluation}),
         StageSpec("evaluate-base-nf4", _evaluation("base-nf4", "load_base_nf4"), ("data", "base"),
-                  {"evaluate": evaluation, **evaluation_auto}),
+                  {"evaluate": evaluation}),
     ]
     # The merge verifies itself on validation windows of up to data.seq_len tokens.
     merge_config = {"merge": recipe.merge.model_dump(mode="json"), "dtype": recipe.model.dtype,
@@ -70,7 +61,7 @@ def build_stages(recipe) -> list[StageSpec]:
         # The adapter names its base model; NF4's compute dtype is the default training dtype on CUDA.
         train_config = {"lora": recipe.lora.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
                         "seq_len": recipe.data.seq_len, "model": model["model"],
-                        "nf4_compute_dtype": recipe.nf4.compute_dtype, **_auto(recipe.train.dtype)}
+                        "nf4_compute_dtype": recipe.nf4.compute_dtype}
         specs.append(StageSpec("train", _stage("train"), ("data", "base"), train_config, distributed=True))
         merge_deps: tuple[str, ...] = ("data", "base", "train")
     else:
@@ -79,11 +70,11 @@ def build_stages(recipe) -> list[StageSpec]:
     if recipe.merge.into in ("original", "auto"):
         merge_config.update(model)
     if recipe.merge.into == "auto":  # the choice is made on validation windows with these settings
-        merge_config.update(evaluate=evaluation, **evaluation_auto)
+        merge_config["evaluate"] = evaluation
     specs += [
         StageSpec("merge", _stage("merge"), merge_deps, merge_config),
         StageSpec("evaluate-merged", _evaluation("merged", "load_merged"), ("data", "merge"),
-                  {"evaluate": evaluation, **evaluation_auto}),
+                  {"evaluate": evaluation}),
     ]
     entries = list(recipe.quantize)
     config = cached_config(recipe.model)
@@ -115,10 +106,10 @@ def build_stages(recipe) -> list[StageSpec]:
             deps += (methods.search_stage_name(q),)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
-                      "dtype": recipe.model.dtype, **_auto(q.compute_dtype)},
+                      "dtype": recipe.model.dtype},
                       code=methods.METHODS[q.method].code_modules()),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
-                      ("data", f"quantize-{q.name}"), {"evaluate": evaluation, **evaluation_auto},
+                      ("data", f"quantize-{q.name}"), {"evaluate": evaluation},
                       code=(methods.METHODS[q.method].loader_module(),)),
         ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.

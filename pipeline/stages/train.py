@@ -46,7 +46,7 @@ TRAINER_STATE = "trainer"  # optimizer, scheduler, RNG: trainer.json + trainer.s
 
 
 def train_device_dtype(cfg, nf4_compute_dtype: str) -> tuple[str, torch.dtype]:
-    """Training compute: `auto` is NF4's compute dtype on CUDA, bf16 on CPUs with native bf16."""
+    """Training compute: `auto` is NF4's compute dtype on CUDA, float32 on the CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return device, resolve_dtype(cfg.dtype, device, cuda_dtype=DTYPES[nf4_compute_dtype])
 

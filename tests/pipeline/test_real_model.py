@@ -40,13 +40,6 @@ def paragraphs(text: str, min_chars: int = 80) -> list[str]:
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    # As a user runs it: `auto` dtypes from the hardware (bf16 where the CPU has it natively).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("QLP_CPU_BF16", raising=False)
-        return _real_run(tmp_path_factory)
-
-
-def _real_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     sets = [x for s in REDUCED + [f"run.dir={tmp / 'runs'}"] for x in ("--set", s)]
     code = cli("run", str(REPO / "recipes" / "smollm2_domain.yaml"), *sets)
