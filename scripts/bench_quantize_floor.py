@@ -53,12 +53,13 @@ def main() -> None:
     t0 = time.time()  # the floor: two forwards of every layer over the calibration windows
     runner = LayerwiseRunner(config, torch.float32, family)
     wmap = weight_map(merged)
-    hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration)
-    for i, layer in enumerate(runner.layers):
-        runner.materialize(layer, read_prefix(wmap, family.layer_prefix(i)), torch.float32)
-        _forward(layer, hidden, pos_ids, pos_emb, 8, dtype)
-        hidden = _forward(layer, hidden, pos_ids, pos_emb, 8, dtype)
-        layer.to("meta")
+    with torch.no_grad():  # as the engine runs (without it autograd kept every layer's activations: 20 GB)
+        hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration)
+        for i, layer in enumerate(runner.layers):
+            runner.materialize(layer, read_prefix(wmap, family.layer_prefix(i)), torch.float32)
+            _forward(layer, hidden, pos_ids, pos_emb, 8, dtype)
+            hidden = _forward(layer, hidden, pos_ids, pos_emb, 8, dtype)
+            layer.to("meta")
     floor = time.time() - t0
 
     entry = QuantizeEntry(name="m", method=args.method, group_size=args.group_size, desc_act=True,

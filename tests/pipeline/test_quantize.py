@@ -83,8 +83,9 @@ def test_evaluation_reads_the_packed_checkpoint(tiny_llama_dir, tmp_path, write_
 
 @pytest.mark.parametrize("entry, killed_stage", [
     ({"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True}, "quantize-gptq"),
-    ({"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}}, "awq-search-w4g64"),
-], ids=["gptq", "awq-search"])
+    ({"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}}, "quantize-awq"),
+    ({"name": "awq", "method": "awq+gptq", "group_size": 64, "awq": {"search_windows": 4}}, "awq-search-w4g64"),
+], ids=["gptq", "awq", "awq-search"])
 def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2_dir, write_recipe, entry, killed_stage):
     deep = make_tiny_llama(tmp_path / "deep", smollm2_dir, layers=8, hidden=256, intermediate=768)
     adapter = random_adapter(deep, tmp_path / "adapter")
@@ -178,17 +179,19 @@ def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path
         assert report[name]["domain_ppl"] > 0 and report[name]["quantize_seconds"] > 0
 
 
-def test_awq_entries_with_the_same_settings_share_one_search(tiny_llama_dir, tmp_path, write_recipe, capsys):
+def test_awq_gptq_entries_with_the_same_awq_settings_share_one_search(tiny_llama_dir, tmp_path, write_recipe, capsys):
+    """awq+gptq entries apply one search of the scaled float model; awq searches in its own stage."""
     from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.stages import build_stages
 
     adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
-    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "s", adapter, AWQ))
+    entries = AWQ + [{**AWQ[1], "name": "awq-gptq-plain", "desc_act": False, "static_groups": False}]
+    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "s", adapter, entries))
     specs = {s.name: s for s in build_stages(load_recipe(path)[0])}
     assert [n for n in specs if "search" in n] == ["awq-search-w4g32"]
-    assert "awq-search-w4g32" in specs["quantize-awq"].deps and "awq-search-w4g32" in specs["quantize-awq-gptq"].deps
-    assert "awq-search-w4g32" not in specs.get("quantize-gptq", specs["calibrate"]).deps
-    differing = [AWQ[0], {**AWQ[1], "awq": {"clip": False}}]
+    assert "awq-search-w4g32" in specs["quantize-awq-gptq"].deps and "awq-search-w4g32" in specs["quantize-awq-gptq-plain"].deps
+    assert not [d for d in specs["quantize-awq"].deps if "search" in d]
+    differing = [AWQ[1], {**AWQ[1], "name": "other", "awq": {"clip": False}}]
     path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "d", adapter, differing), "d.yaml")
     assert cli("plan", str(path)) == 2
     assert "differ in their awq settings" in capsys.readouterr().err
@@ -199,7 +202,7 @@ def test_awq_without_grouped_query_attention_scales_o_proj(tmp_path, smollm2_dir
     mha = make_tiny_llama(tmp_path / "mha", smollm2_dir, layers=2, kv_heads=4)
     adapter = random_adapter(mha, tmp_path / "adapter")
     path = write_recipe(quant_recipe(mha, tmp_path, "m", adapter, AWQ[:1]))
-    for stage in ("data", "base", "merge", "calibrate", "awq-search-w4g32", "quantize-awq"):
+    for stage in ("data", "base", "merge", "calibrate", "quantize-awq"):
         assert cli("run", str(path), "--only", stage) == 0
     layer_metrics = json.loads((tmp_path / "runs" / "m" / "quantize-awq" / "output" / "layer_metrics.json").read_text())
     assert all("awq.self_attn.v_proj.ratio" in m for m in layer_metrics)

@@ -30,6 +30,7 @@ QUANTIZE = [
     {"name": "rtn", "method": "rtn", "bits": 4, "group_size": 32},
     {"name": "gptq", "method": "gptq", "bits": 4, "group_size": 32, "desc_act": True},
     {"name": "awq", "method": "awq", "bits": 4, "group_size": 32, "awq": {"search_windows": 2}},
+    {"name": "awq-gptq", "method": "awq+gptq", "bits": 4, "group_size": 32, "awq": {"search_windows": 2}},
 ]
 # Measurements, not results: they differ from run to run by nature.
 def soak_recipe(model_dir: Path, tmp: Path, name: str) -> Path:
