@@ -1,11 +1,11 @@
 """What `dtype: auto` means where the compute runs, and the layer engine's compute context.
 
-`auto` is bfloat16 on CUDA and float32 on the CPU. A CPU with AVX-512 BF16 multiplies a bf16
-matrix about 4x faster than fp32 in isolation ([2048x576]x[576x1536], 2 threads), but the whole
-default recipe in bf16 on this project's 2-core AVX-512-BF16 machine ran slower, not faster:
-training 228 s against 140 s, each evaluation about 97 s against 60 s, GPTQ 120 s against
-84 s (two full runs of recipes/smollm2_domain.yaml, README "CPU bf16"). bf16 stays selectable
-per section (`train.dtype`, `evaluate.dtype`, a quantize entry's `compute_dtype`).
+`auto` is bfloat16 on CUDA and float32 on the CPU. On this project's 2-core AVX-512-BF16
+machine the default recipe in bf16 ran slower, not faster: training 228 s against 140 s, each
+evaluation about 97 s against 60 s, GPTQ 120 s against 84 s (two full runs of
+recipes/smollm2_domain.yaml), and with this torch a bf16 matmul of the model's shapes runs at
+about half the float32 rate (scripts/bench_cpu_bf16.py; README "CPU bf16"). bf16 stays
+selectable per section (`train.dtype`, `evaluate.dtype`, a quantize entry's `compute_dtype`).
 """
 from __future__ import annotations
 
