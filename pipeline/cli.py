@@ -78,6 +78,7 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
     from qlora_pipeline.runner import Runner
+    from qlora_pipeline.stagecache import open_cache
     from qlora_pipeline.stages import build_stages
 
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
@@ -91,7 +92,7 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
                           parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
     return Runner(directory, specs, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
-                  verify_inputs=recipe.run.verify_inputs)
+                  verify_inputs=recipe.run.verify_inputs, cache=open_cache(recipe.run.cache))
 
 
 def _describe_parent_run(runner) -> None:
@@ -122,17 +123,18 @@ def _print_summary(planned, seconds: float, report: Path) -> None:
     width = max(len(p.spec.name) for p in planned)
     click.echo("stage summary:")
     for p in planned:
-        took = f"{p.seconds:8.1f} s" if p.outcome in ("ran", "resumed") else " " * 10
+        took = f"{p.seconds:8.1f} s" if p.outcome in ("ran", "resumed", "cached") else " " * 10
         click.echo(f"  {p.spec.name:<{width}}  {p.outcome or 'skipped':<8} {took}  {p.reason}")
     ran = sum(p.outcome in ("ran", "resumed") for p in planned)
-    click.echo(f"{ran} stage(s) ran, {len(planned) - ran} skipped, {seconds:.1f} s in all"
-               + (f"; report: {report}" if report.is_file() else ""))
+    cached = sum(p.outcome == "cached" for p in planned)
+    click.echo(f"{ran} stage(s) ran, {cached} from the stage cache, {len(planned) - ran - cached} skipped, "
+               f"{seconds:.1f} s in all" + (f"; report: {report}" if report.is_file() else ""))
 
 
 def _print_plan(planned) -> None:
     width = max(len(p.spec.name) for p in planned)
     for p in planned:
-        click.echo(f"  {p.spec.name:<{width}}  {p.action:<4}  {p.status:<8}  {p.reason}")
+        click.echo(f"  {p.spec.name:<{width}}  {p.action:<5}  {p.status:<8}  {p.reason}")
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -224,13 +226,15 @@ def status(run_dir: str, verify: bool) -> None:
     """Per stage of RUN_DIR: done, partial (resume point), failed (error), stale or pending."""
     from qlora_pipeline.runinfo import check_records, read_lock_holder, read_run_recipe
     from qlora_pipeline.runner import Runner
+    from qlora_pipeline.stagecache import open_cache
     from qlora_pipeline.stages import build_stages
 
     path = Path(run_dir)
     recipe = read_run_recipe(path)
     holder = read_lock_holder(path)  # before printing: a damaged lock is reported alone
     check_records(path)
-    runner = Runner(path, build_stages(recipe), verify_inputs=recipe.run.verify_inputs)
+    runner = Runner(path, build_stages(recipe), verify_inputs=recipe.run.verify_inputs,
+                    cache=open_cache(recipe.run.cache))
     names = {"missing": "pending"}
     width = max(len(s.name) for s in runner.specs)
     for p in runner.plan(full_verify=verify):

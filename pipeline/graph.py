@@ -63,6 +63,9 @@ class StageSpec:
         code: modules the stage imports by name at run time (a quantization method's
             implementation and format, from the registry): their code is part of the stage's,
             as that of the modules its function's module imports.
+        cacheable: its output may be stored in and taken from the stage cache; False for a
+            stage whose output depends on something its fingerprint does not cover (the
+            report names its run directory).
     """
 
     name: str
@@ -71,6 +74,7 @@ class StageSpec:
     config: dict
     distributed: bool = False
     code: tuple[str, ...] = ()
+    cacheable: bool = True
 
     @property
     def module(self) -> str:

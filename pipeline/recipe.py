@@ -294,13 +294,27 @@ class TrackingConfig(_Section):
     experiment: str = "qlora-pipeline"
 
 
+class CacheConfig(_Section):
+    """The stage cache shared by run directories (`qlora_pipeline.stagecache`)."""
+
+    enabled: bool = Field(
+        True, description="take a stage's output from the cache when a run (in any run directory) already made it "
+        "with the same fingerprint (settings, code, input content), and store every finished stage there; "
+        "false: the cache is neither read nor written")
+    dir: Optional[str] = Field(
+        None, description="cache folder; null: $XDG_CACHE_HOME/qlora-pipeline/stages, by default "
+        "~/.cache/qlora-pipeline/stages; the environment variable QLP_STAGE_CACHE, when set, takes precedence")
+
+
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
     dir: str = Field("runs", description="parent folder of run directories")
     seed: int = 0
     verify_inputs: bool = Field(
         True, description="hash the upstream files a stage reads against their manifests before it runs "
-        "(an altered file is rebuilt first); off only for huge models where hashing costs too much")
+        "(an altered file is rebuilt first), and a stage cache entry's files before it is used; off only for huge "
+        "models where hashing costs too much")
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @field_validator("name")
     @classmethod

@@ -8,7 +8,8 @@ actually changed: an upstream rebuild that reproduces the same bytes leaves it u
 Before a stage runs, the upstream files it reads are hashed against their manifests
 (`verify_inputs`); an altered file makes its stage rebuild first, so no stage computes on
 altered bytes. An interrupted stage keeps its `checkpoints/` and resumes from them when its
-fingerprint is unchanged.
+fingerprint is unchanged. A stage whose fingerprint has an entry in the stage cache
+(`stagecache`, shared by run directories) takes its output from there instead of running.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from qlora_pipeline import rundir
 from qlora_pipeline.codehash import changed_files, code_files
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
+from qlora_pipeline.stagecache import Entry, StageCache, place_files, short_key, with_mtimes
 from qlora_pipeline.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -41,18 +43,29 @@ class PlannedStage:
     """One stage of a plan.
 
     `fingerprint` is None while an upstream stage that runs first may still change this
-    stage's inputs (`waits_on`); the runner decides again once they are published.
+    stage's inputs; `waits_on` names the upstream stages that run or are restored from the
+    cache first: the runner decides again once they are published.
     """
 
     spec: StageSpec
     fingerprint: Optional[str]
-    action: str  # "run" | "skip"
+    action: str  # "run" | "skip" | "cache" (restored from the stage cache)
     reason: str
     status: str  # done | stale | partial | failed | missing | corrupt | running
     waits_on: tuple[str, ...] = ()
     forced: bool = False
-    outcome: str = ""  # after `run`: ran | skipped | resumed, and seconds
+    outcome: str = ""  # after `run`: ran | skipped | resumed | cached, and seconds
     seconds: float = 0.0
+    basis: str = ""  # under a "from cache" reason: why the stage is not up to date
+
+    @property
+    def settled(self) -> bool:
+        """Skipped whatever happens upstream: nothing it depends on changes before its turn."""
+        return self.action == "skip" and not self.waits_on
+
+
+def _from_cache(key: str, reason: str) -> str:
+    return f"from cache: {short_key(key)} ({reason})"
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -144,7 +157,7 @@ class Ranks:
 class Runner:
     def __init__(self, run_dir: Path, specs: list[StageSpec], tracker: Optional[Tracker] = None,
                  recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None,
-                 verify_inputs: bool = True):
+                 verify_inputs: bool = True, cache: Optional[StageCache] = None):
         self.run_dir = Path(run_dir)
         self.specs = topological(specs)
         self.by_name = {s.name: s for s in self.specs}
@@ -152,6 +165,7 @@ class Runner:
         self.recipe_dump = recipe_dump or {}
         self.params = params or {}
         self.verify_inputs = verify_inputs
+        self.cache = cache
         self._code: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------------------ planning
@@ -167,16 +181,21 @@ class Runner:
             self._code[spec.name] = dict(sorted(files.items()))
         return self._code[spec.name]
 
-    def input_digests(self, spec: StageSpec) -> dict[str, Optional[str]]:
-        """Per upstream stage, the content digest of its published output (None: not published)."""
+    def input_digests(self, spec: StageSpec, restored: Optional[dict[str, str]] = None) -> dict[str, Optional[str]]:
+        """Per upstream stage, the content digest of its published output (None: not published);
+        `restored`: the digests of upstream stages the cache is going to restore."""
         out = {}
         for dep in spec.deps:
+            if restored and dep in restored:
+                out[dep] = restored[dep]
+                continue
             manifest = rundir.read_json(self.stage_dir(dep) / rundir.MANIFEST)
             out[dep] = output_digest(manifest["files"]) if manifest and "files" in manifest else None
         return out
 
-    def current_fingerprint(self, spec: StageSpec) -> tuple[Optional[str], dict[str, Optional[str]]]:
-        digests = self.input_digests(spec)
+    def current_fingerprint(self, spec: StageSpec, restored: Optional[dict[str, str]] = None
+                            ) -> tuple[Optional[str], dict[str, Optional[str]]]:
+        digests = self.input_digests(spec, restored)
         if any(d is None for d in digests.values()):
             return None, digests
         return fingerprint(spec, self.code(spec), digests), digests
@@ -198,7 +217,8 @@ class Runner:
                 problems = rundir.verify_files(sdir / rundir.OUTPUT, manifest.get("files", {}), full=full_verify)
                 if problems:
                     return "corrupt", f"output altered: {self._rel(problems[0])}"
-                return "done", "up to date"
+                cached = manifest.get("cache") or {}
+                return "done", f"up to date (from cache {short_key(cached['key'])})" if cached.get("key") else "up to date"
             return "stale", self._why_stale(spec, manifest, digests)
         if fp is not None and state.get("status") == "failed" and state.get("fingerprint") == fp:
             return "failed", f"failed: {state.get('error', '?')}"
@@ -278,27 +298,46 @@ class Runner:
     def _plan_once(self, forced: set[str], only: Optional[str], full_verify: bool,
                    altered: dict[str, str]) -> list[PlannedStage]:
         planned: list[PlannedStage] = []
-        will_run: set[str] = set()
+        will_run: set[str] = set()  # their output is known only once they have run
+        restored: dict[str, str] = {}  # stage -> the output digest its cache entry will give it
         for spec in self.specs:
-            fp, digests = self.current_fingerprint(spec)
+            fp, digests = self.current_fingerprint(spec, restored)
             status, reason = self.inspect(spec, fp, digests, full_verify, altered.get(spec.name))
-            waits = tuple(d for d in spec.deps if d in will_run)
+            unknown = tuple(d for d in spec.deps if d in will_run)
+            waits = tuple(d for d in spec.deps if d in will_run or d in restored)
             if only and spec.name != only:
-                action, reason = "skip", f"{status}: {reason} (not selected by --only)"
+                action, reason, waits = "skip", f"{status}: {reason} (not selected by --only)", ()
             elif spec.name in forced:
                 action, reason = "run", "forced"
-            elif waits and status == "done":
-                them = ", ".join(waits)
+            elif unknown and status == "done":
+                them = ", ".join(unknown)
                 action, reason = "run", f"after {them}: re-runs unless the output of {them} comes out unchanged"
             elif status == "done":
                 action = "skip"
             else:
                 action = "run"
+            basis = ""
+            entry = self._cached(spec, fp) if action == "run" and spec.name not in forced and not unknown else None
+            if entry is not None:
+                action, basis, reason = "cache", reason, _from_cache(entry.key, reason)
+                restored[spec.name] = entry.digest
             if action == "run":
                 will_run.add(spec.name)
-            planned.append(PlannedStage(spec, None if waits else fp, action, reason, status, waits,
-                                        forced=spec.name in forced))
+            planned.append(PlannedStage(spec, None if unknown else fp, action, reason, status, waits,
+                                        forced=spec.name in forced, basis=basis))
         return planned
+
+    def _cache_for(self, spec: StageSpec) -> Optional[StageCache]:
+        """The stage cache, for a stage whose output it may hold."""
+        return self.cache if spec.cacheable else None
+
+    def _cached(self, spec: StageSpec, fp: Optional[str]) -> Optional[Entry]:
+        """The cache entry `plan` expects to restore for fingerprint `fp` (sizes checked; `run`
+        verifies it again, with hashes when `verify_inputs`, before using it)."""
+        cache = self._cache_for(spec)
+        if cache is None or fp is None:
+            return None
+        return cache.find(fp, full=False, discard=False)
 
     def _hash_inputs(self, planned: list[PlannedStage], altered: dict[str, str], memo: dict) -> dict[str, str]:
         """Hash the outputs of skipped stages that a running stage reads; {stage: problem} for altered ones."""
@@ -319,19 +358,21 @@ class Runner:
         return found
 
     def decide(self, p: PlannedStage) -> tuple[Optional[str], str, str]:
-        """(fingerprint, action, reason) of a planned stage at the moment it is due.
+        """(fingerprint, action, reason) of a planned stage at the moment it is due; action
+        "skip" or "run" (which the stage cache may still serve: `_restore`).
 
-        A stage that waited on upstream stages is decided again from their published outputs:
-        unchanged bytes upstream leave it up to date.
+        A stage that waited on upstream stages (run or restored from the cache) is decided
+        again from their published outputs: unchanged bytes upstream leave it up to date.
         """
-        if p.action == "skip" or not p.waits_on:
-            return p.fingerprint, p.action, p.reason
+        if not p.waits_on:
+            return p.fingerprint, "skip" if p.action == "skip" else "run", p.basis or p.reason
         fp, digests = self.current_fingerprint(p.spec)
         if p.forced:
             return fp, "run", p.reason
         status, reason = self.inspect(p.spec, fp, digests)
         if status == "done":
-            return fp, "skip", f"up to date ({', '.join(p.waits_on)} rebuilt with identical output)"
+            return fp, "skip", reason if p.action == "skip" else \
+                f"up to date ({', '.join(p.waits_on)} rebuilt with identical output)"
         return fp, "run", reason
 
     # ------------------------------------------------------------------------------ running
@@ -369,7 +410,7 @@ class Runner:
                 rundir.write_json_atomic(run_json_path, run_json)
                 try:
                     for p in planned:
-                        if p.action == "skip":
+                        if p.settled:
                             logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
                             p.outcome = "skipped"
                             continue
@@ -380,7 +421,9 @@ class Runner:
                             p.action, p.reason, p.outcome = "skip", reason, "skipped"
                             continue
                         p.fingerprint, p.reason = fp, reason
-                        self._run_stage(p, parent_id, ranks, created_runs)
+                        if p.forced or not self._restore(p, parent_id, ranks, created_runs):
+                            p.action = "run"
+                            self._run_stage(p, parent_id, ranks, created_runs)
                         ranks.barrier()
                 except BaseException:
                     if self.tracker:
@@ -400,16 +443,17 @@ class Runner:
         return planned
 
     def _follow(self, planned: list[PlannedStage], ranks: Ranks) -> None:
-        """A non-main rank: wait while the main process runs each stage; join distributed ones."""
+        """A non-main rank: wait while the main process runs each stage; join distributed ones
+        (unless the main process restored it from the stage cache instead of running it)."""
         for p in planned:
-            if p.action == "skip":
+            if p.settled:
                 continue
             ranks.barrier()  # upstream published
             fp, action, _ = self.decide(p)
             if action == "skip":
                 continue
-            ranks.barrier()  # the main process has prepared the stage's directories
-            if p.spec.distributed:
+            ranks.barrier()  # the main process has prepared the stage's directories (or restored it)
+            if p.spec.distributed and self._running(p.spec, fp):
                 sdir = self.stage_dir(p.spec.name)
                 scratch = sdir / f"output.rank{ranks.rank}"
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -433,7 +477,6 @@ class Runner:
         stage_existed = sdir.exists()
         previous_state = (sdir / rundir.STATE).read_bytes() if (sdir / rundir.STATE).is_file() else None
         sdir.mkdir(parents=True, exist_ok=True)
-        state = rundir.read_json(sdir / rundir.STATE) or {}
         ckpt = sdir / rundir.CHECKPOINTS
         fp_file = ckpt / CKPT_FINGERPRINT
         ours = ckpt.exists() and fp_file.is_file() and fp_file.read_text().strip() == fp
@@ -448,12 +491,7 @@ class Runner:
             shutil.rmtree(partial)
         partial.mkdir()
 
-        child_id = None
-        if self.tracker:
-            previous = state.get("mlflow_run_id") if state.get("fingerprint") == fp else None
-            child_id = self.tracker.child_run(parent_id, previous, spec.name)
-            if child_id != previous and created_runs is not None:
-                created_runs.append(child_id)
+        child_id = self._child_run(spec, fp, parent_id, created_runs)
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rundir.write_json_atomic(sdir / rundir.STATE, {
             "fingerprint": fp, "status": "running", "started": started, "pid": os.getpid(),
@@ -513,38 +551,126 @@ class Runner:
         logger.info("%-22s done  in %.1fs", spec.name, seconds)
         return result
 
+    def _child_run(self, spec: StageSpec, fp: str, parent_id: Optional[str],
+                   created_runs: Optional[list]) -> Optional[str]:
+        """The stage's MLflow run: the one of its last attempt at this fingerprint, else a new one."""
+        if not self.tracker:
+            return None
+        state = rundir.read_json(self.stage_dir(spec.name) / rundir.STATE) or {}
+        previous = state.get("mlflow_run_id") if state.get("fingerprint") == fp else None
+        child_id = self.tracker.child_run(parent_id, previous, spec.name)
+        if child_id != previous and created_runs is not None:
+            created_runs.append(child_id)
+        return child_id
+
     def _publish(self, spec: StageSpec, fp: str, result: StageResult, seconds: float, started: str,
                  child_id: Optional[str], parent_id: Optional[str]) -> None:
+        metrics = {**result.metrics, "stage_seconds": round(seconds, 3)}
+        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info)
+        self._track(child_id, parent_id, metrics, result.parent_metrics,
+                    {"output_dir": str(out.resolve()), "fingerprint": fp})
+        cache = self._cache_for(spec)
+        if cache is not None:  # only the main process publishes: other ranks never store
+            cache.store(fp, out, {
+                "stage": spec.name, "files": manifest["files"], "metrics": metrics, "info": result.info,
+                "parent_metrics": result.parent_metrics, "source": str(self.stage_dir(spec.name).resolve()),
+            })
+
+    def _record(self, spec: StageSpec, fp: str, started: str, child_id: Optional[str], metrics: dict, info: dict,
+                files: Optional[dict] = None, extra: Optional[dict] = None) -> tuple[Path, dict]:
+        """Swap `output.partial/` into place and write the stage's manifest (its file table:
+        `files`, else hashed now) and its state (done). Returns (output dir, manifest)."""
         sdir = self.stage_dir(spec.name)
         # Drop the old manifest first so no manifest ever points at a half-swapped output.
         (sdir / rundir.MANIFEST).unlink(missing_ok=True)
         rundir.fsync_dir(sdir)
         out = rundir.publish_output(sdir)
-        metrics = {**result.metrics, "stage_seconds": round(seconds, 3)}
         manifest = {
             "stage": spec.name,
             "fingerprint": fp,
             "config": spec.config,
             "code": self.code(spec),
             "inputs": {d: v for d, v in self.input_digests(spec).items()},
-            "files": rundir.describe_files(out),
+            "files": rundir.describe_files(out) if files is None else files,
             "metrics": metrics,
-            "info": result.info,
+            "info": info,
             "mlflow_run_id": child_id,
             "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
         }
         rundir.write_json_atomic(sdir / rundir.MANIFEST, manifest)
         rundir.write_json_atomic(sdir / rundir.STATE, {
             "fingerprint": fp, "status": "done", "started": started, "mlflow_run_id": child_id,
         })
         shutil.rmtree(sdir / rundir.CHECKPOINTS, ignore_errors=True)
-        if self.tracker:
-            self.tracker.log_metrics(child_id, metrics)
-            if result.parent_metrics:
-                self.tracker.log_metrics(parent_id, result.parent_metrics)
-            self.tracker.set_tags(child_id, {"output_dir": str(out.resolve()), "fingerprint": fp})
-            self.tracker.finish(child_id, "FINISHED")
+        return out, manifest
+
+    def _track(self, child_id: Optional[str], parent_id: Optional[str], metrics: dict, parent_metrics: dict,
+               tags: dict[str, str]) -> None:
+        """Log a finished stage's metrics (and the parent run's share) and close its MLflow run."""
+        if not self.tracker:
+            return
+        self.tracker.log_metrics(child_id, metrics)
+        if parent_metrics:
+            self.tracker.log_metrics(parent_id, parent_metrics)
+        self.tracker.set_tags(child_id, tags)
+        self.tracker.finish(child_id, "FINISHED")
+
+    # ------------------------------------------------------------------------------ the stage cache
+
+    def _restore(self, p: PlannedStage, parent_id: Optional[str], ranks: Optional[Ranks] = None,
+                 created_runs: Optional[list] = None) -> bool:
+        """Serve a due stage from the stage cache instead of running it: the entry's files
+        become its output and its manifest is written as if it had run (the same file table,
+        the original metrics, `stage_seconds` included, and a `cache` record).
+
+        False when the cache has no good entry for its fingerprint, or the entry cannot be
+        put in place (then the stage runs, which handles a full disk its own way).
+        """
+        cache = self._cache_for(p.spec)
+        if cache is None or p.fingerprint is None:
+            return False
+        entry = cache.find(p.fingerprint, full=self.verify_inputs, discard=True)
+        if entry is None:
+            return False
+        spec, t0 = p.spec, time.time()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        sdir = self.stage_dir(spec.name)
+        partial = sdir / rundir.PARTIAL
+        child_id = None
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            place_files(entry.output, partial, entry.files)
+            child_id = self._child_run(spec, p.fingerprint, parent_id, created_runs)
+            seconds = time.time() - t0
+            record = {"cache": {"key": entry.key, "entry": str(entry.path), "source": entry.record.get("source"),
+                                "restore_seconds": round(seconds, 3)}}
+            out, _ = self._record(spec, p.fingerprint, started, child_id, entry.record.get("metrics", {}),
+                                  entry.record.get("info", {}), files=with_mtimes(partial, entry.files), extra=record)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            _remove_temporaries(sdir)
+            if self.tracker and child_id:
+                self.tracker.finish(child_id, "FAILED")
+            logger.warning("%-22s could not restore cache entry %s (%s); the stage runs", spec.name,
+                           short_key(entry.key), exc)
+            return False
+        p.reason = _from_cache(entry.key, p.reason)
+        logger.info("%-22s cache (%s)", spec.name, p.reason)
+        self._track(child_id, parent_id, entry.record.get("metrics", {}), entry.record.get("parent_metrics", {}),
+                    {"output_dir": str(out.resolve()), "fingerprint": p.fingerprint, "from_cache": entry.key})
+        p.action, p.outcome, p.seconds = "cache", "cached", time.time() - t0
+        logger.info("%-22s done  in %.1fs (from the stage cache)", spec.name, p.seconds)
+        if ranks is not None:
+            ranks.barrier()  # "prepared": the other ranks find the stage restored, not running
+        return True
+
+    def _running(self, spec: StageSpec, fp: Optional[str]) -> bool:
+        """Whether the main process is running `spec` at `fp` (not restoring it from the cache)."""
+        state = rundir.read_json(self.stage_dir(spec.name) / rundir.STATE) or {}
+        return state.get("status") == "running" and state.get("fingerprint") == fp
 
 
 class _NullLogger:

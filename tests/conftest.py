@@ -13,6 +13,19 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stage_cache_in_tmp(tmp_path_factory):
+    """No test writes to the user's stage cache: every run in this session (subprocesses
+    inherit the environment) uses a temporary one. Set before any module-scoped fixture runs
+    a pipeline. `tiny_recipe` also turns the cache off, so that a test reruns what it means
+    to rerun; the stage cache's own tests turn it on."""
+    from qlora_pipeline.stagecache import ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV, str(tmp_path_factory.mktemp("stage-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -91,7 +104,7 @@ def tiny_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
         "train": {"steps": 4, "seq_len": 64, "micro_batch_size": 2, "warmup_steps": 1, "optimizer": "adamw",
                   "save_interval": 2, "eval_interval": 2, "eval_windows": 2},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
+        "run": {"name": "tiny", "dir": str(tmp_path / "runs"), "cache": {"enabled": False}},
     }
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}

@@ -114,6 +114,8 @@ def build_stages(recipe) -> list[StageSpec]:
         ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
+    # Not cached: the report is titled with its run directory's name, which no fingerprint covers.
     specs.append(StageSpec("report", _stage("report"), report_deps,
-                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len}))
+                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len},
+                           cacheable=False))
     return specs
