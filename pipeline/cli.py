@@ -131,6 +131,10 @@ def _print_summary(planned, seconds: float, report: Path) -> None:
                f"{seconds:.1f} s in all" + (f"; report: {report}" if report.is_file() else ""))
 
 
+def _cache_place(runner) -> str:
+    return str(runner.cache.root) if runner.cache else "off (run.cache.enabled: false)"
+
+
 def _print_plan(planned) -> None:
     width = max(len(p.spec.name) for p in planned)
     for p in planned:
@@ -167,6 +171,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     cfg, _ = _load_checked(recipe, sets)
     runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem)
     logger.info("run directory: %s", runner.run_dir)
+    logger.info("stage cache: %s", _cache_place(runner))
     t0 = time.time()
     planned = runner.run(from_stage=from_stage, only=only, force=force)
     from qlora_pipeline.stages.report import REPORT_FILE, metrics_path
@@ -216,6 +221,7 @@ def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     cfg, _ = _load_checked(recipe, sets)
     runner = _runner(cfg, run_dir, with_tracking=False)
     click.echo(f"run directory: {runner.run_dir}")
+    click.echo(f"stage cache: {_cache_place(runner)}")
     _print_plan(runner.plan(from_stage, only, force))
 
 

@@ -631,11 +631,11 @@ class Runner:
         cache = self._cache_for(p.spec)
         if cache is None or p.fingerprint is None:
             return False
+        t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
         entry = cache.find(p.fingerprint, full=self.verify_inputs, discard=True)
         if entry is None:
             return False
-        spec, t0 = p.spec, time.time()
-        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        spec = p.spec
         sdir = self.stage_dir(spec.name)
         partial = sdir / rundir.PARTIAL
         child_id = None
@@ -646,7 +646,7 @@ class Runner:
             child_id = self._child_run(spec, p.fingerprint, parent_id, created_runs)
             seconds = time.time() - t0
             record = {"cache": {"key": entry.key, "entry": str(entry.path), "source": entry.record.get("source"),
-                                "restore_seconds": round(seconds, 3)}}
+                                "restore_seconds": round(seconds, 3)}}  # verified and put in place
             out, _ = self._record(spec, p.fingerprint, started, child_id, entry.record.get("metrics", {}),
                                   entry.record.get("info", {}), files=with_mtimes(partial, entry.files), extra=record)
         except OSError as exc:

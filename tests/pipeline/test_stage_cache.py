@@ -298,7 +298,9 @@ def test_changing_train_steps_reuses_everything_before_training(tiny_llama_dir, 
     capsys.readouterr()
 
     assert cli("plan", recipe, "--run-dir", str(two), "--set", "train.steps=3") == 0
-    plan = {line.split()[0]: line.split(None, 3)[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    out = capsys.readouterr().out
+    assert f"stage cache: {tmp_path / 'cache'}" in out
+    plan = {line.split()[0]: line.split(None, 3)[1:] for line in out.splitlines() if line.startswith("  ")}
     for stage in REUSED:
         action, status, reason = plan[stage]
         assert (action, status) == ("cache", "missing") and reason.startswith("from cache: "), (stage, plan[stage])
@@ -336,7 +338,9 @@ def test_a_disabled_cache_is_neither_read_nor_written(tiny_llama_dir, tmp_path, 
     capsys.readouterr()
     off = ("--set", "run.cache.enabled=false")
     assert cli("plan", recipe, "--run-dir", str(tmp_path / "two"), *off) == 0
-    assert "cache" not in capsys.readouterr().out.split("\n", 1)[1]
+    out = capsys.readouterr().out
+    assert "stage cache: off" in out
+    assert "cache" not in "".join(line for line in out.splitlines() if line.startswith("  "))
     assert cli("run", recipe, "--run-dir", str(tmp_path / "two"), "--only", "data", *off) == 0
     assert "cache" not in json.loads((tmp_path / "two" / "data" / "manifest.json").read_text())
     assert sorted((p, p.stat().st_mtime_ns) for p in cache.root.rglob("*")) == before
