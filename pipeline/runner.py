@@ -340,11 +340,15 @@ class Runner:
         return cache.find(fp, full=False, discard=False)
 
     def _hash_inputs(self, planned: list[PlannedStage], altered: dict[str, str], memo: dict) -> dict[str, str]:
-        """Hash the outputs of skipped stages that a running stage reads; {stage: problem} for altered ones."""
+        """Hash the outputs of skipped stages that a running stage reads; {stage: problem} for altered ones.
+
+        A stage planned from the cache counts as running: its entry can still fail verification
+        when it is due, and then the stage runs on these inputs.
+        """
         by_name = {p.spec.name: p for p in planned}
         found: dict[str, str] = {}
         for p in planned:
-            if p.action != "run":
+            if p.action not in ("run", "cache"):
                 continue
             for dep in p.spec.deps:
                 d = by_name[dep]

@@ -21,8 +21,8 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
 
 from qlora_pipeline import rundir
 from qlora_pipeline.graph import output_digest
@@ -84,13 +84,15 @@ class StageCache:
         left alone otherwise (`plan` and `status` write nothing).
         """
         path = self.root / key
-        if not path.is_dir():
-            return None
-        record = rundir.read_json(path / ENTRY)
-        if record is None or record.get("fingerprint") != key or not isinstance(record.get("files"), dict):
-            problems = [f"{path / ENTRY}: missing or not a record of {key}"]
-        else:
-            problems = rundir.verify_files(path / rundir.OUTPUT, record["files"], full=full)
+        try:
+            if not path.is_dir():
+                return None
+            record = rundir.read_json(path / ENTRY)
+            problem = record_problem(key, record)
+            problems = [f"{path / ENTRY}: {problem}"] if problem else \
+                rundir.verify_files(path / rundir.OUTPUT, record["files"], full=full)
+        except OSError as exc:  # unreadable: as unusable as damaged (plan and status must not crash)
+            problems = [f"{path}: cannot be read ({exc})"]
         if not problems:
             return Entry(key, path, record)
         if discard:
@@ -109,6 +111,7 @@ class StageCache:
         tmp = self.root / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self._sweep()
+            (tmp / rundir.OUTPUT).mkdir(parents=True)
             place_files(output, tmp / rundir.OUTPUT, record["files"])
             files = with_mtimes(tmp / rundir.OUTPUT, record["files"])
             rundir.write_json_atomic(tmp / ENTRY, {**record, "fingerprint": key, "files": files,
@@ -159,6 +162,34 @@ def place_files(src: Path, dest: Path, files: dict[str, dict]) -> None:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
             shutil.copy2(src / rel, target)
+
+
+def record_problem(key: str, record: Optional[dict]) -> Optional[str]:
+    """What makes entry.json unusable as the record of fingerprint `key` (None: nothing).
+
+    Its file table drives verification and where files are placed: a malformed one must read
+    as a damaged entry, not crash `plan` or put files outside the stage's output.
+    """
+    if record is None or record.get("fingerprint") != key:
+        return f"missing or not a record of {key}"
+    files = record.get("files")
+    if not isinstance(files, dict) or not all(_good_file(rel, meta) for rel, meta in files.items()):
+        return "malformed file table"
+    if not all(isinstance(record.get(k, {}), dict) for k in ("metrics", "info", "parent_metrics")):
+        return "malformed metrics or info"
+    if not all(isinstance(v, (int, float)) for k in ("metrics", "parent_metrics") for v in record.get(k, {}).values()):
+        return "metrics that are not numbers"
+    return None
+
+
+def _good_file(rel: Any, meta: Any) -> bool:
+    """A file-table row: a relative path inside the output, an int size and a sha256."""
+    if not isinstance(rel, str) or not isinstance(meta, dict):
+        return False
+    path = PurePosixPath(rel)
+    return (rel != "" and not path.is_absolute() and ".." not in path.parts
+            and isinstance(meta.get("size"), int) and not isinstance(meta.get("size"), bool)
+            and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64)
 
 
 def with_mtimes(root: Path, files: dict[str, dict]) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_pipeline import stagecache
+from qlora_pipeline import rundir, stagecache
 from qlora_pipeline.graph import StageResult, StageSpec
 from qlora_pipeline.recipe import CacheConfig
 from qlora_pipeline.runner import Runner
@@ -118,7 +118,17 @@ def test_a_damaged_entry_is_not_used_and_a_good_one_replaces_it(toy, cache, tmp_
     assert toy.calls == []
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no record", "not its key"])
+MALFORMED = {  # entry.json edits that leave a record which does not say what to verify, or where
+    "not its key": lambda r: {**r, "fingerprint": "0" * 20},
+    "a file without its size": lambda r: {**r, "files": {"a.txt": {"sha256": r["files"]["a.txt"]["sha256"]}}},
+    "a file row that is not a row": lambda r: {**r, "files": {"a.txt": "a"}},
+    # the same file, named through its parent: it verifies, but would be placed beside output.partial/
+    "a path out of the output": lambda r: {**r, "files": {"../output/a.txt": r["files"]["a.txt"]}},
+    "metrics that are not numbers": lambda r: {**r, "metrics": {"value": "one"}},
+}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no record", *MALFORMED])
 def test_an_entry_that_does_not_verify_by_size_or_record_is_not_even_planned(toy, cache, tmp_path, damage):
     in_dir(toy, tmp_path / "one", cache).run()
     entry = cache.root / entries(cache)["a"]["fingerprint"]
@@ -127,14 +137,44 @@ def test_an_entry_that_does_not_verify_by_size_or_record_is_not_even_planned(toy
     elif damage == "no record":
         (entry / ENTRY).unlink()
     else:
-        record = json.loads((entry / ENTRY).read_text())
-        (entry / ENTRY).write_text(json.dumps({**record, "fingerprint": "0" * 20}))
+        (entry / ENTRY).write_text(json.dumps(MALFORMED[damage](json.loads((entry / ENTRY).read_text()))))
     assert in_dir(toy, tmp_path / "two", cache).plan()[0].action == "run"
     assert entry.exists()  # plan writes nothing
     toy.calls.clear()
     in_dir(toy, tmp_path / "two", cache).run()
     assert toy.calls[0] == "a"
     assert cache.find(entries(cache)["a"]["fingerprint"], full=True, discard=False) is not None
+
+
+def test_a_stage_planned_from_the_cache_has_its_inputs_checked_in_case_it_runs(toy, cache, tmp_path):
+    """b's entry passes plan's size check but not run's hash check, so b runs after all: on a's
+    output as its manifest says it is, not as someone altered it (same size and mtime)."""
+    one = tmp_path / "one"
+    in_dir(toy, one, cache).run()
+    (one / "b" / "manifest.json").unlink()  # b is due again
+    flip_a_byte(one / "a" / "output" / "a.txt")  # a new inode: the entry of a keeps its bytes
+    flip_a_byte(cache.root / entries(cache)["b"]["fingerprint"] / "output" / "b.txt")
+    toy.calls.clear()
+    done = in_dir(toy, one, cache).run()
+    assert [p.outcome for p in done] == ["cached", "ran", "skipped"]  # a rebuilt (from its entry) before b read it
+    assert toy.calls == ["b"]
+    assert (one / "b" / "output" / "b.txt").read_text() == "a=1 b=1"
+
+
+def test_an_entry_that_cannot_be_read_is_not_used_and_nothing_crashes(toy, cache, tmp_path, monkeypatch):
+    in_dir(toy, tmp_path / "one", cache).run()
+    real = rundir.verify_files
+
+    def unreadable(root, files, **kwargs):  # what a cache folder of another user gives
+        if cache.root in Path(root).parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(root))
+        return real(root, files, **kwargs)
+
+    monkeypatch.setattr(rundir, "verify_files", unreadable)
+    toy.calls.clear()
+    assert [p.action for p in in_dir(toy, tmp_path / "two", cache).plan()] == ["run"] * 3
+    assert [p.outcome for p in in_dir(toy, tmp_path / "two", cache).run()] == ["ran"] * 3
+    assert toy.calls == ["a", "b", "c"]
 
 
 def test_forced_stages_run_even_with_an_entry(toy, cache, tmp_path):
@@ -344,3 +384,4 @@ def test_a_disabled_cache_is_neither_read_nor_written(tiny_llama_dir, tmp_path, 
     assert cli("run", recipe, "--run-dir", str(tmp_path / "two"), "--only", "data", *off) == 0
     assert "cache" not in json.loads((tmp_path / "two" / "data" / "manifest.json").read_text())
     assert sorted((p, p.stat().st_mtime_ns) for p in cache.root.rglob("*")) == before
+
