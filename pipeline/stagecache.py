@@ -6,8 +6,11 @@ so a second run directory (or the same one after a change was undone) takes the 
 here instead of computing it again. Entries hold the files (hard links to the run
 directory's files on the same filesystem, copies elsewhere) and `entry.json` with their
 sizes and sha256, the stage's metrics and info. An entry appears whole or not at all (built
-in a `.tmp-*` folder, then renamed) and is never modified afterwards; one whose files no
-longer match its table is moved aside and deleted, never used.
+in a `.tmp-*` folder, then renamed) and is never modified afterwards: its files are made
+read-only, which with hard links also makes the run directory's published files read-only, so
+that an in-place write into either (an editor keeping hard links) fails instead of altering
+the other. One whose files no longer match its table (root ignores file modes) is moved aside
+and deleted, never used.
 
 Nothing here may fail a stage: a cache that cannot be written (full disk, permissions) is
 logged and the run goes on without it.
@@ -18,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -113,6 +117,7 @@ class StageCache:
             self._sweep()
             (tmp / rundir.OUTPUT).mkdir(parents=True)
             place_files(output, tmp / rundir.OUTPUT, record["files"])
+            read_only(tmp / rundir.OUTPUT, record["files"])
             files = with_mtimes(tmp / rundir.OUTPUT, record["files"])
             rundir.write_json_atomic(tmp / ENTRY, {**record, "fingerprint": key, "files": files,
                                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -162,6 +167,13 @@ def place_files(src: Path, dest: Path, files: dict[str, dict]) -> None:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
             shutil.copy2(src / rel, target)
+
+
+def read_only(root: Path, files: dict[str, dict]) -> None:
+    """Clear the write bits of the table's files under `root` (see the module docstring)."""
+    for rel in files:
+        path = root / rel
+        os.chmod(path, stat.S_IMODE(path.stat().st_mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
 def record_problem(key: str, record: Optional[dict]) -> Optional[str]:

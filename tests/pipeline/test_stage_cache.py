@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from qlora_pipeline.graph import StageResult, StageSpec
 from qlora_pipeline.recipe import CacheConfig
 from qlora_pipeline.runner import Runner
 from qlora_pipeline.stagecache import ENTRY, ENV, StageCache, open_cache, short_key, user_cache_dir
-from tests.conftest import cli, tiny_recipe
+from tests.conftest import REPO, cli, tiny_recipe
 from tests.pipeline.test_runner import Toy, small_disk  # noqa: F401  (a fixture)
 
 
@@ -133,6 +134,7 @@ def test_an_entry_that_does_not_verify_by_size_or_record_is_not_even_planned(toy
     in_dir(toy, tmp_path / "one", cache).run()
     entry = cache.root / entries(cache)["a"]["fingerprint"]
     if damage == "truncated":
+        (entry / "output" / "a.txt").chmod(0o644)  # entries are read-only; this damage gets past that
         (entry / "output" / "a.txt").write_text("a")
     elif damage == "no record":
         (entry / ENTRY).unlink()
@@ -175,6 +177,18 @@ def test_an_entry_that_cannot_be_read_is_not_used_and_nothing_crashes(toy, cache
     assert [p.action for p in in_dir(toy, tmp_path / "two", cache).plan()] == ["run"] * 3
     assert [p.outcome for p in in_dir(toy, tmp_path / "two", cache).run()] == ["ran"] * 3
     assert toy.calls == ["a", "b", "c"]
+
+
+def test_entries_and_the_outputs_they_share_an_inode_with_are_read_only(toy, cache, tmp_path):
+    """A hard link makes a run's published file and the entry one file: an in-place write into
+    either (an editor that keeps hard links) must fail, not alter the other."""
+    in_dir(toy, tmp_path / "one", cache).run()
+    in_dir(toy, tmp_path / "two", cache, c=2).run()
+    shared = [*cache.root.glob("*/output/*"), *(tmp_path / "one").glob("*/output/*"),
+              *(tmp_path / "two").glob("*/output/*")]
+    assert len(shared) == 4 + 3 + 3  # a, b, c and the new c; the outputs of both runs
+    for path in shared:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, path
 
 
 def test_forced_stages_run_even_with_an_entry(toy, cache, tmp_path):
@@ -385,3 +399,19 @@ def test_a_disabled_cache_is_neither_read_nor_written(tiny_llama_dir, tmp_path, 
     assert "cache" not in json.loads((tmp_path / "two" / "data" / "manifest.json").read_text())
     assert sorted((p, p.stat().st_mtime_ns) for p in cache.root.rglob("*")) == before
 
+
+def test_only_stages_kept_out_of_the_cache_read_their_run_directory():
+    """An entry is used in any run directory: a stage whose output depends on its own run
+    directory (`ctx.run_dir`, which no fingerprint covers) must not be cacheable."""
+    import ast
+
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    stages = REPO / "pipeline" / "stages"
+    readers = {f"qlora_pipeline.stages.{p.stem}" for p in stages.glob("*.py")
+               if any(isinstance(n, ast.Attribute) and n.attr == "run_dir" for n in ast.walk(ast.parse(p.read_text())))}
+    assert readers == {"qlora_pipeline.stages.report"}
+    specs = build_stages(load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0])
+    assert [s.name for s in specs if s.module in readers] == ["report"]
+    assert [s.name for s in specs if not s.cacheable] == ["report"]
