@@ -131,6 +131,16 @@ def _print_summary(planned, seconds: float, report: Path) -> None:
                f"{seconds:.1f} s in all" + (f"; report: {report}" if report.is_file() else ""))
 
 
+def _check_cache(recipe) -> None:
+    """A stage cache folder that cannot be written stops `run` (exit 2) before the run directory
+    or the tracking store is touched."""
+    from qlora_pipeline.stagecache import open_cache
+
+    cache = open_cache(recipe.run.cache)
+    if cache is not None:
+        cache.check_writable()
+
+
 def _cache_place(runner) -> str:
     return str(runner.cache.root) if runner.cache else "off (run.cache.enabled: false)"
 
@@ -169,6 +179,7 @@ _run_dir_option = click.option("--run-dir", type=click.Path(file_okay=False), de
 def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Run the recipe's stages; skip what is up to date, resume what was interrupted."""
     cfg, _ = _load_checked(recipe, sets)
+    _check_cache(cfg)
     runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem)
     logger.info("run directory: %s", runner.run_dir)
     logger.info("stage cache: %s", _cache_place(runner))

@@ -12,8 +12,9 @@ that an in-place write into either (an editor keeping hard links) fails instead 
 the other. One whose files no longer match its table (root ignores file modes) is moved aside
 and deleted, never used.
 
-Nothing here may fail a stage: a cache that cannot be written (full disk, permissions) is
-logged and the run goes on without it.
+A cache folder that cannot be written is bad input, found before a run starts
+(`check_writable`). Past that, nothing here may fail a stage: a cache that cannot take an
+entry (full disk) is logged and the run goes on without it.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from qlora_pipeline import rundir
+from qlora_pipeline.errors import InputError
 from qlora_pipeline.graph import output_digest
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,20 @@ class StageCache:
                            record.get("stage"), short_key(key), self.root, exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def check_writable(self) -> None:
+        """InputError unless the cache folder can be created and written: checked before a run
+        starts, so a folder the user cannot write stops it with one message, not a warning per
+        stage."""
+        probe = self.root / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(
+                f"stage cache {self.root}: cannot write there ({exc.strerror or exc}); give a folder you can write "
+                f"(run.cache.dir, or ${ENV}) or turn the cache off (--set run.cache.enabled=false)") from None
 
     def _remove(self, path: Path) -> None:
         """Move an entry aside (gone for every reader at once), then delete it."""

@@ -400,6 +400,19 @@ def test_a_disabled_cache_is_neither_read_nor_written(tiny_llama_dir, tmp_path, 
     assert sorted((p, p.stat().st_mtime_ns) for p in cache.root.rglob("*")) == before
 
 
+def test_a_cache_folder_that_cannot_be_written_stops_the_run_before_it_starts(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(ENV, str(tmp_path / "a-file" / "cache"))  # not a folder, even for root
+    recipe = str(cached_recipe(tiny_llama_dir, tmp_path))
+    assert cli("run", recipe, "--run-dir", str(tmp_path / "one"), "--only", "data") == 2
+    err = capsys.readouterr().err
+    assert f"error: stage cache {tmp_path / 'a-file' / 'cache'}: cannot write there" in err
+    assert "run.cache.enabled=false" in err and "Traceback" not in err
+    assert not (tmp_path / "one").exists()
+    assert cli("plan", recipe, "--run-dir", str(tmp_path / "one")) == 0  # plan writes nothing: it only reads
+
+
 def test_only_stages_kept_out_of_the_cache_read_their_run_directory():
     """An entry is used in any run directory: a stage whose output depends on its own run
     directory (`ctx.run_dir`, which no fingerprint covers) must not be cacheable."""
