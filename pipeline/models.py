@@ -26,7 +26,13 @@ CONVERTER_VERSION = 1  # bump when the GGUF conversion changes what it writes
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QLP_CACHE", Path.home() / ".cache" / "qlora-pipeline")).expanduser()
+    """The project's cache folder (converted models, the stage cache): $QLP_CACHE, else
+    `qlora-pipeline` in the user cache folder ($XDG_CACHE_HOME, which XDG says to ignore when
+    relative, else ~/.cache)."""
+    if os.environ.get("QLP_CACHE"):
+        return Path(os.environ["QLP_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "qlora-pipeline"
 
 
 def _smollm2_gguf() -> Path:

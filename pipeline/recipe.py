@@ -302,8 +302,9 @@ class CacheConfig(_Section):
         "with the same fingerprint (settings, code, input content), and store every finished stage there; "
         "false: the cache is neither read nor written")
     dir: Optional[str] = Field(
-        None, description="cache folder; null: $XDG_CACHE_HOME/qlora-pipeline/stages, by default "
-        "~/.cache/qlora-pipeline/stages; the environment variable QLP_STAGE_CACHE, when set, takes precedence")
+        None, description="cache folder; null: stages/ in the project's cache folder ($QLP_CACHE, else "
+        "$XDG_CACHE_HOME/qlora-pipeline, by default ~/.cache/qlora-pipeline); the environment variable "
+        "QLP_STAGE_CACHE, when set, takes precedence")
 
 
 class RunConfig(_Section):

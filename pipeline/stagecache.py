@@ -32,6 +32,7 @@ from typing import Any, Optional
 from qlora_pipeline import rundir
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.graph import output_digest
+from qlora_pipeline.models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,9 @@ STALE_TMP_SECONDS = 24 * 3600  # a temporary folder this old was left by a proce
 
 
 def user_cache_dir() -> Path:
-    """The default stage cache: `$XDG_CACHE_HOME/qlora-pipeline/stages`, else
-    `~/.cache/qlora-pipeline/stages` (XDG ignores a relative XDG_CACHE_HOME)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "qlora-pipeline" / "stages"
+    """The default stage cache: `stages/` in the project's cache folder, next to the converted
+    models (`models.cache_root`: $QLP_CACHE moves both)."""
+    return cache_root() / "stages"
 
 
 def short_key(key: str) -> str:

@@ -18,6 +18,7 @@ import yaml
 
 from qlora_pipeline import rundir, stagecache
 from qlora_pipeline.graph import StageResult, StageSpec
+from qlora_pipeline.models import cache_root
 from qlora_pipeline.recipe import CacheConfig
 from qlora_pipeline.runner import Runner
 from qlora_pipeline.stagecache import ENTRY, ENV, StageCache, open_cache, short_key, user_cache_dir
@@ -225,10 +226,14 @@ def test_without_a_cache_nothing_is_read_or_written(toy, cache, tmp_path):
 
 def test_where_the_cache_is(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv("QLP_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert open_cache(CacheConfig()).root == tmp_path / "xdg" / "qlora-pipeline" / "stages"
+    assert cache_root() == tmp_path / "xdg" / "qlora-pipeline"  # the converted models' folder too
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     assert user_cache_dir() == Path.home() / ".cache" / "qlora-pipeline" / "stages"
+    monkeypatch.setenv("QLP_CACHE", str(tmp_path / "project"))  # moves the models and the stage cache alike
+    assert user_cache_dir() == tmp_path / "project" / "stages" and cache_root() == tmp_path / "project"
     assert open_cache(CacheConfig(dir=str(tmp_path / "mine"))).root == tmp_path / "mine"
     monkeypatch.setenv(ENV, str(tmp_path / "env"))
     assert open_cache(CacheConfig(dir=str(tmp_path / "mine"))).root == tmp_path / "env"
