@@ -192,6 +192,18 @@ def test_entries_and_the_outputs_they_share_an_inode_with_are_read_only(toy, cac
         assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, path
 
 
+def test_an_in_place_write_into_a_run_output_fails_and_leaves_the_entry_alone(toy, cache, tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    probe.chmod(0o444)
+    if os.access(probe, os.W_OK):
+        pytest.skip("file modes bind no one here (root, or CAP_DAC_OVERRIDE)")
+    in_dir(toy, tmp_path / "one", cache).run()
+    with pytest.raises(PermissionError):
+        open(tmp_path / "one" / "a" / "output" / "a.txt", "r+b")
+    assert cache.find(entries(cache)["a"]["fingerprint"], full=True, discard=False) is not None
+
+
 def test_forced_stages_run_even_with_an_entry(toy, cache, tmp_path):
     in_dir(toy, tmp_path / "one", cache).run()
     toy.calls.clear()
