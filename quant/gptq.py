@@ -164,9 +164,12 @@ def _inverse_factor(H: torch.Tensor, damp_percent: float, damp_step: float = 0.0
         Hd = H.clone()
         Hd[idx, idx] += damp * diag_mean
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # [in, in] each: drop every copy as soon as it is used (memory only)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U, damp
         if damp >= 1.0:
@@ -212,6 +215,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     invperm = torch.argsort(perm)
 
     Hinv, damp = _inverse_factor(H, damp_percent)
+    del H  # only its inverse factor is used from here
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     group_of_col = torch.zeros(in_f, dtype=torch.long, device=W.device)  # in processing order
