@@ -8,7 +8,8 @@ inference that float weight is kept after the first call (see `inference_weight`
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,29 @@ import qlora_kernels as kernels
 from qlora_quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
 
 
+_keep_dequantized = True
+
+
+@contextlib.contextmanager
+def dequantized_cache(enabled: bool) -> Iterator[None]:
+    """Within the block, inference on the torch path keeps (True, the default) or does not keep
+    (False) each layer's dequantized weight. Off for forwards that are not decoding, such as
+    the eval loss between training steps: kept, the weights of every layer would stay
+    dequantized (in float32 on the CPU: 4x the bf16 model, ~28 GB for an 8B)."""
+    global _keep_dequantized
+    before, _keep_dequantized = _keep_dequantized, enabled
+    try:
+        yield
+    finally:
+        _keep_dequantized = before
+
+
 def inference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight for the torch path. Without a kernel (on the CPU), inference
     unpacks each layer once and keeps the float weight, so decoding does not re-unpack every
     layer per token; the values are exactly the packed checkpoint's. Under autograd (training)
-    nothing is kept: memory stays at the packed size."""
-    if torch.is_grad_enabled():
+    and inside `dequantized_cache(False)` nothing is kept: memory stays at the packed size."""
+    if torch.is_grad_enabled() or not _keep_dequantized:
         return layer.dequantized_weight(dtype)
     key = (dtype, layer.weight_key())
     cached = getattr(layer, "_dequantized", None)

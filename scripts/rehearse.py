@@ -62,11 +62,52 @@ _PEAK_RSS = (
 )
 
 
-def pipeline_cli(args: list[str], cwd: Path, log: Path, rss_file: Optional[Path] = None) -> subprocess.Popen:
+# Runs the CLI module in this process and samples, every 10 ms, the resident size and the
+# main thread's Python stack; writes the stack at the highest RSS and a 1 s timeline to argv[1].
+_STACK_SAMPLER = r"""
+import json, os, runpy, sys, threading, time, traceback
+out, module = sys.argv[1], sys.argv[2]
+sys.argv = [module, *sys.argv[3:]]
+main, page, t0 = threading.main_thread(), os.sysconf("SC_PAGE_SIZE"), time.time()
+state = {"peak_rss_bytes": 0, "at_seconds": 0.0, "stack": [], "timeline": []}
+stop = threading.Event()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+def sample():
+    last = 0.0
+    while not stop.wait(0.01):
+        r = rss()
+        if r > state["peak_rss_bytes"]:
+            frame = sys._current_frames().get(main.ident)
+            stack = traceback.format_stack(frame)[-14:] if frame is not None else []
+            state.update(peak_rss_bytes=r, at_seconds=round(time.time() - t0, 2), stack=stack)
+        if time.time() - last >= 1:
+            state["timeline"].append([round(time.time() - t0, 1), r])
+            last = time.time()
+threading.Thread(target=sample, daemon=True).start()
+code = 0
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+finally:
+    stop.set()
+    with open(out, "w") as f:
+        json.dump(state, f)
+sys.exit(code)
+"""
+
+
+def pipeline_cli(args: list[str], cwd: Path, log: Path, rss_file: Optional[Path] = None,
+                 stack_file: Optional[Path] = None) -> subprocess.Popen:
     """Start `python -m pipeline.cli ARGS` from this checkout (PYTHONPATH=repo) in a new process
-    group, stdout+stderr to `log`. With `rss_file`, through the peak-RSS wrapper. The only
+    group, stdout+stderr to `log`. With `rss_file`, through the peak-RSS wrapper; with
+    `stack_file`, in-process under the stack sampler (where the peak RSS happens). The only
     place that names the CLI module."""
-    cli = [sys.executable, "-m", "pipeline.cli", *args]
+    module = "pipeline.cli"
+    cli = ([sys.executable, "-c", _STACK_SAMPLER, str(stack_file), module, *args] if stack_file
+           else [sys.executable, "-m", module, *args])
     cmd = [sys.executable, "-c", _PEAK_RSS, str(rss_file), *cli] if rss_file else cli
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = open(log, "w")
@@ -485,18 +526,15 @@ def mem_available() -> int:
 
 
 def tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for q in procs:
+    """Resident bytes of `pid` and its descendants (read from /proc: cheap enough to poll)."""
+    total, todo, page = 0, [pid], os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        p = todo.pop()
         try:
-            total += q.memory_info().rss
-        except psutil.Error:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
             pass
     return total
 
@@ -513,18 +551,20 @@ def dir_bytes(path: Path) -> int:
 
 
 def run_stage(stage: str, recipe_path: Path, run_dir: Path, workdir: Path, guard_bytes: int,
-              extra: list[str] = (), timeout: Optional[float] = None) -> dict:
+              extra: list[str] = (), timeout: Optional[float] = None, stack_file: Optional[Path] = None,
+              log_name: Optional[str] = None) -> dict:
     """`pipeline run RECIPE --only STAGE` in a child; wall time, peak RSS, disk, memory guard,
     and for layer-by-layer stages when each layer's checkpoint shard appeared. With `timeout`
     (seconds) the stage is stopped after that long (its finished layers are recorded)."""
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
-    rss_file = logs / f"{stage}.maxrss"
+    log_name = log_name or stage
+    rss_file = logs / f"{log_name}.maxrss"
     rss_file.unlink(missing_ok=True)
     args = ["run", str(recipe_path), "--only", stage, *extra]
     load0 = os.getloadavg()
     t0 = time.time()
-    proc = pipeline_cli(args, workdir, logs / f"{stage}.log", rss_file)
+    proc = pipeline_cli(args, workdir, logs / f"{log_name}.log", rss_file, stack_file)
     sdir = run_dir / stage
     sampled_peak = peak_disk = 0
     min_avail = mem_available()
@@ -533,7 +573,7 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path, workdir: Path, guard
     layer_seen: dict[str, float] = {}
     try:
         while proc.poll() is None:
-            time.sleep(0.25)
+            time.sleep(0.5)
             if timeout is not None and time.time() - t0 > timeout and not timed_out:
                 timed_out = True
                 print(f"  stage timeout: stopping {stage} after {timeout / 60:.0f} min", flush=True)
@@ -557,7 +597,7 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path, workdir: Path, guard
     wall = time.time() - t0
     rc = proc.returncode
     peak_disk = max(peak_disk, dir_bytes(sdir))
-    log_text = (logs / f"{stage}.log").read_text(errors="replace")
+    log_text = (logs / f"{log_name}.log").read_text(errors="replace")
     manifest = {}
     if (sdir / "manifest.json").is_file():
         manifest = json.loads((sdir / "manifest.json").read_text())
@@ -581,7 +621,8 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path, workdir: Path, guard
 # ----------------------------------------------------------------------------- the run
 
 
-def plan_stages(recipe_path: Path, workdir: Path) -> list[str]:
+def plan_stages(recipe_path: Path, workdir: Path) -> dict[str, str]:
+    """{stage: its status (done, missing, stale, ...)} in the order `pipeline plan` prints."""
     log = workdir / "logs" / "plan.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = pipeline_cli(["plan", str(recipe_path)], workdir, log)
@@ -589,7 +630,8 @@ def plan_stages(recipe_path: Path, workdir: Path) -> list[str]:
     text = log.read_text()
     if rc != 0:
         raise SystemExit(f"pipeline plan failed (exit {rc}):\n{text[-2000:]}")
-    return [line.split()[0] for line in text.splitlines() if line.startswith("  ") and line.split()]
+    rows = [line.split() for line in text.splitlines() if line.startswith("  ") and len(line.split()) >= 3]
+    return {row[0]: row[2] for row in rows}
 
 
 def machine_info() -> dict:
@@ -649,11 +691,18 @@ def main() -> int:
     ap.add_argument("--awq-search-windows", type=int, default=None, help="quantize.*.awq.search_windows")
     ap.add_argument("--quantizers", nargs="*", default=None, help="names of the recipe's quantize entries to keep")
     ap.add_argument("--stages", nargs="*", default=None, help="run only these stages (their upstream must exist)")
+    ap.add_argument("--skip-stages", nargs="*", default=None, help="do not run these stages (with --resume their "
+                    "earlier records are kept)")
+    ap.add_argument("--resume", action="store_true", help="keep the records in --out of stages that are done in "
+                    "the workdir (or listed in --skip-stages) and run the others")
     ap.add_argument("--prune-quantized", choices=("auto", "yes", "no"), default="auto",
                     help="delete each quantize-<name> stage after its evaluation (auto: when the disk cannot "
                     "hold every quantized output); the report then covers the unpruned artifacts")
     ap.add_argument("--quantize-timeout-min", type=float, default=None,
                     help="stop a quantize-* stage after this long, recording the layers it finished")
+    ap.add_argument("--attribute", default=None, metavar="STAGE|peak",
+                    help="afterwards run STAGE (peak: the stage with the highest peak RSS) once more with --force "
+                    "under a stack sampler, and record the Python stack at its highest RSS")
     ap.add_argument("--mem-guard-gib", type=float, default=1.0, help="kill a stage when MemAvailable falls below")
     args = ap.parse_args()
 
@@ -717,7 +766,7 @@ def main() -> int:
         if model_dir is not None and not (model_dir / "config.json").exists():
             print("dry run: no checkpoint yet, so no `pipeline plan`; stages listed from the recipe")
         else:
-            stages = plan_stages(recipe_path, workdir)
+            stages = list(plan_stages(recipe_path, workdir))
         names = stages or (["data", "base", "evaluate-base", "evaluate-base-nf4", "train", "merge", "evaluate-merged",
                             "calibrate"] + [s for q in recipe.get("quantize", []) for s in
                                             (f"quantize-{q['name']}", f"evaluate-{q['name']}")] + ["report"])
@@ -741,15 +790,32 @@ def main() -> int:
         print(f"  {info['params'] / 1e9:.2f}B parameters, {info['bytes'] / GIB:.2f} GiB in {info['shards']} shards, "
               f"{info['seconds']:.0f} s", flush=True)
 
-    stages = plan_stages(recipe_path, workdir)
-    if args.stages:
-        stages = [s for s in stages if s in args.stages]
+    status = plan_stages(recipe_path, workdir)
+    stages = [s for s in status if not args.stages or s in args.stages]
+    previous: dict[str, dict] = {}
+    if args.resume and out_json.is_file():
+        before = json.loads(out_json.read_text())
+        for r in before.get("stages", []):
+            previous[r["stage"]] = {**r, "measured_by": r.get("measured_by") or {
+                "started": before.get("started"), "code": before.get("machine", {}).get("code")}}
+        result["checkpoint"] = result.get("checkpoint") or before.get("checkpoint")
     guard = int(args.mem_guard_gib * GIB)
     records = []
     pruned: list[str] = []
     unfinished: list[str] = []  # quantizers whose quantize or evaluate stage did not finish
     quantize_names = [q["name"] for q in recipe.get("quantize", [])]
     for stage in stages:
+        old = previous.get(stage)
+        keep_old = old is not None and (stage in (args.skip_stages or []) or
+                                        (old["returncode"] == 0 and status.get(stage) == "done"))
+        if keep_old:  # measured by an earlier invocation (--resume): its record stands
+            print(f"== {stage}: record of {old['measured_by']['started']} kept (--resume)", flush=True)
+            records.append(old)
+            if old["returncode"] != 0 and stage.split("-", 1)[-1] in quantize_names:
+                unfinished.append(stage.split("-", 1)[-1])
+            continue
+        if stage in (args.skip_stages or []):
+            continue
         extra: list[str] = []
         left_out = sorted(set(pruned) | set(unfinished))
         if stage == "report" and left_out:
@@ -791,16 +857,35 @@ def main() -> int:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=2))  # after every stage: a partial run leaves its figures
 
+    if args.attribute and records:
+        done = [r for r in records if r["returncode"] == 0 and r["peak_rss_bytes"]]
+        target = (max(done, key=lambda r: r["peak_rss_bytes"])["stage"] if args.attribute == "peak"
+                  else args.attribute)
+        print(f"== {target} again (--force), under the stack sampler", flush=True)
+        stack_file = workdir / "logs" / f"{target}.stack.json"
+        rec = run_stage(target, recipe_path, run_dir, workdir, guard, ["--force"], stack_file=stack_file,
+                        log_name=f"{target}.attribution")
+        sampled = json.loads(stack_file.read_text()) if stack_file.is_file() else {}
+        timeline = sampled.get("timeline", [])
+        rec["sampler"] = {"peak_rss_bytes": sampled.get("peak_rss_bytes"), "at_seconds": sampled.get("at_seconds"),
+                          "stack_at_peak": [l.rstrip() for l in sampled.get("stack", [])],
+                          "timeline_seconds_rss_bytes": timeline[:: max(1, len(timeline) // 120)]}
+        result["attribution"] = rec
+        print(f"   peak RSS {(sampled.get('peak_rss_bytes') or 0) / GIB:.2f} GiB at {sampled.get('at_seconds')} s; "
+              "stack at the peak:\n" + "".join(sampled.get("stack", [])[-6:]), flush=True)
     result["pruned_quantized"] = pruned
     result["unfinished_quantizers"] = unfinished
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out_json.write_text(json.dumps(result, indent=2))
     print_table(result)
     print(f"written {out_json}")
-    if not args.keep:
+    ok = all(r["returncode"] == 0 for r in records)
+    if not args.keep and ok:
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"removed {workdir} (--keep keeps it)")
-    return 0 if all(r["returncode"] == 0 for r in records) else 1
+    elif not ok:
+        print(f"kept {workdir}: some stages did not finish (fix, then rerun with --resume; delete it when done)")
+    return 0 if ok else 1
 
 
 def print_table(result: dict) -> None:

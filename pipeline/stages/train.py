@@ -36,6 +36,7 @@ from qlora_pipeline.rundir import fsync_dir, fsync_tree
 from qlora_pipeline.safe_state import load_state, save_state
 from qlora_pipeline.scoring import summed_nll
 from qlora_pipeline.stages.data import TOKENS_FILE
+from qlora_kernels.int4_linear import dequantized_cache
 
 logger = logging.getLogger(__name__)
 TRAIN_LOG_FILE = "train_log.json"  # loss per step and validation loss per eval interval (the report plots it)
@@ -158,6 +159,7 @@ def _sort_target_modules(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+@dequantized_cache(False)  # between steps: no layer keeps its dequantized weight (the whole model, in fp32 on a CPU)
 def eval_loss(model, windows: torch.Tensor, batch_size: int, device: str) -> float:
     """Mean next-token NLL on the validation windows, the model back in training mode after."""
     model.eval()

@@ -117,6 +117,19 @@ def test_linear_nf4_forward_equals_dequantized_matmul():
     assert (q(x) - lin(x)).abs().max() < 0.2 * lin(x).abs().max()
 
 
+def test_inference_keeps_the_dequantized_weight_unless_told_not_to():
+    from qlora_kernels.int4_linear import dequantized_cache
+
+    q = LinearNF4.from_linear(torch.nn.Linear(64, 32), blocksize=64)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        with dequantized_cache(False):  # e.g. the eval loss between training steps
+            y = q(x)
+        assert not hasattr(q, "_dequantized")
+        torch.testing.assert_close(q(x), y)  # the same values, now kept for decoding
+        assert hasattr(q, "_dequantized")
+
+
 def test_rejects_bad_input():
     with pytest.raises(ValueError, match="blocksize"):
         quantize_nf4(torch.randn(10), 48)
