@@ -78,3 +78,81 @@ def test_per_row_and_two_bit(problem):
     g = gptq_quantize(W, H, 2, -1, False, True, False, 0.01)
     assert g.scales.shape == (1, 96) and g.codes.max() <= 3
     assert output_error(X, W, g.Q) < output_error(X, W, rtn_quantize(W, 2, -1, False).Q)
+
+
+def _inverse_factor_keeping_copies(H, damp_percent, damp_step=0.01):
+    """`_inverse_factor` as it was before the [in, in] copies were dropped early (commit 8ce3d48)."""
+    diag_mean = torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    damp = damp_percent
+    while True:
+        Hd = H.clone()
+        Hd[idx, idx] += damp * diag_mean
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U, damp
+        if damp >= 1.0:
+            raise ValueError("not positive definite")
+        damp = min(1.0, damp + damp_step)
+
+
+@pytest.mark.parametrize("act_order,static,damp", [(False, False, 0.01), (True, True, 0.01), (True, False, 0.0)])
+def test_dropping_hessian_copies_early_changes_no_byte(problem, monkeypatch, act_order, static, damp):
+    """The memory change in `_inverse_factor`/`gptq_quantize` (del of each [in, in] copy once
+    used) gives exactly the old outputs, including the damping retries (damp 0 on a rank-
+    deficient H)."""
+    import qlora_quant.gptq as gptq
+
+    X, W, H = problem
+    if damp == 0.0:  # rank 20 of 256: not positive definite until damped
+        H = accumulate_hessian(None, 0, X[:20])[0]
+    new = gptq_quantize(W, H, 4, 16, act_order=act_order, static_groups=static, damp_percent=damp)
+    monkeypatch.setattr(gptq, "_inverse_factor", _inverse_factor_keeping_copies)
+    old = gptq_quantize(W, H, 4, 16, act_order=act_order, static_groups=static, damp_percent=damp)
+    for a, b in zip(new, old):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        else:
+            assert a == b
+    if damp == 0.0:
+        assert new.damp_percent > 0  # the retry loop ran
+
+
+def test_inverse_factor_holds_at_most_two_square_copies_besides_its_input():
+    """Live [in, in] tensors at any op inside `_inverse_factor` (the caller's H not counted):
+    2 now (the one being factored and its factor), 4 before (+ the damped clone, its Cholesky
+    factor, the inverse)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qlora_quant.gptq import _inverse_factor
+
+    n = 48
+
+    class LiveSquares(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs, self.peak = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) == (n, n):
+                    self.refs.append(weakref.ref(t))
+            self.peak = max(self.peak, len({id(t) for r in self.refs if (t := r()) is not None}))
+            return out
+
+    A = torch.randn(n, 2 * n, dtype=torch.float64)
+    H = A @ A.T / n
+    counts = {}
+    for name, fn in (("new", _inverse_factor), ("old", _inverse_factor_keeping_copies)):
+        mode = LiveSquares()
+        with mode:
+            U, _ = fn(H, 0.01)
+        counts[name] = mode.peak
+        del U
+    assert counts == {"new": 2, "old": 4}, counts
