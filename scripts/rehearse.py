@@ -16,7 +16,7 @@ runs every stage in its own process (`pipeline run <recipe> --only <stage>`, in 
 RUSAGE_CHILDREN maxrss, as scripts/bench_stage_memory.py), the bytes on disk of the stage's
 directory (peak while it ran, and its output when done), and a COMPUTED estimate of the GPU
 memory the stage needs on CUDA at the recipe's real settings (`gpu_estimate`; formulas in its
-docstring and in README.md#scale-rehearsal). Results: benchmarks/rehearsal_<shape>.json and a
+docstring and in docs/rehearsal.md). Results: benchmarks/rehearsal_<shape>.json and a
 table on stdout.
 
 A memory guard kills a stage (its whole process group) when the machine's MemAvailable falls
@@ -99,20 +99,54 @@ sys.exit(code)
 """
 
 
+def import_root(workdir: Path) -> Path:
+    """A folder of symlinks giving this checkout's folders their import names, from
+    pyproject.toml's `package-dir` (qlora_pipeline -> pipeline/, ...). The stages' processes
+    get it first on PYTHONPATH, so they run this checkout's code even where another checkout
+    is installed (an editable install maps the names to its own folders). The repository root
+    itself is never put on the path: `import kernels` must stay Hugging Face's package."""
+    import tomllib
+
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    root = workdir / "importroot"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, folder in package_dir.items():
+        link = root / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(REPO / folder, target_is_directory=True)
+    return root
+
+
+def child_env(workdir: Path) -> dict:
+    root = import_root(workdir)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def check_imports(workdir: Path) -> None:
+    """Fail unless a stage's process imports the packages from this checkout."""
+    code = "import qlora_pipeline, qlora_quant, qlora_kernels as k, os; print(os.path.realpath(k.__file__))"
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(workdir), capture_output=True, text=True)
+    where = Path(out.stdout.strip()) if out.returncode == 0 else None
+    if where is None or not where.is_relative_to(REPO.resolve()):
+        raise SystemExit(f"the stages would not run this checkout's code ({REPO}): qlora_kernels from "
+                         f"{where or out.stderr.strip()[-500:]}")
+
+
 def pipeline_cli(args: list[str], cwd: Path, log: Path, rss_file: Optional[Path] = None,
                  stack_file: Optional[Path] = None) -> subprocess.Popen:
-    """Start `python -m pipeline.cli ARGS` from this checkout (PYTHONPATH=repo) in a new process
-    group, stdout+stderr to `log`. With `rss_file`, through the peak-RSS wrapper; with
-    `stack_file`, in-process under the stack sampler (where the peak RSS happens). The only
-    place that names the CLI module."""
-    module = "pipeline.cli"
+    """Start `python -m qlora_pipeline.cli ARGS` with this checkout's code (`import_root` in
+    `cwd`) in a new process group, stdout+stderr to `log`. With `rss_file`, through the
+    peak-RSS wrapper; with `stack_file`, in-process under the stack sampler (where the peak RSS
+    happens). The only place that names the CLI module."""
+    module = "qlora_pipeline.cli"
     cli = ([sys.executable, "-c", _STACK_SAMPLER, str(stack_file), module, *args] if stack_file
            else [sys.executable, "-m", module, *args])
     cmd = [sys.executable, "-c", _PEAK_RSS, str(rss_file), *cli] if rss_file else cli
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = open(log, "w")
     try:
-        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=child_env(cwd),
+                                start_new_session=True)
     finally:
         out.close()
 
@@ -721,6 +755,7 @@ def main() -> int:
     recipe = derive_recipe(base_recipe, overrides, args, run_dir)
     need = disk_needed(shape, layers, recipe)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_imports(workdir)
     free = shutil.disk_usage(workdir).free
     prune = {"yes": True, "no": False}.get(args.prune_quantized, need["keep_all"] + 5 * GIB > free)
     if need["prune"] + 3 * GIB > free and not args.dry_run:
