@@ -1,5 +1,6 @@
 """scripts/rehearse.py: the streamed checkpoint is a valid sharded HF checkpoint of the exact
-shape, and the computed memory figures add up (fast: a toy shape, no pipeline run)."""
+shape, the computed memory figures add up (fast: a toy shape, no pipeline run), and the whole
+rehearsal runs end to end on a toy shape (slow)."""
 from __future__ import annotations
 
 import importlib.util
@@ -68,14 +69,63 @@ def test_llama3_8b_figures(rehearse):
     assert rehearse.gpu_estimate("quantize-gptq-w4g128", shape, recipe)["bytes"] == 0
     train = rehearse.gpu_estimate("train", shape, recipe)
     assert 8 < train["gib"] < 16
+    # docs/rehearsal.md's tables, part by part (recipe: micro batch 1 x 2048, r 16 all-linear,
+    # paged_adamw_8bit, gradient checkpointing, NF4 blocksize 64; evaluation 4 x 2048 in bf16)
+    d, f, L, V, dkv, T = 4096, 14336, 32, 128256, 1024, 2048
+    p_layer = 2 * d * d + 2 * d * dkv + 3 * d * f
+    p_rest = 2 * V * d + (2 * L + 1) * d
+    nf4 = 0.5 + 1 / 64 + 4 / (256 * 64)
+    p_lora = L * 16 * (2 * d + 2 * d + 2 * (d + dkv) + 3 * (d + f))
+    assert p_lora == 41_943_040
+    expected = {"weights": L * p_layer * nf4 + p_rest * 2, "lora_params_grads_optimizer": p_lora * (4 + 4 + 2),
+                "saved_hidden": L * T * d * 2, "one_layer_recompute_and_backward": 2 * T * (50 * d + 6 * dkv + 13 * f),
+                "logits_loss_and_grad": T * V * 14, "dequantized_linear": d * f * 2}
+    assert {k: v * 2**30 for k, v in train["parts_gib"].items()} == pytest.approx(expected)
+    assert round(train["gib"], 2) == 11.25
+    assert round(ev["gib"], 2) == 27.70  # bf16 base/merged: over a 24 GB card (docs/rehearsal.md)
+    assert round(rehearse.gpu_estimate("evaluate-base-nf4", shape, recipe)["gib"], 2) == 18.16
+    assert round(rehearse.gpu_estimate("evaluate-gptq-w4g128", shape, recipe)["gib"], 2) == 18.19
+    # the layer engine's calibration activations: samples x seq_len x hidden x 4 bytes, held twice
+    gptq = rehearse.host_estimate("quantize-gptq-w4g128", shape, recipe)
+    h = 256 * 2048 * d * 4
+    assert h == 8 * 2**30
+    layer = 2 * h + p_layer * 6 + 4 * f * f * 4 + 8 * T * (3 * f + 4 * d) * 4
+    assert gptq["phases_gib"]["layer"] * 2**30 == pytest.approx(layer) and round(gptq["gib"], 2) == 23.91
     one = replace(shape, layers=1)
     assert rehearse.tensor_plan(one, 1)[-1] == ("lm_head.weight", (128256, 4096))
 
 
 def test_dry_run_prints_the_plan(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "rehearse.py"), "--shape", "llama3-8b", "--dry-run",
-                          "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=60)
+                          "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "override train.optimizer = \"adamw\"" in out.stdout
     assert "evaluate-base " in out.stdout and "GPU" in out.stdout
     assert not (tmp_path / "w" / "model").exists()
+
+
+@pytest.mark.slow  # 11 stage processes, each starting torch, transformers and MLflow: over 2 min on 2 cores
+def test_end_to_end_on_a_tiny_shape(tmp_path):
+    """The whole rehearsal (checkpoint, then every stage of the llama3 recipe in its own process,
+    one quantizer) on the toy Llama (2 layers, 128k vocab): a record per planned stage with wall
+    time, peak RSS, disk and the computed GPU figure, all stages finished."""
+    out = tmp_path / "rehearsal.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "rehearse.py"), "--shape", "tiny", "--layers", "2",
+                           "--quantizers", "gptq-w4g128", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["layers"], result["partial_depth"], result["checkpoint"]["layers"]) == (2, False, 2)
+    stages = [r["stage"] for r in result["stages"]]
+    assert stages == ["data", "base", "evaluate-base", "evaluate-base-nf4", "train", "merge", "evaluate-merged",
+                      "calibrate", "quantize-gptq-w4g128", "evaluate-gptq-w4g128", "report"]
+    for r in result["stages"]:
+        assert r["returncode"] == 0, r
+        assert r["wall_seconds"] > 0 and r["peak_rss_bytes"] > 100 * 2**20
+        assert r["stage_dir_peak_bytes"] >= r["output_bytes"] > 0
+        g = r["gpu_estimate"]
+        assert g["on_gpu"] == (r["stage"] == "train" or r["stage"].startswith("evaluate-"))
+        assert (g["bytes"] > 0) == g["on_gpu"]
+    assert result["stages"][stages.index("quantize-gptq-w4g128")]["host_ram_estimate_real_settings"]["bytes"] > 0
+    assert "quantize-gptq-w4g128" in proc.stdout and "GPU GiB (computed)" in proc.stdout  # the table
+    assert not (tmp_path / "w").exists()  # removed when every stage finished (no --keep)
