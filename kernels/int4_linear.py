@@ -9,6 +9,8 @@ inference that float weight is kept after the first call (see `inference_weight`
 from __future__ import annotations
 
 import contextlib
+import os
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -20,6 +22,24 @@ from qlora_quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantiz
 
 
 _keep_dequantized = True
+_kept_bytes: dict[str, int] = {}  # device type -> bytes of dequantized weights kept by live layers
+
+
+def _keep_budget(device: torch.device) -> int:
+    """Bytes of dequantized weights inference may keep on `device`'s kind of memory:
+    QLP_DEQUANT_CACHE_GB when set, else a quarter of the host's RAM (CPU) or of the GPU's
+    memory. Past it, a layer dequantizes at every call: an 8B model's linears in float32
+    (28 GB) would not fit next to anything else on a 24 GB host."""
+    env = os.environ.get("QLP_DEQUANT_CACHE_GB")
+    if env is not None:
+        return int(float(env) * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _release(kind: str, nbytes: int) -> None:
+    _kept_bytes[kind] = _kept_bytes.get(kind, 0) - nbytes
 
 
 @contextlib.contextmanager
@@ -39,16 +59,24 @@ def dequantized_cache(enabled: bool) -> Iterator[None]:
 def inference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight for the torch path. Without a kernel (on the CPU), inference
     unpacks each layer once and keeps the float weight, so decoding does not re-unpack every
-    layer per token; the values are exactly the packed checkpoint's. Under autograd (training)
-    and inside `dequantized_cache(False)` nothing is kept: memory stays at the packed size."""
+    layer per token; the values are exactly the packed checkpoint's. Under autograd (training),
+    inside `dequantized_cache(False)`, and for layers past the budget of `_keep_budget` nothing
+    is kept: memory stays at the packed size."""
     if torch.is_grad_enabled() or not _keep_dequantized:
         return layer.dequantized_weight(dtype)
     key = (dtype, layer.weight_key())
     cached = getattr(layer, "_dequantized", None)
-    if cached is None or cached[0] != key:
-        cached = (key, layer.dequantized_weight(dtype))
-        layer._dequantized = cached
-    return cached[1]
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weight = layer.dequantized_weight(dtype)
+    if cached is not None:  # a stale entry (another dtype or device): give its bytes back
+        cached[2]()  # runs _release once
+        del layer._dequantized
+    kind, nbytes = weight.device.type, weight.numel() * weight.element_size()
+    if _kept_bytes.get(kind, 0) + nbytes <= _keep_budget(weight.device):
+        _kept_bytes[kind] = _kept_bytes.get(kind, 0) + nbytes
+        layer._dequantized = (key, weight, weakref.finalize(layer, _release, kind, nbytes))
+    return weight
 
 
 class LinearInt4(nn.Module):

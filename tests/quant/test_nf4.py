@@ -135,3 +135,25 @@ def test_rejects_bad_input():
         quantize_nf4(torch.randn(10), 48)
     with pytest.raises(ValueError, match="float"):
         quantize_nf4(torch.arange(10), 64)
+
+
+def test_inference_keeps_dequantized_weights_within_a_byte_budget(monkeypatch):
+    """Past QLP_DEQUANT_CACHE_GB a layer dequantizes at every call instead of keeping its
+    float weight (an 8B model's would not fit a 24 GB host); a freed layer gives its bytes back."""
+    import gc
+
+    from qlora_kernels import int4_linear
+
+    one_layer = 32 * 64 * 4  # float32 [32, 64]
+    monkeypatch.setenv("QLP_DEQUANT_CACHE_GB", str((int4_linear._kept_bytes.get("cpu", 0) + one_layer) / 2**30))
+    a = LinearNF4.from_linear(torch.nn.Linear(64, 32), blocksize=64)
+    b = LinearNF4.from_linear(torch.nn.Linear(64, 32), blocksize=64)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        assert hasattr(a, "_dequantized") and not hasattr(b, "_dequantized")  # b is past the budget
+        torch.testing.assert_close(b(x), yb)  # same values, computed again
+        del a
+        gc.collect()
+        b(x)
+        assert hasattr(b, "_dequantized")  # a's bytes were given back
