@@ -369,6 +369,9 @@ def rehearsal_overrides(args, model_dir: Optional[Path]) -> dict:
         "evaluate.device": "cpu",
         "evaluate.prompts": [],
         "evaluate.speed": False,
+        # The stage cache would keep another copy of every output (16 GB for the 8B source's
+        # merge alone where the cache is on another filesystem); what it saves is measured elsewhere.
+        "run.cache.enabled": False,
     }
 
 
