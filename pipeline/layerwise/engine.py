@@ -20,6 +20,7 @@ from torch import nn
 from qlora_pipeline.compute import compute_context
 from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
 from qlora_pipeline.layerwise.families import Family
+from qlora_pipeline.layerwise.replay import LayerReplays, installer
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
 from qlora_pipeline.layerwise.shards import SHARD, release_freed_memory, save_atomic, valid_shard
 from qlora_quant.gptq import accumulate_hessian
@@ -56,12 +57,13 @@ def error_metrics(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor]) -
 
 
 def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: int,
-             compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             compute_dtype: torch.dtype = torch.float32, replays: Optional[LayerReplays] = None) -> torch.Tensor:
     out = torch.empty_like(hidden)
     with compute_context(compute_dtype):
-        for s in range(0, hidden.shape[0], chunk):
-            out[s : s + chunk] = layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids,
-                                       position_embeddings=pos_emb)
+        for k, s in enumerate(range(0, hidden.shape[0], chunk)):
+            with installer(replays)(k):
+                out[s : s + chunk] = layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids,
+                                           position_embeddings=pos_emb)
     return out
 
 
@@ -70,26 +72,30 @@ class _InputsSeen(Exception):
 
 
 def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, pos_emb, chunk: int,
-              compute_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+              compute_dtype: torch.dtype = torch.float32, replays: Optional[LayerReplays] = None) -> list[torch.Tensor]:
     """The Hessian of the input of each group's first linear, from forwards of the layer that
     stop as soon as the last of these inputs has been seen (the rest of the layer is not needed).
-    The forwards run in `compute_dtype`; the Hessians accumulate in float32."""
+    The forwards run in `compute_dtype`; the Hessians accumulate in float32. With `replays`,
+    finished modules are replayed and the inputs it asks for are kept."""
     state: list[tuple[Optional[torch.Tensor], int]] = [(None, 0) for _ in groups]
     seen: set[int] = set()
+    keep = replays.capture_for([g[0] for g in groups]) if replays is not None else set()
     handles = []
     for k, group in enumerate(groups):
-        def hook(mod, inp, k=k):
+        def hook(mod, inp, k=k, first=group[0]):
             with compute_context(torch.float32):
                 state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
+            if first in keep:
+                replays.keep(first, inp[0])
             seen.add(k)
             if len(seen) == len(groups):
                 raise _InputsSeen
         handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(hook))
     try:
-        for s in range(0, hidden.shape[0], chunk):
+        for c, s in enumerate(range(0, hidden.shape[0], chunk)):
             seen.clear()
             try:
-                with compute_context(compute_dtype):
+                with compute_context(compute_dtype), installer(replays)(c):
                     layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
             except _InputsSeen:
                 pass
@@ -129,6 +135,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
         tensor_names = [n[len(prefix):] for n in wmap if n.startswith(prefix)]
         runner.materialize(layer, read_prefix(wmap, prefix), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
+        replays: Optional[LayerReplays] = None  # set when this layer is quantized true-sequentially
         linear_names = {prefix + lin for lin in family.linears}
         if shard.exists() and valid_shard(shard):
             stored = _load(shard)
@@ -145,8 +152,10 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
             if transform_layer is not None:
                 metrics.update(transform_layer(i, layer, hidden, pos_ids, pos_emb))
             passes = [[g] for g in groups] if true_sequential else [groups]
+            if hidden is not None and true_sequential:
+                replays = LayerReplays(layer, family, -(-hidden.shape[0] // chunk), hidden.shape[0] * hidden.shape[1])
             for batch in passes:
-                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk, compute_dtype)
+                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk, compute_dtype, replays)
                             if hidden is not None else [None] * len(batch))
                 for group, H in zip(batch, hessians):
                     for lin in group:
@@ -155,6 +164,8 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                         result = quantize_linear(prefix + lin, W, H)
                         module.weight.data = result.weight.float()
                         out.update({f"{prefix}{lin}.{k}": v for k, v in result.tensors.items()})
+                        if replays is not None:
+                            replays.quantized.add(lin)
                         short = lin.rsplit('.', 1)[-1]
                         metrics.update({f"{short}.{k}": v for k, v in result.metrics.items()})
                         metrics.update({f"{short}.{k}": v for k, v in error_metrics(W, module.weight.data, H).items()})
@@ -165,7 +176,8 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
             save_atomic(out, shard)
         if hidden is not None:
-            hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk, compute_dtype)
+            hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk, compute_dtype, replays)
+        replays = None  # its kept inputs are this layer's
         layer.to("meta")
         release_freed_memory()
     return n_layers

@@ -24,6 +24,19 @@ class ScalingGroup:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """A module of the decoder layer whose output is exactly its last linear applied to that
+    linear's input (nothing after it): once that input has been captured with every earlier
+    linear of the module quantized, the module's output for the same windows is that linear
+    applied to the captured input, and the engine computes only that (GPTQ's true-sequential
+    passes run each layer up to five times; most of it is recomputing these)."""
+
+    module: str
+    last_linear: str
+    returns_tuple: bool  # the module returns (output, extras): attention returns its weights too
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
@@ -35,6 +48,7 @@ class Family:
     attention: str  # the attention module (called with position embeddings, not a plain input)
     awq_groups: tuple[ScalingGroup, ...]
     awq_no_clip: tuple[str, ...]  # linears AWQ does not clip (q/k: attention logits are sensitive)
+    replays: tuple[Replay, ...] = ()
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     head: str = "lm_head"  # absent from checkpoints whose head is tied to the embedding
@@ -75,6 +89,10 @@ LLAMA = Family(
         ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
     awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    # LlamaAttention ends with `o_proj(attn_output)` and returns (output, weights); LlamaMLP is
+    # `down_proj(act(gate_proj(x)) * up_proj(x))`.
+    replays=(Replay("self_attn", "self_attn.o_proj", returns_tuple=True),
+             Replay("mlp", "mlp.down_proj", returns_tuple=False)),
 )
 
 FAMILIES = (LLAMA,)
