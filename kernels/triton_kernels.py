@@ -325,8 +325,15 @@ def _nf4_mm(a2: torch.Tensor, t: NF4Tensor, forward: bool) -> torch.Tensor:
 
 
 def nf4_matmul(x: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T: the GEMV for M <= GEMV_MAX_M (`_nf4_gemv`), else `_nf4_mm` (which
+    also takes any M from NF4_CUBLAS_MIN_M, checked first as in `w4a16_matmul`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    return _nf4_mm(x2, t, forward=True).reshape(*x.shape[:-1], t.shape[0])
+    if 0 < x2.shape[0] <= GEMV_MAX_M and x2.shape[0] < NF4_CUBLAS_MIN_M:
+        out = torch.empty(x2.shape[0], t.shape[0], dtype=x2.dtype, device=x2.device)
+        _nf4_gemv(x2, t, out)
+    else:
+        out = _nf4_mm(x2, t, forward=True)
+    return out.reshape(*x.shape[:-1], t.shape[0])
 
 
 def nf4_matmul_grad_input(g: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
@@ -515,13 +522,16 @@ def w4a16_dequantize(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def w4a16_matmul(x: torch.Tensor, w: W4A16Weight) -> torch.Tensor:
-    """x [..., K] @ W [K, N] in x's dtype: split-K for M <= SPLIT_K_MAX_M (one launch), a tiled
-    GEMM up to W4A16_CUBLAS_MIN_M, dequantize + cuBLAS from there."""
+    """x [..., K] @ W [K, N] in x's dtype: the GEMV for M <= GEMV_MAX_M, split-K up to
+    SPLIT_K_MAX_M (both one launch), a tiled GEMM up to W4A16_CUBLAS_MIN_M, dequantize + cuBLAS
+    from there."""
     x2 = x.reshape(-1, x.shape[-1])
     M, K, N = x2.shape[0], w.in_features, w.out_features
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M >= W4A16_CUBLAS_MIN_M:
         torch.matmul(x2, w4a16_dequantize(w, x.dtype), out=out)
+    elif 0 < M <= GEMV_MAX_M:
+        _w4a16_gemv(x2, w, out)
     elif M > 0:
         cfg = _w4a16_config(M, w.group_size)
         grid_m, grid_n = triton.cdiv(M, cfg.BM), triton.cdiv(N, cfg.BN)
@@ -545,6 +555,298 @@ def _split_plan(M: int, P: int, R: int, out_tiles: int, tile: int, device: torch
     split = triton.cdiv(R, per_split)
     ws, count = _workspace(device, M * P if split > 1 else 0, out_tiles if split > 1 else 0)
     return split, per_split, ws, count
+
+# ---------------------------------------------------------------- GEMV for M <= GEMV_MAX_M
+#
+# Decoding reads each weight once per token: the time is the weight's bytes over the memory
+# bandwidth, and the split-K GEMM above wastes most of a 16-row `tl.dot` tile at M = 1 (it ran
+# at parity with bf16 on an H200). The GEMV kernels below follow the fast 4-bit GEMVs
+# (docs/kernels.md#anchors): every packed word or byte is loaded once and its nibbles are
+# expanded in registers, scales / zeros / absmax once per group or block row, the M rows
+# (padded to BM in {1, 4, 16}) are multiplied in float32 with no tensor cores and no padded
+# rows in the weight stream, and K is split across programs so that small layers still fill
+# the GPU (`_split_k`: about two waves of the SM count, from the device properties).
+#
+# Reduction: each thread keeps its own float32 partial sums through the K loop, in the
+# register layout the packed tile was loaded in (GPTQ: one nibble position of every word at a
+# time, [BM, BK/8, BN]; AWQ: [BM, BK, BN/8, 8]; NF4: the high and low nibble halves,
+# [BM, BN, BK/2]), so the loop body is loads and FMAs; the `tl.sum` across threads and warps
+# runs once, after the loop (a `tl.sum` per step compiled to a shared-memory reduction per
+# step).
+#
+# One launch per call: the split partial sums go through `_store_tile`'s float32 workspace,
+# which the last program of each tile reads and re-zeroes (no memset, no cast kernel; a
+# two-pass reduction would need a second launch). Act-order GPTQ keeps the group-sorted rows
+# of `kernels.layouts.from_gptq`, so scales and zeros stay one row per group; each K row's
+# source column is loaded from `perm` inside the kernel and x is gathered through it (a
+# per-row index load, rather than gathering a [BK, BN] scale tile per row by g_idx).
+#
+# None of these tiles has been timed on a GPU yet (scripts/tune_kernels.py sweeps them).
+
+# Activations with at most this many rows take the GEMV (M padded to BM = 1, 4 or 16 rows).
+GEMV_MAX_M = 16
+# float32 partial sums each thread keeps through the K loop: 32 (so 32 x 32 per warp).
+GEMV_ACC_PER_WARP = 32 * 32
+
+
+class GemvConfig(NamedTuple):
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+
+
+def _gemv_bm(M: int) -> int:
+    """Rows of the GEMV's register tile: three sizes, so three compiled variants per path."""
+    return 1 if M <= 1 else 4 if M <= 4 else 16
+
+
+def _gemv_warps(bm: int) -> int:
+    return 8 if bm == 16 else 4
+
+
+def _gemv_bk(group: int, bk_max: int) -> int:
+    """The K-tile: the largest power of two up to bk_max that divides the group (one scale
+    row per tile), unless that is below min(bk_max, 32); then bk_max (at most 64) with each
+    row's own group, as for groups like 40 or 48."""
+    bk = bk_max
+    while bk > 8 and group % bk:
+        bk //= 2
+    return bk if group % bk == 0 and bk >= min(bk_max, 32) else min(bk_max, 64)
+
+
+def _w4a16_gemv_config(M: int, group_size: int, awq: bool) -> GemvConfig:
+    """Tiles of the W4A16 GEMV (untuned: not yet measured on a GPU), sized by the partial sums
+    a thread keeps (GEMV_ACC_PER_WARP), K-tile at most 128. GPTQ: BN = 64 (a warp reads 64
+    consecutive words of a K-row of words), partial sums [BM, BK/8, BN]. AWQ: its words run
+    along N, so BN = 128 (16 words of a K row) up to BM = 4, 64 above; partial sums
+    [BM, BK, BN] (the nibbles are not looped over: they are columns)."""
+    bm = _gemv_bm(M)
+    warps = _gemv_warps(bm)
+    budget = GEMV_ACC_PER_WARP * warps
+    if awq:
+        bn = 128 if bm <= 4 else 64
+        bk_max = budget // (bm * bn)
+    else:
+        bn = 64
+        bk_max = 8 * budget // (bm * bn)
+    return GemvConfig(bm, bn, _gemv_bk(group_size, max(8, min(128, bk_max))), warps)
+
+
+def _nf4_gemv_config(M: int, blocksize: int) -> GemvConfig:
+    """Tiles of the NF4 GEMV (untuned): BK = the block, at most 128 (one absmax per weight row
+    and tile); BN from the partial sums a thread keeps ([BM, BN, BK/2]), at least 8."""
+    bm = _gemv_bm(M)
+    warps = _gemv_warps(bm)
+    bk = min(128, blocksize)
+    return GemvConfig(bm, max(8, GEMV_ACC_PER_WARP * warps // (bm * bk // 2)), bk, warps)
+
+
+@triton.jit
+def _gemv_x(x_ptr, perm_ptr, rm, rk, M, K, stride_xm, stride_xk, HAS_PERM: tl.constexpr):
+    """float32 x[rm, rk] (or x[rm, perm[rk]]) for K indices rk of any shape, rm already shaped
+    to broadcast in front of them; zero outside x."""
+    kmask = rk < K
+    if HAS_PERM:
+        xk = tl.load(perm_ptr + rk, mask=kmask, other=0)
+    else:
+        xk = rk
+    x = tl.load(x_ptr + rm * stride_xm + xk[None] * stride_xk, mask=(rm < M) & kmask[None], other=0.0,
+                eviction_policy="evict_last")
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _gemv_gptq_step(acc, x_ptr, perm_ptr, qweight_ptr, qzeros_ptr, scales_ptr, k0, n0, M, N, K, stride_xm,
+                    stride_xk, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, zero_offset,
+                    GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
+    """acc [BM, BK/8, BN] plus the products of x[:, k0 : k0 + BK] and W[k0 : k0 + BK, n0 : n0 + BN],
+    GPTQ layout: the words [BK/8, BN] are loaded once, then nibble j of every word (K rows
+    k0 + 8r + j) is taken in turn, in the words' own register layout, and multiplied by the
+    matching x column. Nothing is reduced here: each thread keeps its partial sums."""
+    DTYPE = x_ptr.dtype.element_ty
+    rw = k0 // 8 + tl.arange(0, BK // 8)
+    rn = n0 + tl.arange(0, BN)
+    word = tl.load(qweight_ptr + rw[:, None] * stride_qk + rn[None, :] * stride_qn,
+                   mask=(rw[:, None] < K // 8) & (rn[None, :] < N), other=0, eviction_policy="evict_first")
+    zshift = (rn % 8) * 4  # qzeros: column n in nibble n % 8 of word n // 8
+    if GROUP % BK == 0:  # one group: one row of scales and zeros for the whole tile
+        g = k0 // GROUP
+        zword = tl.load(qzeros_ptr + g * stride_zg + (rn // 8) * stride_zn, mask=rn < N, other=0)
+        z = (((zword >> zshift) & 0xF) + zero_offset)[None, :]
+        s = tl.load(scales_ptr + g * stride_sg + rn * stride_sn, mask=rn < N, other=0.0)[None, :]
+    for j in tl.static_range(8):
+        rk = rw * 8 + j
+        x = _gemv_x(x_ptr, perm_ptr, tl.arange(0, BM)[:, None], rk, M, K, stride_xm, stride_xk, HAS_PERM)
+        if GROUP % BK != 0:  # each K row's own group
+            gk = (rk // GROUP)[:, None]
+            gmask = (rk < K)[:, None] & (rn < N)[None, :]
+            zword = tl.load(qzeros_ptr + gk * stride_zg + (rn // 8)[None, :] * stride_zn, mask=gmask, other=0)
+            z = ((zword >> zshift[None, :]) & 0xF) + zero_offset
+            s = tl.load(scales_ptr + gk * stride_sg + rn[None, :] * stride_sn, mask=gmask, other=0.0)
+        w = _scale(((word >> (4 * j)) & 0xF) - z, s, DTYPE)
+        acc += x[:, :, None] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _gemv_awq_step(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, k0, n0, M, N, K, stride_xm, stride_xk,
+                   stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, zero_offset,
+                   GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """acc [BM, BK, BN/8, 8] plus the products of x[:, k0 : k0 + BK] and W[k0 : k0 + BK, n0 : n0 + BN],
+    AWQ layout: the words [BK, BN/8] are loaded once and unpacked to [BK, BN/8, 8] (column
+    8c + j of word column c sits at the shift of j in the order 0 2 4 6 1 3 5 7), which
+    extends the words' layout by an in-thread dimension. Nothing is reduced here."""
+    DTYPE = x_ptr.dtype.element_ty
+    rk = k0 + tl.arange(0, BK)
+    rc = n0 // 8 + tl.arange(0, BN // 8)
+    rn = rc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BN/8, 8]
+    nw = (N + 7) // 8
+    order = _nibble_shifts(True)
+    x = _gemv_x(x_ptr, x_ptr, tl.arange(0, BM)[:, None], rk, M, K, stride_xm, stride_xk, False)
+    word = tl.load(qweight_ptr + rk[:, None] * stride_qk + rc[None, :] * stride_qn,
+                   mask=(rk[:, None] < K) & (rc[None, :] < nw), other=0, eviction_policy="evict_first")
+    q = (word[:, :, None] >> order[None, None, :]) & 0xF
+    if GROUP % BK == 0:
+        g = k0 // GROUP
+        zword = tl.load(qzeros_ptr + g * stride_zg + rc * stride_zn, mask=rc < nw, other=0)
+        z = ((zword[:, None] >> order[None, :]) & 0xF) + zero_offset
+        s = tl.load(scales_ptr + g * stride_sg + rn * stride_sn, mask=rn < N, other=0.0)
+        w = _scale(q - z[None, :, :], s[None, :, :], DTYPE)
+    else:
+        gk = rk // GROUP
+        kmask = rk < K
+        zword = tl.load(qzeros_ptr + gk[:, None] * stride_zg + rc[None, :] * stride_zn,
+                        mask=kmask[:, None] & (rc[None, :] < nw), other=0)
+        z = ((zword[:, :, None] >> order[None, None, :]) & 0xF) + zero_offset
+        s = tl.load(scales_ptr + gk[:, None, None] * stride_sg + rn[None, :, :] * stride_sn,
+                    mask=kmask[:, None, None] & (rn < N)[None, :, :], other=0.0)
+        w = _scale(q - z, s, DTYPE)
+    return acc + x[:, :, None, None] * w.to(tl.float32)[None, :, :, :]
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, perm_ptr, out_ptr, ws_ptr, count_ptr, qweight_ptr, qzeros_ptr, scales_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_om, stride_on, stride_qk, stride_qn, stride_zg, stride_zn,
+                       stride_sg, stride_sn, zero_offset, k_per_split,
+                       GROUP: tl.constexpr, AWQ: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[M, N] = x[M, K][:, perm] @ W[K, N] for M <= BM, W packed 4-bit (GPTQ or AWQ layout).
+    Program axes: N tiles of BN, SPLIT chunks of k_per_split (a multiple of BK) of K; with
+    SPLIT > 1, ws [M, N] float32 and one counter per N tile are `_store_tile`'s workspace."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BN
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # the partial sums stay per thread through the loop (plain FMAs on the weights' register
+    # layout); the one reduction across threads and warps is after it
+    if AWQ:
+        acc = tl.zeros((BM, BK, BN // 8, 8), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            acc = _gemv_awq_step(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, k0, n0, M, N, K, stride_xm,
+                                 stride_xk, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                                 zero_offset, GROUP, BM, BN, BK)
+        acc2 = tl.reshape(tl.sum(acc, axis=1), (BM, BN))
+    else:
+        acc = tl.zeros((BM, BK // 8, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            acc = _gemv_gptq_step(acc, x_ptr, perm_ptr, qweight_ptr, qzeros_ptr, scales_ptr, k0, n0, M, N, K,
+                                  stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg,
+                                  stride_sn, zero_offset, GROUP, HAS_PERM, BM, BN, BK)
+        acc2 = tl.sum(acc, axis=1)
+    rm = tl.arange(0, BM)
+    rn = n0 + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    _store_tile(acc2, out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+                ws_ptr + rm[:, None] * N + rn[None, :], mask, count_ptr + pid_n, SPLIT)
+
+
+def _w4a16_gemv(x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) -> None:
+    """out = x2 @ W for 0 < M <= GEMV_MAX_M: one launch."""
+    M, K, N = x2.shape[0], w.in_features, w.out_features
+    awq = w.layout == "awq"
+    cfg = _w4a16_gemv_config(M, w.group_size, awq)
+    grid_n = triton.cdiv(N, cfg.BN)
+    split, k_per_split, ws, count = _split_plan(M, N, K, grid_n, cfg.BK, x2.device)
+    _w4a16_gemv_kernel[(grid_n, split)](
+        x2, w.perm if w.perm is not None else w.qweight, out, ws, count, *_w4a16_common(w), M, N, K,
+        x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), *_w4a16_strides(w), w.zero_offset, k_per_split,
+        GROUP=w.group_size, AWQ=awq, HAS_PERM=w.perm is not None, SPLIT=split, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+        num_warps=cfg.num_warps)
+
+
+@triton.jit
+def _nf4_gemv_halves(rn, k0, N, K, packed_ptr, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, code,
+                     DTYPE: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr):
+    """float32 (W[rn, k0 + 2i], W[rn, k0 + 2i + 1]) for i < BK/2, each [BN, BK/2], rounded to
+    DTYPE as the twin's weight is: the high and low nibbles of one [BN, BK/2] load of bytes
+    (each byte once), one absmax per row (the tile lies in one block), the code from registers.
+    Requires K % BLOCKSIZE == 0, BK dividing BLOCKSIZE, k0 % BK == 0."""
+    start = rn.to(tl.int64) * K + k0
+    byte = tl.load(packed_ptr + (start // 2)[:, None] + tl.arange(0, BK // 2)[None, :], mask=(rn < N)[:, None],
+                   other=0, eviction_policy="evict_first").to(tl.int32)
+    absmax = _nf4_absmax(start // BLOCKSIZE, rn < N, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, NESTED)
+    hi = (_nf4_lookup(byte >> 4, code) * absmax[:, None]).to(DTYPE).to(tl.float32)
+    lo = (_nf4_lookup(byte & 0xF, code) * absmax[:, None]).to(DTYPE).to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_xk, stride_om, stride_on,
+                     packed_ptr, qabsmax_ptr, nested_ptr, offset_ptr, code_ptr, nested_code_ptr, k_per_split,
+                     ALIGNED: tl.constexpr, SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[M, N] = x[M, K] @ W^T for M <= BM, W [N, K] in NF4 (the forward of `LinearNF4`).
+    ALIGNED (K % BLOCKSIZE == 0): `_nf4_gemv_halves`, x loaded as its even and odd columns;
+    otherwise each element finds its byte and block (`_nf4_rows`). Program axes and workspace
+    as `_w4a16_gemv_kernel`."""
+    DTYPE = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    code = _nf4_code(code_ptr)
+    offset = tl.load(offset_ptr)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # per-thread partial sums through the loop, one reduction after it (as the W4A16 GEMV)
+    if ALIGNED:
+        acc3 = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            hi, lo = _nf4_gemv_halves(rn, k0, N, K, packed_ptr, qabsmax_ptr, nested_ptr, nested_code_ptr, offset,
+                                      code, DTYPE, BLOCKSIZE, NESTED, BK)
+            ke = k0 + 2 * tl.arange(0, BK // 2)
+            xe = _gemv_x(x_ptr, x_ptr, rm[:, None], ke, M, K, stride_xm, stride_xk, False)
+            xo = _gemv_x(x_ptr, x_ptr, rm[:, None], ke + 1, M, K, stride_xm, stride_xk, False)
+            acc3 += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]
+    else:
+        acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            w = _nf4_rows(rn, k0, N, K, packed_ptr, qabsmax_ptr, nested_ptr, nested_code_ptr, offset, code, DTYPE,
+                          BLOCKSIZE, NESTED, BK, False).to(tl.float32)
+            x = _gemv_x(x_ptr, x_ptr, rm[:, None], k0 + tl.arange(0, BK), M, K, stride_xm, stride_xk, False)
+            acc3 += x[:, None, :] * w[None, :, :]
+    acc = tl.sum(acc3, axis=2)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    _store_tile(acc, out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+                ws_ptr + rm[:, None] * N + rn[None, :], mask, count_ptr + pid_n, SPLIT)
+
+
+def _nf4_gemv(x2: torch.Tensor, t: NF4Tensor, out: torch.Tensor) -> None:
+    """out = x2 @ W^T for 0 < M <= GEMV_MAX_M: one launch."""
+    N, K = t.shape
+    M = x2.shape[0]
+    cfg = _nf4_gemv_config(M, t.blocksize)
+    grid_n = triton.cdiv(N, cfg.BN)
+    split, k_per_split, ws, count = _split_plan(M, N, K, grid_n, cfg.BK, x2.device)
+    _nf4_gemv_kernel[(grid_n, split)](
+        x2, out, ws, count, M, N, K, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
+        t.packed, t.qabsmax, t.nested_absmax, t.offset, t.code, t.nested_code, k_per_split,
+        ALIGNED=K % t.blocksize == 0, SPLIT=split, BLOCKSIZE=t.blocksize, NESTED=NESTED_BLOCKSIZE,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, enable_fp_fusion=False)
+
 
 # ---------------------------------------------------------------- compile-only configurations
 
@@ -645,3 +947,58 @@ def launch_configs():
                         f"w4a16_dequantize {what} -> {act}, {sc} scales g{group}", _w4a16_dequantize_kernel, sig,
                         {"GROUP": group, "AWQ": awq, "HAS_PERM": has_perm, "BN": 64, "BK": _w4a16_bk(group)},
                         {"num_warps": 4}, "stride_on stride_qn stride_zn stride_sn")
+    yield from _gemv_launch_configs()
+
+
+# Groups and block sizes that reach every GEMV tile `_w4a16_gemv_config` / `_nf4_gemv_config`
+# choose (test_compile.py checks the wrappers' choices against them): per GEMV row count, each
+# K-tile inside one group (128, 64, 32, 16) and each row's own group (16 and 8: groups
+# smaller than the K-tile). Block sizes 256..4096 take the tiles of 128.
+GEMV_COMPILED_GROUPS = (128, 64, 32, 16, 8)
+GEMV_COMPILED_BLOCKSIZES = (64, 32, 128)
+GEMV_COMPILED_MS = (1, 4, GEMV_MAX_M)
+
+
+def _gemv_launch_configs():
+    """The GEMV launches: every distinct tile (and group path) with fp16 and bf16 activations
+    and scales; the other activation/scale pairs and act-order on the common group 128."""
+    w4_strides = "stride_qk stride_qn stride_zg stride_zn stride_sg stride_sn zero_offset"
+    for act, sc in COMPILED_DTYPES:
+        full = (act, sc) in (("fp16", "fp16"), ("bf16", "bf16"))
+        for awq in (False, True):
+            seen = set()
+            for group in GEMV_COMPILED_GROUPS if full else (128,):
+                for has_perm in ((False, True) if not awq and group == 128 else (False,)):
+                    for m in GEMV_COMPILED_MS:
+                        cfg = _w4a16_gemv_config(m, group, awq)
+                        key = (cfg, group % cfg.BK == 0, has_perm)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        what = f"{'awq' if awq else 'gptq'}{' act-order' if has_perm else ''}"
+                        sig = {"x_ptr": f"*{act}", "perm_ptr": "*i64" if has_perm else "*i32", "out_ptr": f"*{act}",
+                               "ws_ptr": "*fp32", "count_ptr": "*i32", "qweight_ptr": "*i32", "qzeros_ptr": "*i32",
+                               "scales_ptr": f"*{sc}",
+                               **_sig(f"M N K stride_xm stride_xk stride_om stride_on {w4_strides} k_per_split", "i32"),
+                               **_sig("GROUP AWQ HAS_PERM SPLIT BM BN BK", "constexpr")}
+                        yield _config(
+                            f"w4a16_gemv {what} {act} x {sc} scales g{group} BM={cfg.BM}", _w4a16_gemv_kernel, sig,
+                            {"GROUP": group, "AWQ": awq, "HAS_PERM": has_perm, "SPLIT": 2, "BM": cfg.BM,
+                             "BN": cfg.BN, "BK": cfg.BK},
+                            {"num_warps": cfg.num_warps}, "stride_xk stride_on stride_qn stride_zn stride_sn")
+    nf4_bufs = {"packed_ptr": "*u8", "qabsmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32",
+                "code_ptr": "*fp32", "nested_code_ptr": "*fp32"}
+    for act in ("fp16", "bf16", "fp32"):
+        for blocksize in GEMV_COMPILED_BLOCKSIZES if act != "fp32" else (64,):
+            for aligned in (True, False):
+                for m in GEMV_COMPILED_MS:
+                    cfg = _nf4_gemv_config(m, blocksize)
+                    sig = {"x_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32", "count_ptr": "*i32",
+                           **_sig("M N K stride_xm stride_xk stride_om stride_on", "i32"), **nf4_bufs,
+                           "k_per_split": "i32", **_sig("ALIGNED SPLIT BLOCKSIZE NESTED BM BN BK", "constexpr")}
+                    yield _config(
+                        f"nf4_gemv {act} blocksize={blocksize}{'' if aligned else ' unaligned'} BM={cfg.BM}",
+                        _nf4_gemv_kernel, sig,
+                        {"ALIGNED": aligned, "SPLIT": 2, "BLOCKSIZE": blocksize, "NESTED": NESTED_BLOCKSIZE,
+                         "BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK},
+                        {"num_warps": cfg.num_warps, "enable_fp_fusion": False}, "stride_xk stride_on")

@@ -317,6 +317,9 @@ def _path(kernel: str, M: Optional[int]) -> str:
     limit = tk.NF4_CUBLAS_MIN_M if kernel.startswith("nf4") else tk.W4A16_CUBLAS_MIN_M
     if M >= limit:
         return "dequantize + cuBLAS"
+    if M <= tk.GEMV_MAX_M:
+        # the NF4 GEMV is the forward only; the input gradient of "fwd+bwd" stays split-K
+        return "GEMV + split-K grad" if kernel == "nf4 linear fwd+bwd" else "GEMV"
     return "split-K" if M <= tk.SPLIT_K_MAX_M else "tiled GEMM"
 
 

@@ -77,10 +77,11 @@ def test_row_offsets_are_int64(compiled):
 
 def test_no_tf32_and_half_precision_operands_on_the_tensor_cores(compiled):
     """fp16/bf16 activations: every mma takes fp16/bf16 operands and accumulates in float32;
-    float32 activations: no tensor-core instruction at all ("ieee" dots), hence no TF32."""
+    float32 activations: no tensor-core instruction at all ("ieee" dots), hence no TF32. The
+    GEMVs reduce in float32 registers: no tensor-core instruction at any dtype."""
     for cc, name, _, tf32, mma, act, _ in compiled:
         assert not tf32, f"sm_{cc} {name}: TF32 in the PTX"
-        if act == "fp32":
+        if "_gemv " in name or act == "fp32":
             assert not mma, f"sm_{cc} {name}: {mma}"
         elif act in ("fp16", "bf16"):
             assert mma, f"sm_{cc} {name}: no mma"
@@ -108,3 +109,32 @@ def test_the_wrappers_choose_only_compiled_tiles():
             for forward in (True, False):
                 cfg = tk._nf4_config(m, blocksize, forward)
                 assert (forward, cfg.BM, cfg.BP, cfg.BR) in nf4, (m, blocksize, forward, cfg)
+
+
+def test_the_gemv_wrappers_choose_only_compiled_tiles():
+    """The GEMV tiles (and group path: one scale row per tile, or each row's group) that
+    `w4a16_matmul` and `nf4_matmul` pick for every M <= GEMV_MAX_M and every group or block
+    size are among the compiled ones, for both layouts; act-order and every activation/scale
+    dtype pair are compiled at each row count."""
+    from qlora_kernels import triton_kernels as tk
+    from qlora_quant.nf4 import ALLOWED_BLOCKSIZES
+
+    configs = [c for c in tk.launch_configs() if "_gemv " in c.name]
+    tiles = lambda c: (c.constexprs["BM"], c.constexprs["BN"], c.constexprs["BK"])  # noqa: E731
+    w4 = {(c.constexprs["AWQ"],) + tiles(c) + (c.constexprs["GROUP"] % c.constexprs["BK"] == 0,)
+          for c in configs if c.name.startswith("w4a16_gemv ")}
+    nf4 = {tiles(c) + (c.constexprs["ALIGNED"],) for c in configs if c.name.startswith("nf4_gemv ")}
+    for m in range(1, tk.GEMV_MAX_M + 1):
+        for group in (8, 16, 24, 32, 40, 48, 56, 64, 72, 96, 112, 128, 192, 256, 1024, 4096, 11008, 14336):
+            for awq in (False, True):
+                cfg = tk._w4a16_gemv_config(m, group, awq)
+                assert (awq, cfg.BM, cfg.BN, cfg.BK, group % cfg.BK == 0) in w4, (m, group, awq, cfg)
+        for blocksize in ALLOWED_BLOCKSIZES:
+            cfg = tk._nf4_gemv_config(m, blocksize)
+            for aligned in (True, False):
+                assert (cfg.BM, cfg.BN, cfg.BK, aligned) in nf4, (m, blocksize, aligned, cfg)
+    for bm in {tk._gemv_bm(m) for m in range(1, tk.GEMV_MAX_M + 1)}:
+        for act, sc in tk.COMPILED_DTYPES:
+            names = [c.name for c in configs if c.constexprs["BM"] == bm]
+            assert any(f"gptq act-order {act} x {sc} scales" in n for n in names), (bm, act, sc)
+            assert any(f"awq {act} x {sc} scales" in n for n in names), (bm, act, sc)

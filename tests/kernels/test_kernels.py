@@ -223,7 +223,7 @@ def test_small_m_is_one_launch(monkeypatch, kind):
         t = _nf4(64, 256, 1)
         x = torch.randn(1, 64 if kind == "nf4 grad_input" else 256, generator=_gen(1)).to(DEVICE, torch.float16)
         fn = (lambda: tk.nf4_matmul_grad_input(x, t)) if kind == "nf4 grad_input" else (lambda: tk.nf4_matmul(x, t))
-        name = "_nf4_matmul_kernel"
+        name = "_nf4_matmul_kernel" if kind == "nf4 grad_input" else "_nf4_gemv_kernel"
     else:
         if kind == "awq":
             res = rtn_quantize(torch.randn(64, 256, generator=_gen(2)) * 0.05, 4, 32, sym=False)
@@ -234,7 +234,7 @@ def test_small_m_is_one_launch(monkeypatch, kind):
             assert w.perm is not None
         x = torch.randn(1, 256, generator=_gen(1)).to(DEVICE, torch.float16)
         fn = lambda: tk.w4a16_matmul(x, w)  # noqa: E731
-        name = "_w4a16_matmul_kernel"
+        name = "_w4a16_gemv_kernel"
     expected = fn()  # first call: the workspace is allocated (zeroed) once
     rec = _Recorder()
     monkeypatch.setattr(tk, name, rec.wrap(getattr(tk, name)))
