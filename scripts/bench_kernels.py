@@ -9,7 +9,10 @@ per M in {1, 4, 16, 128, 1024, 4096} tokens:
     `F.linear` of the same shape, against dequantize + cuBLAS, and act-order against plain;
   - the QLoRA NF4 linear, forward + input gradient, against dequantize + cuBLAS (twice, as the
     bitsandbytes/unsloth QLoRA path does) and against a bf16 linear; bitsandbytes
-    `matmul_4bit` (forward) when installed.
+    `matmul_4bit` (forward) when installed;
+  - at M <= 16 the wrappers take the GEMV kernels (W4A16 and the NF4 forward; the `path`
+    column says which kernel ran): each is also timed against the split-K kernel it replaced
+    ("split-K (GEMV off)", for information: where the GEMV stops paying).
 
 Protocol:
   - Weights rotate: each timed function gets as many copies of its weights (packed tensors,
@@ -69,6 +72,11 @@ MS = (1, 4, 16, 128, 1024, 4096)
 GROUP = 128
 NF4_BLOCK = 64
 LARGE = 4096 * 14336  # "4096x14336 and larger" in the targets
+# kernels/triton_kernels.py GEMV_MAX_M (not imported here: --dry-run runs without the kernels);
+# up to this M the W4A16 and NF4 forward wrappers take the GEMV, and the rows below also time
+# the split-K kernel they replaced ("split-K (GEMV off)", no target), for the crossover
+GEMV_MAX_M = 16
+GEMV_OFF = "split-K (GEMV off)"
 CHECK_TOLERANCE = 1e-2
 DEVICE = "cuda"
 DTYPE = torch.bfloat16  # activations and the bf16 baselines (tests/kernels swaps in cpu + fp16: the interpreter)
@@ -123,9 +131,13 @@ def plan(models: list[str], ms: tuple[int, ...], bnb: bool) -> list[dict]:
                         add(model, layer, K, N, M, kernel, "copy bandwidth")
                     add(model, layer, K, N, M, kernel, "bf16 F.linear")
                     add(model, layer, K, N, M, kernel, "dequantize + cuBLAS")
+                    if M <= GEMV_MAX_M:
+                        add(model, layer, K, N, M, kernel, GEMV_OFF)
                 add(model, layer, K, N, M, "w4a16 gptq act-order", "w4a16 gptq")
                 add(model, layer, K, N, M, "nf4 linear fwd+bwd", "dequantize + cuBLAS")
                 add(model, layer, K, N, M, "nf4 linear fwd+bwd", "bf16 linear fwd+bwd")
+                if M <= GEMV_MAX_M:
+                    add(model, layer, K, N, M, "nf4 linear fwd", GEMV_OFF)
                 if bnb:
                     add(model, layer, K, N, M, "nf4 linear fwd", "bitsandbytes matmul_4bit")
     return rows
@@ -276,13 +288,22 @@ def measure(rows: list[dict], reps: int) -> dict:
             for name, ws in w4.items():
                 err = rel_error(tk.w4a16_matmul(x, ws[0]), reference.w4a16_matmul(x, ws[0]))
                 record(M, name, [lambda w=w: tk.w4a16_matmul(x, w) for w in ws], err)
+                if M <= tk.GEMV_MAX_M:
+                    with _gemv_off(tk):
+                        err = rel_error(tk.w4a16_matmul(x, ws[0]), reference.w4a16_matmul(x, ws[0]))
+                        record(M, f"{name} {GEMV_OFF}", [lambda w=w: tk.w4a16_matmul(x, w) for w in ws], err)
                 record(M, f"{name} dequantize + cuBLAS",
                        [lambda w=w: torch.matmul(x, tk.w4a16_dequantize(w, x.dtype)) for w in ws])
             err = max(rel_error(tk.nf4_matmul(x, nf4[0]), reference.nf4_matmul(x, nf4[0])),
                       rel_error(tk.nf4_matmul_grad_input(g, nf4[0]), reference.nf4_matmul_grad_input(g, nf4[0])))
             record(M, "nf4 linear fwd+bwd", [lambda t=t: (tk.nf4_matmul(x, t), tk.nf4_matmul_grad_input(g, t))
                                              for t in nf4], err)
-            record(M, "nf4 linear fwd", [lambda t=t: tk.nf4_matmul(x, t) for t in nf4])
+            err = rel_error(tk.nf4_matmul(x, nf4[0]), reference.nf4_matmul(x, nf4[0]))
+            record(M, "nf4 linear fwd", [lambda t=t: tk.nf4_matmul(x, t) for t in nf4], err)
+            if M <= tk.GEMV_MAX_M:
+                with _gemv_off(tk):
+                    err = rel_error(tk.nf4_matmul(x, nf4[0]), reference.nf4_matmul(x, nf4[0]))
+                    record(M, f"nf4 linear fwd {GEMV_OFF}", [lambda t=t: tk.nf4_matmul(x, t) for t in nf4], err)
             record(M, "nf4 dequantize + cuBLAS",
                    [lambda t=t: (x @ tk.nf4_dequantize(t, x.dtype).t(), g @ tk.nf4_dequantize(t, g.dtype))
                     for t in nf4])
@@ -292,6 +313,20 @@ def measure(rows: list[dict], reps: int) -> dict:
         del w4, nf4, bf16, bnb_q
         torch.cuda.empty_cache()
     return {"copy_bytes_per_second": copy_bw, "l2_bytes": l2, "times": times}
+
+
+class _gemv_off:
+    """Within the block the wrappers skip the GEMV (GEMV_MAX_M = 0): the split-K kernel runs."""
+
+    def __init__(self, tk):
+        self.tk = tk
+
+    def __enter__(self):
+        self.saved = self.tk.GEMV_MAX_M
+        self.tk.GEMV_MAX_M = 0
+
+    def __exit__(self, *exc):
+        self.tk.GEMV_MAX_M = self.saved
 
 
 def _bitsandbytes():
@@ -342,6 +377,8 @@ def evaluate(rows: list[dict], measured: dict) -> None:
             base = r["baseline"]
             if base == "dequantize + cuBLAS":  # measured per weight format
                 base = f"{'nf4' if r['kernel'].startswith('nf4') else r['kernel']} dequantize + cuBLAS"
+            elif base == GEMV_OFF:  # the same kernel name, measured with the GEMV off
+                base = f"{r['kernel']} {GEMV_OFF}"
             b = times[key + (base,)]
             r.update(baseline_us=b["us"], baseline_us_eager=b["us_eager"], value=b["us"] / k["us"])
         ok_check = r["check_rel_error"] is None or r["check_rel_error"] <= CHECK_TOLERANCE

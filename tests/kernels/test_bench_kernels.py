@@ -79,10 +79,26 @@ def test_measuring_code_runs_end_to_end_on_a_tiny_shape(monkeypatch, capsys):
 
     monkeypatch.setattr(bench, "time_calls", fake_time)
     monkeypatch.setenv("QLP_KERNELS", "triton")
+    from qlora_kernels import triton_kernels as tk
+
+    gemv_calls = []
+    for name in ("_w4a16_gemv", "_nf4_gemv"):
+        original = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _n=name, _o=original: gemv_calls.append(_n) or _o(*a))
     rows = bench.plan(["llama3-8b"], (1, 20), bnb=False)
     measured = bench.measure(rows, reps=1)
     bench.evaluate(rows, measured)
     assert min(timed) == 2  # weights rotate over (at least) two copies
+    # at M = 1 the GEMV is what runs (and is checked); the split-K kernel it replaced is timed too
+    assert {"_w4a16_gemv", "_nf4_gemv"} <= set(gemv_calls) and tk.GEMV_MAX_M == bench.GEMV_MAX_M
+    for r in rows:
+        if r["M"] == 1 and r["kernel"].startswith(("w4a16", "nf4 linear fwd")):
+            assert r["path"].startswith("GEMV") and r["check_rel_error"] is not None, r
+    off = [r for r in rows if r["baseline"] == bench.GEMV_OFF]
+    assert {r["kernel"] for r in off} == {"w4a16 gptq", "w4a16 awq", "w4a16 gptq act-order", "nf4 linear fwd"}
+    assert all(r["M"] == 1 and r["value"] == 1.0 for r in off)
+    assert all(measured["times"][("llama3-8b", "o", 1, f"{r['kernel']} {bench.GEMV_OFF}")]["check_rel_error"] < 1e-2
+               for r in off)
     for r in rows:
         assert r["check_rel_error"] is None or r["check_rel_error"] < 1e-2, r
         if r["target"] is not None:
