@@ -12,15 +12,16 @@ how the tests run them end to end without a GPU).
     nf4_matmul(x [..., K], t: NF4Tensor of shape [N, K]) -> x @ W^T [..., N] in x's dtype
     nf4_matmul_grad_input(g [..., N], t) -> g @ W [..., K]: the input gradient of nf4_matmul.
         Dequantize on the fly tile by tile (no [N, K] float weight in memory) below
-        `triton_kernels.NF4_CUBLAS_MIN_M` rows, dequantize once + cuBLAS from there; used by
+        `triton_kernels.NF4_CUBLAS_MIN_M` rows, dequantize once + cuBLAS from there; the
+        forward takes a GEMV for M <= `triton_kernels.GEMV_MAX_M` (16); used by
         `qlora_kernels.nf4_linear.LinearNF4` forward and backward (autograd function).
     w4a16_matmul(x [..., K], w: W4A16Weight) -> x @ W [..., N] in x's dtype
         4-bit GPTQ (qweight [K/8, N], v1 or v2 zeros) or AWQ GEMM (qweight [K, N/8]) with
         equal groups of `group_size` rows, any size that divides K (a multiple of 16 keeps
         each K-tile inside one group; any other size reads each row's group). Act-order GPTQ
         is permuted once at load (`kernels.layouts.from_gptq`); the kernel gathers x's columns
-        itself. M <= 16: split-K, one launch; up to `triton_kernels.W4A16_CUBLAS_MIN_M`: a tiled
-        GEMM; from there dequantize + cuBLAS. Used by `qlora_kernels.int4_linear.LinearInt4`.
+        itself. M <= 16: a GEMV (float32 register reduction, split-K), one launch; up to
+        `triton_kernels.W4A16_CUBLAS_MIN_M`: a tiled GEMM; from there dequantize + cuBLAS. Used by `qlora_kernels.int4_linear.LinearInt4`.
 
 Precision: accumulation is float32. fp16/bf16 activations multiply fp16/bf16 weights (the
 weight rounded once to the activation dtype, as the twin does); float32 activations are

@@ -1,5 +1,6 @@
 """Triton kernels: NF4 dequantize, NF4 matmul (forward and input gradient), W4A16 matmul and
-dequantize (GPTQ and AWQ-GEMM layouts).
+dequantize (GPTQ and AWQ-GEMM layouts), and GEMVs for M <= GEMV_MAX_M rows (W4A16 and the NF4
+forward; float32 register reduction, no tensor cores).
 
 Numerics (docs/kernels.md#pitfalls):
 - No TF32. With fp16/bf16 activations the weight tile is dequantized straight into the
