@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from qlora_pipeline.devices import device_problem
 from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
 from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
@@ -53,6 +54,10 @@ def check_inputs(recipe) -> list[str]:
         if source is not None and source.path is not None:
             problems += check_data_path(Path(source.path).expanduser(), source.text_field, f"{key}.path")
     problems += check_tracking_uri(recipe.tracking.uri if recipe.tracking.enabled else None)
+    for i, entry in enumerate(recipe.quantize):
+        problem = device_problem(entry.device, f"quantize.{i}.device")
+        if problem:
+            problems.append(problem)
     return problems
 
 

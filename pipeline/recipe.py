@@ -219,6 +219,19 @@ class AWQOptions(_Section):
         "channel statistics and the clip search use all of them")
 
 
+class ActivationStorage(_Section):
+    """Where and how the layer engine keeps the calibration activations (one [windows, tokens,
+    hidden] set, overwritten layer by layer). `pipeline.layerwise.placement` has the formula."""
+
+    storage: Literal["auto", "device", "host"] = Field(
+        "auto", description="device: resident on the compute device; host: in pinned host memory, streamed to "
+        "the device a chunk of windows at a time (the same result, bit for bit); auto: device when the formula "
+        "says they fit, else host. On the CPU both are host memory")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the activations are stored in between layers (computed in float32 either "
+        "way); bfloat16 halves their memory and changes the result slightly (README: measured tolerance)")
+
+
 class QuantizeEntry(_Section):
     name: str
     method: str = Field(description="a method of the registry (qlora_pipeline.methods): " + ", ".join(METHODS))
@@ -231,8 +244,12 @@ class QuantizeEntry(_Section):
     true_sequential: bool = True
     mse: bool = False
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="dtype of the calibration forward passes (the layer engine runs on the CPU); weights, "
+        "auto", description="dtype of the calibration forward passes (autocast on the entry's device); weights, "
         "Hessians and the solve stay float32; auto: float32")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the layer engine computes (layer weights, Hessians, the GPTQ/AWQ solve, the "
+        "forwards): auto: cuda when present, else cpu; cuda requested on a machine without one is an error")
+    activations: ActivationStorage = ActivationStorage()
     awq: AWQOptions = AWQOptions()
 
     @field_validator("name")

@@ -54,8 +54,8 @@ class GroupInput:
     def add(self, x: torch.Tensor, keep: int) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.xtx is None:
-            self.xtx = torch.zeros(flat.shape[1], flat.shape[1])
-            self.abs_sum = torch.zeros(flat.shape[1])
+            self.xtx = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+            self.abs_sum = torch.zeros(flat.shape[1], device=flat.device)
         self.xtx.addmm_(flat.t(), flat)
         self.abs_sum += flat.abs().sum(dim=0)
         self.n += flat.shape[0]
@@ -84,9 +84,9 @@ def _needs_samples(layer: nn.Module, g: ScalingGroup) -> bool:
     return not (g.inspect in g.linears and len(g.linears) == 1)
 
 
-def capture(layer: nn.Module, groups: list[ScalingGroup], hidden: torch.Tensor, kw: _Kwargs, chunk: int,
-            search_windows: int) -> list[GroupInput]:
-    """One forward of the float layer over every calibration window, recording each group's input
+def capture(layer: nn.Module, groups: list[ScalingGroup], hidden, kw: _Kwargs, search_windows: int) -> list[GroupInput]:
+    """One forward of the float layer over every calibration window (`hidden`: the engine's
+    `Activations`, chunks handed over on the layer's device), recording each group's input
     (raw samples only for the groups that will be searched with a block forward)."""
     inputs = [GroupInput() for _ in groups]
     taken = 0
@@ -97,8 +97,7 @@ def capture(layer: nn.Module, groups: list[ScalingGroup], hidden: torch.Tensor, 
             inputs[k].add(inp[0].detach(), keep)
         handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(hook))
     try:
-        for s in range(0, hidden.shape[0], chunk):
-            batch = hidden[s : s + chunk]
+        for _, batch in hidden.batches():
             layer(batch, attention_mask=None, position_ids=kw.position_ids, position_embeddings=kw.position_embeddings)
             taken += batch.shape[0]
     finally:
@@ -189,7 +188,7 @@ def search_layer_clip(layer: nn.Module, family: Family, all_inputs: list[GroupIn
         if name in family.awq_no_clip or name not in by_linear:
             continue
         g, inp = by_linear[name]
-        s = scales.get(f"scales.{g.prev_op}", torch.ones(inp.xtx.shape[0]))
+        s = scales.get(f"scales.{g.prev_op}", torch.ones(inp.xtx.shape[0], device=inp.xtx.device))
         gram = (inp.xtx / inp.n) / s.unsqueeze(0) / s.unsqueeze(1)
         W = layer.get_submodule(name).weight.data.float()
         result[f"clip.{name}"] = search_clip(W, gram_blocks(gram, settings.group_size), settings.bits,
@@ -235,21 +234,22 @@ def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, 
         path = checkpoint_dir / SEARCH_FILE.format(i)
         metrics: dict[str, float] = {}
         if path.exists() and valid_shard(path):
+            device = next(layer.parameters()).device
             with safe_open(str(path), "pt") as st:
-                result = {k: st.get_tensor(k) for k in st.keys()}
+                result = {k: st.get_tensor(k).to(device) for k in st.keys()}
                 metrics = json.loads((st.metadata() or {}).get("metrics", "{}"))
             apply_scales(layer, groups, result, dtype)
         elif not search:
             raise StageError(f"{path}: no AWQ search result for layer {i}; rerun its awq-search stage")
         else:
             kw = _Kwargs(position_ids, position_embeddings)
-            inputs = capture(layer, list(family.awq_groups), hidden, kw, chunk, settings.search_windows)
+            inputs = capture(layer, list(family.awq_groups), hidden, kw, settings.search_windows)
             result, metrics = search_layer_scales(layer, family, inputs, settings, kw, chunk)
             apply_scales(layer, groups, result, dtype)
             if settings.clip:
                 result.update(search_layer_clip(layer, family, inputs, result, settings))
             del inputs
-            save_atomic(result, path, metadata={"metrics": json.dumps(metrics)})
+            save_atomic({k: v.cpu() for k, v in result.items()}, path, metadata={"metrics": json.dumps(metrics)})
         apply_clip(layer, result)
         return metrics
 

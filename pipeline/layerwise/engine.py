@@ -5,12 +5,20 @@ decoder layer: loads its weights from the merged checkpoint, collects the Hessia
 group of linears that share an input (one pass per true-sequential group), quantizes them,
 writes the layer's packed result as an intra-stage checkpoint, computes the next layer's
 inputs with the quantized weights (so errors propagate as they will at inference), and frees
-the layer. Peak memory: one decoder layer plus the calibration activations. A killed stage
-resumes at the first layer without a checkpoint, replaying the finished layers' forward
-from their packed weights, so the result equals an uninterrupted run's.
+the layer. Peak memory: one decoder layer plus one set of calibration activations (each
+chunk's outputs overwrite its inputs). A killed stage resumes at the first layer without a
+checkpoint, replaying the finished layers' forward from their packed weights, so the result
+equals an uninterrupted run's.
+
+Where it computes: `device` ("cpu" or "cuda") holds the layer, its Hessians and the solve;
+the activations live on that device or in pinned host memory streamed to it chunk by chunk
+(`Activations`; `placement.plan` decides), stored in float32 or bfloat16 and always computed
+in float32. The shards are written from the CPU as before. On the CPU with float32 storage
+the arithmetic is the same as before this option existed, so are the bytes.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -20,10 +28,12 @@ from torch import nn
 from qlora_pipeline.compute import compute_context
 from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
 from qlora_pipeline.layerwise.families import Family
-from qlora_pipeline.layerwise.replay import LayerReplays, installer
+from qlora_pipeline.layerwise.placement import Placement
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
 from qlora_pipeline.layerwise.shards import SHARD, release_freed_memory, save_atomic, valid_shard
 from qlora_quant.gptq import accumulate_hessian
+
+logger = logging.getLogger(__name__)
 
 
 class LinearResult(NamedTuple):
@@ -56,47 +66,86 @@ def error_metrics(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor]) -
     return out
 
 
-def _forward(layer: nn.Module, hidden: torch.Tensor, pos_ids, pos_emb, chunk: int,
-             compute_dtype: torch.dtype = torch.float32, replays: Optional[LayerReplays] = None) -> torch.Tensor:
-    out = torch.empty_like(hidden)
-    with compute_context(compute_dtype):
-        for k, s in enumerate(range(0, hidden.shape[0], chunk)):
-            with installer(replays)(k):
-                out[s : s + chunk] = layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids,
-                                           position_embeddings=pos_emb)
-    return out
+class Activations:
+    """The calibration activations entering the current decoder layer: [windows, tokens, hidden],
+    stored in `dtype` on the compute device (`placement` "device") or in host memory ("host"),
+    pinned when the device is CUDA so that chunks cross with non-blocking copies.
+
+    Chunks are handed to the layer on the device in float32 (`batches`) and their outputs
+    written back over them (`write`): windows are independent, so a chunk's inputs are dead once
+    its outputs exist, and one set is live instead of two. All copies are issued on the current
+    CUDA stream, so each waits for the work before it; `sync` waits for the host writes.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, placement: Placement,
+                 chunk: int):
+        self.device, self.chunk, self.placement = torch.device(device), chunk, placement
+        on_device = placement == "device" or self.device.type == "cpu"
+        pin = not on_device and self.device.type == "cuda"  # pinning needs CUDA; page-locked memory is scarce
+        self.data = torch.empty(shape, dtype=dtype, device=self.device if on_device else "cpu", pin_memory=pin)
+        self._non_blocking = self.device.type == "cuda"
+        # Streamed chunks are private copies even when the device is the CPU, so that the copy in,
+        # compute, copy back path is the one the CPU tests run (the CUDA copies are the same path).
+        self._copy_chunks = placement == "host"
+
+    @property
+    def windows(self) -> int:
+        return self.data.shape[0]
+
+    def batches(self):
+        """(start, float32 chunk on the device) for every chunk of windows, in order. On the CPU
+        with float32 storage the chunk is a view of the storage, as the engine always used."""
+        for s in range(0, self.windows, self.chunk):
+            stored = self.data[s : s + self.chunk]
+            # two steps: a bf16 chunk crosses at half the bytes and is widened on the device
+            x = stored.to(self.device, non_blocking=self._non_blocking).float()
+            yield s, (x.clone() if self._copy_chunks and x.data_ptr() == stored.data_ptr() else x)
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        # non-blocking only from the device (into pinned memory, or device to device): a copy from
+        # pageable host memory could read its source after the caller has let go of it
+        self.data[start : start + x.shape[0]].copy_(x, non_blocking=self._non_blocking and x.device.type == "cuda")
+
+    def sync(self) -> None:
+        if self.device.type == "cuda" and self.data.device.type == "cpu":
+            torch.cuda.synchronize(self.device)
+
+
+def _forward(layer: nn.Module, hidden: Activations, pos_ids, pos_emb,
+             compute_dtype: torch.dtype = torch.float32) -> None:
+    """The layer's outputs for every window, written over its inputs in `hidden`."""
+    with compute_context(compute_dtype, hidden.device.type):
+        for s, x in hidden.batches():
+            hidden.write(s, layer(x, attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb))
+    hidden.sync()
 
 
 class _InputsSeen(Exception):
     """Raised by a capture hook to stop a layer's forward once the last wanted input is seen."""
 
 
-def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, pos_emb, chunk: int,
-              compute_dtype: torch.dtype = torch.float32, replays: Optional[LayerReplays] = None) -> list[torch.Tensor]:
+def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden: Activations, pos_ids, pos_emb,
+              compute_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The Hessian of the input of each group's first linear, from forwards of the layer that
     stop as soon as the last of these inputs has been seen (the rest of the layer is not needed).
-    The forwards run in `compute_dtype`; the Hessians accumulate in float32. With `replays`,
-    finished modules are replayed and the inputs it asks for are kept."""
+    The forwards run in `compute_dtype`; the Hessians accumulate in float32 on the layer's device."""
     state: list[tuple[Optional[torch.Tensor], int]] = [(None, 0) for _ in groups]
     seen: set[int] = set()
-    keep = replays.capture_for([g[0] for g in groups]) if replays is not None else set()
     handles = []
     for k, group in enumerate(groups):
-        def hook(mod, inp, k=k, first=group[0]):
-            with compute_context(torch.float32):
+        def hook(mod, inp, k=k):
+            with compute_context(torch.float32, hidden.device.type):
                 state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
-            if first in keep:
-                replays.keep(first, inp[0])
             seen.add(k)
             if len(seen) == len(groups):
                 raise _InputsSeen
         handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(hook))
     try:
-        for c, s in enumerate(range(0, hidden.shape[0], chunk)):
+        for _, x in hidden.batches():
             seen.clear()
             try:
-                with compute_context(compute_dtype), installer(replays)(c):
-                    layer(hidden[s : s + chunk], attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
+                with compute_context(compute_dtype, hidden.device.type):
+                    layer(x, attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
             except _InputsSeen:
                 pass
     finally:
@@ -105,57 +154,95 @@ def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden, pos_ids, 
     return [h for h, _ in state]
 
 
+def choose_placement(config: dict, shape: tuple[int, int], storage_dtype: torch.dtype, device: torch.device,
+                     storage: str, chunk: int, one_pass: bool, awq_search_windows: Optional[int],
+                     where: str) -> Placement:
+    """Where the activations of `shape` (windows, tokens) live for this model and method: the
+    `activations.storage` setting, with "auto" decided by `placement.plan` from the device's free
+    memory. On the CPU the device is host memory: nothing to decide."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "device"
+    from qlora_pipeline.layerwise.placement import plan, workload_for
+
+    work = workload_for(config, shape[0], shape[1], torch.finfo(storage_dtype).bits // 8, chunk, one_pass,
+                        awq_search_windows)
+    free, _ = torch.cuda.mem_get_info(device)
+    decided = plan(work, free, _host_available(), storage, where)
+    logger.info("%s: activations on the %s (%s)", where, "GPU" if decided.placement == "device" else "host",
+                decided.why)
+    return decided.placement
+
+
+def _host_available() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes, None where unknown (not Linux)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @torch.no_grad()
 def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tensor], family: Family, dtype: torch.dtype,
                           checkpoint_dir: Path, quantize_linear: QuantizeLinear, restore_linear: RestoreLinear,
                           true_sequential: bool, progress, on_layer: Callable[[int, dict[str, float]], None],
                           transform_layer: Optional[TransformLayer] = None, chunk: int = 8,
-                          compute_dtype: torch.dtype = torch.float32) -> int:
+                          compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                          storage: str = "auto", storage_dtype: torch.dtype = torch.float32,
+                          awq_search_windows: Optional[int] = None) -> int:
     """Quantize every decoder layer of `merged_dir` into `checkpoint_dir/layer-XXXXX.safetensors`.
 
     `calibration_ids` None means the method needs no activations (round-to-nearest).
     `true_sequential` False collects every group's Hessian in one pass. `compute_dtype`: the
     dtype of the calibration forwards (autocast; weights, Hessians and the solve stay float32;
-    an AWQ transform runs its own search in float32).
+    an AWQ transform runs its own search in float32). `device`: where the layer, its Hessians
+    and the solve live; `storage` ("auto", "device", "host") and `storage_dtype`: where and in
+    what the activations are kept between layers (`choose_placement`); `awq_search_windows`:
+    the transform searches AWQ scales here (its memory counts in the plan).
 
     Returns:
         The number of decoder layers.
     """
+    device = torch.device(device)
     wmap = weight_map(merged_dir)
-    runner = LayerwiseRunner(read_config(merged_dir), torch.float32, family)
+    config = read_config(merged_dir)
+    runner = LayerwiseRunner(config, torch.float32, family)
     n_layers = len(runner.layers)
     hidden = pos_ids = pos_emb = None
     if calibration_ids is not None:
-        hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids)
+        placement = choose_placement(config, tuple(calibration_ids.shape), storage_dtype, device, storage, chunk,
+                                     not true_sequential, awq_search_windows, "quantize")
+        hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids, device, placement,
+                                                 storage_dtype, chunk)
 
     groups = list(family.sequential_groups)
     for i in progress(range(n_layers), desc="quantize", unit="layer"):
         prefix = family.layer_prefix(i)
         layer = runner.layers[i]
         tensor_names = [n[len(prefix):] for n in wmap if n.startswith(prefix)]
-        runner.materialize(layer, read_prefix(wmap, prefix), torch.float32)
+        runner.materialize(layer, _to(read_prefix(wmap, prefix), device), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
-        replays: Optional[LayerReplays] = None  # set when this layer is quantized true-sequentially
         linear_names = {prefix + lin for lin in family.linears}
         if shard.exists() and valid_shard(shard):
             stored = _load(shard)
             for lin in family.linears:
                 module = layer.get_submodule(lin)
                 mine = {k[len(prefix + lin) + 1:]: v for k, v in stored.items() if k.startswith(prefix + lin + ".")}
-                module.weight.data = restore_linear(prefix + lin, mine)
+                module.weight.data = restore_linear(prefix + lin, mine).to(device)
             for name, t in stored.items():  # norms, as a transform left them
                 if name.rsplit(".", 1)[0] not in linear_names:
-                    layer.get_parameter(name[len(prefix):]).data = t.float()
+                    layer.get_parameter(name[len(prefix):]).data = t.float().to(device)
         else:
             out: dict[str, torch.Tensor] = {}
             metrics: dict[str, float] = {}
             if transform_layer is not None:
                 metrics.update(transform_layer(i, layer, hidden, pos_ids, pos_emb))
             passes = [[g] for g in groups] if true_sequential else [groups]
-            if hidden is not None and true_sequential:
-                replays = LayerReplays(layer, family, -(-hidden.shape[0] // chunk), hidden.shape[0] * hidden.shape[1])
             for batch in passes:
-                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, chunk, compute_dtype, replays)
+                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, compute_dtype)
                             if hidden is not None else [None] * len(batch))
                 for group, H in zip(batch, hessians):
                     for lin in group:
@@ -163,58 +250,84 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                         W = module.weight.data.float()
                         result = quantize_linear(prefix + lin, W, H)
                         module.weight.data = result.weight.float()
-                        out.update({f"{prefix}{lin}.{k}": v for k, v in result.tensors.items()})
-                        if replays is not None:
-                            replays.quantized.add(lin)
+                        out.update({f"{prefix}{lin}.{k}": v.cpu() for k, v in result.tensors.items()})
                         short = lin.rsplit('.', 1)[-1]
                         metrics.update({f"{short}.{k}": v for k, v in result.metrics.items()})
                         metrics.update({f"{short}.{k}": v for k, v in error_metrics(W, module.weight.data, H).items()})
+                del hessians  # the next pass's Hessians need the room (the widest is 0.8 GB on an 8B model)
             for name in tensor_names:
                 if f"{prefix}{name}".rsplit(".", 1)[0] not in linear_names:
                     t = layer.get_parameter(name)  # as the transform (if any) left it
-                    out[prefix + name] = t.data.to(dtype) if t.is_floating_point() else t.data
+                    out[prefix + name] = (t.data.to(dtype) if t.is_floating_point() else t.data).cpu()
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
             save_atomic(out, shard)
         if hidden is not None:
-            hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk, compute_dtype, replays)
-        replays = None  # its kept inputs are this layer's
+            _forward(layer, hidden, pos_ids, pos_emb, compute_dtype)
         layer.to("meta")
-        release_freed_memory()
+        _release(device)
     return n_layers
-
 
 
 @torch.no_grad()
 def transform_sequentially(merged_dir: Path, calibration_ids: torch.Tensor, family: Family,
                            transform_layer: TransformLayer, progress, on_layer: Callable[[int, dict[str, float]], None],
-                           chunk: int = 8, compute_dtype: torch.dtype = torch.float32) -> int:
+                           chunk: int = 8, compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                           storage: str = "auto", storage_dtype: torch.dtype = torch.float32,
+                           awq_search_windows: Optional[int] = None) -> int:
     """Run `transform_layer` on every decoder layer in turn, each layer's inputs computed by the
     transformed float layers before it (nothing is quantized, nothing stored here: the
     transform keeps its own per-layer results, e.g. AWQ's search, and resumes from them).
+    `device`, `storage`, `storage_dtype`, `awq_search_windows`: as `quantize_sequentially`'s.
 
     Returns:
         The number of decoder layers.
     """
+    device = torch.device(device)
     wmap = weight_map(merged_dir)
-    runner = LayerwiseRunner(read_config(merged_dir), torch.float32, family)
-    hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids)
+    config = read_config(merged_dir)
+    runner = LayerwiseRunner(config, torch.float32, family)
+    placement = choose_placement(config, tuple(calibration_ids.shape), storage_dtype, device, storage, chunk,
+                                 True, awq_search_windows, "search")
+    hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids, device, placement,
+                                             storage_dtype, chunk)
     for i in progress(range(len(runner.layers)), desc="search", unit="layer"):
         layer = runner.layers[i]
-        runner.materialize(layer, read_prefix(wmap, family.layer_prefix(i)), torch.float32)
+        runner.materialize(layer, _to(read_prefix(wmap, family.layer_prefix(i)), device), torch.float32)
         on_layer(i, transform_layer(i, layer, hidden, pos_ids, pos_emb))
-        hidden = _forward(layer, hidden, pos_ids, pos_emb, chunk, compute_dtype)
+        _forward(layer, hidden, pos_ids, pos_emb, compute_dtype)
         layer.to("meta")
-        release_freed_memory()
+        _release(device)
     return len(runner.layers)
 
 
-def _first_inputs(runner: LayerwiseRunner, wmap: dict[str, Path], family: Family, calibration_ids: torch.Tensor):
-    """(hidden states, position ids, position embeddings) entering the first decoder layer."""
+def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _release(device: torch.device) -> None:
+    release_freed_memory()
+    if device.type == "cuda":  # the next layer's shapes are the same: the cache would be reused,
+        torch.cuda.empty_cache()  # but an odd-sized first/last layer should not pin its blocks
+
+
+def _first_inputs(runner: LayerwiseRunner, wmap: dict[str, Path], family: Family, calibration_ids: torch.Tensor,
+                  device: torch.device = torch.device("cpu"), placement: Placement = "device",
+                  storage_dtype: torch.dtype = torch.float32, chunk: int = 8):
+    """(activations, position ids, position embeddings) entering the first decoder layer. The
+    embedding stays on the CPU (a gather: nothing to gain from the device, and its table is
+    the model's largest tensor); its output is stored chunk by chunk, so a full float32 set
+    never exists besides the storage."""
     embed = runner.base.embed_tokens
     runner.materialize(embed, read_prefix(wmap, family.embed + "."), torch.float32)
-    hidden = embed(calibration_ids)
-    pos_ids = torch.arange(calibration_ids.shape[1]).unsqueeze(0)
-    pos_emb = runner.base.rotary_emb(hidden, position_ids=pos_ids)
+    n, tokens = calibration_ids.shape
+    hidden = Activations((n, tokens, embed.embedding_dim), storage_dtype, device, placement, chunk)
+    for s in range(0, n, chunk):
+        hidden.write(s, embed(calibration_ids[s : s + chunk]))
+    hidden.sync()
+    pos_ids = torch.arange(tokens, device=device).unsqueeze(0)
+    rotary = runner.base.rotary_emb.to(device)
+    # only the dtype and device of the first argument are read
+    pos_emb = rotary(torch.zeros(1, dtype=torch.float32, device=device), position_ids=pos_ids)
     embed.to("meta")
     return hidden, pos_ids, pos_emb
 

@@ -142,4 +142,19 @@ def relevant_settings(entry) -> dict:
     settings = entry.model_dump(mode="json")
     for section in OPTION_SECTIONS - set(METHODS[entry.method].options):
         settings.pop(section, None)
+    # The device as written ("auto") is not what decides the result: the stage registry adds the
+    # device it resolves to. Where the activations are stored (device or host) gives the same
+    # bytes (tests/pipeline/test_engine_device.py); their dtype does not, and matters only to a
+    # method that has activations.
+    settings.pop("device", None)
+    if METHODS[entry.method].calibrated:
+        settings["activations"] = {"dtype": entry.activations.dtype}
+    else:
+        settings.pop("activations", None)
     return settings
+
+
+def engine_settings(entry) -> dict:
+    """What a shared search stage computes with (the device setting, the activations' dtype):
+    the entries it serves must agree on it."""
+    return {"device": entry.device, "activations_dtype": entry.activations.dtype}

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from qlora_pipeline.compute import resolve_dtype
+from qlora_pipeline.compute import DTYPES, resolve_dtype
 from qlora_pipeline.layerwise.checkpoints import copy_tokenizer, read_config, read_tensors, weight_map
 from qlora_pipeline.layerwise.engine import quantize_sequentially
 from qlora_pipeline.layerwise.families import family_for
@@ -32,10 +32,13 @@ class Quantized(NamedTuple):
 
 def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor], entry, dtype: torch.dtype,
                         checkpoint_dir: Path, output_dir: Path, progress: Callable,
-                        on_layer: Callable[[int, dict[str, float]], None], search_dir: Optional[Path] = None) -> Quantized:
+                        on_layer: Callable[[int, dict[str, float]], None], search_dir: Optional[Path] = None,
+                        device: str = "cpu") -> Quantized:
     """Quantize `merged_dir` with `entry` (a recipe quantize entry) into `output_dir`, resuming
     from the per-layer shards in `checkpoint_dir`; `search_dir`: the finished search of a
-    method that has one (else it searches as it goes)."""
+    method that has one (else it searches as it goes). `device`: "cpu" or "cuda", resolved
+    (the entry's `device` may say auto); the entry's `activations` say where and in what the
+    calibration activations are kept."""
     method = METHODS[entry.method]
     impl, fmt = method.module(), method.format_module()
     config = read_config(merged_dir)
@@ -53,7 +56,11 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
         lambda name, W, H: fmt.pack(quantizer(name, W, H), entry, H),
         lambda name, stored: fmt.restore(stored, entry.bits),
         entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform,
-        compute_dtype=resolve_dtype(entry.compute_dtype, "cpu"))
+        # auto is float32 on either device: bf16 forwards change the Hessians, and that trade is
+        # measured on the CPU only (README "CPU bf16")
+        compute_dtype=resolve_dtype(entry.compute_dtype, "cpu"), device=device,
+        storage=entry.activations.storage, storage_dtype=DTYPES[entry.activations.dtype],
+        awq_search_windows=entry.awq.search_windows if "awq" in method.options and search_dir is None else None)
 
     wmap = weight_map(merged_dir)
     rest_shard = checkpoint_dir / REST_SHARD

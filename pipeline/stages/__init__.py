@@ -18,6 +18,7 @@ from qlora_pipeline.graph import StageRef, StageSpec
 from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import cached_config, source_identity
 from qlora_pipeline import methods
+from qlora_pipeline.devices import resolve_device
 
 _EVALUATE = "qlora_pipeline.stages.evaluate"
 
@@ -91,6 +92,7 @@ def build_stages(recipe) -> list[StageSpec]:
         specs.append(StageSpec("calibrate", _stage("calibrate"), ("data",),
                                {"calibration": recipe.calibration.model_dump(mode="json")}))
     searches: dict[str, dict] = {}  # search stage -> its settings
+    engines: dict[str, dict] = {}    # search stage -> the device and activation dtype it computes with
     for q in entries:
         if methods.METHODS[q.method].search:
             name, settings = methods.search_stage_name(q), methods.search_settings(q)
@@ -98,15 +100,24 @@ def build_stages(recipe) -> list[StageSpec]:
                 raise RecipeError([f"quantize: entries with method {q.method}, bits {q.bits} and group_size "
                                    f"{q.group_size} differ in their awq settings; one search serves them all: "
                                    f"give them the same awq settings"], source="recipe")
+            if engines.setdefault(name, methods.engine_settings(q)) != methods.engine_settings(q):
+                raise RecipeError([f"quantize: entries with method {q.method}, bits {q.bits} and group_size "
+                                   f"{q.group_size} differ in device or activations.dtype; one search serves them "
+                                   f"all: give them the same device and activations.dtype"], source="recipe")
+    # The device each quantize/search stage computes on, resolved here (torch-free): float math on
+    # a GPU differs from the CPU's, so the device is part of the fingerprint, as written "auto" is not.
     specs += [StageSpec(name, _stage("awq_search"), ("merge", "calibrate"),
-                        {"search": settings, "dtype": recipe.model.dtype}) for name, settings in searches.items()]
+                        {"search": settings, "dtype": recipe.model.dtype,
+                         "device": resolve_device(engines[name]["device"]),
+                         "activations_dtype": engines[name]["activations_dtype"]})
+              for name, settings in searches.items()]
     for q in entries:
         deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
         if methods.METHODS[q.method].search:
             deps += (methods.search_stage_name(q),)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
-                      "dtype": recipe.model.dtype},
+                      "dtype": recipe.model.dtype, "device": resolve_device(q.device)},
                       code=methods.METHODS[q.method].code_modules()),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
                       ("data", f"quantize-{q.name}"), {"evaluate": evaluation},

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.layerwise.awq_search import SEARCH_FILE, AWQSettings, make_transform
 from qlora_pipeline.layerwise.checkpoints import read_config
@@ -34,9 +35,17 @@ def run(ctx: StageContext) -> StageResult:
     family = family_for(read_config(merged_dir)["model_type"])
     calibration = load_file(str(ctx.inputs["calibrate"] / CALIBRATION_FILE))["input_ids"]
     transform = make_transform(family, settings, ctx.checkpoint_dir, DTYPES[ctx.config["dtype"]])
+    device = ctx.config["device"]  # resolved from the entries' device by the stage registry
+    if device == "cuda":
+        require_cuda(f"stage {ctx.name}", "the device of the awq entries it serves")
+    # Where the activations live is decided here (storage auto): it does not change the result,
+    # so it is not a setting of this shared stage, whose fingerprint would then change with it.
     n_layers = transform_sequentially(merged_dir, calibration, family, transform, ctx.progress,
                                       lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i),
-                                      compute_dtype=torch.float32)  # the search's own forwards are float32
+                                      compute_dtype=torch.float32,  # the search's own forwards are float32
+                                      device=device, storage="auto",
+                                      storage_dtype=DTYPES[ctx.config["activations_dtype"]],
+                                      awq_search_windows=settings.search_windows)
     for i in range(n_layers):
         name = SEARCH_FILE.format(i)
         try:  # the finished layers as they are: a hard link, a copy across file systems

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.layerwise.checkpoints import read_config
 from qlora_pipeline.methods import METHODS, check_shapes, search_stage_name
 from qlora_pipeline.methods.checkpoint import quantize_checkpoint
@@ -35,8 +36,11 @@ def run(ctx: StageContext) -> StageResult:
         ctx.metrics.log_metrics(metrics, step=i)
 
     search_dir = ctx.inputs.get(search_stage_name(entry)) if METHODS[entry.method].search else None
+    device = ctx.config["device"]  # resolved by the stage registry, part of the fingerprint
+    if device == "cuda":
+        require_cuda(f"quantize entry '{entry.name}'", "its device")
     done = quantize_checkpoint(merged_dir, calibration, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
-                               ctx.output_dir, ctx.progress, on_layer, search_dir)
+                               ctx.output_dir, ctx.progress, on_layer, search_dir, device=device)
     (ctx.output_dir / LAYER_METRICS_FILE).write_text(json.dumps(done.layer_metrics))
     # No timings in the output (the same work gives the same bytes): the stage's seconds are
     # in its manifest, where evaluation reads them.

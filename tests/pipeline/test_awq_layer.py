@@ -9,6 +9,7 @@ from qlora_pipeline.layerwise.awq_search import (
     AWQSettings, _Kwargs, active_groups, apply_clip, apply_scales, capture, search_layer_clip, search_layer_scales,
 )
 from qlora_pipeline.layerwise.checkpoints import read_prefix, weight_map
+from qlora_pipeline.layerwise.engine import Activations
 from qlora_pipeline.layerwise.families import LLAMA
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
 from qlora_pipeline.layerwise.checkpoints import read_config
@@ -65,7 +66,9 @@ def test_searched_scales_and_clipping_lower_the_quantized_layer_error(tmp_path, 
     plain = _quantized_error(_layer(model_dir)[1], hidden, kw, reference)
 
     groups = list(LLAMA.awq_groups)
-    inputs = capture(layer, groups, hidden, kw, chunk=4, search_windows=4)
+    acts = Activations(tuple(hidden.shape), torch.float32, torch.device("cpu"), "device", chunk=4)
+    acts.write(0, hidden)
+    inputs = capture(layer, groups, acts, kw, search_windows=4)
     assert inputs[0].samples.shape == (4, 32, 64) and inputs[3].samples is None  # down_proj: Hessian loss only
     assert inputs[2].n == 8 * 32
     settings = AWQSettings(4, 32, True, True, 4)
