@@ -155,17 +155,18 @@ def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden: Activatio
 
 
 def choose_placement(config: dict, shape: tuple[int, int], storage_dtype: torch.dtype, device: torch.device,
-                     storage: str, chunk: int, one_pass: bool, awq_search_windows: Optional[int],
+                     storage: str, chunk: int, hessians: int, solve: bool, awq_search_windows: Optional[int],
                      where: str) -> Placement:
     """Where the activations of `shape` (windows, tokens) live for this model and method: the
     `activations.storage` setting, with "auto" decided by `placement.plan` from the device's free
-    memory. On the CPU the device is host memory: nothing to decide."""
+    memory. On the CPU the device is host memory: nothing to decide; a forced "host" still
+    takes the streaming path (copies in, writes back), which is how the CPU tests check it."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "device"
+        return "host" if storage == "host" else "device"
     from qlora_pipeline.layerwise.placement import plan, workload_for
 
-    work = workload_for(config, shape[0], shape[1], torch.finfo(storage_dtype).bits // 8, chunk, one_pass,
+    work = workload_for(config, shape[0], shape[1], torch.finfo(storage_dtype).bits // 8, chunk, hessians, solve,
                         awq_search_windows)
     free, _ = torch.cuda.mem_get_info(device)
     decided = plan(work, free, _host_available(), storage, where)
@@ -192,7 +193,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                           transform_layer: Optional[TransformLayer] = None, chunk: int = 8,
                           compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
                           storage: str = "auto", storage_dtype: torch.dtype = torch.float32,
-                          awq_search_windows: Optional[int] = None) -> int:
+                          awq_search_windows: Optional[int] = None, solve: bool = True) -> int:
     """Quantize every decoder layer of `merged_dir` into `checkpoint_dir/layer-XXXXX.safetensors`.
 
     `calibration_ids` None means the method needs no activations (round-to-nearest).
@@ -201,7 +202,8 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
     an AWQ transform runs its own search in float32). `device`: where the layer, its Hessians
     and the solve live; `storage` ("auto", "device", "host") and `storage_dtype`: where and in
     what the activations are kept between layers (`choose_placement`); `awq_search_windows`:
-    the transform searches AWQ scales here (its memory counts in the plan).
+    the transform searches AWQ scales here; `solve`: `quantize_linear` solves with the Hessian
+    (GPTQ's copies of it); both only size the plan.
 
     Returns:
         The number of decoder layers.
@@ -214,7 +216,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
     hidden = pos_ids = pos_emb = None
     if calibration_ids is not None:
         placement = choose_placement(config, tuple(calibration_ids.shape), storage_dtype, device, storage, chunk,
-                                     not true_sequential, awq_search_windows, "quantize")
+                                     1 if true_sequential else 4, solve, awq_search_windows, "quantize")
         hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids, device, placement,
                                                  storage_dtype, chunk)
 
@@ -287,7 +289,7 @@ def transform_sequentially(merged_dir: Path, calibration_ids: torch.Tensor, fami
     config = read_config(merged_dir)
     runner = LayerwiseRunner(config, torch.float32, family)
     placement = choose_placement(config, tuple(calibration_ids.shape), storage_dtype, device, storage, chunk,
-                                 True, awq_search_windows, "search")
+                                 0, False, awq_search_windows, "search")
     hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration_ids, device, placement,
                                              storage_dtype, chunk)
     for i in progress(range(len(runner.layers)), desc="search", unit="layer"):

@@ -10,11 +10,12 @@ The engine holds, on the compute device, while it works on one decoder layer:
                                         (windows are independent), so one set is live, not two.
     L = the layer's parameters          float32 (the engine computes with float32 weights)
     H = h * n^2 * 4                     the widest Hessian (n = the largest in_features, the
-                                        MLP width for down_proj) times the copies alive during a
-                                        GPTQ solve (h = 6: the accumulated H, the solve's clone,
-                                        the damped copy, its Cholesky factor, the inverse and
-                                        the inverse's factor); 4 more if every group's Hessian
-                                        is collected in one pass (true_sequential: false)
+                                        MLP width for down_proj) times the copies alive at once:
+                                        the accumulated one (4, bounding the four groups', when
+                                        every group's is collected in one pass: true_sequential
+                                        false, or AWQ alone), plus 5 in a GPTQ solve (its clone,
+                                        the damped copy, its Cholesky factor, the inverse and the
+                                        inverse's factor); h = 6 for true-sequential GPTQ
     W = 4 * out * n * 4                 working copies of the widest weight in the solve
     C = c * T * (6 * d + 3 * m) * 4     one chunk of c windows in flight, float32: its input,
                                         the attention's q/k/v/o and residual (SDPA attention,
@@ -31,13 +32,14 @@ The engine holds, on the compute device, while it works on one decoder layer:
 allocator's fragmentation and cuBLAS workspaces: the terms above are the tensors the engine
 allocates, not everything the allocator will hold.
 
-Llama-3-8B with the llama3 recipe's calibration (S=256, T=2048, d=4096, m=14336, c=8):
+Llama-3-8B with the llama3 recipe's calibration (S=256, T=2048, d=4096, m=14336, c=8), GPTQ:
 A = 256 * 2048 * 4096 * 4 bytes = 8 GiB in float32 (4 GiB in bfloat16); L = 0.81 GiB,
-H = 6 * 14336^2 * 4 = 4.6 GiB, W = 0.88 GiB, C = 4.1 GiB: 18.4 GiB resident in float32. An
-engine that kept two activation sets (inputs and outputs of the layer) would need 26.4 GiB
-and not fit a 24 GB card; with one set it fits a 24 GB card (22 GiB free) with 1.4 GiB to
-spare over the reserve; on a 16 GB card float32 streams from the host and bfloat16 storage
-stays resident.
+H = 6 * 14336^2 * 4 = 4.6 GiB, W = 0.88 GiB, C = 4.1 GiB: 18.4 GiB resident in float32.
+An engine that kept two activation sets (a layer's inputs and its outputs) would need
+26.4 GiB and not fit a 24 GB card (23.5 GiB free, 21.3 usable); with one set float32 fits,
+with 2.9 GiB to spare (AWQ alone, 20.9 GiB, with 0.4). On a 16 GB card (15.5 GiB free, 13.7
+usable) float32 (18.4) and bfloat16 (14.4) both stream from the host, needing 10.7 GiB on the
+device. tests/pipeline/test_placement.py checks these numbers.
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ from typing import Literal, Optional
 from qlora_pipeline.errors import InputError
 
 GiB = 1024**3
-GPTQ_HESSIAN_COPIES = 6  # see the module docstring: H, its clone, damped copy, Cholesky, inverse, its factor
+# A GPTQ solve's copies of its Hessian besides the accumulated one: its clone, the damped copy,
+# the Cholesky factor, the inverse and the inverse's factor (qlora_quant.gptq.gptq_quantize).
+GPTQ_SOLVE_COPIES = 5
 Placement = Literal["device", "host"]
 
 
@@ -76,7 +80,7 @@ class Workload:
     widest_out: int
     intermediate: int
     chunk: int = 8
-    hessian_copies: int = GPTQ_HESSIAN_COPIES
+    hessian_copies: int = 1 + GPTQ_SOLVE_COPIES
     extra_bytes: int = 0
 
     @property
@@ -166,11 +170,12 @@ def plan(w: Workload, free_device: int, available_host: Optional[int], storage: 
 
 
 def workload_for(config: dict, windows: int, tokens: int, storage_bytes: int, chunk: int = 8,
-                 one_pass: bool = False, awq_search_windows: Optional[int] = None) -> Workload:
+                 hessians: int = 1, solve: bool = True, awq_search_windows: Optional[int] = None) -> Workload:
     """The `Workload` of a decoder model from its config.json (a Llama-like layout: attention
-    q/k/v/o, gated MLP). `one_pass`: every group's Hessian collected at once (true_sequential
-    false, or AWQ alone, whose Hessians only give metrics); `awq_search_windows`: the method
-    runs AWQ's search (its Grams, and its sample windows with their reference outputs)."""
+    q/k/v/o, gated MLP). `hessians`: accumulated Hessians alive at once (1 true-sequential, 4
+    when every group's is collected in one pass, 0 for a search alone); `solve`: the quantizer
+    solves with them (GPTQ: 5 more copies of the widest); `awq_search_windows`: the method runs
+    AWQ's search (four Grams, and its sample windows with their reference outputs)."""
     d, m = int(config["hidden_size"]), int(config["intermediate_size"])
     heads = int(config.get("num_attention_heads", 1))
     head_dim = int(config.get("head_dim") or d // heads)
@@ -180,8 +185,6 @@ def workload_for(config: dict, windows: int, tokens: int, storage_bytes: int, ch
     widest_in = max(d, m, q)
     extra = 0
     if awq_search_windows is not None:
-        # four scaling groups' Grams (bounded by the widest), and for the two groups searched
-        # with a block forward their sample windows and the block's reference outputs
         extra = 4 * widest_in**2 * 4 + 2 * 2 * min(awq_search_windows, windows) * tokens * d * 4
     return Workload(windows, tokens, d, storage_bytes, params * 4, widest_in, d if widest_in == m else max(m, q),
-                    m, chunk, GPTQ_HESSIAN_COPIES + (4 if one_pass else 0), extra)
+                    m, chunk, hessians + (GPTQ_SOLVE_COPIES if solve else 0), extra)

@@ -60,7 +60,10 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
         # measured on the CPU only (README "CPU bf16")
         compute_dtype=resolve_dtype(entry.compute_dtype, "cpu"), device=device,
         storage=entry.activations.storage, storage_dtype=DTYPES[entry.activations.dtype],
-        awq_search_windows=entry.awq.search_windows if "awq" in method.options and search_dir is None else None)
+        awq_search_windows=entry.awq.search_windows if "awq" in method.options and search_dir is None else None,
+        # the methods that collect a Hessian per sequential group solve with it (GPTQ); AWQ alone
+        # collects them in one pass for its metrics and rounds to nearest
+        solve=method.hessian_passes)
 
     wmap = weight_map(merged_dir)
     rest_shard = checkpoint_dir / REST_SHARD
