@@ -28,6 +28,7 @@ class StageContext:
         checkpoint_dir: intra-stage progress that survives a crash; wiped when the fingerprint changes.
         metrics: the stage's MLflow logger (never raises).
         progress: tqdm-like factory for loops (`progress(iterable, desc=..., total=...)`).
+        runtime: settings that change how the stage computes, not what (`StageSpec.runtime`).
     """
 
     name: str
@@ -38,6 +39,7 @@ class StageContext:
     metrics: MetricLogger
     progress: Callable[..., Any]
     run_dir: Path
+    runtime: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +68,9 @@ class StageSpec:
         cacheable: its output may be stored in and taken from the stage cache; False for a
             stage whose output depends on something its fingerprint does not cover (the
             report names its run directory).
+        runtime: settings that change how the stage computes but not its output (where the
+            layer engine keeps its activations), so not part of the fingerprint: changing one
+            re-runs nothing. A test must show the output's bytes do not depend on each.
     """
 
     name: str
@@ -75,6 +80,7 @@ class StageSpec:
     distributed: bool = False
     code: tuple[str, ...] = ()
     cacheable: bool = True
+    runtime: dict = field(default_factory=dict)
 
     @property
     def module(self) -> str:

@@ -466,7 +466,7 @@ class Runner:
                     name=p.spec.name, config=p.spec.config,
                     inputs={d: self.stage_dir(d) / rundir.OUTPUT for d in p.spec.deps}, output_dir=scratch,
                     checkpoint_dir=sdir / rundir.CHECKPOINTS, metrics=_NullLogger(), progress=_progress,
-                    run_dir=self.run_dir,
+                    run_dir=self.run_dir, runtime=p.spec.runtime,
                 )
                 try:
                     p.spec.fn(ctx)
@@ -508,6 +508,7 @@ class Runner:
         ctx = StageContext(
             name=spec.name, config=spec.config, inputs=inputs, output_dir=partial,
             checkpoint_dir=ckpt, metrics=metric_logger, progress=_progress, run_dir=self.run_dir,
+            runtime=spec.runtime,
         )
         logger.info("%-22s run   (%s)", spec.name, p.reason)
         t0 = time.time()

@@ -43,6 +43,13 @@ def adapter_identity(path: str) -> list[str]:
     return [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.iterdir()) if p.is_file()]
 
 
+def _shared_storage(entries, search: str) -> str:
+    """Where a shared search keeps its activations: the storage its entries agree on, else auto."""
+    storages = {q.activations.storage for q in entries
+                if methods.METHODS[q.method].search and methods.search_stage_name(q) == search}
+    return storages.pop() if len(storages) == 1 else "auto"
+
+
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
@@ -109,7 +116,8 @@ def build_stages(recipe) -> list[StageSpec]:
     specs += [StageSpec(name, _stage("awq_search"), ("merge", "calibrate"),
                         {"search": settings, "dtype": recipe.model.dtype,
                          "device": resolve_device(engines[name]["device"]),
-                         "activations_dtype": engines[name]["activations_dtype"]})
+                         "activations_dtype": engines[name]["activations_dtype"]},
+                        runtime={"activations_storage": _shared_storage(entries, name)})
               for name, settings in searches.items()]
     for q in entries:
         deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
@@ -118,6 +126,7 @@ def build_stages(recipe) -> list[StageSpec]:
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
                       "dtype": recipe.model.dtype, "device": resolve_device(q.device)},
+                      runtime={"activations_storage": q.activations.storage},
                       code=methods.METHODS[q.method].code_modules()),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
                       ("data", f"quantize-{q.name}"), {"evaluate": evaluation},

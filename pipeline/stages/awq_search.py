@@ -38,12 +38,12 @@ def run(ctx: StageContext) -> StageResult:
     device = ctx.config["device"]  # resolved from the entries' device by the stage registry
     if device == "cuda":
         require_cuda(f"stage {ctx.name}", "the device of the awq entries it serves")
-    # Where the activations live is decided here (storage auto): it does not change the result,
-    # so it is not a setting of this shared stage, whose fingerprint would then change with it.
+    # Where the activations live is a runtime setting (the same bytes either way), not fingerprinted:
+    # the storage the entries served agree on, else auto.
     n_layers = transform_sequentially(merged_dir, calibration, family, transform, ctx.progress,
                                       lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i),
                                       compute_dtype=torch.float32,  # the search's own forwards are float32
-                                      device=device, storage="auto",
+                                      device=device, storage=ctx.runtime.get("activations_storage", "auto"),
                                       storage_dtype=DTYPES[ctx.config["activations_dtype"]],
                                       awq_search_windows=settings.search_windows)
     for i in range(n_layers):

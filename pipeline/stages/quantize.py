@@ -25,7 +25,10 @@ SUMMARY_FILE = "quantization.json"         # method and checkpoint format (the e
 
 
 def run(ctx: StageContext) -> StageResult:
+    # where the activations live is a runtime setting (the same bytes either way), not fingerprinted
+    storage = ctx.runtime.get("activations_storage", "auto")
     entry = QuantizeEntry.model_validate(ctx.config["entry"])
+    entry = entry.model_copy(update={"activations": entry.activations.model_copy(update={"storage": storage})})
     merged_dir = ctx.inputs["merge"]
     check_shapes(entry, read_config(merged_dir), f"quantize entry '{entry.name}'")
     calibration = None

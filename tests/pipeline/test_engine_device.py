@@ -155,6 +155,10 @@ def test_the_fingerprint_has_the_resolved_device_and_the_storage_dtype_not_the_p
     assert configs([{**g, "device": "cpu"}], None)["quantize-g"] == base            # auto and cpu agree here
     assert configs([g], None)["quantize-g"]["device"] == "cuda"                        # auto finds a GPU
     assert configs([{**g, "activations": {"storage": "host"}}], "no GPU")["quantize-g"] == base
+    monkeypatch.setattr(devices, "cuda_missing", lambda: "no GPU")
+    [spec] = [s for s in build_stages(Recipe.model_validate(_recipe(
+        tiny_llama_dir, tmp_path, [{**g, "activations": {"storage": "host"}}]))) if s.name == "quantize-g"]
+    assert spec.runtime == {"activations_storage": "host"}  # reaches the stage outside the fingerprint
     assert configs([{**g, "activations": {"dtype": "bfloat16"}}], "no GPU")["quantize-g"] != base
     assert "activations" not in configs([{"name": "r", "method": "rtn", "group_size": 32}], "no GPU")["quantize-r"]["entry"]
     awq = {"method": "awq+gptq", "group_size": 32}
@@ -162,6 +166,33 @@ def test_the_fingerprint_has_the_resolved_device_and_the_storage_dtype_not_the_p
     assert search["device"] == "cuda" and search["activations_dtype"] == "float32"
     with pytest.raises(RecipeError, match="differ in device or activations.dtype"):
         configs([{"name": "a", **awq}, {"name": "b", **awq, "device": "cpu"}], None)
+
+
+def test_the_quantize_stage_takes_the_storage_from_its_runtime_settings(tiny_llama_dir, tmp_path, placements):
+    from safetensors.torch import save_file
+
+    from qlora_pipeline.graph import StageContext
+    from qlora_pipeline.methods import relevant_settings
+    from qlora_pipeline.stages import quantize
+    from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
+
+    (tmp_path / "cal").mkdir()
+    save_file({"input_ids": _ids(tiny_llama_dir, 4, 32)}, str(tmp_path / "cal" / CALIBRATION_FILE))
+
+    class Quiet:
+        def log_metrics(self, metrics, step=None):
+            pass
+
+    for storage in ("host", "device"):
+        d = tmp_path / storage
+        (d / "ck").mkdir(parents=True)
+        (d / "out").mkdir()
+        entry = QuantizeEntry(name="g", method="gptq", group_size=32)
+        quantize.run(StageContext("quantize-g", {"entry": relevant_settings(entry), "dtype": "bfloat16",
+                                                 "device": "cpu"},
+                                  {"merge": tiny_llama_dir, "calibrate": tmp_path / "cal"}, d / "out", d / "ck",
+                                  Quiet(), lambda it, **k: it, tmp_path, runtime={"activations_storage": storage}))
+    assert placements == ["host", "device"]
 
 
 def test_cpu_storage_is_neither_pinned_nor_copied_when_resident():
