@@ -3,10 +3,13 @@
 # 8 minutes on one H100/H200):
 #   1. the kernel tests on the device (tests/kernels, gpu-marked ones included): every kernel
 #      against its plain-torch twin in fp16, bf16 and fp32, the modules through the kernels;
+#      and the layer engine's CUDA test (tests/pipeline/test_engine_device.py: activations
+#      streamed from pinned host memory and resident on the device give the same bytes);
 #   2. the kernel benchmark in its quick mode (Llama-3-8B shapes, M = 1 and 16), which writes
 #      kernels_<device>.json and prints the pass/fail table against docs/kernels.md#speed-targets;
 #   3. a small Llama-shaped recipe end to end on CUDA (train, merge, GPTQ, AWQ, evaluate), so
-#      the NF4 and W4A16 kernels run inside the pipeline.
+#      the NF4 and W4A16 kernels run inside the pipeline, and GPTQ/AWQ on the device (device:
+#      auto finds it).
 # Every step runs even when an earlier one failed; the exit status is the number of failed steps.
 #
 # Usage: bash scripts/gpu_check.sh            (from anywhere; uses .venv/bin/python when present)
@@ -62,7 +65,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log under OUTDIR, count a failu
 # the first compiles over processes.
 xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
 step tests "${GPU_CHECK_TESTS_S:-200}" $PY -m pytest -q -m "not slow" -p no:cacheprovider "${xdist[@]}" \
-    --ignore tests/kernels/test_compile.py tests/kernels
+    --ignore tests/kernels/test_compile.py tests/kernels tests/pipeline/test_engine_device.py
 
 if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then bench_mode=(); else bench_mode=(--quick); fi
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")

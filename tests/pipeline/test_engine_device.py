@@ -208,7 +208,7 @@ def test_cpu_storage_is_neither_pinned_nor_copied_when_resident():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_on_cuda_streamed_and_resident_give_the_same_bytes_and_stay_close_to_the_cpu(tiny_llama_dir, tmp_path):
+def test_on_cuda_streamed_and_resident_give_the_same_bytes(tiny_llama_dir, tmp_path):
     ids = _ids(tiny_llama_dir)
     entry = ENTRIES[0]
     resident = _quantize(tiny_llama_dir, ids, {**entry, "activations": {"storage": "device"}}, tmp_path / "r", "cuda")
