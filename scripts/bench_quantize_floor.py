@@ -37,6 +37,7 @@ def main() -> None:
 
     from qlora_pipeline.compute import DTYPES
     from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
+    from qlora_pipeline.compute import compute_context
     from qlora_pipeline.layerwise.engine import _first_inputs, _forward
     from qlora_pipeline.layerwise.families import family_for
     from qlora_pipeline.layerwise.runner import LayerwiseRunner
@@ -57,8 +58,10 @@ def main() -> None:
         hidden, pos_ids, pos_emb = _first_inputs(runner, wmap, family, calibration)
         for i, layer in enumerate(runner.layers):
             runner.materialize(layer, read_prefix(wmap, family.layer_prefix(i)), torch.float32)
-            _forward(layer, hidden, pos_ids, pos_emb, 8, dtype)
-            hidden = _forward(layer, hidden, pos_ids, pos_emb, 8, dtype)
+            with compute_context(dtype):  # the capture pass: a forward whose outputs are dropped
+                for _, x in hidden.batches():
+                    layer(x, attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
+            _forward(layer, hidden, pos_ids, pos_emb, dtype)  # the next layer's inputs, in place
             layer.to("meta")
     floor = time.time() - t0
 
