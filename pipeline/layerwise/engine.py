@@ -28,6 +28,7 @@ from torch import nn
 from qlora_pipeline.compute import compute_context
 from qlora_pipeline.layerwise.checkpoints import read_config, read_prefix, weight_map
 from qlora_pipeline.layerwise.families import Family
+from qlora_pipeline.layerwise.replay import LayerReplays, installer
 from qlora_pipeline.layerwise.placement import Placement
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
 from qlora_pipeline.layerwise.shards import SHARD, release_freed_memory, save_atomic, valid_shard
@@ -112,11 +113,13 @@ class Activations:
 
 
 def _forward(layer: nn.Module, hidden: Activations, pos_ids, pos_emb,
-             compute_dtype: torch.dtype = torch.float32) -> None:
-    """The layer's outputs for every window, written over its inputs in `hidden`."""
+             compute_dtype: torch.dtype = torch.float32, replays: Optional[LayerReplays] = None) -> None:
+    """The layer's outputs for every window, written over its inputs in `hidden` (finished
+    modules replayed from their kept inputs when `replays` has them)."""
     with compute_context(compute_dtype, hidden.device.type):
-        for s, x in hidden.batches():
-            hidden.write(s, layer(x, attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb))
+        for c, (s, x) in enumerate(hidden.batches()):
+            with installer(replays)(c):
+                hidden.write(s, layer(x, attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb))
     hidden.sync()
 
 
@@ -125,26 +128,29 @@ class _InputsSeen(Exception):
 
 
 def _hessians(layer: nn.Module, groups: list[tuple[str, ...]], hidden: Activations, pos_ids, pos_emb,
-              compute_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+              compute_dtype: torch.dtype = torch.float32, replays: Optional[LayerReplays] = None) -> list[torch.Tensor]:
     """The Hessian of the input of each group's first linear, from forwards of the layer that
     stop as soon as the last of these inputs has been seen (the rest of the layer is not needed).
     The forwards run in `compute_dtype`; the Hessians accumulate in float32 on the layer's device."""
     state: list[tuple[Optional[torch.Tensor], int]] = [(None, 0) for _ in groups]
     seen: set[int] = set()
+    keep = replays.capture_for([g[0] for g in groups]) if replays is not None else set()
     handles = []
     for k, group in enumerate(groups):
-        def hook(mod, inp, k=k):
+        def hook(mod, inp, k=k, first=group[0]):
             with compute_context(torch.float32, hidden.device.type):
                 state[k] = accumulate_hessian(state[k][0], state[k][1], inp[0].detach())
+            if first in keep:
+                replays.keep(first, inp[0])
             seen.add(k)
             if len(seen) == len(groups):
                 raise _InputsSeen
         handles.append(layer.get_submodule(group[0]).register_forward_pre_hook(hook))
     try:
-        for _, x in hidden.batches():
+        for c, (_, x) in enumerate(hidden.batches()):
             seen.clear()
             try:
-                with compute_context(compute_dtype, hidden.device.type):
+                with compute_context(compute_dtype, hidden.device.type), installer(replays)(c):
                     layer(x, attention_mask=None, position_ids=pos_ids, position_embeddings=pos_emb)
             except _InputsSeen:
                 pass
@@ -227,6 +233,7 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
         tensor_names = [n[len(prefix):] for n in wmap if n.startswith(prefix)]
         runner.materialize(layer, _to(read_prefix(wmap, prefix), device), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
+        replays: Optional[LayerReplays] = None  # set when this layer is quantized true-sequentially
         linear_names = {prefix + lin for lin in family.linears}
         if shard.exists() and valid_shard(shard):
             stored = _load(shard)
@@ -243,8 +250,11 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
             if transform_layer is not None:
                 metrics.update(transform_layer(i, layer, hidden, pos_ids, pos_emb))
             passes = [[g] for g in groups] if true_sequential else [groups]
+            if hidden is not None and true_sequential:
+                replays = LayerReplays(layer, family, -(-hidden.windows // hidden.chunk),
+                                       hidden.windows * hidden.data.shape[1])
             for batch in passes:
-                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, compute_dtype)
+                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, compute_dtype, replays)
                             if hidden is not None else [None] * len(batch))
                 for group, H in zip(batch, hessians):
                     for lin in group:
@@ -253,6 +263,8 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
                         result = quantize_linear(prefix + lin, W, H)
                         module.weight.data = result.weight.float()
                         out.update({f"{prefix}{lin}.{k}": v.cpu() for k, v in result.tensors.items()})
+                        if replays is not None:
+                            replays.quantized.add(lin)
                         short = lin.rsplit('.', 1)[-1]
                         metrics.update({f"{short}.{k}": v for k, v in result.metrics.items()})
                         metrics.update({f"{short}.{k}": v for k, v in error_metrics(W, module.weight.data, H).items()})
@@ -264,7 +276,8 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
             save_atomic(out, shard)
         if hidden is not None:
-            _forward(layer, hidden, pos_ids, pos_emb, compute_dtype)
+            _forward(layer, hidden, pos_ids, pos_emb, compute_dtype, replays)
+        replays = None  # its kept inputs are this layer's
         layer.to("meta")
         _release(device)
     return n_layers

@@ -13,8 +13,9 @@ so the layer's outputs are the same bytes, for a fraction of the work (measured 
 `scripts/bench_quantize_floor.py`).
 
 The inputs cost memory (windows x tokens x the linear's input width); a module is replayed
-only when they fit in a quarter of the memory available when its capture starts (the MLP's
-14336-wide input at the llama3 recipe's 256 x 2048 windows would be 28 GiB: not replayed).
+only when they fit in a quarter of the memory available, on the device the layer computes on,
+when its capture starts (the MLP's 14336-wide input at the llama3 recipe's 256 x 2048 windows
+would be 28 GiB: not replayed).
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ from torch import nn
 from qlora_pipeline.layerwise.families import Family, Replay
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable on Linux; else the free physical pages."""
+def available_memory_bytes(device: torch.device = torch.device("cpu")) -> int:
+    """Free memory of `device`: the GPU's free memory on CUDA; MemAvailable on Linux; else the
+    free physical pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -66,7 +70,8 @@ class LayerReplays:
     def capture_for(self, linears: list[str]) -> set[str]:
         """Of `linears` (the first linears of a pass's groups), those whose inputs to keep."""
         wanted = set()
-        budget = available_memory_bytes() // 4
+        # kept where the layer computes (its inputs arrive there)
+        budget = available_memory_bytes(next(self.layer.parameters()).device) // 4
         for replay in self.family.replays:
             if replay.last_linear not in linears or not self._ready_to_capture(replay):
                 continue

@@ -69,7 +69,7 @@ def test_no_replay_without_room(tiny_llama_dir, tmp_path, monkeypatch):
     are recomputed, with the same result."""
     from qlora_pipeline.layerwise import replay
 
-    monkeypatch.setattr(replay, "available_memory_bytes", lambda: 0)
+    monkeypatch.setattr(replay, "available_memory_bytes", lambda device=None: 0)
     kept = []
     real_keep = replay.LayerReplays.keep
     monkeypatch.setattr(replay.LayerReplays, "keep", lambda self, lin, x: kept.append(lin) or real_keep(self, lin, x))
