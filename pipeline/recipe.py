@@ -1,7 +1,7 @@
 """The recipe: a typed schema (pydantic, every default defined here once), YAML loading,
 `--set key.path=value` overrides, and error reports that name each key path.
 
-Sections: model, data, nf4, lora, train, merge, calibration, quantize, evaluate, tracking, run.
+Sections: model, data, nf4, lora, train, merge, calibration, quantize, evaluate, deploy, tracking, run.
 """
 from __future__ import annotations
 
@@ -234,6 +234,8 @@ class QuantizeEntry(_Section):
         "auto", description="dtype of the calibration forward passes (the layer engine runs on the CPU); weights, "
         "Hessians and the solve stay float32; auto: float32")
     awq: AWQOptions = AWQOptions()
+    nf4: NF4Config = Field(default_factory=NF4Config, description="method nf4: block size and compute dtype of "
+                           "the NF4 checkpoint (the same settings and defaults as the base's nf4 section)")
 
     @field_validator("name")
     @classmethod
@@ -285,7 +287,34 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
     speed: bool = Field(True, description="measure prefill and decode throughput (batch 1)")
     decode_tokens: int = Field(32, ge=1, description="tokens decoded for the throughput measure")
+    kv_fp8: bool = Field(
+        False, description="also measure domain perplexity with keys (after RoPE) and values rounded through "
+        "float8_e4m3fn, with scale 1.0 and with per-layer scales amax/448 calibrated on domain_train windows "
+        "(off by default: two more passes over the domain windows per artifact)")
+    kv_fp8_calibration_windows: int = Field(
+        4, ge=1, description="domain_train windows (data.seq_len tokens, from the start of the split) whose K/V "
+        "amax set the calibrated fp8 scales")
     gate: GateConfig = GateConfig()
+
+
+class DeployConfig(_Section):
+    """The report's memory plan (weights + KV cache) and the defaults of `pipeline memory`."""
+
+    contexts: list[int] = Field(default_factory=lambda: [2048, 8192], min_length=1,
+                                description="tokens per sequence (prompt + generated) to plan for")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1,
+                                   description="concurrent sequences to plan for")
+    kv_dtypes: list[Literal["bf16", "fp16", "fp8"]] = Field(
+        default_factory=lambda: ["bf16", "fp8"], min_length=1, description="KV-cache element types to plan for")
+    gpu_memory_gb: float = Field(24, gt=0, description="the GPU's memory in GiB (a '24 GB' card holds 24 x 2^30 "
+                                 "bytes): what weights + KV cache must fit")
+
+    @field_validator("contexts", "batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"every value must be at least 1, got {v}")
+        return v
 
 
 class TrackingConfig(_Section):
@@ -320,6 +349,7 @@ class Recipe(_Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantize: list[QuantizeEntry] = Field(default_factory=list)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

@@ -3,8 +3,8 @@
 An entry names the module that quantizes a layer (and, for AWQ, transforms it first), the
 packed format it ships in (`formats`: packing, `quantization_config`, loading) and whether
 it needs calibration activations. Adding a method is one entry here and one module beside
-this file; the `quantize-<name>` stage, the evaluation and the benchmark scripts read the
-registry and nothing else.
+this file (a new packed format adds its format module to FORMATS); the `quantize-<name>`
+stage, the evaluation and the benchmark scripts read the registry and nothing else.
 
 This module imports no torch: `validate`, `plan` and `status` check recipes with it.
 """
@@ -29,7 +29,7 @@ class Format:
 @dataclass(frozen=True)
 class Method:
     name: str
-    implementation: str          # module with `quantizer(entry)` and `transform(entry, family, checkpoint_dir, dtype)`
+    implementation: str          # module with `quantizer(entry, dtype)` and `transform(entry, family, checkpoint_dir, dtype, search_dir)`
     format: str                  # a key of FORMATS: how the quantized layers are packed, described and loaded
     calibrated: bool             # needs calibration activations (the `calibrate` stage)
     hessian_passes: bool = True  # one capture pass per sequential group; False: one pass per layer (metrics only)
@@ -37,6 +37,7 @@ class Method:
     # A search whose per-layer result the method applies, done once in its own stage for every
     # entry with the same search settings (`search_settings`): "awq" or None.
     search: Optional[str] = None
+    common_settings: bool = True  # reads the common integer-format settings (bits, group_size, sym, ...)
 
     def code_modules(self) -> tuple[str, ...]:
         """The modules quantizing with this method runs, imported by name (the quantize stage's
@@ -61,6 +62,7 @@ _INT4_LOADER = "qlora_pipeline.layerwise.checkpoints:load_int4_model"
 FORMATS = {f.name: f for f in (
     Format("gptq", "qlora_pipeline.methods.gptq_format", _INT4_LOADER),
     Format("awq-gemm", "qlora_pipeline.methods.awq_format", _INT4_LOADER),
+    Format("bnb-nf4", "qlora_pipeline.methods.nf4_format", "qlora_pipeline.layerwise.checkpoints:load_nf4_model"),
 )}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -73,8 +75,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # scaled float model, shared by every awq+gptq entry with the same AWQ settings, and faster.
     Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",)),
     Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
+    # NF4 of the merged model, as the base stage writes it: 4-bit, block size from the entry's nf4 section.
+    Method("nf4", "qlora_pipeline.methods.nf4", "bnb-nf4", calibrated=False, hessian_passes=False, options=("nf4",),
+           common_settings=False),
 )}
 OPTION_SECTIONS = frozenset(s for m in METHODS.values() for s in m.options)
+# The settings of the integer formats, which methods with common_settings=False do not read.
+COMMON_SETTINGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "true_sequential", "mse")
 
 
 def method(name: str) -> Method:
@@ -83,7 +90,14 @@ def method(name: str) -> Method:
 
 def format_problems(entry) -> list[str]:
     """What the entry's packed format cannot store (recipe-time rules, no model needed)."""
-    if METHODS[entry.method].format != "awq-gemm":
+    method = METHODS[entry.method]
+    if not method.common_settings:
+        unused = [k for k in COMMON_SETTINGS if k in entry.model_fields_set and not (k == "bits" and entry.bits == 4)]
+        if unused:
+            return [f"method {method.name} is 4-bit with its own settings ({', '.join(method.options)}: ...); "
+                    f"it does not use {', '.join(unused)}"]
+        return []
+    if method.format != "awq-gemm":
         return []
     problems = []
     if entry.bits != 4:
@@ -107,6 +121,8 @@ def divisors_hint(n: int, bits: int) -> list[int]:
 
 def check_shapes(entry, config: dict, key: str) -> None:
     """A group size that does not divide a layer's input size is a recipe error."""
+    if not METHODS[entry.method].common_settings:  # e.g. NF4: blocks over the flattened weight fit any shape
+        return
     sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
     pf = values_per_word_run(entry.bits)
     for what, n in sizes.items():
@@ -138,8 +154,12 @@ def search_stage_name(entry) -> str:
 
 def relevant_settings(entry) -> dict:
     """The entry's settings that change this method's output (its stage fingerprint): AWQ's
-    options do not concern rtn or gptq entries."""
+    options do not concern rtn or gptq entries, the integer settings not nf4."""
+    method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
-    for section in OPTION_SECTIONS - set(METHODS[entry.method].options):
+    for section in OPTION_SECTIONS - set(method.options):
         settings.pop(section, None)
+    if not method.common_settings:
+        for key in COMMON_SETTINGS:
+            settings.pop(key, None)
     return settings

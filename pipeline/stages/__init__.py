@@ -4,7 +4,8 @@ Only stages that do their real work are registered. This version has `data`, `ba
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
 evaluations of base, base-nf4 and merged, `calibrate`, `awq-search-w<bits>g<group>` (one per
 distinct AWQ search, shared by the `awq` and `awq+gptq` entries it serves), `quantize-<name>`
-for each entry (methods: `qlora_pipeline.methods`) with an evaluation of each, and `report`.
+for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`)
+with an evaluation of each, and `report`.
 
 The registry imports no stage module: each stage function is a `StageRef` naming its module,
 imported when the stage runs. `validate`, `plan` and `status` build the graph without
@@ -115,5 +116,6 @@ def build_stages(recipe) -> list[StageSpec]:
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
     specs.append(StageSpec("report", _stage("report"), report_deps,
-                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len}))
+                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len,
+                            "deploy": recipe.deploy.model_dump(mode="json")}))
     return specs
