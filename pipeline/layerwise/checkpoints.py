@@ -139,6 +139,18 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype, device: str):
     return model.to(device).eval()
 
 
+def load_bnb_model(model_dir: Path, dtype: torch.dtype, device: str):
+    """A bitsandbytes-quantized checkpoint through transformers + bitsandbytes themselves (LLM.int8,
+    whose arithmetic is bitsandbytes'): its float tensors in `dtype`."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    # bitsandbytes warns on every int8 matmul that it casts its float32/bfloat16 input to float16.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
+
+
 def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):
     """Build the model with `LinearNF4` layers from a bitsandbytes-serialized NF4 checkpoint."""
     config = read_config(model_dir)

@@ -37,7 +37,13 @@ class Method:
     # A search whose per-layer result the method applies, done once in its own stage for every
     # entry with the same search settings (`search_settings`): "awq" or None.
     search: Optional[str] = None
-    common_settings: bool = True  # reads the common integer-format settings (bits, group_size, sym, ...)
+    # A method of one bit width and settings of its own (its options), e.g. NF4: it reads none of COMMON_SETTINGS.
+    fixed_bits: Optional[int] = None
+
+    @property
+    def common_settings(self) -> bool:
+        """Reads the common settings of the grouped integer formats (bits, group_size, sym, ...)."""
+        return self.fixed_bits is None
 
     def code_modules(self) -> tuple[str, ...]:
         """The modules quantizing with this method runs, imported by name (the quantize stage's
@@ -63,6 +69,7 @@ FORMATS = {f.name: f for f in (
     Format("gptq", "qlora_pipeline.methods.gptq_format", _INT4_LOADER),
     Format("awq-gemm", "qlora_pipeline.methods.awq_format", _INT4_LOADER),
     Format("bnb-nf4", "qlora_pipeline.methods.nf4_format", "qlora_pipeline.layerwise.checkpoints:load_nf4_model"),
+    Format("bnb-int8", "qlora_pipeline.methods.int8_format", "qlora_pipeline.layerwise.checkpoints:load_bnb_model"),
 )}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -77,10 +84,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
     # NF4 of the merged model, as the base stage writes it: 4-bit, block size from the entry's nf4 section.
     Method("nf4", "qlora_pipeline.methods.nf4", "bnb-nf4", calibrated=False, hessian_passes=False, options=("nf4",),
-           common_settings=False),
+           fixed_bits=4),
+    # LLM.int8: int8 weights with one absmax per output row; bitsandbytes computes with them.
+    Method("int8", "qlora_pipeline.methods.int8", "bnb-int8", calibrated=False, hessian_passes=False, fixed_bits=8),
 )}
 OPTION_SECTIONS = frozenset(s for m in METHODS.values() for s in m.options)
-# The settings of the integer formats, which methods with common_settings=False do not read.
+# The settings of the grouped integer formats, which methods with a fixed bit width do not read.
 COMMON_SETTINGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "true_sequential", "mse")
 
 
@@ -92,10 +101,11 @@ def format_problems(entry) -> list[str]:
     """What the entry's packed format cannot store (recipe-time rules, no model needed)."""
     method = METHODS[entry.method]
     if not method.common_settings:
-        unused = [k for k in COMMON_SETTINGS if k in entry.model_fields_set and not (k == "bits" and entry.bits == 4)]
+        unused = [k for k in COMMON_SETTINGS
+                  if k in entry.model_fields_set and not (k == "bits" and entry.bits == method.fixed_bits)]
         if unused:
-            return [f"method {method.name} is 4-bit with its own settings ({', '.join(method.options)}: ...); "
-                    f"it does not use {', '.join(unused)}"]
+            own = f"; its settings: {', '.join(method.options)}" if method.options else ""
+            return [f"method {method.name} is {method.fixed_bits}-bit and does not use {', '.join(unused)}{own}"]
         return []
     if method.format != "awq-gemm":
         return []
@@ -121,7 +131,7 @@ def divisors_hint(n: int, bits: int) -> list[int]:
 
 def check_shapes(entry, config: dict, key: str) -> None:
     """A group size that does not divide a layer's input size is a recipe error."""
-    if not METHODS[entry.method].common_settings:  # e.g. NF4: blocks over the flattened weight fit any shape
+    if not METHODS[entry.method].common_settings:  # NF4's blocks (over the flattened weight) and int8's rows fit any shape
         return
     sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
     pf = values_per_word_run(entry.bits)
@@ -154,7 +164,7 @@ def search_stage_name(entry) -> str:
 
 def relevant_settings(entry) -> dict:
     """The entry's settings that change this method's output (its stage fingerprint): AWQ's
-    options do not concern rtn or gptq entries, the integer settings not nf4."""
+    options do not concern rtn or gptq entries, the grouped-integer settings not nf4 or int8."""
     method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
     for section in OPTION_SECTIONS - set(method.options):

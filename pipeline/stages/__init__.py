@@ -4,8 +4,8 @@ Only stages that do their real work are registered. This version has `data`, `ba
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
 evaluations of base, base-nf4 and merged, `calibrate`, `awq-search-w<bits>g<group>` (one per
 distinct AWQ search, shared by the `awq` and `awq+gptq` entries it serves), `quantize-<name>`
-for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`)
-with an evaluation of each, and `report`.
+for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`,
+`int8`) with an evaluation of each, and `report`.
 
 The registry imports no stage module: each stage function is a `StageRef` naming its module,
 imported when the stage runs. `validate`, `plan` and `status` build the graph without

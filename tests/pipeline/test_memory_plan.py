@@ -124,3 +124,16 @@ def test_report_memory_plan(tmp_path):
     assert "Δ fp8 KV | Δ fp8 KV (calibrated) |" in text and "+1.00% | +0.50% |" in text
     assert (ctx.output_dir / "memory_vs_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](memory_vs_context.png)" in text
+
+
+def test_deploy_section_defaults_and_errors(write_recipe):
+    from qlora_pipeline.errors import RecipeError
+    from qlora_pipeline.recipe import load_recipe
+
+    deploy = load_recipe(write_recipe({}))[0].deploy
+    assert (deploy.contexts, deploy.batch_sizes, deploy.kv_dtypes, deploy.gpu_memory_gb) == (
+        [2048, 8192], [1, 8, 32], ["bf16", "fp8"], 24)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe({"deploy": {"contexts": [0], "kv_dtypes": ["int4"], "gpu_memory_gb": 0}}))
+    assert sorted(p.split(":")[0] for p in err.value.problems) == [
+        "deploy.contexts", "deploy.gpu_memory_gb", "deploy.kv_dtypes.0"]
