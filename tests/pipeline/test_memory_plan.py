@@ -3,6 +3,8 @@ report's memory plan (metrics.json rows, table, plot)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -78,6 +80,12 @@ def test_memory_command(llama3_8b, capsys):
     out = capsys.readouterr().out
     assert "32 layers, 8 KV heads x 128" in out and "| Meta-Llama-3-8B | 8192 | fp8 |" in out
     assert "total, batch 32 (GiB)" in out and "Not counted: activations" in out
+
+    # torch-free: the command sizes a model on a machine without torch
+    code = ("import sys; from qlora_pipeline.cli import main; "
+            f"sys.exit(main(['memory', {str(llama3_8b)!r}, '--json']) or 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
     bad = llama3_8b.parent / "bad.json"
     bad.write_text(json.dumps({"hidden_size": 4096}))
