@@ -36,7 +36,7 @@ def test_int8_checkpoint_is_what_transformers_saves_and_evaluates(tiny_llama_dir
     for name, t in theirs_t.items():
         assert ours_t[name].dtype == t.dtype and torch.equal(ours_t[name], t), name
 
-    model = METHODS["int8"].format_module().load(ours_dir, torch.float32, "cpu")  # the evaluation's loader
+    model = METHODS["int8"].loader()(ours_dir, torch.float32, "cpu")  # the evaluation's loader
     import bitsandbytes as bnb
 
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)

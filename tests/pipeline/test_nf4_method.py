@@ -65,10 +65,9 @@ def test_written_byte_for_byte_as_the_base_stage_writes_nf4(nf4_checkpoint, tiny
 
 def test_plain_transformers_loads_it_with_our_evaluations_perplexity(nf4_checkpoint, tmp_path):
     from qlora_pipeline.layerwise.checkpoints import load_nf4_model
-    from qlora_pipeline.methods.nf4_format import load
     from qlora_pipeline.scoring import perplexity
 
-    assert load is load_nf4_model  # how the evaluation stage loads `nf4` artifacts
+    assert methods.METHODS["nf4"].loader() is load_nf4_model  # how the evaluation stage loads `nf4` artifacts
     windows = torch.randint(0, 5000, (4, 64))
     save_file({"windows": windows}, str(tmp_path / "windows.safetensors"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
