@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -298,16 +299,20 @@ def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, 
     from qlora_pipeline import memory_plan
     from qlora_pipeline.recipe import DeployConfig
 
+    if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
+        raise InputError(f"--bits {bits} --group-size {group_size}: give bits 2-8 (or 16) and a group size >= 1 or -1")
+    if gpu_memory_gb is not None and not math.isfinite(gpu_memory_gb):
+        raise InputError(f"--gpu-memory-gb {gpu_memory_gb}: give a finite number of GiB")
     config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     try:
         config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
         att = memory_plan.attention(config)
         weights = memory_plan.estimated_weight_bytes(config, bits, group_size)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise InputError(f"{config_path}: not a usable model config.json ({what})") from None
-    if not 1 < bits <= 16 or (bits < 16 and group_size != -1 and group_size < 1):
-        raise InputError(f"--bits {bits} --group-size {group_size}: give bits 2-8 (or 16) and a group size >= 1 or -1")
     defaults = DeployConfig()
     gpu = gpu_memory_gb or defaults.gpu_memory_gb
     rows = memory_plan.plan_rows(config_path.parent.name if config_path.name == "config.json" else str(config_path),

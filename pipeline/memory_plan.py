@@ -40,8 +40,14 @@ class Attention(NamedTuple):
 def attention(config: dict) -> Attention:
     """The KV-cache shape of a (decoder-only, Llama-style) model config."""
     heads = int(config["num_attention_heads"])
+    if heads < 1:
+        raise ValueError(f"num_attention_heads must be at least 1, got {heads}")
     head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
-    return Attention(int(config["num_hidden_layers"]), int(config.get("num_key_value_heads") or heads), int(head_dim))
+    att = Attention(int(config["num_hidden_layers"]), int(config.get("num_key_value_heads") or heads), int(head_dim))
+    bad = [f"{k} {v}" for k, v in att._asdict().items() if v < 1]
+    if bad:
+        raise ValueError(f"not a positive size: {', '.join(bad)}")
+    return att
 
 
 def linear_shapes(config: dict) -> list[tuple[int, int]]:

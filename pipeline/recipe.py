@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from qlora_pipeline.errors import RecipeError
 from qlora_pipeline.methods import METHODS, format_problems
@@ -300,20 +300,20 @@ class EvaluateConfig(_Section):
 class DeployConfig(_Section):
     """The report's memory plan (weights + KV cache) and the defaults of `pipeline memory`."""
 
-    contexts: list[int] = Field(default_factory=lambda: [2048, 8192], min_length=1,
-                                description="tokens per sequence (prompt + generated) to plan for")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1,
-                                   description="concurrent sequences to plan for")
+    contexts: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [2048, 8192], min_length=1, description="tokens per sequence (prompt + generated) to plan for")
+    batch_sizes: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 8, 32], min_length=1, description="concurrent sequences to plan for")
     kv_dtypes: list[Literal["bf16", "fp16", "fp8"]] = Field(
         default_factory=lambda: ["bf16", "fp8"], min_length=1, description="KV-cache element types to plan for")
-    gpu_memory_gb: float = Field(24, gt=0, description="the GPU's memory in GiB (a '24 GB' card holds 24 x 2^30 "
-                                 "bytes): what weights + KV cache must fit")
+    gpu_memory_gb: float = Field(24, gt=0, allow_inf_nan=False, description="the GPU's memory in GiB (a '24 GB' "
+                                 "card holds 24 x 2^30 bytes): what weights + KV cache must fit")
 
-    @field_validator("contexts", "batch_sizes")
+    @field_validator("gpu_memory_gb", mode="before")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(n < 1 for n in v):
-            raise ValueError(f"every value must be at least 1, got {v}")
+    def _not_a_flag(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("must be a number of GiB, not true/false")
         return v
 
 

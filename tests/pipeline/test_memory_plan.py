@@ -93,6 +93,40 @@ def test_memory_command(llama3_8b, capsys):
     assert "not a usable model config.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "4", "--group-size", "0"], "--bits 4 --group-size 0: give bits 2-8 (or 16)"),
+    (["--bits", "12"], "--bits 12 --group-size 128: give bits 2-8 (or 16)"),
+    (["--bits", "1"], "give bits 2-8"),
+    (["--group-size", "-5"], "a group size >= 1 or -1"),
+    (["--gpu-memory-gb", "nan"], "--gpu-memory-gb nan: give a finite number of GiB"),
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb inf: give a finite number of GiB"),
+    (["--gpu-memory-gb", "0"], "0.0 is not in the range x>0"),
+    (["--context", "0"], "0 is not in the range x>=1"),
+    (["--batch", "2", "-1"], "-1 is not in the range x>=1"),
+    (["--kv-dtype", "int4"], "'int4' is not one of 'bf16', 'fp16', 'fp8'"),
+])
+def test_memory_command_bad_values_exit_2_without_a_traceback(llama3_8b, args, message):
+    proc = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "memory", str(llama3_8b), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "a JSON list, not an object"),
+    ({**LLAMA3_8B, "num_attention_heads": 0}, "num_attention_heads must be at least 1"),
+    ({**LLAMA3_8B, "num_hidden_layers": -2}, "not a positive size: layers -2"),
+    ({**LLAMA3_8B, "num_key_value_heads": "eight"}, "invalid literal"),
+    ({k: v for k, v in LLAMA3_8B.items() if k != "vocab_size"}, "missing key 'vocab_size'"),
+])
+def test_memory_command_bad_configs(tmp_path, config, message, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert cli("memory", str(path)) == 2
+    err = capsys.readouterr().err
+    assert "not a usable model config.json" in err and message in err, err
+
+
 def test_report_memory_plan(tmp_path):
     """The report stage on two evaluations' metrics: memory_plan rows in metrics.json, the table,
     the plot."""
@@ -144,4 +178,24 @@ def test_deploy_section_defaults_and_errors(write_recipe):
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe({"deploy": {"contexts": [0], "kv_dtypes": ["int4"], "gpu_memory_gb": 0}}))
     assert sorted(p.split(":")[0] for p in err.value.problems) == [
-        "deploy.contexts", "deploy.gpu_memory_gb", "deploy.kv_dtypes.0"]
+        "deploy.contexts.0", "deploy.gpu_memory_gb", "deploy.kv_dtypes.0"]
+    bad = {"contexts": [], "batch_sizes": [True, 2.5], "gpu_memory_gb": float("inf")}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe({"deploy": bad}))
+    assert sorted(p.split(":")[0] for p in err.value.problems) == [
+        "deploy.batch_sizes.0", "deploy.batch_sizes.1", "deploy.contexts", "deploy.gpu_memory_gb"]
+    with pytest.raises(RecipeError, match="deploy.gpu_memory_gb: must be a number of GiB, not true/false"):
+        load_recipe(write_recipe({"deploy": {"gpu_memory_gb": True}}))
+    with pytest.raises(RecipeError, match="deploy.gpu_memory_gb: Input should be a finite number"):
+        load_recipe(write_recipe({"deploy": {"gpu_memory_gb": float("nan")}}))
+
+
+def test_bad_deploy_values_are_a_clean_exit_2(tmp_path):
+    """`pipeline validate` on a recipe with bad deploy values: the key paths, exit 2, no traceback."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("deploy:\n  contexts: [4096, 0]\n  gpu_memory_gb: .inf\n  kv_dtypes: [int4]\n")
+    proc = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "validate", str(recipe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for key in ("deploy.contexts.1", "deploy.gpu_memory_gb", "deploy.kv_dtypes.0"):
+        assert key in proc.stderr, proc.stderr
