@@ -1,9 +1,10 @@
 """`method: nf4`: the merged model in NF4 with double quantization, written as the base stage
-writes it, loaded by plain transformers + bitsandbytes on the CPU with the perplexity our own
-evaluation measures."""
+writes it, loaded by plain transformers + bitsandbytes on the CPU with the logits our own
+evaluation computes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,19 +17,26 @@ from qlora_pipeline import methods
 from qlora_pipeline.recipe import NF4Config, QuantizeEntry
 
 # Run in a fresh interpreter outside the repository: no module of ours can be imported there.
+# It saves the logits of plain transformers + bitsandbytes, and bitsandbytes' own dequantization
+# of one serialized weight (from the file: bitsandbytes >= 0.48 repacks the weights it loads on
+# the CPU into a layout of its own kernels).
 PLAIN_TRANSFORMERS = """
-import json, math, sys
+import json, sys
 import torch, bitsandbytes as bnb
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, device_map="cpu").eval()
-windows = load_file(sys.argv[2])["windows"]
 with torch.no_grad():
-    logits = model(input_ids=windows).logits.float()
-nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-print(json.dumps({"ppl": math.exp(nll.item()),
-                  "linear4bit": isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit),
+    logits = model(input_ids=load_file(sys.argv[2])["windows"]).logits.float()
+name = "model.layers.1.mlp.down_proj.weight"
+shard = json.load(open(sys.argv[1] + "/model.safetensors.index.json"))["weight_map"][name]
+tensors = load_file(sys.argv[1] + "/" + shard)
+state = bnb.functional.QuantState.from_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
+                                            torch.device("cpu"))
+save_file({"logits": logits.contiguous(), "down_proj": bnb.functional.dequantize_4bit(tensors[name], state).float()},
+          sys.argv[3])
+print(json.dumps({"linear4bit": isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit),
                   "ours": sorted(m for m in sys.modules if m.startswith(("qlora", "pipeline", "kernels", "quant")))}))
 """
 
@@ -63,21 +71,45 @@ def test_written_byte_for_byte_as_the_base_stage_writes_nf4(nf4_checkpoint, tiny
         assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
 
 
-def test_plain_transformers_loads_it_with_our_evaluations_perplexity(nf4_checkpoint, tmp_path):
-    from qlora_pipeline.layerwise.checkpoints import load_nf4_model
+def test_plain_transformers_loads_it_with_our_evaluations_logits(nf4_checkpoint, tiny_llama_dir, tmp_path):
+    """transformers + bitsandbytes, with no module of ours, compute with the NF4 weights our
+    evaluation computes with: bitsandbytes dequantizes the file to our weights exactly, and its
+    logits are those of our evaluation's model up to bf16 arithmetic, far closer than the NF4
+    rounding moves them."""
+
+    from qlora_pipeline.layerwise.checkpoints import load_hf_model, load_nf4_model
     from qlora_pipeline.scoring import perplexity
 
     assert methods.METHODS["nf4"].loader() is load_nf4_model  # how the evaluation stage loads `nf4` artifacts
     windows = torch.randint(0, 5000, (4, 64))
     save_file({"windows": windows}, str(tmp_path / "windows.safetensors"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(nf4_checkpoint), str(tmp_path / "windows.safetensors")],
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(nf4_checkpoint), str(tmp_path / "windows.safetensors"),
+                           str(tmp_path / "theirs.safetensors")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert theirs["linear4bit"] and theirs["ours"] == []
-    ours, _ = perplexity(load_nf4_model(nf4_checkpoint, torch.float32, "cpu"), windows, 4, "cpu", lambda it, **kw: it, "")
-    assert abs(theirs["ppl"] / ours - 1) < 0.005, (theirs["ppl"], ours)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["linear4bit"] and info["ours"] == []
+    theirs = load_file(str(tmp_path / "theirs.safetensors"))
+
+    model = load_nf4_model(nf4_checkpoint, torch.float32, "cpu")
+    assert torch.equal(theirs["down_proj"], model.model.layers[1].mlp.down_proj.dequantized_weight().float())
+    with torch.no_grad():
+        ours = model(input_ids=windows).logits.float()
+        unquantized = load_hf_model(tiny_llama_dir, torch.float32, "cpu")(input_ids=windows).logits.float()
+    # transformers computes in the checkpoint's bnb_4bit_compute_dtype (bf16), we in float32.
+    torch.testing.assert_close(theirs["logits"], ours, rtol=0, atol=0.02)
+    library = (theirs["logits"] - ours).abs().mean()
+    rounding = (unquantized - ours).abs().mean()  # what NF4 changes: a model loaded without it would be this far
+    assert library < rounding / 10, (library, rounding)
+
+    def ppl(logits):
+        return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                          windows[:, 1:].reshape(-1)).item())
+
+    evaluation, _ = perplexity(model, windows, 4, "cpu", lambda it, **kw: it, "")
+    assert evaluation == pytest.approx(ppl(ours), rel=1e-6)
+    assert ppl(theirs["logits"]) == pytest.approx(evaluation, rel=1e-3)
 
 
 def test_nf4_recipe_rules():
