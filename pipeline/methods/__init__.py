@@ -89,8 +89,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("int8", "qlora_pipeline.methods.int8", "bnb-int8", calibrated=False, hessian_passes=False, fixed_bits=8),
 )}
 OPTION_SECTIONS = frozenset(s for m in METHODS.values() for s in m.options)
-# The settings of the grouped integer formats, which methods with a fixed bit width do not read.
-COMMON_SETTINGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "true_sequential", "mse")
+# The settings of the grouped integer formats and of the calibration forwards (compute_dtype),
+# which methods with a fixed bit width (uncalibrated) do not read.
+COMMON_SETTINGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "true_sequential", "mse",
+                   "compute_dtype")
 
 
 def method(name: str) -> Method:

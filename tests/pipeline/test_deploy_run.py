@@ -19,7 +19,7 @@ def test_nf4_int8_fp8_kv_and_memory_plan_through_the_runner(tiny_llama_dir, tmp_
                          evaluate={"speed": False, "kv_fp8": True, "kv_fp8_calibration_windows": 2, "prompts": []})
     recipe["quantize"] = [{"name": "nf4", "method": "nf4"}, {"name": "int8", "method": "int8"}]
     recipe["deploy"] = {"contexts": [128, 4096], "batch_sizes": [1, 4], "kv_dtypes": ["bf16", "fp8"],
-                        "gpu_memory_gb": 0.01}
+                        "gpu_memory_gb": 0.015}
     assert cli("run", str(write_recipe(recipe))) == 0
     run = tmp_path / "runs" / "d"
 
@@ -48,7 +48,7 @@ def test_nf4_int8_fp8_kv_and_memory_plan_through_the_runner(tiny_llama_dir, tmp_
     rows = report["memory_plan"]
     assert {r["artifact"] for r in rows} == set(evaluations)
     assert len(rows) == len(evaluations) * 2 * 2 * 2
-    gpu = int(0.01 * 2**30)
+    gpu = int(0.015 * 2**30)  # the tiny model's weights are about 0.012 GiB (its 49152-token embedding)
     for r in rows:
         assert r["weights_bytes"] == evaluations[r["artifact"]]["weights_bytes"]
         per_element = {"bf16": 2, "fp8": 1}[r["kv_dtype"]]
