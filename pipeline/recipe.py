@@ -135,6 +135,10 @@ class DataConfig(_Section):
     )
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     general_max_tokens: int = Field(200_000, ge=1, description="tokens of general text to prepare")
+    general_train_tokens: int = Field(
+        200_000, ge=1, description="tokens of the general *train* split, prepared only when a quantize entry "
+        "calibrates on general text (calibration.source / calibration_source: general): documents after those "
+        "general_eval uses, with every general_eval and domain test paragraph cut out")
 
 
 class NF4Config(_Section):
@@ -205,10 +209,16 @@ class MergeConfig(_Section):
         return v
 
 
+CalibrationSource = Literal["domain", "general"]
+
+
 class CalibrationConfig(_Section):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=16)
     seed: int = 0
+    source: CalibrationSource = Field(
+        "domain", description="text the calibration windows are drawn from, for entries that do not say: domain "
+        "(the domain train split) or general (the general train split, distinct from general_eval)")
 
 
 class AWQOptions(_Section):
@@ -233,6 +243,9 @@ class QuantizeEntry(_Section):
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="dtype of the calibration forward passes (the layer engine runs on the CPU); weights, "
         "Hessians and the solve stay float32; auto: float32")
+    calibration_source: Optional[CalibrationSource] = Field(
+        None, description="calibrated methods: domain or general train text for this entry's calibration windows; "
+        "null: calibration.source")
     awq: AWQOptions = AWQOptions()
     nf4: NF4Config = Field(default_factory=NF4Config, description="method nf4: block size and compute dtype of "
                            "the NF4 checkpoint (the same settings and defaults as the base's nf4 section)")
@@ -360,6 +373,22 @@ class Recipe(_Section):
         if dupes:
             raise ValueError(f"quantize names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="after")
+    def _general_calibration_has_text(self) -> "Recipe":
+        if self.data.general is None:
+            for i, q in enumerate(self.quantize):
+                if METHODS[q.method].calibrated and self.calibration_source(q) == "general":
+                    key = f"quantize.{i}.calibration_source" if q.calibration_source else "calibration.source"
+                    raise ValueError(f"{key}: general calibrates quantize entry '{q.name}' on the general train "
+                                     "split, but data.general is null; give data.general or use domain")
+        return self
+
+    def calibration_source(self, entry: "QuantizeEntry") -> Optional[str]:
+        """The text `entry`'s calibration windows come from (None: its method takes no calibration)."""
+        if not METHODS[entry.method].calibrated:
+            return None
+        return entry.calibration_source or self.calibration.source
 
 
 # ----------------------------------------------------------------------------- loading

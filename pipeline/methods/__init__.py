@@ -102,6 +102,8 @@ def method(name: str) -> Method:
 def format_problems(entry) -> list[str]:
     """What the entry's packed format cannot store (recipe-time rules, no model needed)."""
     method = METHODS[entry.method]
+    if entry.calibration_source is not None and not method.calibrated:
+        return [f"method {method.name} takes no calibration windows; remove calibration_source"]
     if not method.common_settings:
         unused = [k for k in COMMON_SETTINGS
                   if k in entry.model_fields_set and not (k == "bits" and entry.bits == method.fixed_bits)]
@@ -154,21 +156,34 @@ def check_shapes(entry, config: dict, key: str) -> None:
                                  f"the model's {what} is {n}; use method: gptq")
 
 
+def calibration_stage_name(source: str) -> str:
+    """The stage that draws calibration windows from `source`'s train split: `calibrate` (domain)
+    or `calibrate-general`."""
+    return "calibrate" if source == "domain" else f"calibrate-{source}"
+
+
 def search_settings(entry) -> dict:
     """What an entry's search depends on (besides the merged model and the calibration set):
-    entries that agree on it share one search stage."""
-    return {"bits": entry.bits, "group_size": entry.group_size, **entry.awq.model_dump(mode="json")}
+    entries that agree on it share one search stage. `entry.calibration_source` is resolved
+    (the recipe's default filled in) where stages are built."""
+    return {"bits": entry.bits, "group_size": entry.group_size, **entry.awq.model_dump(mode="json"),
+            "calibration_source": entry.calibration_source}
 
 
 def search_stage_name(entry) -> str:
-    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}"
+    """`awq-search-w<bits>g<group>` on domain calibration windows, `...-general` on general ones."""
+    suffix = "" if entry.calibration_source in (None, "domain") else f"-{entry.calibration_source}"
+    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}{suffix}"
 
 
 def relevant_settings(entry) -> dict:
     """The entry's settings that change this method's output (its stage fingerprint): AWQ's
-    options do not concern rtn or gptq entries, the grouped-integer settings not nf4 or int8."""
+    options do not concern rtn or gptq entries, the grouped-integer settings not nf4 or int8,
+    the calibration source (resolved where stages are built) no uncalibrated method."""
     method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
+    if not method.calibrated:
+        settings.pop("calibration_source", None)
     for section in OPTION_SECTIONS - set(method.options):
         settings.pop(section, None)
     if not method.common_settings:

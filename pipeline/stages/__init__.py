@@ -2,8 +2,10 @@
 
 Only stages that do their real work are registered. This version has `data`, `base`,
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
-evaluations of base, base-nf4 and merged, `calibrate`, `awq-search-w<bits>g<group>` (one per
-distinct AWQ search, shared by the `awq` and `awq+gptq` entries it serves), `quantize-<name>`
+evaluations of base, base-nf4 and merged, `calibrate` and/or `calibrate-general` (the
+calibration windows of the entries calibrated on the domain / general train split),
+`awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search, shared by the `awq` and
+`awq+gptq` entries it serves), `quantize-<name>`
 for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`,
 `int8`) with an evaluation of each, and `report`.
 
@@ -47,8 +49,15 @@ def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
     evaluation = {"seq_len": recipe.data.seq_len, **recipe.evaluate.model_dump(mode="json", exclude={"gate"})}
+    # Each entry with its calibration source resolved (the recipe's default filled in; None for
+    # methods that take no calibration): part of its quantize (and search) stage's settings.
+    entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
+    sources = sorted({q.calibration_source for q in entries if q.calibration_source is not None})
+    data_config = {**model, "data": recipe.data.model_dump(mode="json")}
+    if "general" in sources:  # the general train split is prepared only when something calibrates on it
+        data_config["general_train_tokens"] = recipe.data.general_train_tokens
     specs = [
-        StageSpec("data", _stage("data"), (), {**model, "data": recipe.data.model_dump(mode="json")}),
+        StageSpec("data", _stage("data"), (), data_config),
         StageSpec("base", _stage("base"), (), {**model, "nf4": recipe.nf4.model_dump(mode="json")}),
         StageSpec("evaluate-base", _evaluation("base", "load_original_base"), ("data",),
                   {**model, "evaluate": evaluation}),
@@ -77,20 +86,19 @@ def build_stages(recipe) -> list[StageSpec]:
         StageSpec("evaluate-merged", _evaluation("merged", "load_merged"), ("data", "merge"),
                   {"evaluate": evaluation}),
     ]
-    entries = list(recipe.quantize)
     config = cached_config(recipe.model)
     if config is not None:
         problems = []
         for i, q in enumerate(entries):
             try:
-                methods.check_shapes(q, config, f"quantize.{recipe.quantize.index(q)}")
+                methods.check_shapes(q, config, f"quantize.{i}")
             except InputError as exc:
                 problems.append(str(exc))
         if problems:
             raise RecipeError(problems, source="recipe")
-    if any(methods.METHODS[q.method].calibrated for q in entries):
-        specs.append(StageSpec("calibrate", _stage("calibrate"), ("data",),
-                               {"calibration": recipe.calibration.model_dump(mode="json")}))
+    for source in sources:  # `calibrate` (domain train split), `calibrate-general` (general train split)
+        specs.append(StageSpec(methods.calibration_stage_name(source), _stage("calibrate"), ("data",),
+                               {"calibration": {**recipe.calibration.model_dump(mode="json"), "source": source}}))
     searches: dict[str, dict] = {}  # search stage -> its settings
     for q in entries:
         if methods.METHODS[q.method].search:
@@ -99,10 +107,11 @@ def build_stages(recipe) -> list[StageSpec]:
                 raise RecipeError([f"quantize: entries with method {q.method}, bits {q.bits} and group_size "
                                    f"{q.group_size} differ in their awq settings; one search serves them all: "
                                    f"give them the same awq settings"], source="recipe")
-    specs += [StageSpec(name, _stage("awq_search"), ("merge", "calibrate"),
+    specs += [StageSpec(name, _stage("awq_search"),
+                        ("merge", methods.calibration_stage_name(settings["calibration_source"])),
                         {"search": settings, "dtype": recipe.model.dtype}) for name, settings in searches.items()]
     for q in entries:
-        deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
+        deps = ("merge", methods.calibration_stage_name(q.calibration_source)) if q.calibration_source else ("merge",)
         if methods.METHODS[q.method].search:
             deps += (methods.search_stage_name(q),)
         specs += [

@@ -1,5 +1,6 @@
-"""Stages `awq-search-w<bits>g<group>`: AWQ's per-layer scale and clip search, done once for
-every quantize entry that applies it with the same settings (`awq` and `awq+gptq`).
+"""Stages `awq-search-w<bits>g<group>[-general]`: AWQ's per-layer scale and clip search, done
+once for every quantize entry that applies it with the same settings and calibration source
+(`awq` and `awq+gptq`).
 
 The search runs on the scaled full-precision model, as AWQ's reference does: each layer's
 inputs come from the layers before it with their scales folded and their weights clipped,
@@ -22,6 +23,7 @@ from qlora_pipeline.layerwise.awq_search import SEARCH_FILE, AWQSettings, make_t
 from qlora_pipeline.layerwise.checkpoints import read_config
 from qlora_pipeline.layerwise.engine import transform_sequentially
 from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.methods import calibration_stage_name
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
 SETTINGS_FILE = "search.json"
@@ -32,7 +34,7 @@ def run(ctx: StageContext) -> StageResult:
     settings = AWQSettings(s["bits"], s["group_size"], s["duo_scaling"], s["clip"], s["search_windows"])
     merged_dir = ctx.inputs["merge"]
     family = family_for(read_config(merged_dir)["model_type"])
-    calibration = load_file(str(ctx.inputs["calibrate"] / CALIBRATION_FILE))["input_ids"]
+    calibration = load_file(str(ctx.inputs[calibration_stage_name(s["calibration_source"])] / CALIBRATION_FILE))["input_ids"]
     transform = make_transform(family, settings, ctx.checkpoint_dir, DTYPES[ctx.config["dtype"]])
     n_layers = transform_sequentially(merged_dir, calibration, family, transform, ctx.progress,
                                       lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i),

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.layerwise.checkpoints import read_config
-from qlora_pipeline.methods import METHODS, check_shapes, search_stage_name
+from qlora_pipeline.methods import METHODS, calibration_stage_name, check_shapes, search_stage_name
 from qlora_pipeline.methods.checkpoint import quantize_checkpoint
 from qlora_pipeline.recipe import QuantizeEntry
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
@@ -28,8 +28,9 @@ def run(ctx: StageContext) -> StageResult:
     merged_dir = ctx.inputs["merge"]
     check_shapes(entry, read_config(merged_dir), f"quantize entry '{entry.name}'")
     calibration = None
-    if METHODS[entry.method].calibrated:
-        calibration = load_file(str(ctx.inputs["calibrate"] / CALIBRATION_FILE))["input_ids"]
+    if METHODS[entry.method].calibrated:  # the entry's source is resolved in its stage settings
+        calibration = load_file(str(ctx.inputs[calibration_stage_name(entry.calibration_source)]
+                                    / CALIBRATION_FILE))["input_ids"]
 
     def on_layer(i: int, metrics: dict[str, float]) -> None:
         ctx.metrics.log_metrics(metrics, step=i)
