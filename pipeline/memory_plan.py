@@ -145,10 +145,12 @@ def checkpoint_tensor_bytes(model_dir: Path) -> int:
     index = model_dir / "model.safetensors.index.json"
     files = (sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file()
              else sorted(model_dir.glob("*.safetensors")))
-    total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        total += sum(end - begin for k, v in header.items() if k != "__metadata__" for begin, end in [v["data_offsets"]])
-    return total
+    return sum(safetensors_bytes(f) for f in files)
+
+
+def safetensors_bytes(path: Path) -> int:
+    """The bytes of one safetensors file's tensors, from its header."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return sum(end - begin for k, v in header.items() if k != "__metadata__" for begin, end in [v["data_offsets"]])

@@ -246,6 +246,10 @@ class QuantizeEntry(_Section):
     calibration_source: Optional[CalibrationSource] = Field(
         None, description="calibrated methods: domain or general train text for this entry's calibration windows; "
         "null: calibration.source")
+    adapter_on_quantized_base: bool = Field(
+        False, description="also quantize the original base model with this entry's method, settings and "
+        "calibration windows and evaluate it with the float adapter on top, unmerged: artifact '<name>+adapter', "
+        "the alternative to merge-then-requantize")
     awq: AWQOptions = AWQOptions()
     nf4: NF4Config = Field(default_factory=NF4Config, description="method nf4: block size and compute dtype of "
                            "the NF4 checkpoint (the same settings and defaults as the base's nf4 section)")
@@ -255,7 +259,7 @@ class QuantizeEntry(_Section):
     def _slug(cls, v: str) -> str:
         if not _SLUG.match(v):
             raise ValueError(f"'{v}' must be lowercase letters, digits, '-', '_' or '.' (it names the stage quantize-{v})")
-        if v in ("base", "base-nf4", "merged"):
+        if v in ("base", "base-nf4", "merged", "qlora"):
             raise ValueError(f"'{v}' is reserved for an artifact of the pipeline itself")
         return v
 
@@ -307,6 +311,9 @@ class EvaluateConfig(_Section):
     kv_fp8_calibration_windows: int = Field(
         4, ge=1, description="domain_train windows (data.seq_len tokens, from the start of the split) whose K/V "
         "amax set the calibrated fp8 scales")
+    qlora: bool = Field(
+        False, description="also evaluate artifact 'qlora': the model as trained, the NF4 base with the float "
+        "adapter on top, unmerged (the report compares it with the merged model)")
     gate: GateConfig = GateConfig()
 
 

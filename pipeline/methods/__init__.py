@@ -170,10 +170,14 @@ def search_settings(entry) -> dict:
             "calibration_source": entry.calibration_source}
 
 
-def search_stage_name(entry) -> str:
-    """`awq-search-w<bits>g<group>` on domain calibration windows, `...-general` on general ones."""
+def search_stage_name(entry, onto_base: bool = False) -> str:
+    """`awq-search-w<bits>g<group>` on domain calibration windows, `...-general` on general ones;
+    `...-base`: the search of the original base model (`adapter_on_quantized_base`)."""
     suffix = "" if entry.calibration_source in (None, "domain") else f"-{entry.calibration_source}"
-    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}{suffix}"
+    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}{suffix}{'-base' if onto_base else ''}"
+
+
+ADAPTER_SUFFIX = "+adapter"  # artifact `<name>+adapter`: the original base quantized like `<name>`, adapter on top
 
 
 def relevant_settings(entry) -> dict:
@@ -182,6 +186,7 @@ def relevant_settings(entry) -> dict:
     the calibration source (resolved where stages are built) no uncalibrated method."""
     method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
+    settings.pop("adapter_on_quantized_base", None)  # which stages exist, not what one writes
     if not method.calibrated:
         settings.pop("calibration_source", None)
     for section in OPTION_SECTIONS - set(method.options):

@@ -7,7 +7,10 @@ calibration windows of the entries calibrated on the domain / general train spli
 `awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search, shared by the `awq` and
 `awq+gptq` entries it serves), `quantize-<name>`
 for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`,
-`int8`) with an evaluation of each, and `report`.
+`int8`) with an evaluation of each, and `report`. With `evaluate.qlora`, `evaluate-qlora` (the
+NF4 base + the float adapter, unmerged); for an entry with `adapter_on_quantized_base`,
+`quantize-<name>+adapter` (the original base quantized the same way; its AWQ search, if any,
+`awq-search-...-base`) and `evaluate-<name>+adapter` (with the float adapter on top).
 
 The registry imports no stage module: each stage function is a `StageRef` naming its module,
 imported when the stage runs. `validate`, `plan` and `status` build the graph without
@@ -35,8 +38,8 @@ def _evaluation(artifact: str, loader: str) -> StageRef:
     return StageRef(_EVALUATE, lambda m: m.make_stage(artifact, getattr(m, loader)))
 
 
-def _quantized_evaluation(name: str) -> StageRef:
-    return StageRef(_EVALUATE, lambda m: m.make_stage(name, m.quantized_loader(name)))
+def _quantized_evaluation(name: str, with_adapter: bool = False) -> StageRef:
+    return StageRef(_EVALUATE, lambda m: m.make_stage(name, m.quantized_loader(name, with_adapter)))
 
 
 def adapter_identity(path: str) -> list[str]:
@@ -48,7 +51,9 @@ def adapter_identity(path: str) -> list[str]:
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
-    evaluation = {"seq_len": recipe.data.seq_len, **recipe.evaluate.model_dump(mode="json", exclude={"gate"})}
+    # Nor does `evaluate.qlora`, which adds an evaluation and changes none.
+    evaluation = {"seq_len": recipe.data.seq_len,
+                  **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"})}
     # Each entry with its calibration source resolved (the recipe's default filled in; None for
     # methods that take no calibration): part of its quantize (and search) stage's settings.
     entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
@@ -77,6 +82,10 @@ def build_stages(recipe) -> list[StageSpec]:
     else:
         merge_config["adapter_files"] = adapter_identity(recipe.merge.adapter)
         merge_deps = ("data", "base")
+    # Where the float adapter comes from, for the evaluations that put it on a base unmerged.
+    adapter_deps = ("train",) if recipe.merge.adapter is None else ()
+    adapter_config = {} if recipe.merge.adapter is None else {
+        "adapter": recipe.merge.adapter, "adapter_files": merge_config["adapter_files"]}
     if recipe.merge.into in ("original", "auto"):
         merge_config.update(model)
     if recipe.merge.into == "auto":  # the choice is made on validation windows with these settings
@@ -86,6 +95,9 @@ def build_stages(recipe) -> list[StageSpec]:
         StageSpec("evaluate-merged", _evaluation("merged", "load_merged"), ("data", "merge"),
                   {"evaluate": evaluation}),
     ]
+    if recipe.evaluate.qlora:  # the model as trained: NF4 base + the float adapter, unmerged
+        specs.append(StageSpec("evaluate-qlora", _evaluation("qlora", "load_qlora"), ("data", "base") + adapter_deps,
+                               {"evaluate": evaluation, **adapter_config}))
     config = cached_config(recipe.model)
     if config is not None:
         problems = []
@@ -96,6 +108,12 @@ def build_stages(recipe) -> list[StageSpec]:
                 problems.append(str(exc))
         if problems:
             raise RecipeError(problems, source="recipe")
+    onto_base = [q for q in entries if q.adapter_on_quantized_base]
+    if onto_base and config is not None and "quantization_config" in config:
+        i = next(i for i, q in enumerate(recipe.quantize) if q.adapter_on_quantized_base)
+        raise RecipeError([f"quantize.{i}.adapter_on_quantized_base: model.source is already quantized "
+                           f"({config['quantization_config'].get('quant_method', 'quantization_config')}); there "
+                           "are no original float weights to quantize"], source="recipe")
     for source in sources:  # `calibrate` (domain train split), `calibrate-general` (general train split)
         specs.append(StageSpec(methods.calibration_stage_name(source), _stage("calibrate"), ("data",),
                                {"calibration": {**recipe.calibration.model_dump(mode="json"), "source": source}}))
@@ -110,6 +128,12 @@ def build_stages(recipe) -> list[StageSpec]:
     specs += [StageSpec(name, _stage("awq_search"),
                         ("merge", methods.calibration_stage_name(settings["calibration_source"])),
                         {"search": settings, "dtype": recipe.model.dtype}) for name, settings in searches.items()]
+    # The same searches of the original base, for the entries quantizing it (`<name>+adapter`).
+    base_searches = {methods.search_stage_name(q, onto_base=True): methods.search_settings(q)
+                     for q in onto_base if methods.METHODS[q.method].search}
+    specs += [StageSpec(name, _stage("awq_search"), (methods.calibration_stage_name(settings["calibration_source"]),),
+                        {"search": settings, "dtype": recipe.model.dtype, **model})
+              for name, settings in base_searches.items()]
     for q in entries:
         deps = ("merge", methods.calibration_stage_name(q.calibration_source)) if q.calibration_source else ("merge",)
         if methods.METHODS[q.method].search:
@@ -122,6 +146,21 @@ def build_stages(recipe) -> list[StageSpec]:
                       ("data", f"quantize-{q.name}"), {"evaluate": evaluation},
                       code=(methods.METHODS[q.method].loader_module(),)),
         ]
+        if q.adapter_on_quantized_base:
+            # The original base (model identity instead of the merge) quantized with the same method,
+            # settings and calibration windows; evaluated with the float adapter on top, unmerged.
+            name = f"{q.name}{methods.ADAPTER_SUFFIX}"
+            base_deps = tuple(d for d in deps if d != "merge" and "search" not in d)
+            if methods.METHODS[q.method].search:
+                base_deps += (methods.search_stage_name(q, onto_base=True),)
+            specs += [
+                StageSpec(f"quantize-{name}", _stage("quantize"), base_deps,
+                          {"entry": methods.relevant_settings(q), "dtype": recipe.model.dtype, **model},
+                          code=methods.METHODS[q.method].code_modules()),
+                StageSpec(f"evaluate-{name}", _quantized_evaluation(name, with_adapter=True),
+                          ("data", f"quantize-{name}") + adapter_deps, {"evaluate": evaluation, **adapter_config},
+                          code=(methods.METHODS[q.method].loader_module(),)),
+            ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
     specs.append(StageSpec("report", _stage("report"), report_deps,

@@ -24,6 +24,7 @@ from qlora_pipeline.layerwise.checkpoints import read_config
 from qlora_pipeline.layerwise.engine import transform_sequentially
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.methods import calibration_stage_name
+from qlora_pipeline.models import quantize_source
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
 SETTINGS_FILE = "search.json"
@@ -32,7 +33,7 @@ SETTINGS_FILE = "search.json"
 def run(ctx: StageContext) -> StageResult:
     s = ctx.config["search"]
     settings = AWQSettings(s["bits"], s["group_size"], s["duo_scaling"], s["clip"], s["search_windows"])
-    merged_dir = ctx.inputs["merge"]
+    merged_dir = quantize_source(ctx.config, ctx.inputs)  # the merge, or the original base (`...-base`)
     family = family_for(read_config(merged_dir)["model_type"])
     calibration = load_file(str(ctx.inputs[calibration_stage_name(s["calibration_source"])] / CALIBRATION_FILE))["input_ids"]
     transform = make_transform(family, settings, ctx.checkpoint_dir, DTYPES[ctx.config["dtype"]])

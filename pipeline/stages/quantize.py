@@ -3,7 +3,8 @@
 The method (`rtn`, `gptq`, `awq`, `awq+gptq`, ...) comes from the registry in
 `qlora_pipeline.methods`; `methods.checkpoint` runs it layer by layer through the sequential
 layer engine and writes the packed HF directory. This stage adds the run's side: the
-calibration windows, per-layer errors to MLflow, the stage metrics.
+calibration windows, per-layer errors to MLflow, the stage metrics. `quantize-<name>+adapter`
+runs the same on the original base model (`adapter_on_quantized_base`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.layerwise.checkpoints import read_config
 from qlora_pipeline.methods import METHODS, calibration_stage_name, check_shapes, search_stage_name
 from qlora_pipeline.methods.checkpoint import quantize_checkpoint
+from qlora_pipeline.models import quantize_source
 from qlora_pipeline.recipe import QuantizeEntry
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
@@ -25,7 +27,8 @@ SUMMARY_FILE = "quantization.json"         # method and checkpoint format (the e
 
 def run(ctx: StageContext) -> StageResult:
     entry = QuantizeEntry.model_validate(ctx.config["entry"])
-    merged_dir = ctx.inputs["merge"]
+    onto_base = "model" in ctx.config  # `<name>+adapter`: the original base model, not the merge
+    merged_dir = quantize_source(ctx.config, ctx.inputs)
     check_shapes(entry, read_config(merged_dir), f"quantize entry '{entry.name}'")
     calibration = None
     if METHODS[entry.method].calibrated:  # the entry's source is resolved in its stage settings
@@ -35,7 +38,7 @@ def run(ctx: StageContext) -> StageResult:
     def on_layer(i: int, metrics: dict[str, float]) -> None:
         ctx.metrics.log_metrics(metrics, step=i)
 
-    search_dir = ctx.inputs.get(search_stage_name(entry)) if METHODS[entry.method].search else None
+    search_dir = ctx.inputs.get(search_stage_name(entry, onto_base)) if METHODS[entry.method].search else None
     done = quantize_checkpoint(merged_dir, calibration, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
                                ctx.output_dir, ctx.progress, on_layer, search_dir)
     (ctx.output_dir / LAYER_METRICS_FILE).write_text(json.dumps(done.layer_metrics))

@@ -69,6 +69,24 @@ def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]
     return verdicts
 
 
+ADAPTER_SUFFIX = "+adapter"  # qlora_pipeline.methods.ADAPTER_SUFFIX (this module imports no registry)
+
+
+def adapter_comparison(artifacts: dict[str, dict]) -> list[dict]:
+    """Each artifact with the float adapter unmerged against its merged counterpart: `qlora`
+    against `merged`, `<name>+adapter` against `<name>`; the differences in percent."""
+    pairs = [("qlora", "merged")] + [(n, n[: -len(ADAPTER_SUFFIX)]) for n in artifacts if n.endswith(ADAPTER_SUFFIX)]
+    rows = []
+    for unmerged, merged in pairs:
+        if unmerged in artifacts and merged in artifacts:
+            u, m = artifacts[unmerged], artifacts[merged]
+            rows.append({"unmerged": unmerged, "merged": merged, "unmerged_domain_ppl": u["domain_ppl"],
+                         "merged_domain_ppl": m["domain_ppl"], "domain_difference": increase(u, m, "domain_ppl"),
+                         "general_difference": increase(u, m, "general_ppl"),
+                         "unmerged_size_bytes": u["size_bytes"], "merged_size_bytes": m["size_bytes"]})
+    return rows
+
+
 def metrics_path(run_dir: Path) -> Path:
     """Where a run's report keeps its metrics."""
     return run_dir / "report" / rundir.OUTPUT / METRICS_FILE
@@ -250,7 +268,8 @@ def run(ctx: StageContext) -> StageResult:
                 layer_metrics[stage[len("quantize-"):]] = rows
         elif stage == "train":
             train_log = out / TRAIN_LOG_FILE
-    order = [n for n in FIXED if n in artifacts] + [n for n in artifacts if n not in FIXED]
+    leading = FIXED + ("qlora",)
+    order = [n for n in leading if n in artifacts] + [n for n in artifacts if n not in leading]
     artifacts = {n: artifacts[n] for n in order}
     gate = ctx.config.get("gate", {})
     gate_on = any(v is not None for v in gate.values())
@@ -272,6 +291,21 @@ def run(ctx: StageContext) -> StageResult:
     failed = {n: r for n, r in verdicts.items() if r}
     if failed:
         lines += ["", "## Quality gate: failed", ""] + [f"- **{n}**: {'; '.join(r)}" for n, r in failed.items()]
+    comparison = adapter_comparison(artifacts)
+    if comparison:
+        lines += ["", "## Adapter vs merge", "",
+                  "The float adapter unmerged on a base against the adapter merged: `qlora` (the NF4 base the "
+                  "adapter was trained on + the adapter) against `merged`; `<name>+adapter` (the original base "
+                  "quantized with `<name>`'s method, settings and calibration windows + the adapter) against "
+                  "`<name>` (the merged model quantized the same way). Difference: the unmerged artifact's "
+                  "perplexity over the merged one's, in percent.", "",
+                  "| unmerged | merged | domain ppl (unmerged) | domain ppl (merged) | domain difference "
+                  "| general difference | size (MB): unmerged / merged |", "|---|---|---|---|---|---|---|"]
+        for row in comparison:
+            general = "–" if row["general_difference"] is None else f"{row['general_difference']:+.2f}%"
+            lines.append(f"| {row['unmerged']} | {row['merged']} | {row['unmerged_domain_ppl']:.3f} | "
+                         f"{row['merged_domain_ppl']:.3f} | {row['domain_difference']:+.2f}% | {general} | "
+                         f"{row['unmerged_size_bytes'] / 1e6:.1f} / {row['merged_size_bytes'] / 1e6:.1f} |")
     deploy = ctx.config["deploy"]
     plan = memory_rows(artifacts, deploy)
     plots = _plots(ctx.output_dir, artifacts, train_log, layer_metrics)
@@ -287,7 +321,8 @@ def run(ctx: StageContext) -> StageResult:
     lines += _generations(artifacts)
     (ctx.output_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps({"artifacts": artifacts, "gate": verdicts,
-                                                           "memory_plan": plan}, indent=2))
+                                                           "memory_plan": plan, "adapter_vs_merge": comparison},
+                                                          indent=2))
 
     flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
