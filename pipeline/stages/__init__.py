@@ -58,8 +58,10 @@ def build_stages(recipe) -> list[StageSpec]:
     # methods that take no calibration): part of its quantize (and search) stage's settings.
     entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
     sources = sorted({q.calibration_source for q in entries if q.calibration_source is not None})
-    data_config = {**model, "data": recipe.data.model_dump(mode="json")}
-    if "general" in sources:  # the general train split is prepared only when something calibrates on it
+    # The general train split is prepared only when something calibrates on it: only then is its
+    # size part of the data stage's settings.
+    data_config = {**model, "data": recipe.data.model_dump(mode="json", exclude={"general_train_tokens"})}
+    if "general" in sources:
         data_config["general_train_tokens"] = recipe.data.general_train_tokens
     specs = [
         StageSpec("data", _stage("data"), (), data_config),

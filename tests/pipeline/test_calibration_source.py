@@ -56,6 +56,7 @@ def test_stages_and_fingerprints_per_calibration_source(tiny_llama_dir, tmp_path
     domain_only = recipe(tiny_llama_dir, tmp_path, adapter, ENTRIES[:1])
     specs = {s.name: s for s in build_stages(load_recipe(write_recipe(domain_only, "d.yaml"))[0])}
     assert "calibrate-general" not in specs and "general_train_tokens" not in specs["data"].config
+    assert "general_train_tokens" not in specs["data"].config["data"]
 
 
 def test_calibration_source_recipe_errors(tiny_llama_dir, tmp_path, write_recipe, capsys):
