@@ -136,3 +136,21 @@ def test_recipe_errors(tiny_llama_dir, tmp_path, write_recipe, capsys):
         assert cli("validate", str(write_recipe(recipe(tiny_llama_dir, tmp_path, adapter, entries)))) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_awq_gptq_on_the_original_base_searches_the_base(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
+    """`<name>+adapter` of an awq+gptq entry runs without the merge: its own AWQ search of the
+    original base, then the quantization applying it, then the evaluation with the adapter."""
+    monkeypatch.chdir(tmp_path)
+    adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter", std=0.2)
+    entry = {"name": "ag", "method": "awq+gptq", "group_size": 32, "adapter_on_quantized_base": True}
+    path = write_recipe(recipe(tiny_llama_dir, tmp_path, adapter, [entry], evaluate={"qlora": False}))
+    for stage in ("data", "calibrate", "awq-search-w4g32-base", "quantize-ag+adapter", "evaluate-ag+adapter"):
+        assert cli("run", str(path), "--only", stage) == 0
+    run = tmp_path / "runs" / "a"
+    assert not (run / "merge").exists()
+    manifest = json.loads((run / "quantize-ag+adapter" / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"calibrate", "awq-search-w4g32-base"}
+    qcfg = json.loads((run / "quantize-ag+adapter" / "output" / "config.json").read_text())["quantization_config"]
+    assert qcfg["meta"]["quantizer"] == "qlora-pipeline:awq+gptq"
+    assert json.loads((run / "evaluate-ag+adapter" / "output" / "metrics.json").read_text())["domain_ppl"] > 0
