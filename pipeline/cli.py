@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ Examples:
   pipeline run recipes/smollm2_domain.yaml
   pipeline run recipes/smollm2_domain.yaml --from evaluate-base-nf4
   pipeline status runs/smollm2_domain
+  pipeline memory path/to/Meta-Llama-3-70B --bits 4 --context 4096 32768 --batch 1 32
   pipeline ui
 """
 
@@ -273,6 +275,80 @@ def validate(recipe: str, sets) -> None:
     click.echo(f"{recipe}: ok ({len(stages)} stages: {', '.join(stages)})")
     for line in network_sources(cfg):
         click.echo(f"needs the network: {line}")
+
+
+class _ListOptionsCommand(click.Command):
+    """A command whose list options take several values after one flag (`--context 4096 32768`):
+    every value up to the next option belongs to the last list option named."""
+
+    list_options: tuple[str, ...] = ()
+
+    def parse_args(self, ctx, args):
+        out, current, taken = [], None, 0
+        for arg in args:
+            if arg.startswith("--"):
+                current, taken = (arg if arg in self.list_options else None), 0
+            elif current is not None:
+                if taken:
+                    out.append(current)
+                taken += 1
+            out.append(arg)
+        return super().parse_args(ctx, out)
+
+
+class _MemoryCommand(_ListOptionsCommand):
+    list_options = ("--context", "--batch", "--kv-dtype")
+
+
+@cli.command(cls=_MemoryCommand)
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--bits", type=int, default=16, show_default=True,
+              help="Bits of the decoder linears (16: plain bf16; 2-8: packed, with fp16 scales and zeros per group).")
+@click.option("--group-size", type=int, default=128, show_default=True, help="Columns per quantization group (-1: one per row).")
+@click.option("--context", "contexts", type=click.IntRange(min=1), multiple=True,
+              help="Tokens per sequence, one or more values (default: the recipe's deploy.contexts default).")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True,
+              help="Concurrent sequences, one or more values (default: deploy.batch_sizes' default).")
+@click.option("--kv-dtype", "kv_dtypes", type=click.Choice(["bf16", "fp16", "fp8"]), multiple=True,
+              help="KV-cache element types, one or more (default: deploy.kv_dtypes' default, bf16 and fp8).")
+@click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GPU memory in GiB (default: deploy.gpu_memory_gb's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, gpu_memory_gb, as_json: bool) -> None:
+    """Weights + KV cache of the model whose config.json is PATH (or is in the directory PATH), for
+    each context, batch and KV dtype, against one GPU; no weights are read. PATH comes first."""
+    from qlora_pipeline import memory_plan
+    from qlora_pipeline.recipe import DeployConfig
+
+    if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
+        raise InputError(f"--bits {bits} --group-size {group_size}: give bits 2-8 (or 16) and a group size >= 1 or -1")
+    if gpu_memory_gb is not None and not math.isfinite(gpu_memory_gb):
+        raise InputError(f"--gpu-memory-gb {gpu_memory_gb}: give a finite number of GiB")
+    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        att = memory_plan.attention(config)
+        weights = memory_plan.estimated_weight_bytes(config, bits, group_size)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InputError(f"{config_path}: not a usable model config.json ({what})") from None
+    defaults = DeployConfig()
+    gpu = gpu_memory_gb or defaults.gpu_memory_gb
+    rows = memory_plan.plan_rows(config_path.parent.name if config_path.name == "config.json" else str(config_path),
+                                 att, weights, contexts or defaults.contexts, batches or defaults.batch_sizes,
+                                 kv_dtypes or defaults.kv_dtypes, gpu)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    kind = "bf16" if bits >= 16 else f"{bits}-bit, group {group_size}"
+    click.echo(f"{config_path}: {att.layers} layers, {att.kv_heads} KV heads x {att.head_dim}; weights ({kind}) "
+               f"{weights / memory_plan.GIB:.2f} GiB; KV cache per token: "
+               + ", ".join(f"{d} {att.kv_bytes_per_token(d)} bytes" for d in dict.fromkeys(r["kv_dtype"] for r in rows)))
+    for line in memory_plan.render(rows, gpu):
+        click.echo(line)
+    click.echo("Not counted: activations, the CUDA context, allocator fragmentation, a server's cache block granularity.")
 
 
 @cli.command()

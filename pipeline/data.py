@@ -487,6 +487,67 @@ def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
+def eval_document_count(tokenizer, docs: list[str], max_tokens: int) -> int:
+    """How many leading documents `tokenize_documents(tokenizer, docs, max_tokens)` reads
+    from: the smallest k whose documents alone give `max_tokens` tokens (len(docs) if all of
+    them give fewer). Doubling, then binary search: no call tokenizes much more than twice the
+    documents general_eval needs."""
+    def enough(j: int) -> bool:
+        return tokenize_documents(tokenizer, docs[:j], max_tokens).numel() >= max_tokens
+
+    hi = 1
+    while hi < len(docs) and not enough(hi):
+        hi *= 2
+    if hi >= len(docs):
+        if not enough(len(docs)):
+            return len(docs)
+        hi = len(docs)
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if enough(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@dataclass(frozen=True)
+class GeneralTrain:
+    """The general train split and how it was made (`general_train_split`)."""
+
+    docs: list[str]
+    eval_documents: int      # leading general documents general_eval reads from
+    skipped_documents: int   # the margin after them, and documents whose exact text general_eval holds
+    removed_chars: int       # held-out text cut out (general_eval's and the domain test split's paragraphs)
+    overlap_after: dict[str, Overlap]
+
+
+def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_max_chars: int,
+                        held_out: list[str], min_chars: int) -> GeneralTrain:
+    """Training-side general text, distinct from general_eval (the first `eval_max_tokens`
+    tokens of `docs`): the documents after those general_eval reads from, less one document of
+    margin (the last eval token may reach across a document break), up to about
+    `train_max_chars` characters, with every paragraph (>= min_chars) of the general_eval
+    documents and of `held_out` (the domain test split) cut out, as `decontaminate` does."""
+    k = eval_document_count(tokenizer, docs, eval_max_tokens)
+    eval_docs = docs[:k]
+    eval_texts = set(eval_docs)
+    candidates, total, skipped = [], 0, min(len(docs) - k, 1)
+    for d in docs[k + 1:]:
+        if d in eval_texts:
+            skipped += 1
+            continue
+        candidates.append(d)
+        total += len(d)
+        if total >= train_max_chars:
+            break
+    train, removed = remove_contained(candidates, eval_docs + held_out, min_chars)
+    after = {"general_eval_in_general_train": overlap(eval_docs, train, min_chars),
+             "domain_eval_in_general_train": overlap(held_out, train, min_chars)}
+    return GeneralTrain(train, k, skipped, removed, after)
+
+
 def windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seq_len] of a token stream; the last partial one is dropped."""
     n = stream.numel() // seq_len

@@ -139,6 +139,17 @@ def resolve_model(model_cfg) -> Path:
     return _hub_snapshot(src, model_cfg.revision)
 
 
+def quantize_source(config: dict, inputs: dict[str, Path]) -> Path:
+    """The float model a quantize or AWQ search stage reads: the merge's output, or, when its
+    settings name the model (`adapter_on_quantized_base`: `<name>+adapter`, `...-base`), the
+    original base model."""
+    if "model" in config:
+        from qlora_pipeline.recipe import ModelConfig
+
+        return resolve_model(ModelConfig.model_validate(config["model"]))
+    return inputs["merge"]
+
+
 def _hub_snapshot(repo_id: str, revision) -> Path:
     from huggingface_hub import snapshot_download
 

@@ -1,17 +1,17 @@
 """The recipe: a typed schema (pydantic, every default defined here once), YAML loading,
 `--set key.path=value` overrides, and error reports that name each key path.
 
-Sections: model, data, nf4, lora, train, merge, calibration, quantize, evaluate, tracking, run.
+Sections: model, data, nf4, lora, train, merge, calibration, quantize, evaluate, deploy, tracking, run.
 """
 from __future__ import annotations
 
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from qlora_pipeline.errors import RecipeError
 from qlora_pipeline.methods import METHODS, format_problems
@@ -135,6 +135,10 @@ class DataConfig(_Section):
     )
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     general_max_tokens: int = Field(200_000, ge=1, description="tokens of general text to prepare")
+    general_train_tokens: int = Field(
+        200_000, ge=1, description="tokens of the general *train* split, prepared only when a quantize entry "
+        "calibrates on general text (calibration.source / calibration_source: general): documents after those "
+        "general_eval uses, with every general_eval and domain test paragraph cut out")
 
 
 class NF4Config(_Section):
@@ -205,10 +209,16 @@ class MergeConfig(_Section):
         return v
 
 
+CalibrationSource = Literal["domain", "general"]
+
+
 class CalibrationConfig(_Section):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=16)
     seed: int = 0
+    source: CalibrationSource = Field(
+        "domain", description="text the calibration windows are drawn from, for entries that do not say: domain "
+        "(the domain train split) or general (the general train split, distinct from general_eval)")
 
 
 class AWQOptions(_Section):
@@ -250,14 +260,23 @@ class QuantizeEntry(_Section):
         "auto", description="where the layer engine computes (layer weights, Hessians, the GPTQ/AWQ solve, the "
         "forwards): auto: cuda when present, else cpu; cuda requested on a machine without one is an error")
     activations: ActivationStorage = ActivationStorage()
+    calibration_source: Optional[CalibrationSource] = Field(
+        None, description="calibrated methods: domain or general train text for this entry's calibration windows; "
+        "null: calibration.source")
+    adapter_on_quantized_base: bool = Field(
+        False, description="also quantize the original base model with this entry's method, settings and "
+        "calibration windows and evaluate it with the float adapter on top, unmerged: artifact '<name>+adapter', "
+        "the alternative to merge-then-requantize")
     awq: AWQOptions = AWQOptions()
+    nf4: NF4Config = Field(default_factory=NF4Config, description="method nf4: block size and compute dtype of "
+                           "the NF4 checkpoint (the same settings and defaults as the base's nf4 section)")
 
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
         if not _SLUG.match(v):
             raise ValueError(f"'{v}' must be lowercase letters, digits, '-', '_' or '.' (it names the stage quantize-{v})")
-        if v in ("base", "base-nf4", "merged"):
+        if v in ("base", "base-nf4", "merged", "qlora"):
             raise ValueError(f"'{v}' is reserved for an artifact of the pipeline itself")
         return v
 
@@ -302,7 +321,37 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
     speed: bool = Field(True, description="measure prefill and decode throughput (batch 1)")
     decode_tokens: int = Field(32, ge=1, description="tokens decoded for the throughput measure")
+    kv_fp8: bool = Field(
+        False, description="also measure domain perplexity with keys (after RoPE) and values rounded through "
+        "float8_e4m3fn, with scale 1.0 and with per-layer scales amax/448 calibrated on domain_train windows "
+        "(off by default: two more passes over the domain windows per artifact)")
+    kv_fp8_calibration_windows: int = Field(
+        4, ge=1, description="domain_train windows (data.seq_len tokens, from the start of the split) whose K/V "
+        "amax set the calibrated fp8 scales")
+    qlora: bool = Field(
+        False, description="also evaluate artifact 'qlora': the model as trained, the NF4 base with the float "
+        "adapter on top, unmerged (the report compares it with the merged model)")
     gate: GateConfig = GateConfig()
+
+
+class DeployConfig(_Section):
+    """The report's memory plan (weights + KV cache) and the defaults of `pipeline memory`."""
+
+    contexts: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [2048, 8192], min_length=1, description="tokens per sequence (prompt + generated) to plan for")
+    batch_sizes: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 8, 32], min_length=1, description="concurrent sequences to plan for")
+    kv_dtypes: list[Literal["bf16", "fp16", "fp8"]] = Field(
+        default_factory=lambda: ["bf16", "fp8"], min_length=1, description="KV-cache element types to plan for")
+    gpu_memory_gb: float = Field(24, gt=0, allow_inf_nan=False, description="the GPU's memory in GiB (a '24 GB' "
+                                 "card holds 24 x 2^30 bytes): what weights + KV cache must fit")
+
+    @field_validator("gpu_memory_gb", mode="before")
+    @classmethod
+    def _not_a_flag(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("must be a number of GiB, not true/false")
+        return v
 
 
 class TrackingConfig(_Section):
@@ -352,6 +401,7 @@ class Recipe(_Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantize: list[QuantizeEntry] = Field(default_factory=list)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
@@ -362,6 +412,22 @@ class Recipe(_Section):
         if dupes:
             raise ValueError(f"quantize names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="after")
+    def _general_calibration_has_text(self) -> "Recipe":
+        if self.data.general is None:
+            for i, q in enumerate(self.quantize):
+                if METHODS[q.method].calibrated and self.calibration_source(q) == "general":
+                    key = f"quantize.{i}.calibration_source" if q.calibration_source else "calibration.source"
+                    raise ValueError(f"{key}: general calibrates quantize entry '{q.name}' on the general train "
+                                     "split, but data.general is null; give data.general or use domain")
+        return self
+
+    def calibration_source(self, entry: "QuantizeEntry") -> Optional[str]:
+        """The text `entry`'s calibration windows come from (None: its method takes no calibration)."""
+        if not METHODS[entry.method].calibrated:
+            return None
+        return entry.calibration_source or self.calibration.source
 
 
 # ----------------------------------------------------------------------------- loading

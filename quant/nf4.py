@@ -27,6 +27,8 @@ __all__ = [
     "decode_absmax",
     "quant_state_tensors",
     "nf4_from_state_tensors",
+    "serialize_nf4",
+    "nf4_from_serialized",
     "ALLOWED_BLOCKSIZES",
 ]
 
@@ -255,3 +257,14 @@ def nf4_from_state_tensors(packed: torch.Tensor, state: dict[str, torch.Tensor])
         dtype=_DTYPES_BY_NAME[meta["dtype"]],
         blocksize=int(meta["blocksize"]),
     )
+
+
+def serialize_nf4(t: NF4Tensor, name: str = "weight") -> dict[str, torch.Tensor]:
+    """`name` (the packed weight) and `name.<key>` (its quant state): a `Linear4bit`'s state dict entries."""
+    return {name: t.packed, **{f"{name}.{k}": v for k, v in quant_state_tensors(t).items()}}
+
+
+def nf4_from_serialized(tensors: dict[str, torch.Tensor], name: str = "weight") -> NF4Tensor:
+    """The inverse of `serialize_nf4`: `name` and the `name.<key>` tensors of `tensors`."""
+    state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    return nf4_from_state_tensors(tensors[name], state)

@@ -134,9 +134,11 @@ def test_every_registered_method_names_what_it_needs(name):
     for attr in ("pack", "restore", "output_convention", "quantization_config", "side_file", "CONFIG_FILE"):
         assert hasattr(fmt, attr), (method.format, attr)
     assert callable(method.loader())
-    entry = QuantizeEntry(name="x", method=name, group_size=64)
-    assert set(methods.relevant_settings(entry)) >= {"name", "method", "bits", "group_size"}
-    assert ("awq" in methods.relevant_settings(entry)) == ("awq" in method.options)
+    entry = QuantizeEntry(name="x", method=name, **({"group_size": 64} if method.common_settings else {}))
+    settings = set(methods.relevant_settings(entry))
+    assert settings >= {"name", "method", *method.options}
+    assert (settings >= {"bits", "group_size"}) == method.common_settings
+    assert not (settings & methods.OPTION_SECTIONS) - set(method.options)
 
 
 def test_a_method_outside_the_registry_is_a_recipe_error():

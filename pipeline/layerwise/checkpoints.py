@@ -17,7 +17,7 @@ from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
-from qlora_quant.nf4 import QUANT_STATE_KEY, NF4Tensor, nf4_from_state_tensors
+from qlora_quant.nf4 import QUANT_STATE_KEY, NF4Tensor, nf4_from_serialized
 from qlora_kernels.nf4_linear import LinearNF4
 
 TOKENIZER_FILES = (
@@ -87,9 +87,7 @@ def nf4_tensor_names(wmap: dict[str, Path], module: str) -> list[str]:
 
 
 def read_nf4(wmap: dict[str, Path], module: str) -> NF4Tensor:
-    tensors = read_tensors(wmap, nf4_tensor_names(wmap, module))
-    state = {n[len(f"{module}.weight."):]: t for n, t in tensors.items() if n != f"{module}.weight"}
-    return nf4_from_state_tensors(tensors[f"{module}.weight"], state)
+    return nf4_from_serialized(read_tensors(wmap, nf4_tensor_names(wmap, module)), f"{module}.weight")
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -139,6 +137,18 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype, device: str):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return model.to(device).eval()
+
+
+def load_bnb_model(model_dir: Path, dtype: torch.dtype, device: str):
+    """A bitsandbytes-quantized checkpoint through transformers + bitsandbytes themselves (LLM.int8,
+    whose arithmetic is bitsandbytes'): its float tensors in `dtype`."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    # bitsandbytes warns on every int8 matmul that it casts its float32/bfloat16 input to float16.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
 
 
 def load_nf4_model(model_dir: Path, dtype: torch.dtype, device: str):

@@ -3,8 +3,8 @@
 An entry names the module that quantizes a layer (and, for AWQ, transforms it first), the
 packed format it ships in (`formats`: packing, `quantization_config`, loading) and whether
 it needs calibration activations. Adding a method is one entry here and one module beside
-this file; the `quantize-<name>` stage, the evaluation and the benchmark scripts read the
-registry and nothing else.
+this file (a new packed format adds its format module to FORMATS); the `quantize-<name>`
+stage, the evaluation and the benchmark scripts read the registry and nothing else.
 
 This module imports no torch: `validate`, `plan` and `status` check recipes with it.
 """
@@ -29,7 +29,7 @@ class Format:
 @dataclass(frozen=True)
 class Method:
     name: str
-    implementation: str          # module with `quantizer(entry)` and `transform(entry, family, checkpoint_dir, dtype)`
+    implementation: str          # module with `quantizer(entry, dtype)` and `transform(entry, family, checkpoint_dir, dtype, search_dir)`
     format: str                  # a key of FORMATS: how the quantized layers are packed, described and loaded
     calibrated: bool             # needs calibration activations (the `calibrate` stage)
     hessian_passes: bool = True  # one capture pass per sequential group; False: one pass per layer (metrics only)
@@ -37,6 +37,13 @@ class Method:
     # A search whose per-layer result the method applies, done once in its own stage for every
     # entry with the same search settings (`search_settings`): "awq" or None.
     search: Optional[str] = None
+    # A method of one bit width and settings of its own (its options), e.g. NF4: it reads none of COMMON_SETTINGS.
+    fixed_bits: Optional[int] = None
+
+    @property
+    def common_settings(self) -> bool:
+        """Reads the common settings of the grouped integer formats (bits, group_size, sym, ...)."""
+        return self.fixed_bits is None
 
     def code_modules(self) -> tuple[str, ...]:
         """The modules quantizing with this method runs, imported by name (the quantize stage's
@@ -61,6 +68,8 @@ _INT4_LOADER = "qlora_pipeline.layerwise.checkpoints:load_int4_model"
 FORMATS = {f.name: f for f in (
     Format("gptq", "qlora_pipeline.methods.gptq_format", _INT4_LOADER),
     Format("awq-gemm", "qlora_pipeline.methods.awq_format", _INT4_LOADER),
+    Format("bnb-nf4", "qlora_pipeline.methods.nf4_format", "qlora_pipeline.layerwise.checkpoints:load_nf4_model"),
+    Format("bnb-int8", "qlora_pipeline.methods.int8_format", "qlora_pipeline.layerwise.checkpoints:load_bnb_model"),
 )}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -73,8 +82,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # scaled float model, shared by every awq+gptq entry with the same AWQ settings, and faster.
     Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",)),
     Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
+    # NF4 of the merged model, as the base stage writes it: 4-bit, block size from the entry's nf4 section.
+    Method("nf4", "qlora_pipeline.methods.nf4", "bnb-nf4", calibrated=False, hessian_passes=False, options=("nf4",),
+           fixed_bits=4),
+    # LLM.int8: int8 weights with one absmax per output row; bitsandbytes computes with them.
+    Method("int8", "qlora_pipeline.methods.int8", "bnb-int8", calibrated=False, hessian_passes=False, fixed_bits=8),
 )}
 OPTION_SECTIONS = frozenset(s for m in METHODS.values() for s in m.options)
+# The settings of the grouped integer formats and of the calibration forwards (compute_dtype),
+# which methods with a fixed bit width (uncalibrated) do not read.
+COMMON_SETTINGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "true_sequential", "mse",
+                   "compute_dtype")
 
 
 def method(name: str) -> Method:
@@ -83,7 +101,17 @@ def method(name: str) -> Method:
 
 def format_problems(entry) -> list[str]:
     """What the entry's packed format cannot store (recipe-time rules, no model needed)."""
-    if METHODS[entry.method].format != "awq-gemm":
+    method = METHODS[entry.method]
+    if entry.calibration_source is not None and not method.calibrated:
+        return [f"method {method.name} takes no calibration windows; remove calibration_source"]
+    if not method.common_settings:
+        unused = [k for k in COMMON_SETTINGS
+                  if k in entry.model_fields_set and not (k == "bits" and entry.bits == method.fixed_bits)]
+        if unused:
+            own = f"; its settings: {', '.join(method.options)}" if method.options else ""
+            return [f"method {method.name} is {method.fixed_bits}-bit and does not use {', '.join(unused)}{own}"]
+        return []
+    if method.format != "awq-gemm":
         return []
     problems = []
     if entry.bits != 4:
@@ -107,6 +135,8 @@ def divisors_hint(n: int, bits: int) -> list[int]:
 
 def check_shapes(entry, config: dict, key: str) -> None:
     """A group size that does not divide a layer's input size is a recipe error."""
+    if not METHODS[entry.method].common_settings:  # NF4's blocks (over the flattened weight) and int8's rows fit any shape
+        return
     sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
     pf = values_per_word_run(entry.bits)
     for what, n in sizes.items():
@@ -126,22 +156,44 @@ def check_shapes(entry, config: dict, key: str) -> None:
                                  f"the model's {what} is {n}; use method: gptq")
 
 
+def calibration_stage_name(source: str) -> str:
+    """The stage that draws calibration windows from `source`'s train split: `calibrate` (domain)
+    or `calibrate-general`."""
+    return "calibrate" if source == "domain" else f"calibrate-{source}"
+
+
 def search_settings(entry) -> dict:
     """What an entry's search depends on (besides the merged model and the calibration set):
-    entries that agree on it share one search stage."""
-    return {"bits": entry.bits, "group_size": entry.group_size, **entry.awq.model_dump(mode="json")}
+    entries that agree on it share one search stage. `entry.calibration_source` is resolved
+    (the recipe's default filled in) where stages are built."""
+    return {"bits": entry.bits, "group_size": entry.group_size, **entry.awq.model_dump(mode="json"),
+            "calibration_source": entry.calibration_source}
 
 
-def search_stage_name(entry) -> str:
-    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}"
+def search_stage_name(entry, onto_base: bool = False) -> str:
+    """`awq-search-w<bits>g<group>` on domain calibration windows, `...-general` on general ones;
+    `...-base`: the search of the original base model (`adapter_on_quantized_base`)."""
+    suffix = "" if entry.calibration_source in (None, "domain") else f"-{entry.calibration_source}"
+    return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}{suffix}{'-base' if onto_base else ''}"
+
+
+ADAPTER_SUFFIX = "+adapter"  # artifact `<name>+adapter`: the original base quantized like `<name>`, adapter on top
 
 
 def relevant_settings(entry) -> dict:
     """The entry's settings that change this method's output (its stage fingerprint): AWQ's
-    options do not concern rtn or gptq entries."""
+    options do not concern rtn or gptq entries, the grouped-integer settings not nf4 or int8,
+    the calibration source (resolved where stages are built) no uncalibrated method."""
+    method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
-    for section in OPTION_SECTIONS - set(METHODS[entry.method].options):
+    settings.pop("adapter_on_quantized_base", None)  # which stages exist, not what one writes
+    if not method.calibrated:
+        settings.pop("calibration_source", None)
+    for section in OPTION_SECTIONS - set(method.options):
         settings.pop(section, None)
+    if not method.common_settings:
+        for key in COMMON_SETTINGS:
+            settings.pop(key, None)
     # The device as written ("auto") is not what decides the result: the stage registry adds the
     # device it resolves to. Where the activations are stored (device or host) gives the same
     # bytes (tests/pipeline/test_engine_device.py); their dtype does not, and matters only to a

@@ -9,7 +9,7 @@ from qlora_pipeline.layerwise.awq_search import AWQSettings, make_transform
 from qlora_quant.gptq import rtn_quantize
 
 
-def quantizer(entry):
+def quantizer(entry, dtype):
     return lambda name, W, H: rtn_quantize(W, 4, entry.group_size, sym=False, scale_dtype=torch.float16)
 
 

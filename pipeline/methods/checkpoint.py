@@ -43,7 +43,7 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
     impl, fmt = method.module(), method.format_module()
     config = read_config(merged_dir)
     family = family_for(config["model_type"])
-    quantizer = impl.quantizer(entry)
+    quantizer = impl.quantizer(entry, dtype)
     transform = impl.transform(entry, family, checkpoint_dir, dtype, search_dir)
 
     def log_layer(i: int, metrics: dict[str, float]) -> None:
@@ -82,7 +82,8 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
     out_config["quantization_config"] = qconfig
     (output_dir / "config.json").write_text(json.dumps(out_config, indent=2))
-    (output_dir / fmt.CONFIG_FILE).write_text(json.dumps(fmt.side_file(entry, qconfig), indent=2))
+    if fmt.CONFIG_FILE:
+        (output_dir / fmt.CONFIG_FILE).write_text(json.dumps(fmt.side_file(entry, qconfig), indent=2))
     copy_tokenizer(merged_dir, output_dir)
     return Quantized(n_layers, total, convention["checkpoint_format"], layer_metrics)
 

@@ -6,7 +6,7 @@ import torch
 from qlora_quant.gptq import gptq_quantize
 
 
-def quantizer(entry):
+def quantizer(entry, dtype):
     return lambda name, W, H: gptq_quantize(W, H, entry.bits, entry.group_size, entry.sym, entry.desc_act,
                                             entry.static_groups, entry.damp_percent, mse=entry.mse,
                                             scale_dtype=torch.float16)

@@ -6,7 +6,7 @@ import torch
 from qlora_quant.gptq import rtn_quantize
 
 
-def quantizer(entry):
+def quantizer(entry, dtype):
     return lambda name, W, H: rtn_quantize(W, entry.bits, entry.group_size, entry.sym, entry.mse,
                                            scale_dtype=torch.float16)
 

@@ -2,9 +2,15 @@
 
 Only stages that do their real work are registered. This version has `data`, `base`,
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
-evaluations of base, base-nf4 and merged, `calibrate`, `awq-search-w<bits>g<group>` (one per
-distinct AWQ search, shared by the `awq` and `awq+gptq` entries it serves), `quantize-<name>`
-for each entry (methods: `qlora_pipeline.methods`) with an evaluation of each, and `report`.
+evaluations of base, base-nf4 and merged, `calibrate` and/or `calibrate-general` (the
+calibration windows of the entries calibrated on the domain / general train split),
+`awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search, shared by the `awq` and
+`awq+gptq` entries it serves), `quantize-<name>`
+for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`,
+`int8`) with an evaluation of each, and `report`. With `evaluate.qlora`, `evaluate-qlora` (the
+NF4 base + the float adapter, unmerged); for an entry with `adapter_on_quantized_base`,
+`quantize-<name>+adapter` (the original base quantized the same way; its AWQ search, if any,
+`awq-search-...-base`) and `evaluate-<name>+adapter` (with the float adapter on top).
 
 The registry imports no stage module: each stage function is a `StageRef` naming its module,
 imported when the stage runs. `validate`, `plan` and `status` build the graph without
@@ -33,8 +39,8 @@ def _evaluation(artifact: str, loader: str) -> StageRef:
     return StageRef(_EVALUATE, lambda m: m.make_stage(artifact, getattr(m, loader)))
 
 
-def _quantized_evaluation(name: str) -> StageRef:
-    return StageRef(_EVALUATE, lambda m: m.make_stage(name, m.quantized_loader(name)))
+def _quantized_evaluation(name: str, with_adapter: bool = False) -> StageRef:
+    return StageRef(_EVALUATE, lambda m: m.make_stage(name, m.quantized_loader(name, with_adapter)))
 
 
 def adapter_identity(path: str) -> list[str]:
@@ -53,9 +59,20 @@ def _shared_storage(entries, search: str) -> str:
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
-    evaluation = {"seq_len": recipe.data.seq_len, **recipe.evaluate.model_dump(mode="json", exclude={"gate"})}
+    # Nor does `evaluate.qlora`, which adds an evaluation and changes none.
+    evaluation = {"seq_len": recipe.data.seq_len,
+                  **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"})}
+    # Each entry with its calibration source resolved (the recipe's default filled in; None for
+    # methods that take no calibration): part of its quantize (and search) stage's settings.
+    entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
+    sources = sorted({q.calibration_source for q in entries if q.calibration_source is not None})
+    # The general train split is prepared only when something calibrates on it: only then is its
+    # size part of the data stage's settings.
+    data_config = {**model, "data": recipe.data.model_dump(mode="json", exclude={"general_train_tokens"})}
+    if "general" in sources:
+        data_config["general_train_tokens"] = recipe.data.general_train_tokens
     specs = [
-        StageSpec("data", _stage("data"), (), {**model, "data": recipe.data.model_dump(mode="json")}),
+        StageSpec("data", _stage("data"), (), data_config),
         StageSpec("base", _stage("base"), (), {**model, "nf4": recipe.nf4.model_dump(mode="json")}),
         StageSpec("evaluate-base", _evaluation("base", "load_original_base"), ("data",),
                   {**model, "evaluate": evaluation}),
@@ -75,6 +92,10 @@ def build_stages(recipe) -> list[StageSpec]:
     else:
         merge_config["adapter_files"] = adapter_identity(recipe.merge.adapter)
         merge_deps = ("data", "base")
+    # Where the float adapter comes from, for the evaluations that put it on a base unmerged.
+    adapter_deps = ("train",) if recipe.merge.adapter is None else ()
+    adapter_config = {} if recipe.merge.adapter is None else {
+        "adapter": recipe.merge.adapter, "adapter_files": merge_config["adapter_files"]}
     if recipe.merge.into in ("original", "auto"):
         merge_config.update(model)
     if recipe.merge.into == "auto":  # the choice is made on validation windows with these settings
@@ -84,20 +105,28 @@ def build_stages(recipe) -> list[StageSpec]:
         StageSpec("evaluate-merged", _evaluation("merged", "load_merged"), ("data", "merge"),
                   {"evaluate": evaluation}),
     ]
-    entries = list(recipe.quantize)
+    if recipe.evaluate.qlora:  # the model as trained: NF4 base + the float adapter, unmerged
+        specs.append(StageSpec("evaluate-qlora", _evaluation("qlora", "load_qlora"), ("data", "base") + adapter_deps,
+                               {"evaluate": evaluation, **adapter_config}))
     config = cached_config(recipe.model)
     if config is not None:
         problems = []
         for i, q in enumerate(entries):
             try:
-                methods.check_shapes(q, config, f"quantize.{recipe.quantize.index(q)}")
+                methods.check_shapes(q, config, f"quantize.{i}")
             except InputError as exc:
                 problems.append(str(exc))
         if problems:
             raise RecipeError(problems, source="recipe")
-    if any(methods.METHODS[q.method].calibrated for q in entries):
-        specs.append(StageSpec("calibrate", _stage("calibrate"), ("data",),
-                               {"calibration": recipe.calibration.model_dump(mode="json")}))
+    onto_base = [q for q in entries if q.adapter_on_quantized_base]
+    if onto_base and config is not None and "quantization_config" in config:
+        i = next(i for i, q in enumerate(recipe.quantize) if q.adapter_on_quantized_base)
+        raise RecipeError([f"quantize.{i}.adapter_on_quantized_base: model.source is already quantized "
+                           f"({config['quantization_config'].get('quant_method', 'quantization_config')}); there "
+                           "are no original float weights to quantize"], source="recipe")
+    for source in sources:  # `calibrate` (domain train split), `calibrate-general` (general train split)
+        specs.append(StageSpec(methods.calibration_stage_name(source), _stage("calibrate"), ("data",),
+                               {"calibration": {**recipe.calibration.model_dump(mode="json"), "source": source}}))
     searches: dict[str, dict] = {}  # search stage -> its settings
     engines: dict[str, dict] = {}    # search stage -> the device and activation dtype it computes with
     for q in entries:
@@ -113,14 +142,23 @@ def build_stages(recipe) -> list[StageSpec]:
                                    f"all: give them the same device and activations.dtype"], source="recipe")
     # The device each quantize/search stage computes on, resolved here (torch-free): float math on
     # a GPU differs from the CPU's, so the device is part of the fingerprint, as written "auto" is not.
-    specs += [StageSpec(name, _stage("awq_search"), ("merge", "calibrate"),
+    specs += [StageSpec(name, _stage("awq_search"),
+                        ("merge", methods.calibration_stage_name(settings["calibration_source"])),
                         {"search": settings, "dtype": recipe.model.dtype,
                          "device": resolve_device(engines[name]["device"]),
                          "activations_dtype": engines[name]["activations_dtype"]},
                         runtime={"activations_storage": _shared_storage(entries, name)})
               for name, settings in searches.items()]
+    # The same searches of the original base, for the entries quantizing it (`<name>+adapter`).
+    base_searches = {methods.search_stage_name(q, onto_base=True): (methods.search_settings(q), q)
+                     for q in onto_base if methods.METHODS[q.method].search}
+    specs += [StageSpec(name, _stage("awq_search"), (methods.calibration_stage_name(settings["calibration_source"]),),
+                        {"search": settings, "dtype": recipe.model.dtype, **model,
+                         "device": resolve_device(q.device), "activations_dtype": q.activations.dtype},
+                        runtime={"activations_storage": q.activations.storage})
+              for name, (settings, q) in base_searches.items()]
     for q in entries:
-        deps = ("merge", "calibrate") if methods.METHODS[q.method].calibrated else ("merge",)
+        deps = ("merge", methods.calibration_stage_name(q.calibration_source)) if q.calibration_source else ("merge",)
         if methods.METHODS[q.method].search:
             deps += (methods.search_stage_name(q),)
         specs += [
@@ -132,10 +170,28 @@ def build_stages(recipe) -> list[StageSpec]:
                       ("data", f"quantize-{q.name}"), {"evaluate": evaluation},
                       code=(methods.METHODS[q.method].loader_module(),)),
         ]
+        if q.adapter_on_quantized_base:
+            # The original base (model identity instead of the merge) quantized with the same method,
+            # settings and calibration windows; evaluated with the float adapter on top, unmerged.
+            name = f"{q.name}{methods.ADAPTER_SUFFIX}"
+            base_deps = tuple(d for d in deps if d != "merge" and "search" not in d)
+            if methods.METHODS[q.method].search:
+                base_deps += (methods.search_stage_name(q, onto_base=True),)
+            specs += [
+                StageSpec(f"quantize-{name}", _stage("quantize"), base_deps,
+                          {"entry": methods.relevant_settings(q), "dtype": recipe.model.dtype, **model,
+                           "device": resolve_device(q.device)},
+                          runtime={"activations_storage": q.activations.storage},
+                          code=methods.METHODS[q.method].code_modules()),
+                StageSpec(f"evaluate-{name}", _quantized_evaluation(name, with_adapter=True),
+                          ("data", f"quantize-{name}") + adapter_deps, {"evaluate": evaluation, **adapter_config},
+                          code=(methods.METHODS[q.method].loader_module(),)),
+            ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
     # Not cached: the report is titled with its run directory's name, which no fingerprint covers.
     specs.append(StageSpec("report", _stage("report"), report_deps,
-                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len},
+                           {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len,
+                            "deploy": recipe.deploy.model_dump(mode="json")},
                            cacheable=False))
     return specs

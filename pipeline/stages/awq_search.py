@@ -1,5 +1,6 @@
-"""Stages `awq-search-w<bits>g<group>`: AWQ's per-layer scale and clip search, done once for
-every quantize entry that applies it with the same settings (`awq` and `awq+gptq`).
+"""Stages `awq-search-w<bits>g<group>[-general]`: AWQ's per-layer scale and clip search, done
+once for every quantize entry that applies it with the same settings and calibration source
+(`awq` and `awq+gptq`).
 
 The search runs on the scaled full-precision model, as AWQ's reference does: each layer's
 inputs come from the layers before it with their scales folded and their weights clipped,
@@ -23,6 +24,8 @@ from qlora_pipeline.layerwise.awq_search import SEARCH_FILE, AWQSettings, make_t
 from qlora_pipeline.layerwise.checkpoints import read_config
 from qlora_pipeline.layerwise.engine import transform_sequentially
 from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.methods import calibration_stage_name
+from qlora_pipeline.models import quantize_source
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
 SETTINGS_FILE = "search.json"
@@ -31,9 +34,9 @@ SETTINGS_FILE = "search.json"
 def run(ctx: StageContext) -> StageResult:
     s = ctx.config["search"]
     settings = AWQSettings(s["bits"], s["group_size"], s["duo_scaling"], s["clip"], s["search_windows"])
-    merged_dir = ctx.inputs["merge"]
+    merged_dir = quantize_source(ctx.config, ctx.inputs)  # the merge, or the original base (`...-base`)
     family = family_for(read_config(merged_dir)["model_type"])
-    calibration = load_file(str(ctx.inputs["calibrate"] / CALIBRATION_FILE))["input_ids"]
+    calibration = load_file(str(ctx.inputs[calibration_stage_name(s["calibration_source"])] / CALIBRATION_FILE))["input_ids"]
     transform = make_transform(family, settings, ctx.checkpoint_dir, DTYPES[ctx.config["dtype"]])
     device = ctx.config["device"]  # resolved from the entries' device by the stage registry
     if device == "cuda":

@@ -20,16 +20,14 @@ from qlora_pipeline.models import resolve_model
 from qlora_pipeline.recipe import ModelConfig, NF4Config
 from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from qlora_pipeline.errors import InputError
-from qlora_quant.nf4 import QUANT_STATE_KEY, quant_state_tensors, quantize_nf4
+from qlora_quant.nf4 import QUANT_STATE_KEY, quantize_nf4, serialize_nf4
 
 def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
     """NF4 for the named linear weights, `dtype` for every other floating tensor."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name in linear_weights:
-            q = quantize_nf4(t.to(dtype), blocksize)
-            out[name] = q.packed
-            out.update({f"{name}.{k}": v for k, v in quant_state_tensors(q).items()})
+            out.update(serialize_nf4(quantize_nf4(t.to(dtype), blocksize), name))
         else:
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out

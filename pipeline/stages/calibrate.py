@@ -1,4 +1,7 @@
-"""Stage `calibrate`: the calibration windows, drawn once from the domain *train* split.
+"""Stages `calibrate` and `calibrate-general`: the calibration windows, drawn once from the
+domain *train* split (`calibration.source: domain`) or the general *train* split (`general`,
+which the data stage prepares from general documents after those of `general_eval`, with every
+general_eval and domain test paragraph cut out); never from a split that is evaluated.
 
 `calibration.safetensors` holds `input_ids` int64 [samples, seq_len]; every quantizer reads
 these same tokens. Start offsets come from one seeded `torch.randint` call over the train
@@ -18,12 +21,16 @@ CALIBRATION_FILE = "calibration.safetensors"
 
 def run(ctx: StageContext) -> StageResult:
     cfg = CalibrationConfig.model_validate(ctx.config["calibration"])
-    stream = load_file(str(ctx.inputs["data"] / TOKENS_FILE))["domain_train"]
+    split = f"{cfg.source}_train"
+    streams = load_file(str(ctx.inputs["data"] / TOKENS_FILE))
+    if split not in streams:  # the data stage prepares general_train whenever an entry calibrates on it
+        raise DataError(f"calibration.source: the data stage's output has no {split} split")
+    stream = streams[split]
     if stream.numel() < cfg.seq_len:
-        raise DataError(f"calibration.seq_len: {cfg.seq_len} exceeds the {stream.numel()} domain train tokens")
+        raise DataError(f"calibration.seq_len: {cfg.seq_len} exceeds the {stream.numel()} {cfg.source} train tokens")
     generator = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randint(0, stream.numel() - cfg.seq_len + 1, (cfg.samples,), generator=generator)
     ids = torch.stack([stream[s : s + cfg.seq_len] for s in starts.tolist()])
     save_file({"input_ids": ids.contiguous()}, str(ctx.output_dir / CALIBRATION_FILE))
     return StageResult(metrics={"samples": float(cfg.samples), "tokens": float(ids.numel())},
-                       info={"first_offsets": starts[:4].tolist()})
+                       info={"first_offsets": starts[:4].tolist(), "source": split})

@@ -6,7 +6,11 @@ eval is in valid or train, nothing of valid in train. Output `tokens.safetensors
 token streams `domain_train` (trained on, and calibration), `domain_valid` (training's eval
 loss, `merge.into: auto`, the merge's self-check), `domain_eval` (the evaluate stages only)
 and (optionally) `general_eval`; every later stage cuts its windows from these, so all
-artifacts are evaluated on the same tokens. `data.json` holds the counts and the overlap of
+artifacts are evaluated on the same tokens. When a quantize entry calibrates on general text
+(the stage's settings then hold `general_train_tokens`), also `general_train`: the general
+documents after those general_eval reads from (one document of margin), with every paragraph
+of general_eval and of the domain test split cut out (`data.general_train_split`);
+general_eval is the same tokens either way. `data.json` holds the counts and the overlap of
 each split pair before and after cleaning.
 """
 from __future__ import annotations
@@ -21,7 +25,8 @@ from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.models import resolve_model
 from qlora_pipeline.recipe import DataConfig, ModelConfig
 
-TOKENS_FILE = "tokens.safetensors"  # int64 token streams: domain_train, domain_valid, domain_eval, general_eval
+# int64 token streams: domain_train, domain_valid, domain_eval, general_eval (, general_train)
+TOKENS_FILE = "tokens.safetensors"
 SUMMARY_FILE = "data.json"
 
 
@@ -37,11 +42,16 @@ def run(ctx: StageContext) -> StageResult:
     _require_clean(splits, report, cfg)
     streams = {f"domain_{name}": data.tokenize_documents(tokenizer, getattr(splits, name))
                for name in ("train", "valid", "eval")}
+    general_train = None
     if cfg.general is not None:
         general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6)
         streams["general_eval"] = data.tokenize_documents(tokenizer, general_docs, max_tokens=cfg.general_max_tokens)
+        train_tokens = ctx.config.get("general_train_tokens")
+        if train_tokens:
+            general_train = _general_train(tokenizer, cfg, train_tokens, splits.eval)
+            streams["general_train"] = data.tokenize_documents(tokenizer, general_train.docs, max_tokens=train_tokens)
     for name, key in (("domain_eval", "data.domain"), ("domain_valid", "data.domain"), ("domain_train", "data.domain"),
-                      ("general_eval", "data.general")):
+                      ("general_eval", "data.general"), ("general_train", "data.general_train_tokens")):
         if name in streams and streams[name].numel() < cfg.seq_len:
             raise DataError(
                 f"{key}: {name} has {streams[name].numel()} tokens, fewer than one window of data.seq_len={cfg.seq_len}; "
@@ -53,8 +63,37 @@ def run(ctx: StageContext) -> StageResult:
         "eval_documents": len(splits.eval), **{f"{k}_tokens": int(v.numel()) for k, v in streams.items()},
     }
     summary = {**stats, "decontamination": {"min_chars": cfg.decontaminate.min_chars, **report.as_dict()}}
+    metrics = {**{k: float(v) for k, v in stats.items()}, **report.metrics()}
+    if general_train is not None:
+        summary["general_train"] = {
+            "eval_documents": general_train.eval_documents, "train_documents": len(general_train.docs),
+            "skipped_documents": general_train.skipped_documents, "removed_chars": general_train.removed_chars,
+            "overlap_after": {k: v.as_dict() for k, v in general_train.overlap_after.items()}}
+        metrics["general_train_documents"] = float(len(general_train.docs))
     (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return StageResult(metrics={**{k: float(v) for k, v in stats.items()}, **report.metrics()})
+    return StageResult(metrics=metrics)
+
+
+def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str]) -> data.GeneralTrain:
+    """The general train split (calibration only), distinct from general_eval and free of the
+    domain test split's paragraphs."""
+    # More documents for it: the built-in python-stdlib corpus is read up to a character budget,
+    # in one seeded order, so general_eval's documents stay the leading ones (a file can be tens
+    # of thousands of characters: 2M more leave room after them); other sources read all their
+    # documents either way. Only about train_tokens x 6 characters of them are tokenized.
+    docs = data.load_documents(cfg.general, "data.general",
+                               max_chars=(cfg.general_max_tokens + train_tokens) * 6 + 2_000_000)
+    split = data.general_train_split(tokenizer, docs, cfg.general_max_tokens, train_tokens * 6, domain_eval,
+                                     cfg.decontaminate.min_chars)
+    if not split.docs:
+        raise DataError(f"data.general: all {len(docs)} general document(s) go to general_eval (general_max_tokens="
+                        f"{cfg.general_max_tokens}) or hold only its text; none is left for the general train split "
+                        "that calibration.source / calibration_source: general draws from; add text or lower "
+                        "data.general_max_tokens")
+    if any(o.paragraphs for o in split.overlap_after.values()):
+        left = ", ".join(f"{k}: {o.paragraphs}" for k, o in split.overlap_after.items() if o.paragraphs)
+        raise DataError(f"data.general: held-out text is still in the general train split after cleaning ({left})")
+    return split
 
 
 def _require_documents(splits: data.Splits, total: int, cfg) -> None:

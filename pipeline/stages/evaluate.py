@@ -5,7 +5,10 @@ number of predicted tokens); each window is an independent forward. The artifact
 as it ships (NF4 through our `LinearNF4`, GPTQ/AWQ through `LinearInt4`), not as a float
 imitation. Also: size on disk, load time, peak memory while evaluating (CUDA: peak allocated;
 CPU: peak resident memory above what the process held before loading), prefill and decode
-throughput at batch 1 on the evaluation device, and greedy generations of the recipe's prompts.
+throughput at batch 1 on the evaluation device, and greedy generations of the recipe's prompts;
+for the report's memory plan, the checkpoint's tensor bytes and its KV-cache shape. With
+`evaluate.kv_fp8`, the domain perplexity with an fp8 KV cache (`qlora_pipeline.kv_fp8`), its
+per-layer scales calibrated on domain_train windows (never the test split).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from qlora_pipeline import data, rundir
-from qlora_pipeline.layerwise.checkpoints import dir_size, load_hf_model, load_nf4_model
+from qlora_pipeline import data, memory_plan, rundir
+from qlora_pipeline.layerwise.checkpoints import dir_size, load_hf_model, load_nf4_model, read_config
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.methods import METHODS
 from qlora_pipeline.models import resolve_model
@@ -114,7 +117,8 @@ def generations(model, tokenizer, prompts: list[str], max_new_tokens: int, devic
 
 
 def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str], tuple[object, Path]]):
-    """A stage function evaluating `artifact`; `loader(ctx, dtype, device)` returns (model, its directory)."""
+    """A stage function evaluating `artifact`; `loader(ctx, dtype, device)` returns (model, its
+    directory) or (model, its directory, more files of the artifact: an unmerged adapter's)."""
 
     def run(ctx: StageContext) -> StageResult:
         settings = dict(ctx.config["evaluate"])
@@ -124,15 +128,27 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         streams = load_file(str(ctx.inputs["data"] / TOKENS_FILE))
         memory = PeakMemory(device).__enter__()
         t0 = time.time()
-        model, artifact_dir = loader(ctx, dtype, device)
+        model, artifact_dir, *more = loader(ctx, dtype, device)
         load_seconds = time.time() - t0
-        metrics = {"size_bytes": float(dir_size(artifact_dir)), "load_seconds": round(load_seconds, 3)}
+        extra_files = more[0] if more else []  # an unmerged adapter's weights: part of the artifact
+        metrics = {"size_bytes": float(dir_size(artifact_dir) + sum(f.stat().st_size for f in extra_files)),
+                   "load_seconds": round(load_seconds, 3),
+                   "weights_bytes": memory_plan.checkpoint_tensor_bytes(artifact_dir)
+                   + sum(memory_plan.safetensors_bytes(f) for f in extra_files)}
         producer = rundir.read_json(artifact_dir.parent / rundir.MANIFEST) or {}  # a stage output's manifest
         if (artifact_dir / QUANTIZATION_SUMMARY).is_file() and "stage_seconds" in producer.get("metrics", {}):
             metrics["quantize_seconds"] = producer["metrics"]["stage_seconds"]
         domain = data.windows(streams["domain_eval"], seq_len, cfg.max_domain_windows)
         metrics["domain_ppl"], metrics["domain_tokens"] = perplexity(
             model, domain, cfg.batch_size, device, ctx.progress, f"{artifact}: domain ppl")
+        extra = {"kv_shape": memory_plan.attention(read_config(artifact_dir))._asdict()}
+        if cfg.kv_fp8:
+            from qlora_pipeline.kv_fp8 import fp8_kv_perplexities
+
+            calibration = data.windows(streams["domain_train"], seq_len, cfg.kv_fp8_calibration_windows)
+            fp8, extra["kv_fp8_scales"] = fp8_kv_perplexities(model, domain, calibration, cfg.batch_size, device,
+                                                              ctx.progress, artifact)
+            metrics.update(fp8)
         if "general_eval" in streams:
             general = data.windows(streams["general_eval"], seq_len, cfg.max_general_windows)
             metrics["general_ppl"], metrics["general_tokens"] = perplexity(
@@ -149,7 +165,7 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         metrics["peak_memory_bytes"] = memory.peak
         metrics = {k: float(v) for k, v in metrics.items()}
         result = {"artifact": artifact, "device": device, "dtype": str(dtype).replace("torch.", ""), **metrics,
-                  "generations": texts}
+                  **extra, "generations": texts}
         (ctx.output_dir / METRICS_FILE).write_text(json.dumps(result, indent=2))
         return StageResult(metrics=metrics, info={"artifact_dir": str(artifact_dir)})
 
@@ -171,10 +187,40 @@ def load_merged(ctx: StageContext, dtype: torch.dtype, device: str):
     return load_hf_model(src, dtype, device), src
 
 
-def quantized_loader(name: str):
+def quantized_loader(name: str, with_adapter: bool = False):
+    """The loader of artifact `name` (`quantize-<name>`'s checkpoint); `with_adapter`: with the
+    float adapter on top, unmerged (`<entry>+adapter`)."""
     def load(ctx: StageContext, dtype: torch.dtype, device: str):
         src = ctx.inputs[f"quantize-{name}"]
         method = METHODS[json.loads((src / QUANTIZATION_SUMMARY).read_text())["method"]]
-        return method.loader()(src, dtype, device), src
+        model = method.loader()(src, dtype, device)
+        if not with_adapter:
+            return model, src
+        adapter_dir = attach_adapter(model, ctx, device)
+        return model, src, [adapter_dir / ADAPTER_WEIGHTS]
 
     return load
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_dir(ctx: StageContext) -> Path:
+    """The adapter the merge merges: `merge.adapter`, or the train stage's output."""
+    return Path(ctx.config["adapter"]).expanduser() if "adapter" in ctx.config else ctx.inputs["train"]
+
+
+def attach_adapter(model, ctx: StageContext, device: str) -> Path:
+    """Put the recipe's LoRA adapter on `model` unmerged (`adapter.attach_unmerged`); its directory."""
+    from qlora_pipeline.adapter import Adapter, attach_unmerged
+
+    path = adapter_dir(ctx)
+    attach_unmerged(model, Adapter(path), device)
+    return path
+
+
+def load_qlora(ctx: StageContext, dtype: torch.dtype, device: str):
+    """Artifact `qlora`: the model as trained, the NF4 base (`LinearNF4`) + the float adapter, unmerged."""
+    src = ctx.inputs["base"]
+    model = load_nf4_model(src, dtype, device)
+    return model, src, [attach_adapter(model, ctx, device) / ADAPTER_WEIGHTS]

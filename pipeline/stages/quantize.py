@@ -3,7 +3,8 @@
 The method (`rtn`, `gptq`, `awq`, `awq+gptq`, ...) comes from the registry in
 `qlora_pipeline.methods`; `methods.checkpoint` runs it layer by layer through the sequential
 layer engine and writes the packed HF directory. This stage adds the run's side: the
-calibration windows, per-layer errors to MLflow, the stage metrics.
+calibration windows, per-layer errors to MLflow, the stage metrics. `quantize-<name>+adapter`
+runs the same on the original base model (`adapter_on_quantized_base`).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.layerwise.checkpoints import read_config
-from qlora_pipeline.methods import METHODS, check_shapes, search_stage_name
+from qlora_pipeline.methods import METHODS, calibration_stage_name, check_shapes, search_stage_name
 from qlora_pipeline.methods.checkpoint import quantize_checkpoint
+from qlora_pipeline.models import quantize_source
 from qlora_pipeline.recipe import QuantizeEntry
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
@@ -29,16 +31,18 @@ def run(ctx: StageContext) -> StageResult:
     storage = ctx.runtime.get("activations_storage", "auto")
     entry = QuantizeEntry.model_validate(ctx.config["entry"])
     entry = entry.model_copy(update={"activations": entry.activations.model_copy(update={"storage": storage})})
-    merged_dir = ctx.inputs["merge"]
+    onto_base = "model" in ctx.config  # `<name>+adapter`: the original base model, not the merge
+    merged_dir = quantize_source(ctx.config, ctx.inputs)
     check_shapes(entry, read_config(merged_dir), f"quantize entry '{entry.name}'")
     calibration = None
-    if METHODS[entry.method].calibrated:
-        calibration = load_file(str(ctx.inputs["calibrate"] / CALIBRATION_FILE))["input_ids"]
+    if METHODS[entry.method].calibrated:  # the entry's source is resolved in its stage settings
+        calibration = load_file(str(ctx.inputs[calibration_stage_name(entry.calibration_source)]
+                                    / CALIBRATION_FILE))["input_ids"]
 
     def on_layer(i: int, metrics: dict[str, float]) -> None:
         ctx.metrics.log_metrics(metrics, step=i)
 
-    search_dir = ctx.inputs.get(search_stage_name(entry)) if METHODS[entry.method].search else None
+    search_dir = ctx.inputs.get(search_stage_name(entry, onto_base)) if METHODS[entry.method].search else None
     device = ctx.config["device"]  # resolved by the stage registry, part of the fingerprint
     if device == "cuda":
         require_cuda(f"quantize entry '{entry.name}'", "its device")

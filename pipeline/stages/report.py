@@ -1,9 +1,10 @@
 """Stage `report`: every evaluated artifact side by side, the quality gate, and plots.
 
-Writes to `report/output/`: `report.md` (one table, rows = artifacts; the generations of the
-recipe's prompts side by side), `metrics.json` (everything in the table, the gate's verdicts),
-and PNG plots: domain perplexity against size, the training loss curve, the per-layer
-quantization error of each quantizer. All logged to MLflow: artifacts, and metrics named
+Writes to `report/output/`: `report.md` (one table, rows = artifacts; the deployment memory plan;
+the generations of the recipe's prompts side by side), `metrics.json` (everything in the
+tables, the gate's verdicts, the memory plan's rows), and PNG plots: domain perplexity against
+size, the training loss curve, the per-layer quantization error of each quantizer, total memory
+(weights + KV cache) against context. All logged to MLflow: artifacts, and metrics named
 `<artifact>.<metric>` (the same names in every run, so MLflow's compare view lines them up),
 on this stage's run and on the pipeline's parent run.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_pipeline import rundir
+from qlora_pipeline import memory_plan, rundir
 from qlora_pipeline.graph import StageContext, StageResult
 
 REPORT_FILE = "report.md"
@@ -29,6 +30,8 @@ COLUMNS = {"domain_ppl": ("domain ppl", "{:.3f}"), "general_ppl": ("general ppl"
            "prefill_tokens_per_second": ("prefill tok/s", "{:.0f}"),
            "decode_tokens_per_second": ("decode tok/s", "{:.1f}")}
 FIXED = ("base", "base-nf4", "merged")
+# With evaluate.kv_fp8: the domain perplexity with an fp8 KV cache, as a change over the artifact's own.
+KV_FP8_COLUMNS = {"kv_fp8_domain_ppl": "Δ fp8 KV", "kv_fp8_calibrated_domain_ppl": "Δ fp8 KV (calibrated)"}
 
 
 def format_cell(key: str, value) -> str:
@@ -66,6 +69,24 @@ def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]
     return verdicts
 
 
+ADAPTER_SUFFIX = "+adapter"  # qlora_pipeline.methods.ADAPTER_SUFFIX (this module imports no registry)
+
+
+def adapter_comparison(artifacts: dict[str, dict]) -> list[dict]:
+    """Each artifact with the float adapter unmerged against its merged counterpart: `qlora`
+    against `merged`, `<name>+adapter` against `<name>`; the differences in percent."""
+    pairs = [("qlora", "merged")] + [(n, n[: -len(ADAPTER_SUFFIX)]) for n in artifacts if n.endswith(ADAPTER_SUFFIX)]
+    rows = []
+    for unmerged, merged in pairs:
+        if unmerged in artifacts and merged in artifacts:
+            u, m = artifacts[unmerged], artifacts[merged]
+            rows.append({"unmerged": unmerged, "merged": merged, "unmerged_domain_ppl": u["domain_ppl"],
+                         "merged_domain_ppl": m["domain_ppl"], "domain_difference": increase(u, m, "domain_ppl"),
+                         "general_difference": increase(u, m, "general_ppl"),
+                         "unmerged_size_bytes": u["size_bytes"], "merged_size_bytes": m["size_bytes"]})
+    return rows
+
+
 def metrics_path(run_dir: Path) -> Path:
     """Where a run's report keeps its metrics."""
     return run_dir / "report" / rundir.OUTPUT / METRICS_FILE
@@ -87,13 +108,20 @@ def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: 
         inc = None if skip else increase(m, ref, "domain_ppl")
         return "–" if inc is None else f"{inc:+.2f}%"
 
-    header = "| artifact | " + " | ".join(h for h, _ in COLUMNS.values()) + " | domain vs base | domain vs merged |"
+    def own_delta(m: dict, key: str) -> str:
+        inc = increase({"domain_ppl": m[key]}, m, "domain_ppl") if key in m else None
+        return "–" if inc is None else f"{inc:+.2f}%"
+
+    kv = [k for k in KV_FP8_COLUMNS if any(k in m for m in artifacts.values())]
+    header = ("| artifact | " + " | ".join(h for h, _ in COLUMNS.values()) + " | domain vs base | domain vs merged |"
+              + "".join(f" {KV_FP8_COLUMNS[k]} |" for k in kv))
     if gate_on:
         header += " gate |"
-    lines = [header, "|---|" + "---|" * (len(COLUMNS) + 2 + gate_on)]
+    lines = [header, "|---|" + "---|" * (len(COLUMNS) + 2 + len(kv) + gate_on)]
     for name, m in artifacts.items():
         row = (f"| {name} | " + " | ".join(format_cell(k, m.get(k)) for k in COLUMNS)
-               + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |")
+               + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |"
+               + "".join(f" {own_delta(m, k)} |" for k in kv))
         if gate_on:
             row += " – |" if name not in verdicts else (" **FAILED** |" if verdicts[name] else " passed |")
         lines.append(row)
@@ -114,6 +142,51 @@ def _generations(artifacts: dict[str, dict]) -> list[str]:
             lines.append(f"| {name} | {text} |")
         lines.append("")
     return lines
+
+
+def memory_rows(artifacts: dict[str, dict], deploy: dict) -> list[dict]:
+    """The memory plan of every artifact whose evaluation recorded its weight bytes and KV shape."""
+    rows = []
+    for name, m in artifacts.items():
+        if "weights_bytes" in m and "kv_shape" in m:
+            rows += memory_plan.plan_rows(name, memory_plan.Attention(**m["kv_shape"]), int(m["weights_bytes"]),
+                                          deploy["contexts"], deploy["batch_sizes"], deploy["kv_dtypes"],
+                                          deploy["gpu_memory_gb"])
+    return rows
+
+
+def _memory_plot(out: Path, rows: list[dict], gpu_memory_gb: float) -> Path:
+    """Total memory against context, one panel per batch size: a line per artifact, solid for the
+    first KV dtype, dashed for the others; the GPU's memory as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    kv_dtypes = list(dict.fromkeys(r["kv_dtype"] for r in rows))
+    artifacts = list(dict.fromkeys(r["artifact"] for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.2), squeeze=False, sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, batch in zip(axes[0], batches):
+        for i, artifact in enumerate(artifacts):
+            for j, kv_dtype in enumerate(kv_dtypes):
+                pts = sorted((r["context"], r["total_bytes"] / memory_plan.GIB) for r in rows
+                             if r["batch"] == batch and r["artifact"] == artifact and r["kv_dtype"] == kv_dtype)
+                ax.plot([c for c, _ in pts], [t for _, t in pts], marker=".", linestyle="-" if j == 0 else "--",
+                        color=colors[i % len(colors)], label=f"{artifact} ({kv_dtype} KV)")
+        ax.axhline(gpu_memory_gb, color="black", linewidth=1)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("context (tokens)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(f"weights + KV cache (GiB); line: {gpu_memory_gb:g} GiB GPU")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("Deployment memory against context")
+    fig.tight_layout()
+    path = out / "memory_vs_context.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plots(out: Path, artifacts: dict[str, dict], train_log: Path | None, layer_metrics: dict[str, list]) -> list[Path]:
@@ -195,7 +268,8 @@ def run(ctx: StageContext) -> StageResult:
                 layer_metrics[stage[len("quantize-"):]] = rows
         elif stage == "train":
             train_log = out / TRAIN_LOG_FILE
-    order = [n for n in FIXED if n in artifacts] + [n for n in artifacts if n not in FIXED]
+    leading = FIXED + ("qlora",)
+    order = [n for n in leading if n in artifacts] + [n for n in artifacts if n not in leading]
     artifacts = {n: artifacts[n] for n in order}
     gate = ctx.config.get("gate", {})
     gate_on = any(v is not None for v in gate.values())
@@ -217,11 +291,38 @@ def run(ctx: StageContext) -> StageResult:
     failed = {n: r for n, r in verdicts.items() if r}
     if failed:
         lines += ["", "## Quality gate: failed", ""] + [f"- **{n}**: {'; '.join(r)}" for n, r in failed.items()]
+    comparison = adapter_comparison(artifacts)
+    if comparison:
+        lines += ["", "## Adapter vs merge", "",
+                  "The float adapter unmerged on a base against the adapter merged: `qlora` (the NF4 base the "
+                  "adapter was trained on + the adapter) against `merged`; `<name>+adapter` (the original base "
+                  "quantized with `<name>`'s method, settings and calibration windows + the adapter) against "
+                  "`<name>` (the merged model quantized the same way). Difference: the unmerged artifact's "
+                  "perplexity over the merged one's, in percent.", "",
+                  "| unmerged | merged | domain ppl (unmerged) | domain ppl (merged) | domain difference "
+                  "| general difference | size (MB): unmerged / merged |", "|---|---|---|---|---|---|---|"]
+        for row in comparison:
+            general = "–" if row["general_difference"] is None else f"{row['general_difference']:+.2f}%"
+            lines.append(f"| {row['unmerged']} | {row['merged']} | {row['unmerged_domain_ppl']:.3f} | "
+                         f"{row['merged_domain_ppl']:.3f} | {row['domain_difference']:+.2f}% | {general} | "
+                         f"{row['unmerged_size_bytes'] / 1e6:.1f} / {row['merged_size_bytes'] / 1e6:.1f} |")
+    deploy = ctx.config["deploy"]
+    plan = memory_rows(artifacts, deploy)
     plots = _plots(ctx.output_dir, artifacts, train_log, layer_metrics)
+    if plan:
+        plots.append(_memory_plot(ctx.output_dir, plan, deploy["gpu_memory_gb"]))
+        lines += ["", "## Deployment memory", "",
+                  "Weights (the checkpoint's tensor bytes) + KV cache (2 x layers x KV heads x head dim x bytes x "
+                  "context x batch) per artifact, against one GPU of "
+                  f"{deploy['gpu_memory_gb']:g} GiB (`deploy`); activations, the CUDA context, fragmentation and a "
+                  "server's cache block granularity are not counted.", "",
+                  *memory_plan.render(plan, deploy["gpu_memory_gb"])]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += _generations(artifacts)
     (ctx.output_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
-    (ctx.output_dir / METRICS_FILE).write_text(json.dumps({"artifacts": artifacts, "gate": verdicts}, indent=2))
+    (ctx.output_dir / METRICS_FILE).write_text(json.dumps({"artifacts": artifacts, "gate": verdicts,
+                                                           "memory_plan": plan, "adapter_vs_merge": comparison},
+                                                          indent=2))
 
     flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
