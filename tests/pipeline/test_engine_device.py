@@ -188,7 +188,7 @@ def test_the_quantize_stage_takes_the_storage_from_its_runtime_settings(tiny_lla
         d = tmp_path / storage
         (d / "ck").mkdir(parents=True)
         (d / "out").mkdir()
-        entry = QuantizeEntry(name="g", method="gptq", group_size=32)
+        entry = QuantizeEntry(name="g", method="gptq", group_size=32, calibration_source="domain")  # as the registry resolves it
         quantize.run(StageContext("quantize-g", {"entry": relevant_settings(entry), "dtype": "bfloat16",
                                                  "device": "cpu"},
                                   {"merge": tiny_llama_dir, "calibrate": tmp_path / "cal"}, d / "out", d / "ck",
