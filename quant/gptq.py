@@ -183,8 +183,8 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Torch's CPU ops single-threaded within the block. The column loop of the solve is
     thousands of tiny ops on vectors of a few hundred floats: split across threads they wait on
     each other, and when the machine is busy (another process on a core) a thread that is not
-    scheduled stalls every op. Measured on 2 cores with other jobs running: 9.2 s for a
-    576 x 576 solve with 2 threads, 0.24 s with 1."""
+    scheduled stalls every op (seen as a many-fold slowdown of this loop on a busy 2-core
+    machine; the stage's time against its floor is `scripts/bench_quantize_floor.py`)."""
     if device.type != "cpu":
         yield
         return

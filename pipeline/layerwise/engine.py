@@ -170,26 +170,15 @@ def choose_placement(config: dict, shape: tuple[int, int], storage_dtype: torch.
     device = torch.device(device)
     if device.type != "cuda":
         return "host" if storage == "host" else "device"
-    from qlora_pipeline.layerwise.placement import plan, workload_for
+    from qlora_pipeline.layerwise.placement import host_available_bytes, plan, workload_for
 
     work = workload_for(config, shape[0], shape[1], torch.finfo(storage_dtype).bits // 8, chunk, hessians, solve,
                         awq_search_windows)
     free, _ = torch.cuda.mem_get_info(device)
-    decided = plan(work, free, _host_available(), storage, where)
+    decided = plan(work, free, host_available_bytes(), storage, where)
     logger.info("%s: activations on the %s (%s)", where, "GPU" if decided.placement == "device" else "host",
                 decided.why)
     return decided.placement
-
-
-def _host_available() -> Optional[int]:
-    """MemAvailable of /proc/meminfo in bytes, None where unknown (not Linux)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @torch.no_grad()

@@ -112,6 +112,18 @@ class Workload:
         return min(self.chunk, self.windows) * self.tokens * self.hidden * 4
 
 
+def host_available_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes, None where unknown (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def reserve(free_bytes: int) -> int:
     return GiB + free_bytes // 20
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qlora_pipeline.layerwise.families import Family, Replay
+from qlora_pipeline.layerwise.placement import host_available_bytes
 
 
 def available_memory_bytes(device: torch.device = torch.device("cpu")) -> int:
@@ -34,13 +35,9 @@ def available_memory_bytes(device: torch.device = torch.device("cpu")) -> int:
     free physical pages."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = host_available_bytes()
+    if available is not None:
+        return available
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
