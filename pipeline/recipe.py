@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from qlora_pipeline.errors import RecipeError
 from qlora_pipeline.methods import METHODS, format_problems
+from qlora_pipeline.methods import dynamic as module_overrides
 
 BUILTIN_MODELS = ("smollm2-135m",)
 BuiltinCorpus = Literal["python-docs", "python-stdlib"]
@@ -229,6 +230,26 @@ class AWQOptions(_Section):
         "channel statistics and the clip search use all of them")
 
 
+class ModuleOverride(_Section):
+    """Bits and/or group size for the linears a `dynamic` key matches."""
+
+    bits: Optional[Literal[2, 3, 4, 8]] = None
+    group_size: Optional[int] = Field(None, description="columns per quantization group; -1 for one group per row")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v != -1 and v < 1:
+            raise ValueError(f"group_size must be -1 or a positive number of columns, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _overrides_something(self) -> "ModuleOverride":
+        if self.bits is None and self.group_size is None:
+            raise ValueError("an override sets bits, group_size or both")
+        return self
+
+
 class ActivationStorage(_Section):
     """Where and how the layer engine keeps the calibration activations (one [windows, tokens,
     hidden] set, overwritten layer by layer). `pipeline.layerwise.placement` has the formula."""
@@ -267,6 +288,11 @@ class QuantizeEntry(_Section):
         False, description="also quantize the original base model with this entry's method, settings and "
         "calibration windows and evaluate it with the float adapter on top, unmerged: artifact '<name>+adapter', "
         "the alternative to merge-then-requantize")
+    dynamic: dict[str, ModuleOverride] = Field(
+        default_factory=dict, description="mixed precision (methods rtn and gptq): regular expression -> {bits, "
+        "group_size} for the linears whose full module name it matches from the start (e.g. '.*mlp\\.down_proj': "
+        "{bits: 8}); the first matching key decides; written to the checkpoint as GPTQModel's `dynamic` mapping, "
+        "which vLLM reads")
     awq: AWQOptions = AWQOptions()
     nf4: NF4Config = Field(default_factory=NF4Config, description="method nf4: block size and compute dtype of "
                            "the NF4 checkpoint (the same settings and defaults as the base's nf4 section)")
@@ -285,6 +311,15 @@ class QuantizeEntry(_Section):
     def _group_size(cls, v: int) -> int:
         if v != -1 and v < 1:
             raise ValueError(f"group_size must be -1 or a positive number of columns, got {v}")
+        return v
+
+    @field_validator("dynamic")
+    @classmethod
+    def _dynamic_keys(cls, v: dict) -> dict:
+        for key in v:
+            problem = module_overrides.key_problem(key)
+            if problem:
+                raise ValueError(problem)
         return v
 
     @field_validator("method")

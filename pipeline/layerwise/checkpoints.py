@@ -16,6 +16,7 @@ from safetensors import safe_open
 from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.methods import dynamic
 from qlora_pipeline.models import read_config  # noqa: F401  (the one config.json reader; re-exported for the stages)
 from qlora_quant.nf4 import QUANT_STATE_KEY, NF4Tensor, nf4_from_serialized
 from qlora_kernels.nf4_linear import LinearNF4
@@ -182,6 +183,10 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
     if method not in ("gptq", "awq"):
         raise InputError(f"{model_dir}: not a GPTQ or AWQ checkpoint (quantization_config.quant_method={method})")
     bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+    per_module = qcfg.get("dynamic") or {}  # GPTQModel's per-module overrides (qlora_pipeline.methods.dynamic)
+    unsupported = [key for key in per_module if dynamic.key_problem(key)]
+    if unsupported:
+        raise InputError(f"{model_dir}: quantization_config.dynamic {dynamic.key_problem(unsupported[0])}")
     v1 = qcfg.get("checkpoint_format", "gptq") == "gptq"
     model = empty_model(config, dtype)
     wmap = weight_map(model_dir)
@@ -195,7 +200,8 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str):
         used.update(t)
         b = t.get(f"{prefix}.bias")
         if method == "gptq":
-            module = LinearInt4.from_gptq(GPTQPacked(*(t[n] for n in names)), bits, v1, b)
+            module_bits = int(dynamic.override(per_module, prefix).get("bits", bits))
+            module = LinearInt4.from_gptq(GPTQPacked(*(t[n] for n in names)), module_bits, v1, b)
         else:
             module = LinearInt4.from_awq(AWQPacked(*(t[n] for n in names)), b)
         parent_name, _, child = prefix.rpartition(".")

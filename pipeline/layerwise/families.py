@@ -49,6 +49,9 @@ class Family:
     awq_groups: tuple[ScalingGroup, ...]
     awq_no_clip: tuple[str, ...]  # linears AWQ does not clip (q/k: attention logits are sensitive)
     replays: tuple[Replay, ...] = ()
+    # Each linear's input size, as the config key it equals ("attention_size": attention heads x
+    # head dim, which is not hidden_size in every model): group sizes must divide it.
+    linear_inputs: tuple[tuple[str, str], ...] = ()
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     head: str = "lm_head"  # absent from checkpoints whose head is tied to the embedding
@@ -58,6 +61,20 @@ class Family:
 
     def in_layers(self, tensor_name: str) -> bool:
         return tensor_name.startswith(self.layers_prefix + ".")
+
+    def linear_in_features(self, config: dict) -> dict[str, int]:
+        """Input size of each linear of a decoder layer (relative names), from `config.json`."""
+        heads = int(config.get("num_attention_heads", 1))
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"]),
+                 "attention_size": heads * head_dim}
+        return {linear: sizes[size] for linear, size in self.linear_inputs}
+
+    def linear_names(self, config: dict) -> list[tuple[str, str]]:
+        """(full module name, name within the layer) of every quantized linear:
+        (`model.layers.3.mlp.down_proj`, `mlp.down_proj`)."""
+        return [(self.layer_prefix(i) + linear, linear)
+                for i in range(int(config["num_hidden_layers"])) for linear in self.linears]
 
     def unexplained_missing(self, missing: list[str], quantized_modules=frozenset()) -> list[str]:
         """The keys of `missing` (from `load_state_dict`) that a checkpoint should have held: a
@@ -93,6 +110,11 @@ LLAMA = Family(
     # `down_proj(act(gate_proj(x)) * up_proj(x))`.
     replays=(Replay("self_attn", "self_attn.o_proj", returns_tuple=True),
              Replay("mlp", "mlp.down_proj", returns_tuple=False)),
+    linear_inputs=(
+        ("self_attn.q_proj", "hidden_size"), ("self_attn.k_proj", "hidden_size"), ("self_attn.v_proj", "hidden_size"),
+        ("self_attn.o_proj", "attention_size"),
+        ("mlp.gate_proj", "hidden_size"), ("mlp.up_proj", "hidden_size"), ("mlp.down_proj", "intermediate_size"),
+    ),
 )
 
 FAMILIES = (LLAMA,)

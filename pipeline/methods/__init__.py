@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Optional
 
 from qlora_pipeline.errors import InputError
+from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.methods import dynamic
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class Method:
     search: Optional[str] = None
     # A method of one bit width and settings of its own (its options), e.g. NF4: it reads none of COMMON_SETTINGS.
     fixed_bits: Optional[int] = None
+    # Takes per-module bits and group sizes (`dynamic`, qlora_pipeline.methods.dynamic). AWQ's
+    # search chooses scales for one bit width and group size per layer, so awq and awq+gptq do not.
+    module_overrides: bool = False
 
     @property
     def common_settings(self) -> bool:
@@ -73,8 +79,8 @@ FORMATS = {f.name: f for f in (
 )}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False),
-    Method("gptq", "qlora_pipeline.methods.gptq", "gptq", calibrated=True),
+    Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False, module_overrides=True),
+    Method("gptq", "qlora_pipeline.methods.gptq", "gptq", calibrated=True, module_overrides=True),
     # AWQ alone uses the Hessians only for the error metrics: one capture pass per layer.
     # Where AWQ searches was measured on domain_valid (scripts/compare_awq_search.py, README "Where
     # AWQ searches"): AWQ alone is 2.5 points better searching in its own stage, on the inputs its
@@ -104,6 +110,9 @@ def format_problems(entry) -> list[str]:
     method = METHODS[entry.method]
     if entry.calibration_source is not None and not method.calibrated:
         return [f"method {method.name} takes no calibration windows; remove calibration_source"]
+    if entry.dynamic and not method.module_overrides:
+        takes = ", ".join(m.name for m in METHODS.values() if m.module_overrides)
+        return [f"method {method.name} takes no per-module overrides (dynamic); methods that do: {takes}"]
     if not method.common_settings:
         unused = [k for k in COMMON_SETTINGS
                   if k in entry.model_fields_set and not (k == "bits" and entry.bits == method.fixed_bits)]
@@ -134,26 +143,50 @@ def divisors_hint(n: int, bits: int) -> list[int]:
 
 
 def check_shapes(entry, config: dict, key: str) -> None:
-    """A group size that does not divide a layer's input size is a recipe error."""
+    """A group size that does not divide a linear's input size, or a `dynamic` key that matches
+    no linear, is a recipe error naming the key that set it."""
     if not METHODS[entry.method].common_settings:  # NF4's blocks (over the flattened weight) and int8's rows fit any shape
         return
-    sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
-    pf = values_per_word_run(entry.bits)
-    for what, n in sizes.items():
-        if entry.group_size != -1 and n % entry.group_size:
-            common = [d for d in divisors_hint(sizes["hidden_size"], entry.bits) if sizes["intermediate_size"] % d == 0]
-            raise InputError(f"{key}.group_size: {entry.group_size} does not divide the model's {what} {n}; "
-                             f"group sizes that work: {', '.join(map(str, common[:12]))} or -1")
+    family = family_for(config["model_type"])
+    in_features = family.linear_in_features(config)
+    linears = family.linear_names(config)  # (full name, name within the layer)
+    names = [name for name, _ in linears]
+    for dkey in entry.dynamic:
+        if not any(dynamic.matching_key({dkey: None}, n) for n in names):
+            raise InputError(f"{key}.dynamic['{dkey}']: matches no quantized linear. Keys match a full module name "
+                             f"from its start, e.g. {names[-1]}: write '.*{_example_suffix(names[-1])}' for every layer's")
+    checked = set()
+    for name, linear in linears:
+        dkey = dynamic.matching_key(entry.dynamic, name)
+        values = dynamic.override(entry.dynamic, name)
+        bits, group = values.get("bits", entry.bits), values.get("group_size", entry.group_size)
+        n, size = in_features[linear], dict(family.linear_inputs)[linear]
+        if (bits, group, n) in checked:
+            continue
+        checked.add((bits, group, n))
+        where = f"{key}.dynamic['{dkey}']" if dkey is not None else key
+        if group != -1 and n % group:
+            common = [d for d in divisors_hint(n, bits) if all(m % d == 0 for m in in_features.values())]
+            raise InputError(f"{where}.group_size: {group} does not divide the model's {size} {n}"
+                             f"{f' ({name})' if dkey is not None else ''}; group sizes that work: "
+                             f"{', '.join(map(str, common[:12]))} or -1")
+        pf = values_per_word_run(bits)
         if n % pf:
-            raise InputError(f"{key}.bits: {entry.bits}-bit packing needs sizes divisible by {pf}; {what} is {n}")
+            raise InputError(f"{where}.bits: {bits}-bit packing needs sizes divisible by {pf}; {size} is {n}")
     if METHODS[entry.method].format == "awq-gemm":
         heads = int(config.get("num_attention_heads", 1))
-        head_dim = int(config.get("head_dim") or sizes["hidden_size"] // heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
         kv = int(config.get("num_key_value_heads", heads)) * head_dim
+        sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
         for what, n in {**sizes, "key/value size": kv}.items():
             if n % 8:
                 raise InputError(f"{key}.method: the AWQ GEMM layout packs 8 output columns per word; "
                                  f"the model's {what} is {n}; use method: gptq")
+
+
+def _example_suffix(name: str) -> str:
+    """`mlp\\.down_proj` from `model.layers.29.mlp.down_proj`: a pattern for one linear in every layer."""
+    return re.escape(".".join(name.split(".")[-2:]))
 
 
 def calibration_stage_name(source: str) -> str:
@@ -187,6 +220,8 @@ def relevant_settings(entry) -> dict:
     method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
     settings.pop("adapter_on_quantized_base", None)  # which stages exist, not what one writes
+    if not entry.dynamic:  # absent, as before the setting existed: the same work keeps its fingerprint
+        settings.pop("dynamic", None)
     if not method.calibrated:
         settings.pop("calibration_source", None)
     for section in OPTION_SECTIONS - set(method.options):

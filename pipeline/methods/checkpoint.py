@@ -18,7 +18,7 @@ from qlora_pipeline.layerwise.checkpoints import copy_tokenizer, read_config, re
 from qlora_pipeline.layerwise.engine import quantize_sequentially
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.layerwise.shards import REST_SHARD, assemble_shards, save_atomic, valid_shard
-from qlora_pipeline.methods import METHODS
+from qlora_pipeline.methods import METHODS, dynamic
 
 LAYER_METRICS_LOG = "layer_metrics.jsonl"  # in the checkpoint directory, a line per finished layer
 
@@ -43,8 +43,21 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
     impl, fmt = method.module(), method.format_module()
     config = read_config(merged_dir)
     family = family_for(config["model_type"])
-    quantizer = impl.quantizer(entry, dtype)
     transform = impl.transform(entry, family, checkpoint_dir, dtype, search_dir)
+    # Each linear with its own settings: the entry's, or a `dynamic` key's overrides for it.
+    entries, quantizers = {}, {}
+
+    def entry_for(name: str):
+        if name not in entries:
+            entries[name] = dynamic.module_entry(entry, name)
+        return entries[name]
+
+    def quantize(name: str, W, H):
+        mine = entry_for(name)
+        key = (mine.bits, mine.group_size)
+        if key not in quantizers:
+            quantizers[key] = impl.quantizer(mine, dtype)
+        return fmt.pack(quantizers[key](name, W, H), mine, H)
 
     def log_layer(i: int, metrics: dict[str, float]) -> None:
         on_layer(i, metrics)
@@ -53,8 +66,7 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
 
     n_layers = quantize_sequentially(
         merged_dir, calibration_ids if method.calibrated else None, family, dtype, checkpoint_dir,
-        lambda name, W, H: fmt.pack(quantizer(name, W, H), entry, H),
-        lambda name, stored: fmt.restore(stored, entry.bits),
+        quantize, lambda name, stored: fmt.restore(stored, entry_for(name).bits),
         entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform,
         # auto is float32 on either device: bf16 forwards change the Hessians, and that trade is
         # measured on the CPU only (README "CPU bf16")
