@@ -6,6 +6,7 @@ Sections: model, data, nf4, lora, train, merge, calibration, quantize, evaluate,
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
@@ -661,13 +662,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
     return recipe, data
 
 
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")
+
+
 def flatten_settings(value: Any, leaf=str) -> dict[str, str]:
     """Nested settings as flat 'section.key' -> `leaf(value)` pairs; a list of mappings is
     keyed by each item's `name` (quantize entries) or index."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not all(_PARAM_KEY.match(str(k)) for k in value):
+            # a mapping keyed by user text (`dynamic`'s regular expressions): one value, as JSON,
+            # since MLflow names may hold only letters, digits, '_', '-', '.', ' ' and '/'
+            out[prefix] = json.dumps(value) if leaf is str else leaf(value)
+        elif isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):

@@ -121,3 +121,17 @@ def test_each_linear_is_quantized_with_its_own_settings_and_loads_with_them(
         # rtn gives that linear with its own settings
         ref = rtn_quantize(merged[f"{name}.weight"].float(), bits, group, False, False, scale_dtype=torch.float16).Q
         torch.testing.assert_close(module.dequantized_weight(), ref, rtol=0, atol=1e-6)
+
+
+def test_the_recipe_logs_its_overrides_as_mlflow_params(tmp_path):
+    """MLflow names hold no '*' or '\\': the mapping is one param, its value the JSON."""
+    from mlflow.utils.validation import _validate_param_name
+
+    from qlora_pipeline.recipe import flatten, load_recipe
+    from tests.conftest import REPO
+
+    recipe, _ = load_recipe(REPO / "recipes" / "smollm2_compare.yaml")
+    params = flatten(recipe)
+    for name in params:
+        _validate_param_name(name)
+    assert json.loads(params["quantize.gptq-mixed.dynamic"])[r".*mlp\.down_proj"]["bits"] == 8
