@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qlora_kernels as kernels
-from qlora_quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq
+from qlora_quant.packing import AWQPacked, GPTQPacked, dequantize_awq, dequantize_gptq, gptq_from_awq
 
 
 _keep_dequantized = True
@@ -83,8 +83,11 @@ class LinearInt4(nn.Module):
     """y = x @ W^T + b with W stored packed.
 
     Build with `from_gptq` or `from_awq`; the buffers carry the checkpoint's tensor names
-    (`qweight`, `qzeros`, `scales`, and `g_idx` for GPTQ).
+    (`qweight`, `qzeros`, `scales`, and `g_idx` for GPTQ); an AWQ checkpoint's are converted
+    to the GPTQ layout at load (`from_awq`), its origin kept in `source_format`.
     """
+
+    source_format: Optional[str] = None  # "awq-gemm": repacked from an AWQ GEMM checkpoint
 
     def __init__(self, layout: str, bits: int, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
                  v1: bool = False, bias: Optional[torch.Tensor] = None):
@@ -103,7 +106,14 @@ class LinearInt4(nn.Module):
         return cls("gptq", bits, packed.g_idx.numel(), packed.scales.shape[1], packed._asdict(), v1, bias)
 
     @classmethod
-    def from_awq(cls, packed: AWQPacked, bias: Optional[torch.Tensor] = None) -> "LinearInt4":
+    def from_awq(cls, packed: AWQPacked, bias: Optional[torch.Tensor] = None, repack: bool = True) -> "LinearInt4":
+        """`repack`: hold the weights in the GPTQ layout (true zeros), converted once here, since
+        the W4A16 kernels read AWQ's N-packed, nibble-interleaved words 34-41% slower than the
+        GPTQ layout at the same tiles (H200, README "Kernels"); the values are unchanged."""
+        if repack:
+            module = cls.from_gptq(gptq_from_awq(packed), 4, v1=False, bias=bias)
+            module.source_format = "awq-gemm"
+            return module
         return cls("awq", 4, packed.qweight.shape[0], packed.scales.shape[1], packed._asdict(), False, bias)
 
     def weight_key(self) -> tuple:
@@ -137,4 +147,6 @@ class LinearInt4(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = "awq-gemm" if self.layout == "awq" else f"gptq{'' if self.v1 else '_v2'}"
+        if self.source_format:
+            fmt += f" (from {self.source_format})"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {fmt}"

@@ -178,3 +178,13 @@ def dequantize_awq(p: AWQPacked) -> torch.Tensor:
     in_f = codes.shape[1]
     g = torch.arange(in_f, device=codes.device) // (in_f // p.scales.shape[0])
     return p.scales.float()[g].t() * (codes.float() - zeros.float()[g].t())
+
+
+def gptq_from_awq(p: AWQPacked) -> GPTQPacked:
+    """The same 4-bit weights in the GPTQ layout (codes packed along the input rows, zeros in
+    plain nibble order, true zeros as "gptq_v2", groups in order): every value unchanged, so
+    `dequantize_gptq(gptq_from_awq(p), 4, v1=False)` equals `dequantize_awq(p)` exactly."""
+    codes, zeros = unpack_awq(p)
+    in_f = codes.shape[1]
+    g_idx = torch.arange(in_f, device=codes.device) // (in_f // p.scales.shape[0])
+    return pack_gptq(codes, zeros, p.scales, g_idx, 4, v1=False)

@@ -136,7 +136,7 @@ AWQ = [
 
 def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path, write_recipe, monkeypatch):
     from qlora_pipeline.layerwise.checkpoints import load_int4_model
-    from qlora_quant.packing import AWQPacked, unpack_awq
+    from qlora_quant.packing import AWQPacked, dequantize_awq, unpack_awq
 
     monkeypatch.chdir(tmp_path)
     adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
@@ -167,7 +167,12 @@ def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path
     assert "down_proj.output_rel_err" in layer_metrics[0]
 
     model = load_int4_model(out, torch.float32, "cpu")
-    assert model.model.layers[0].mlp.down_proj.layout == "awq"
+    down = model.model.layers[0].mlp.down_proj  # held in the GPTQ layout the kernels read fastest
+    assert down.layout == "gptq" and down.source_format == "awq-gemm" and not down.v1
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    stored = load_file(str(out / index["model.layers.0.mlp.down_proj.qweight"]))
+    native = AWQPacked(*(stored[f"model.layers.0.mlp.down_proj.{k}"] for k in ("qweight", "qzeros", "scales")))
+    assert torch.equal(down.dequantized_weight(), dequantize_awq(native))
 
     out = run_dir / "quantize-awq-gptq" / "output"
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -83,3 +83,26 @@ def test_packing_helpers_stay_on_the_data_device(bits):
     if bits == 4:
         a = pack_awq(codes, zeros, scales)
         assert dequantize_awq(a).shape == (out_f, in_f) and dequantize_awq(a).device.type == "meta"
+
+
+def test_awq_repacked_into_the_gptq_layout_keeps_every_value():
+    """AWQ GEMM (N-packed, interleaved nibbles) -> GPTQ v2 (K-packed): the loader's conversion."""
+    from qlora_quant.packing import AWQPacked, gptq_from_awq
+
+    out_f, in_f, gs = 24, 96, 32
+    codes = torch.randint(0, 16, (out_f, in_f))
+    zeros = torch.randint(0, 16, (in_f // gs, out_f))  # zero points of 0 included: v2 stores them
+    zeros[0, 0] = 0
+    scales = torch.rand(in_f // gs, out_f).half().float()
+    awq = pack_awq(codes, zeros, scales)
+    gptq = gptq_from_awq(awq)
+    assert gptq.qweight.shape == (in_f // 8, out_f) and gptq.qzeros.shape == (in_f // gs, out_f // 8)
+    assert torch.equal(gptq.g_idx, (torch.arange(in_f) // gs).int())
+    assert [torch.equal(a, b) for a, b in zip(unpack_gptq(gptq, 4, v1=False), (codes, zeros))] == [True, True]
+    assert torch.equal(dequantize_gptq(gptq, 4, v1=False), dequantize_awq(awq))
+
+    repacked, native = LinearInt4.from_awq(awq), LinearInt4.from_awq(AWQPacked(*awq), repack=False)
+    assert (repacked.layout, repacked.source_format, native.layout) == ("gptq", "awq-gemm", "awq")
+    assert "awq-gemm" in repr(repacked)
+    x = torch.randn(5, in_f)
+    assert torch.equal(repacked(x), native(x))
