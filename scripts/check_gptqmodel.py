@@ -11,7 +11,8 @@ of its own and pass that venv's python, e.g.
 
 The windows are the ones `evaluate-<artifact>` scored (the data stage's domain_eval stream, cut
 with that stage's settings) and are handed to the other interpreter in a file; it runs with the
-repository off its path, in float32 on the CPU with GPTQModel's torch backend. Writes
+repository off its path, in float32 on the CPU with GPTQModel's torch backend (loaded in bf16, which that backend
+requires, then cast to float32). Writes
 benchmarks/gptqmodel_<artifact>.json and prints a table; exit status 1 when a check fails.
 """
 from __future__ import annotations
@@ -37,7 +38,10 @@ import torch
 from safetensors.torch import load_file
 from gptqmodel import BACKEND, GPTQModel
 
-model = GPTQModel.load(sys.argv[1], device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
+# GPTQModel's torch backend is selected only for fp16/bf16; once built, the model is cast to
+# float32 (scales, norms, embeddings), as our evaluation computes on the CPU
+model = GPTQModel.load(sys.argv[1], device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16)
+model.model.float()
 linears = {name: {"bits": int(m.bits), "group_size": int(m.group_size), "class": type(m).__name__}
            for name, m in model.model.named_modules() if hasattr(m, "qweight") and hasattr(m, "bits")}
 windows, batch = load_file(sys.argv[2])["windows"], int(sys.argv[3])
