@@ -108,8 +108,9 @@ class LinearInt4(nn.Module):
     @classmethod
     def from_awq(cls, packed: AWQPacked, bias: Optional[torch.Tensor] = None, repack: bool = True) -> "LinearInt4":
         """`repack`: hold the weights in the GPTQ layout (true zeros), converted once here, since
-        the W4A16 kernels read AWQ's N-packed, nibble-interleaved words 34-41% slower than the
-        GPTQ layout at the same tiles (H200, README "Kernels"); the values are unchanged."""
+        the W4A16 kernels read AWQ's N-packed, nibble-interleaved words 27-53% slower than the
+        GPTQ layout (H200, benchmarks/kernel_tuning_nvidia-h200.json; README "Kernels"); the
+        values are unchanged."""
         if repack:
             module = cls.from_gptq(gptq_from_awq(packed), 4, v1=False, bias=bias)
             module.source_format = "awq-gemm"

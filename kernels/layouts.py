@@ -1,10 +1,10 @@
 """The packed int4 weight as the W4A16 kernels read it, prepared once at load time.
 
-`from_awq` takes AWQ GEMM's own words (the kernels read that layout too; the benchmark times it
-as the baseline), but `LinearInt4.from_awq` repacks AWQ checkpoints into the GPTQ layout at
+`from_awq` takes AWQ GEMM's own words (the kernels read that layout too; the benchmark times
+it as the baseline), but `LinearInt4.from_awq` repacks AWQ checkpoints into the GPTQ layout at
 load (`qlora_quant.packing.gptq_from_awq`), which the kernels read faster. GPTQ without
-act-order keeps its words. A GPTQ act-order checkpoint (g_idx not equal to k // group_size) is reordered
-once: rows sorted by group (`perm = argsort(g_idx)`), so the kernel sees consecutive groups
+act-order keeps its words. A GPTQ act-order checkpoint (g_idx not equal to k // group_size) is
+reordered once: rows sorted by group (`perm = argsort(g_idx)`), so the kernel sees consecutive groups
 and every call only permutes the activation columns: the Triton kernel reads x through `perm`
 (no separate gather), the twin computes `x[:, perm]`.
 """

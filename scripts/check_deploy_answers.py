@@ -20,37 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from independent_scoring import evaluation, perplexity, score_in_fresh_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.005
 
-PLAIN_NF4 = r"""
-import json, math, sys
-import torch, bitsandbytes as bnb
-from safetensors.torch import load_file
+# transformers + bitsandbytes alone, as a user loads the NF4 checkpoint
+PLAIN_NF4 = """
+import bitsandbytes as bnb
 from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, device_map="cpu").eval()
-windows, batch = load_file(sys.argv[2])["windows"], int(sys.argv[3])
-nll, tokens = 0.0, 0
-with torch.no_grad():
-    for start in range(0, windows.shape[0], batch):
-        ids = windows[start:start + batch]
-        logits = model(input_ids=ids).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        tokens += ids[:, 1:].numel()
-linear4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-ours = sorted(m for m in sys.modules if m.startswith(("qlora", "pipeline", "kernels", "quant")))
-json.dump({"domain_ppl": math.exp(nll / tokens), "linear4bit_modules": linear4bit, "our_modules": ours},
-          open(sys.argv[4], "w"))
+model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map="cpu").eval()
+result["linear4bit_modules"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 """
 
 
@@ -104,18 +89,6 @@ class RoundedKV:
             h.remove()
 
 
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int) -> float:
-    nll, tokens = 0.0, 0
-    for start in range(0, windows.shape[0], batch):
-        ids = windows[start:start + batch]
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        tokens += ids[:, 1:].numel()
-    return math.exp(nll / tokens)
-
-
 def row(name: str, ours: float, theirs: float) -> dict:
     rel = theirs / ours - 1
     return {"check": name, "ours": ours, "independent": theirs, "relative_difference": rel,
@@ -131,49 +104,30 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipeline import data
-    from qlora_pipeline.recipe import EvaluateConfig
-
-    def evaluation(artifact: str) -> tuple[dict, EvaluateConfig, int]:
-        manifest = json.loads((args.run_dir / f"evaluate-{artifact}" / "manifest.json").read_text())
-        settings = dict(manifest["config"]["evaluate"])
-        seq_len = settings.pop("seq_len")
-        return manifest["metrics"], EvaluateConfig.model_validate(settings), seq_len
-
-    streams = load_file(str(args.run_dir / "data" / "output" / "tokens.safetensors"))
     rows, notes = [], {}
-
-    metrics, cfg, seq_len = evaluation(args.nf4)
-    windows = data.windows(streams["domain_eval"], seq_len, cfg.max_domain_windows)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({"windows": windows.contiguous()}, f"{tmp}/windows.safetensors")
-        checkpoint = (args.run_dir / f"quantize-{args.nf4}" / "output").resolve()
-        subprocess.run([sys.executable, "-c", PLAIN_NF4, str(checkpoint), f"{tmp}/windows.safetensors",
-                        str(cfg.batch_size), f"{tmp}/out.json"], cwd=tmp, check=True)
-        plain = json.loads(Path(f"{tmp}/out.json").read_text())
-    rows.append(row(f"{args.nf4}: domain ppl, plain transformers + bitsandbytes", metrics["domain_ppl"],
+    nf4 = evaluation(args.run_dir, args.nf4)
+    plain = score_in_fresh_interpreter(sys.executable, PLAIN_NF4, args.run_dir / f"quantize-{args.nf4}" / "output",
+                                       nf4.windows, nf4.batch_size)
+    rows.append(row(f"{args.nf4}: domain ppl, plain transformers + bitsandbytes", nf4.metrics["domain_ppl"],
                     plain["domain_ppl"]))
     notes["nf4_linear4bit_modules"] = plain["linear4bit_modules"]
     notes["nf4_loaded_without_our_code"] = not plain["our_modules"]
 
-    metrics, cfg, seq_len = evaluation("merged")
-    windows = data.windows(streams["domain_eval"], seq_len, cfg.max_domain_windows)
-    calibration = data.windows(streams["domain_train"], seq_len, cfg.kv_fp8_calibration_windows)
+    merged = evaluation(args.run_dir, "merged")
     model = AutoModelForCausalLM.from_pretrained(args.run_dir / "merge" / "output", dtype=torch.float32).eval()
-    layers = len(model.model.layers)
-    with RoundedKV(model, [(1.0, 1.0)] * layers):
-        unit = perplexity(model, windows, cfg.batch_size)
+    with RoundedKV(model, [(1.0, 1.0)] * len(model.model.layers)):
+        unit, _ = perplexity(model, merged.windows, merged.batch_size)
     with RoundedKV(model) as measure:
-        perplexity(model, calibration, cfg.batch_size)
+        perplexity(model, merged.calibration, merged.batch_size)
     # the hooks must have seen every layer's keys and values (else this check measures nothing)
     notes["hooks_saw_every_layer"] = all(k > 0 and v > 0 for k, v in measure.amax)
     scales = [(max(k, 1e-30) / 448.0, max(v, 1e-30) / 448.0) for k, v in measure.amax]
     with RoundedKV(model, scales):
-        calibrated = perplexity(model, windows, cfg.batch_size)
-    rows.append(row("merged: fp8 KV ppl, scale 1.0 (hooks)", metrics["kv_fp8_domain_ppl"], unit))
-    rows.append(row("merged: fp8 KV ppl, calibrated scales (hooks)", metrics["kv_fp8_calibrated_domain_ppl"],
+        calibrated, _ = perplexity(model, merged.windows, merged.batch_size)
+    rows.append(row("merged: fp8 KV ppl, scale 1.0 (hooks)", merged.metrics["kv_fp8_domain_ppl"], unit))
+    rows.append(row("merged: fp8 KV ppl, calibrated scales (hooks)", merged.metrics["kv_fp8_calibrated_domain_ppl"],
                     calibrated))
-    notes["merged_domain_ppl"] = metrics["domain_ppl"]
+    notes["merged_domain_ppl"] = merged.metrics["domain_ppl"]
 
     ok = (all(r["pass"] for r in rows) and notes["nf4_loaded_without_our_code"] and notes["nf4_linear4bit_modules"] > 0
           and notes["hooks_saw_every_layer"])

@@ -98,7 +98,8 @@ def test_awq_repacked_into_the_gptq_layout_keeps_every_value():
     gptq = gptq_from_awq(awq)
     assert gptq.qweight.shape == (in_f // 8, out_f) and gptq.qzeros.shape == (in_f // gs, out_f // 8)
     assert torch.equal(gptq.g_idx, (torch.arange(in_f) // gs).int())
-    assert [torch.equal(a, b) for a, b in zip(unpack_gptq(gptq, 4, v1=False), (codes, zeros))] == [True, True]
+    unpacked_codes, unpacked_zeros = unpack_gptq(gptq, 4, v1=False)
+    assert torch.equal(unpacked_codes, codes) and torch.equal(unpacked_zeros, zeros)
     assert torch.equal(dequantize_gptq(gptq, 4, v1=False), dequantize_awq(awq))
 
     repacked, native = LinearInt4.from_awq(awq), LinearInt4.from_awq(AWQPacked(*awq), repack=False)
