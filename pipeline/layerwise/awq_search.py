@@ -13,7 +13,7 @@ inputs) sees the values the checkpoint will hold.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -25,8 +25,8 @@ from qlora_pipeline.errors import StageError
 from qlora_pipeline.layerwise.families import Family, ScalingGroup
 from qlora_pipeline.layerwise.shards import save_atomic, valid_shard
 from qlora_quant.awq import (
-    gram_blocks, linear_loss_from_hessian, scaled_quantized, search_clip, search_scales, weight_channel_mean,
-    clip_weight,
+    clip_weight, linear_loss_from_hessian, linear_loss_from_inputs, scaled_gram_blocks, scaled_gram_blocks_from_inputs,
+    scaled_quantized, search_clip, search_scales, weight_channel_mean,
 )
 
 SEARCH_FILE = "awq-{:05d}.safetensors"
@@ -44,24 +44,49 @@ class AWQSettings(NamedTuple):
 class GroupInput:
     """What the search needs of a scaling group's input, accumulated over all calibration
     windows: X^T X and sum |x| per channel, plus the raw inputs of the first windows when the
-    inspected block is not a single linear (its loss needs a real forward)."""
+    inspected block is not a single linear (its loss needs a real forward). With fewer
+    calibration tokens than input channels, the inputs X themselves are kept instead of X^T X
+    (`keep_rows`): smaller, and the losses and Gram blocks are cheaper from X
+    (`qlora_quant.awq`'s notes)."""
 
+    keep_rows: bool = False
     xtx: Optional[torch.Tensor] = None
     abs_sum: Optional[torch.Tensor] = None
     n: int = 0
     samples: Optional[torch.Tensor] = None
+    row_chunks: list = field(default_factory=list)
 
     def add(self, x: torch.Tensor, keep: int) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
-        if self.xtx is None:
-            self.xtx = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+        if self.abs_sum is None:
             self.abs_sum = torch.zeros(flat.shape[1], device=flat.device)
-        self.xtx.addmm_(flat.t(), flat)
+            if not self.keep_rows:
+                self.xtx = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+        if self.keep_rows:
+            self.row_chunks.append(flat.clone())
+        else:
+            self.xtx.addmm_(flat.t(), flat)
         self.abs_sum += flat.abs().sum(dim=0)
         self.n += flat.shape[0]
         if keep > 0:
             taken = x[:keep].detach().float().clone()
             self.samples = taken if self.samples is None else torch.cat([self.samples, taken])
+
+    @property
+    def rows(self) -> torch.Tensor:
+        if len(self.row_chunks) > 1:
+            self.row_chunks = [torch.cat(self.row_chunks)]
+        return self.row_chunks[0]
+
+    def linear_loss(self, D: torch.Tensor) -> float:
+        """mean over tokens and outputs of (x D^T)^2."""
+        return linear_loss_from_inputs(D, self.rows) if self.keep_rows else linear_loss_from_hessian(D, self.xtx, self.n)
+
+    def clip_grams(self, s: torch.Tensor, group_size: int) -> torch.Tensor:
+        """The diagonal blocks of the Gram matrix of the inputs divided by s."""
+        if self.keep_rows:
+            return scaled_gram_blocks_from_inputs(self.rows, s, group_size)
+        return scaled_gram_blocks(self.xtx, self.n, s, group_size)
 
 
 def active_groups(layer: nn.Module, family: Family) -> list[ScalingGroup]:
@@ -88,7 +113,8 @@ def capture(layer: nn.Module, groups: list[ScalingGroup], hidden, kw: _Kwargs, s
     """One forward of the float layer over every calibration window (`hidden`: the engine's
     `Activations`, chunks handed over on the layer's device), recording each group's input
     (raw samples only for the groups that will be searched with a block forward)."""
-    inputs = [GroupInput() for _ in groups]
+    tokens = hidden.data.shape[0] * hidden.data.shape[1]
+    inputs = [GroupInput(keep_rows=tokens < layer.get_submodule(g.linears[0]).in_features) for g in groups]
     taken = 0
     handles = []
     for k, g in enumerate(groups):
@@ -145,8 +171,8 @@ def search_layer_scales(layer: nn.Module, family: Family, all_inputs: list[Group
         if not _needs_samples(layer, g):
             W = originals[0]
 
-            def loss_of(s, W=W, xtx=inp.xtx, n=inp.n):
-                return linear_loss_from_hessian(W - scaled_quantized(W, s, settings.bits, settings.group_size), xtx, n)
+            def loss_of(s, W=W, inp=inp):
+                return inp.linear_loss(W - scaled_quantized(W, s, settings.bits, settings.group_size))
         else:
             block = layer.get_submodule(g.inspect)
             is_attention = g.inspect == family.attention
@@ -188,11 +214,10 @@ def search_layer_clip(layer: nn.Module, family: Family, all_inputs: list[GroupIn
         if name in family.awq_no_clip or name not in by_linear:
             continue
         g, inp = by_linear[name]
-        s = scales.get(f"scales.{g.prev_op}", torch.ones(inp.xtx.shape[0], device=inp.xtx.device))
-        gram = (inp.xtx / inp.n) / s.unsqueeze(0) / s.unsqueeze(1)
+        s = scales.get(f"scales.{g.prev_op}", torch.ones_like(inp.abs_sum))
+        grams = inp.clip_grams(s, settings.group_size)
         W = layer.get_submodule(name).weight.data.float()
-        result[f"clip.{name}"] = search_clip(W, gram_blocks(gram, settings.group_size), settings.bits,
-                                             settings.group_size)
+        result[f"clip.{name}"] = search_clip(W, grams, settings.bits, settings.group_size)
     return result
 
 

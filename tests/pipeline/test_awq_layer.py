@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qlora_pipeline.layerwise.awq_search import (
-    AWQSettings, _Kwargs, active_groups, apply_clip, apply_scales, capture, search_layer_clip, search_layer_scales,
+    AWQSettings, GroupInput, _Kwargs, active_groups, apply_clip, apply_scales, capture, search_layer_clip,
+    search_layer_scales,
 )
 from qlora_pipeline.layerwise.checkpoints import read_prefix, weight_map
 from qlora_pipeline.layerwise.engine import Activations
@@ -85,3 +86,33 @@ def test_searched_scales_and_clipping_lower_the_quantized_layer_error(tmp_path, 
     apply_clip(layer, clip)
     awq = _quantized_error(layer, hidden, kw, reference)
     assert awq < 0.9 * plain
+
+
+def test_search_from_kept_inputs_equals_the_search_from_the_hessian(tmp_path, smollm2_dir):
+    """Fewer calibration tokens (2 x 48) than down_proj's 128 input channels: its group keeps the
+    inputs instead of X^T X, and the search finds what the Hessian form finds: the same ratio
+    per group, the same losses and clip values to float32 rounding."""
+    model_dir = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=1)
+    runner, layer = _layer(model_dir)
+    hidden, kw = _inputs(runner, n=2, L=48)
+    groups = list(LLAMA.awq_groups)
+    acts = Activations(tuple(hidden.shape), torch.float32, torch.device("cpu"), "device", chunk=4)
+    acts.write(0, hidden)
+    kept = capture(layer, groups, acts, kw, search_windows=2)
+    assert [inp.keep_rows for inp in kept] == [False, False, False, True]  # in 64, 64, 64, 128 > 96 tokens
+    assert kept[3].xtx is None and kept[3].rows.shape == (96, 128)
+    from_hessian = capture(layer, groups, acts, kw, search_windows=2)
+    from_hessian[3] = GroupInput(xtx=kept[3].rows.t() @ kept[3].rows, abs_sum=kept[3].abs_sum, n=kept[3].n)
+    settings = AWQSettings(4, 32, True, True, 2)
+    results = []
+    for inputs in (kept, from_hessian):
+        searched_layer = _layer(model_dir)[1]
+        scales, metrics = search_layer_scales(searched_layer, LLAMA, inputs, settings, kw, chunk=4)
+        apply_scales(searched_layer, active_groups(searched_layer, LLAMA), scales, torch.float32)
+        results.append((scales, metrics, search_layer_clip(searched_layer, LLAMA, inputs, scales, settings)))
+    (s1, m1, c1), (s2, m2, c2) = results
+    assert {k: v for k, v in m1.items() if k.endswith(".ratio")} == {k: v for k, v in m2.items() if k.endswith(".ratio")}
+    for key in m1:
+        assert m1[key] == pytest.approx(m2[key], rel=1e-4)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert all(torch.allclose(c1[k], c2[k], rtol=1e-5) for k in c1)

@@ -217,3 +217,25 @@ def test_on_cuda_streamed_and_resident_give_the_same_bytes(tiny_llama_dir, tmp_p
     assert resident == streamed
     acts = engine.Activations((2, 3, 4), torch.float32, torch.device("cuda"), "host", chunk=1)
     assert acts.data.is_pinned()
+
+
+def test_first_inputs_are_the_float32_rows_of_the_stored_embedding(tiny_llama_dir):
+    """The first layer's inputs: the stored (bf16) table's rows in float32, the values a float32
+    copy of the whole table gives (the table is not copied: 2 GiB at Llama-3's vocabulary)."""
+    from safetensors.torch import load_file
+
+    from qlora_pipeline.layerwise.checkpoints import weight_map
+    from qlora_pipeline.layerwise.families import family_for
+    from qlora_pipeline.layerwise.runner import LayerwiseRunner
+
+    config = read_config(tiny_llama_dir)
+    family = family_for(config["model_type"])
+    wmap = weight_map(tiny_llama_dir)
+    stored = load_file(str(wmap[family.embed + ".weight"]))[family.embed + ".weight"]
+    assert stored.dtype == torch.bfloat16
+    ids = _ids(tiny_llama_dir)
+    runner = LayerwiseRunner(config, torch.float32, family)
+    hidden, _, _ = engine._first_inputs(runner, wmap, family, ids)
+    assert hidden.data.dtype == torch.float32
+    assert torch.equal(hidden.data, torch.nn.functional.embedding(ids, stored.float()))
+    assert runner.base.embed_tokens.weight.device.type == "meta"  # the table is let go

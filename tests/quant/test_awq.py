@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qlora_quant.awq import (
-    candidate_scales, clip_weight, gram_blocks, linear_loss_from_hessian, pseudo_quantize, scaled_quantized,
+    candidate_scales, clip_weight, gram_blocks, linear_loss_from_hessian, linear_loss_from_inputs, pseudo_quantize,
+    scaled_gram_blocks, scaled_gram_blocks_from_inputs, scaled_quantized,
     search_clip, search_scales, weight_channel_mean,
 )
 from qlora_quant.gptq import rtn_quantize
@@ -99,6 +100,33 @@ def test_clip_search_from_gram_blocks_equals_the_direct_search():
     assert torch.allclose(found, expected, rtol=1e-6)
     assert (found < W.abs().reshape(40, 4, 32).amax(dim=2).float()).any()
     assert clip_weight(W.float(), found).abs().reshape(40, 4, 32).amax(dim=2).le(found + 1e-7).all()
+
+
+def test_scaled_gram_blocks_equal_the_blocks_of_the_scaled_whole_matrix():
+    """The search's clip Gram blocks, taken without a whole [in, in] temporary, are the same
+    numbers (bit for bit) as the blocks of the whole scaled matrix, and differ once s does."""
+    x = _inputs_with_outlier_channels(300, 192, seed=5)
+    xtx, s = x.t() @ x, torch.rand(192, generator=torch.Generator().manual_seed(6)) + 0.5
+    whole = (xtx / 300) / s.unsqueeze(0) / s.unsqueeze(1)
+    for group_size in (32, 64, -1):
+        assert torch.equal(scaled_gram_blocks(xtx, 300, s, group_size), gram_blocks(whole, group_size))
+    assert not torch.equal(scaled_gram_blocks(xtx, 300, s.flip(0), 64), gram_blocks(whole, 64))
+
+
+def test_losses_and_gram_blocks_from_the_inputs_equal_those_from_the_hessian():
+    """With fewer tokens than channels the search keeps X, not X^T X: the same loss and the
+    same clip Gram blocks (to float64 rounding), and a wrong s shows."""
+    x = _inputs_with_outlier_channels(96, 256, seed=7).double()  # n < in
+    g = torch.Generator().manual_seed(8)
+    D = torch.randn(48, 256, generator=g, dtype=torch.float64) * 0.01
+    s = torch.rand(256, generator=g, dtype=torch.float64) + 0.5
+    xtx = x.t() @ x
+    assert linear_loss_from_inputs(D, x) == pytest.approx(linear_loss_from_hessian(D, xtx, 96), rel=1e-12)
+    assert linear_loss_from_inputs(D, x) == pytest.approx(float(((x @ D.t()) ** 2).mean()), rel=1e-12)
+    for group_size in (32, -1):
+        assert torch.allclose(scaled_gram_blocks_from_inputs(x, s, group_size),
+                              scaled_gram_blocks(xtx, 96, s, group_size), rtol=1e-12, atol=0)
+    assert not torch.allclose(scaled_gram_blocks_from_inputs(x, s.flip(0), 32), scaled_gram_blocks(xtx, 96, s, 32))
 
 
 def test_awq_gemm_nibble_order_is_bit_exact():
