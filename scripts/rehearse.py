@@ -542,9 +542,11 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
             layer = 2 * h + p_layer * (4 + 2) + 4 * f * f * 4 + min(8, S) * T * (3 * f + 4 * d) * 4
             if q.get("method", "").startswith("awq"):
                 sw = min(q.get("awq", {}).get("search_windows", 8), S)
-                layer += (3 * d * d + f * f) * 4 + 4 * sw * T * d * 4
+                # per input group X^T X, or the inputs themselves when there are fewer tokens
+                # than channels (awq_search.GroupInput.keep_rows)
+                layer += (3 * min(d * d, S * T * d) + min(f * f, S * T * f)) * 4 + 4 * sw * T * d * 4
             phases["layer"] = layer
-            phases["first_layer_embedding"] = V * d * (2 + 4) + h
+            phases["first_layer_embedding"] = V * d * 2 + h  # the stored bf16 table: rows gathered into h
         phases["rest"] = p_rest * 2
     else:
         return None
@@ -759,11 +761,14 @@ def main() -> int:
     need = disk_needed(shape, layers, recipe)
     workdir.mkdir(parents=True, exist_ok=True)
     check_imports(workdir)
-    free = shutil.disk_usage(workdir).free
+    # what a resumed rehearsal already wrote (checkpoint, finished stages) counts as written
+    present = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file() and not f.is_symlink())
+    free = shutil.disk_usage(workdir).free + present
     prune = {"yes": True, "no": False}.get(args.prune_quantized, need["keep_all"] + 5 * GIB > free)
     if need["prune"] + 3 * GIB > free and not args.dry_run:
-        raise SystemExit(f"not enough disk in {workdir}: {free / GIB:.1f} GiB free, needs "
-                         f"{need['prune'] / GIB:.1f} GiB even with --prune-quantized")
+        raise SystemExit(f"not enough disk in {workdir}: {(free - present) / GIB:.1f} GiB free "
+                         f"({present / GIB:.1f} GiB already written there), needs {need['prune'] / GIB:.1f} GiB "
+                         "in all even with --prune-quantized")
 
     print(f"shape {shape.name} ({shape.model}): hidden {shape.hidden}, intermediate {shape.intermediate}, "
           f"{layers} of {shape.layers} layers, heads {shape.heads}/{shape.kv_heads} KV, vocab {shape.vocab}, "
@@ -773,7 +778,7 @@ def main() -> int:
         print(f"NOTE: the checkpoint has {layers} decoder layers, not {shape.layers}: per-layer shapes are exact, "
               "depth is not. Streaming stages' memory does not depend on depth; times and sizes scale with it.")
     print(f"recipe {recipe_src.relative_to(REPO) if recipe_src.is_relative_to(REPO) else recipe_src}; "
-          f"workdir {workdir}; disk free {free / GIB:.1f} GiB, needed {need['keep_all'] / GIB:.1f} GiB "
+          f"workdir {workdir}; disk free {(free - present) / GIB:.1f} GiB (+ {present / GIB:.1f} GiB written by an earlier run), needed {need['keep_all'] / GIB:.1f} GiB "
           f"(keeping every quantized output) / {need['prune'] / GIB:.1f} GiB (pruning): "
           f"prune quantized outputs: {'yes' if prune else 'no'}")
     for key, value in overrides.items():
@@ -792,7 +797,8 @@ def main() -> int:
         "layers": layers, "real_layers": shape.layers, "partial_depth": layers != shape.layers,
         "recipe": str(recipe_src.relative_to(REPO)) if recipe_src.is_relative_to(REPO) else str(recipe_src),
         "overrides": overrides, "awq_search_windows": args.awq_search_windows, "quantizers": args.quantizers,
-        "prune_quantized": prune, "disk_needed_bytes": need, "disk_free_at_start_bytes": free,
+        "prune_quantized": prune, "disk_needed_bytes": need, "disk_free_at_start_bytes": free - present,
+        "disk_written_before_bytes": present,
         "machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if shape.synthetic:
