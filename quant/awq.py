@@ -133,9 +133,7 @@ def scaled_gram_blocks(XtX: torch.Tensor, n_tokens: int, s: torch.Tensor, group_
     the inputs once the scales s are folded. The blocks are taken first, so no other [in, in]
     matrix is made (down_proj's is 0.8 GB at Llama-3-8B's width); the element-wise operations
     are those of the whole-matrix form, in its order, so the values are the same."""
-    blocks = gram_blocks(XtX, group_size)
-    s_blocks = s.reshape(blocks.shape[0], blocks.shape[1])
-    return (blocks / n_tokens) / s_blocks.unsqueeze(1) / s_blocks.unsqueeze(2)
+    return _fold_scales(gram_blocks(XtX, group_size), n_tokens, s)
 
 
 def scaled_gram_blocks_from_inputs(X: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -144,9 +142,14 @@ def scaled_gram_blocks_from_inputs(X: torch.Tensor, s: torch.Tensor, group_size:
     n, in_f = X.shape
     gs = group_width(group_size, in_f)
     Xg = X.reshape(n, in_f // gs, gs)
-    blocks = torch.einsum("nga,ngb->gab", Xg, Xg)
-    s_blocks = s.reshape(in_f // gs, gs)
-    return (blocks / n) / s_blocks.unsqueeze(1) / s_blocks.unsqueeze(2)
+    return _fold_scales(torch.einsum("nga,ngb->gab", Xg, Xg), n, s)
+
+
+def _fold_scales(blocks: torch.Tensor, n_tokens: int, s: torch.Tensor) -> torch.Tensor:
+    """Gram blocks [groups, g, g] summed over n_tokens -> their mean, with 1/s folded in on both
+    sides; one expression for both callers, so the two forms round identically."""
+    s_blocks = s.reshape(blocks.shape[0], blocks.shape[1])
+    return (blocks / n_tokens) / s_blocks.unsqueeze(1) / s_blocks.unsqueeze(2)
 
 
 def search_clip(W: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int,
