@@ -510,11 +510,12 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
                  self-check (LayerwiseRunner, fp32, 4 windows x min(T,256) = n tokens):
                  embedding/head V*d*(2 + 4) + logits 2*n*V*4, or a layer 2*P_layer*4
     * quantize:  calibration activations h = S*T*d*4 (S x T windows, fp32), held twice while a
-                 layer's outputs are computed; layer P_layer*(4 + 2); Hessians and GPTQ's
-                 inverse of the widest input, 4*f^2*4; a chunk of 8 windows through the MLP,
-                 min(8,S)*T*(3f + 4d)*4; AWQ adds X^T X per group (3d^2 + f^2)*4 and the searched
-                 blocks' inputs and outputs 4*min(sw,S)*T*d*4; rtn: a layer only.
-                 First layer: the embedding V*d*(2 + 4) + h.
+                 layer's outputs are computed; layer P_layer*(4 + 2); the widest input's
+                 Hessian and GPTQ's working copy and factor, 3*f^2*4; a chunk of 8 windows
+                 through the MLP, min(8,S)*T*(3f + 4d)*4; AWQ adds per group X^T X, or X when
+                 there are fewer tokens than channels, (3 min(d^2, STd) + min(f^2, STf))*4, and
+                 the searched blocks' inputs and outputs 4*min(sw,S)*T*d*4; rtn: a layer only.
+                 First layer: the stored bf16 embedding V*d*2 + h.
     """
     d, f, V = shape.hidden, shape.intermediate, shape.vocab
     p_layer, p_rest = shape.layer_params, shape.embed_params + shape.head_params + (2 * (layers or shape.layers) + 1) * d
@@ -539,7 +540,8 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
             phases["layer"] = p_layer * (4 + 2) + 3 * d * f * 4
         else:
             h = S * T * d * 4
-            layer = 2 * h + p_layer * (4 + 2) + 4 * f * f * 4 + min(8, S) * T * (3 * f + 4 * d) * 4
+            # [f, f] float32: the engine's Hessian, GPTQ's working copy and its factor (quant/gptq.py)
+            layer = 2 * h + p_layer * (4 + 2) + 3 * f * f * 4 + min(8, S) * T * (3 * f + 4 * d) * 4
             if q.get("method", "").startswith("awq"):
                 sw = min(q.get("awq", {}).get("search_windows", 8), S)
                 # per input group X^T X, or the inputs themselves when there are fewer tokens

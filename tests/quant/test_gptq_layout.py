@@ -47,7 +47,7 @@ def column_layout_gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
         H = H[perm][:, perm]
     invperm = torch.argsort(perm)
 
-    Hinv, damp = _inverse_factor(H, damp_percent)
+    Hinv, damp = _inverse_factor(H.clone, damp_percent)
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     group_of_col = torch.zeros(in_f, dtype=torch.long, device=W.device)  # in processing order
