@@ -13,9 +13,9 @@ The engine holds, on the compute device, while it works on one decoder layer:
                                         MLP width for down_proj) times the copies alive at once:
                                         the accumulated one (4, bounding the four groups', when
                                         every group's is collected in one pass: true_sequential
-                                        false, or AWQ alone), plus 2 in a GPTQ solve (its working
-                                        copy and the factor that replaces it, then the inverse
-                                        and its factor); h = 3 for true-sequential GPTQ
+                                        false, or AWQ alone), plus 3 in a GPTQ solve (its Cholesky
+                                        factor, cuSOLVER's clone of it and the inverse, alive
+                                        together); h = 4 for true-sequential GPTQ
     W = 4 * out * n * 4                 working copies of the widest weight in the solve
     C = c * T * (6 * d + 3 * m) * 4     one chunk of c windows in flight, float32: its input,
                                         the attention's q/k/v/o and residual (SDPA attention,
@@ -34,11 +34,11 @@ allocates, not everything the allocator will hold.
 
 Llama-3-8B with the llama3 recipe's calibration (S=256, T=2048, d=4096, m=14336, c=8), GPTQ:
 A = 256 * 2048 * 4096 * 4 bytes = 8 GiB in float32 (4 GiB in bfloat16); L = 0.81 GiB,
-H = 3 * 14336^2 * 4 = 2.3 GiB, W = 0.88 GiB, C = 4.1 GiB: 16.1 GiB resident in float32.
+H = 4 * 14336^2 * 4 = 3.1 GiB, W = 0.88 GiB, C = 4.1 GiB: 16.9 GiB resident in float32.
 An engine that kept two activation sets (a layer's inputs and its outputs) would need
-24.1 GiB and not fit a 24 GB card (23.5 GiB free, 21.3 usable); with one set float32 fits,
-with 5.2 GiB to spare (AWQ alone, 20.9 GiB, with 0.4). On a 16 GB card (15.5 GiB free, 13.7
-usable) bfloat16 (12.1) is resident and float32 (16.1) streams from the host, needing 8.4 GiB
+24.9 GiB and not fit a 24 GB card (23.5 GiB free, 21.3 usable); with one set float32 fits,
+with 4.5 GiB to spare (AWQ alone, 20.9 GiB, with 0.4). On a 16 GB card (15.5 GiB free, 13.7
+usable) bfloat16 (12.9) is resident and float32 (16.9) streams from the host, needing 9.1 GiB
 on the device; on a 12 GB card (11.5 free, 9.9 usable) both stream.
 tests/pipeline/test_placement.py checks these numbers.
 """
@@ -50,11 +50,12 @@ from typing import Literal, Optional
 from qlora_pipeline.errors import InputError
 
 GiB = 1024**3
-# A GPTQ solve's copies of its Hessian besides the accumulated one, alive at once: its working
-# copy (gathered in processing order, damped in place) and the Cholesky factor that replaces it;
-# then the inverse and its factor, again two (qlora_quant.gptq.gptq_quantize, whose test
-# tests/quant/test_gptq.py counts them).
-GPTQ_SOLVE_COPIES = 2
+# A GPTQ solve's copies of its Hessian besides the accumulated one, alive at once on a GPU: the
+# solve's own working copy (gathered in processing order, damped in place) is replaced by its
+# Cholesky factor, and torch's cholesky_inverse on CUDA (cuSOLVER) clones its input next to the
+# result, so the factor, its clone and the inverse are alive together: 3. On the CPU (LAPACK,
+# in place) it is 2 (tests/quant/test_gptq.py counts them; scripts/rehearse.py's host figures).
+GPTQ_SOLVE_COPIES = 3
 Placement = Literal["device", "host"]
 
 
@@ -189,7 +190,7 @@ def workload_for(config: dict, windows: int, tokens: int, storage_bytes: int, ch
     """The `Workload` of a decoder model from its config.json (a Llama-like layout: attention
     q/k/v/o, gated MLP). `hessians`: accumulated Hessians alive at once (1 true-sequential, 4
     when every group's is collected in one pass, 0 for a search alone); `solve`: the quantizer
-    solves with them (GPTQ: 2 more copies of the widest); `awq_search_windows`: the method runs
+    solves with them (GPTQ: 3 more copies of the widest); `awq_search_windows`: the method runs
     AWQ's search (four Grams, and its sample windows with their reference outputs)."""
     d, m = int(config["hidden_size"]), int(config["intermediate_size"])
     heads = int(config.get("num_attention_heads", 1))
