@@ -837,7 +837,7 @@ def main() -> int:
               f"{info['seconds']:.0f} s", flush=True)
 
     status = plan_stages(recipe_path, workdir)
-    stages = [s for s in status if not args.stages or s in args.stages]
+    selected = [s for s in status if not args.stages or s in args.stages]
     previous: dict[str, dict] = {}
     if args.resume and out_json.is_file():
         before = json.loads(out_json.read_text())
@@ -850,8 +850,14 @@ def main() -> int:
     pruned: list[str] = []
     unfinished: list[str] = []  # quantizers whose quantize or evaluate stage did not finish
     quantize_names = [q["name"] for q in recipe.get("quantize", [])]
-    for stage in stages:
+    for stage in status:
         old = previous.get(stage)
+        if stage not in selected:  # not run now: an earlier invocation's record (--resume) stands
+            if old is not None:
+                records.append(old)
+                if old["returncode"] != 0 and stage.split("-", 1)[-1] in quantize_names:
+                    unfinished.append(stage.split("-", 1)[-1])
+            continue
         keep_old = old is not None and (stage in (args.skip_stages or []) or
                                         (old["returncode"] == 0 and status.get(stage) == "done"))
         if keep_old:  # measured by an earlier invocation (--resume): its record stands
@@ -870,6 +876,9 @@ def main() -> int:
         print(f"== {stage}", flush=True)
         timeout = args.quantize_timeout_min * 60 if args.quantize_timeout_min and stage.startswith("quantize-") else None
         rec = run_stage(stage, recipe_path, run_dir, workdir, guard, extra, timeout)
+        if old is not None and old["returncode"] != 0:  # this run resumed that part's work
+            rec["earlier_parts"] = old.get("earlier_parts", []) + [
+                {k: v for k, v in old.items() if k != "earlier_parts"}]
         rec["gpu_estimate"] = gpu_estimate(stage, shape, base_recipe)
         h_real = host_estimate(stage, shape, base_recipe)
         h_here = host_estimate(stage, shape, recipe, layers)
@@ -881,10 +890,10 @@ def main() -> int:
                            "(pruned after their evaluation, or not finished)")
         records.append(rec)
         peak = rec["peak_rss_bytes"] or rec["sampled_peak_rss_bytes"]
-        status = "ok" if rec["returncode"] == 0 else f"exit {rec['returncode']}" + (
+        outcome = "ok" if rec["returncode"] == 0 else f"exit {rec['returncode']}" + (
             " (memory guard)" if rec["killed_by_memory_guard"] else "") + (
             f" (timeout; {rec.get('layers_done', 0)} layers done)" if rec["stopped_by_timeout"] else "")
-        print(f"   {status}: {rec['wall_seconds']:.0f} s, peak RSS {peak / GIB:.2f} GiB, "
+        print(f"   {outcome}: {rec['wall_seconds']:.0f} s, peak RSS {peak / GIB:.2f} GiB, "
               f"stage dir peak {rec['stage_dir_peak_bytes'] / GIB:.2f} GiB, output {rec['output_bytes'] / GIB:.2f} GiB",
               flush=True)
         if rec["returncode"] != 0:

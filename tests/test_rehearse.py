@@ -129,3 +129,25 @@ def test_end_to_end_on_a_tiny_shape(tmp_path):
     assert result["stages"][stages.index("quantize-gptq-w4g128")]["host_ram_estimate_real_settings"]["bytes"] > 0
     assert "quantize-gptq-w4g128" in proc.stdout and "GPU GiB (computed)" in proc.stdout  # the table
     assert not (tmp_path / "w").exists()  # removed when every stage finished (no --keep)
+
+
+@pytest.mark.slow  # 7 stage processes: about 2 min on 2 cores
+def test_a_rehearsal_in_parts_keeps_every_parts_records(tmp_path):
+    """`--resume --stages X` runs X and keeps the records of the stages an earlier part ran
+    (they are not rerun, and not dropped from the JSON)."""
+    out, work = tmp_path / "rehearsal.json", tmp_path / "w"
+    common = [sys.executable, str(REPO / "scripts" / "rehearse.py"), "--shape", "tiny", "--layers", "1",
+              "--quantizers", "gptq-w4g128", "--workdir", str(work), "--out", str(out), "--keep"]
+    first = subprocess.run(common + ["--stages", "data", "base", "train", "merge", "calibrate"],
+                           capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = {r["stage"]: r for r in json.loads(out.read_text())["stages"]}
+    assert list(before) == ["data", "base", "train", "merge", "calibrate"]
+    second = subprocess.run(common + ["--resume", "--stages", "quantize-gptq-w4g128"],
+                            capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    after = {r["stage"]: r for r in json.loads(out.read_text())["stages"]}
+    assert list(after) == ["data", "base", "train", "merge", "calibrate", "quantize-gptq-w4g128"]
+    for stage, record in before.items():
+        assert after[stage]["wall_seconds"] == record["wall_seconds"]  # kept, not rerun
+    assert after["quantize-gptq-w4g128"]["returncode"] == 0
