@@ -366,6 +366,9 @@ def rehearsal_overrides(args, model_dir: Optional[Path]) -> dict:
         "calibration.seq_len": args.calib_seq_len,
         "evaluate.max_domain_windows": args.eval_windows,
         "evaluate.max_general_windows": args.eval_windows,
+        # fp8-KV: its calibration windows are forwards too (recipe default 4: with the two fp8
+        # passes, 8 forwards of an 8B per artifact instead of 5 at one window each)
+        "evaluate.kv_fp8_calibration_windows": args.eval_windows,
         "evaluate.device": "cpu",
         "evaluate.prompts": [],
         "evaluate.speed": False,
