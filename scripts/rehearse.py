@@ -855,13 +855,10 @@ def main() -> int:
     quantize_names = [q["name"] for q in recipe.get("quantize", [])]
     for stage in status:
         old = previous.get(stage)
-        if stage not in selected:  # not run now: an earlier invocation's record (--resume) stands
-            if old is not None:
-                records.append(old)
-                if old["returncode"] != 0 and stage.split("-", 1)[-1] in quantize_names:
-                    unfinished.append(stage.split("-", 1)[-1])
+        if stage not in selected and old is None:
             continue
-        keep_old = old is not None and (stage in (args.skip_stages or []) or
+        # not run now (not selected, or skipped), or done: an earlier invocation's record stands
+        keep_old = old is not None and (stage not in selected or stage in (args.skip_stages or []) or
                                         (old["returncode"] == 0 and status.get(stage) == "done"))
         if keep_old:  # measured by an earlier invocation (--resume): its record stands
             print(f"== {stage}: record of {old['measured_by']['started']} kept (--resume)", flush=True)

@@ -53,7 +53,8 @@ GiB = 1024**3
 # A GPTQ solve's copies of its Hessian besides the accumulated one, alive at once on a GPU: the
 # solve's own working copy (gathered in processing order, damped in place) is replaced by its
 # Cholesky factor, and torch's cholesky_inverse on CUDA (cuSOLVER) clones its input next to the
-# result, so the factor, its clone and the inverse are alive together: 3. On the CPU (LAPACK,
+# result (read in torch's source, not measured on a GPU), so the factor, its clone and the
+# inverse are alive together: 3. On the CPU (LAPACK,
 # in place) it is 2 (tests/quant/test_gptq.py counts them; scripts/rehearse.py's host figures).
 GPTQ_SOLVE_COPIES = 3
 Placement = Literal["device", "host"]

@@ -178,3 +178,30 @@ def test_gptq_quantize_makes_at_most_two_square_copies_of_the_callers_hessian(ac
     with mode:
         gptq_quantize(W, H, 4, 16, act_order=act_order, static_groups=act_order)
     assert mode.peak == 2, mode.peak
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_working_copy_is_the_matrix_the_solve_factored_before(monkeypatch, act_order):
+    """The one-gather working copy equals, bit for bit, what the solve factored before it: H
+    cloned, dead columns' diagonal set to 1, then permuted rows and columns in two steps."""
+    import qlora_quant.gptq as gptq
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 64)
+    X[:, 3] = 0  # a dead column
+    H = accumulate_hessian(None, 0, X)[0]
+    seen = {}
+
+    def capture(make, damp):
+        seen["H"] = make()
+        return _inverse_factor_keeping_copies(seen["H"].clone(), damp)
+
+    monkeypatch.setattr(gptq, "_inverse_factor", capture)
+    gptq_quantize(torch.randn(16, 64), H, 4, 16, act_order=act_order, static_groups=act_order)
+    before = H.clone()
+    dead = torch.diag(before) == 0
+    before[dead, dead] = 1
+    if act_order:
+        perm = torch.argsort(torch.diag(before), descending=True)
+        before = before[perm][:, perm]
+    assert torch.equal(seen["H"], before)
