@@ -512,8 +512,9 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
     * merge:     layer: P_layer*(2 + nf4_bpp) + 3*d*f*4; rest: P_rest*2;
                  self-check (LayerwiseRunner, fp32, 4 windows x min(T,256) = n tokens):
                  embedding/head V*d*(2 + 4) + logits 2*n*V*4, or a layer 2*P_layer*4
-    * quantize:  calibration activations h = S*T*d*4 (S x T windows, fp32), held twice while a
-                 layer's outputs are computed; layer P_layer*(4 + 2); the widest input's
+    * quantize:  calibration activations h = S*T*d*4 (S x T windows, fp32), held once (the
+                 engine writes each chunk's outputs over its inputs: engine.Activations);
+                 layer P_layer*(4 + 2); the widest input's
                  Hessian and GPTQ's working copy and factor, 3*f^2*4; a chunk of 8 windows
                  through the MLP, min(8,S)*T*(3f + 4d)*4; AWQ adds per group X^T X, or X when
                  there are fewer tokens than channels, (3 min(d^2, STd) + min(f^2, STf))*4, and
@@ -544,7 +545,7 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
         else:
             h = S * T * d * 4
             # [f, f] float32: the engine's Hessian, GPTQ's working copy and its factor (quant/gptq.py)
-            layer = 2 * h + p_layer * (4 + 2) + 3 * f * f * 4 + min(8, S) * T * (3 * f + 4 * d) * 4
+            layer = h + p_layer * (4 + 2) + 3 * f * f * 4 + min(8, S) * T * (3 * f + 4 * d) * 4
             if q.get("method", "").startswith("awq"):
                 sw = min(q.get("awq", {}).get("search_windows", 8), S)
                 # per input group X^T X, or the inputs themselves when there are fewer tokens

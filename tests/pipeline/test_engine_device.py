@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_pipeline import devices
 from qlora_pipeline.layerwise import engine
@@ -206,6 +207,54 @@ def test_cpu_storage_is_neither_pinned_nor_copied_when_resident():
     resident = engine.Activations((3, 4, 5), torch.float32, torch.device("cpu"), "device", chunk=2)
     resident.write(0, x)
     assert next(resident.batches())[1].data_ptr() == resident.data.data_ptr()  # the storage itself, as before
+
+
+class _Allocations(TorchDispatchMode):
+    """The largest tensor any op makes inside the block, in bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+class _AffineLayer(torch.nn.Module):
+    """A stand-in decoder layer: windows are independent, as in a real one."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x, **_):
+        return torch.tanh(self.proj(x)) + x
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_a_layer_forward_holds_one_activation_set_not_two(placement):
+    """The engine writes each chunk's outputs over its inputs, so a layer's forward never makes
+    a second [windows, tokens, hidden] set (the host-RAM and GPU plans count one: 8 GiB, not 16,
+    at Llama-3-8B's 256 x 2048 calibration). An engine that gathered the outputs and swapped
+    them in would fail here."""
+    torch.manual_seed(0)
+    layer = _AffineLayer(16)
+    x = torch.randn(12, 10, 16)
+    acts = engine.Activations(tuple(x.shape), torch.float32, torch.device("cpu"), placement, chunk=3)
+    acts.write(0, x)
+    storage = acts.data.data_ptr()
+    with torch.no_grad(), _Allocations() as seen:
+        engine._forward(layer, acts, None, None)
+    with torch.no_grad():
+        expected = layer(x)
+    assert acts.data.data_ptr() == storage
+    torch.testing.assert_close(acts.data, expected, rtol=0, atol=0)
+    chunk_bytes = 3 * 10 * 16 * 4
+    assert 0 < seen.largest <= chunk_bytes < x.numel() * 4
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
