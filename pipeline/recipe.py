@@ -568,7 +568,8 @@ def _kind(value: Any) -> str:
 def apply_override(data: dict, parts: list[str], value: Any) -> None:
     """Set the key path `parts` of the raw recipe `data` to `value`, in place.
 
-    Mappings are walked by key, lists by index (`quantize.0.group_size`). A key missing on
+    Mappings are walked by key, lists by index (`quantize.0.group_size`) or `*` for every item
+    (`quantize.*.group_size`). A key missing on
     the way (or null) becomes an empty mapping, so `--set train.steps=5` works on a recipe
     without a train section; the schema then validates the result.
 
@@ -587,6 +588,13 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
         here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
         if isinstance(node, list):
             where = ".".join(parts[:i])
+            if part == "*" and not last:  # every item: --set 'quantize.*.compute_dtype=bfloat16'
+                if not node:
+                    raise fail(f"{where} is an empty list, so '*' sets nothing; set the whole list instead: "
+                               f"--set '{where}=[...]'")
+                for k in range(len(node)):  # a problem names the item: --set quantize.2.awq.x: ...
+                    apply_override(data, parts[:i] + [str(k)] + parts[i + 1:], value)
+                return
             if not part.isdigit():
                 raise fail(f"{where} is a list; address an item by its index, e.g. {where}.0"
                            + ("." + ".".join(parts[i:]) if parts[i:] else ""))

@@ -42,6 +42,13 @@ def test_overrides(write_recipe):
     assert flatten(recipe)["quantize.g.group_size"] == "64"
 
 
+
+def test_a_star_sets_the_key_on_every_list_item(write_recipe):
+    path = write_recipe({"quantize": [{"name": "g", "method": "gptq"}, {"name": "a", "method": "awq"}]})
+    recipe, _ = load_recipe(path, ["quantize.*.compute_dtype=bfloat16", "quantize.*.awq.search_windows=2"])
+    assert [q.compute_dtype for q in recipe.quantize] == ["bfloat16", "bfloat16"]
+    assert [q.awq.search_windows for q in recipe.quantize] == [2, 2]
+
 BAD = {
     "unknown top-level key": ({"modle": {}}, "modle: unknown key. Did you mean 'model'?"),
     "unknown nested key": ({"nf4": {"blocksise": 64}}, "nf4.blocksise: unknown key. Did you mean 'nf4.blocksize'?"),
