@@ -277,7 +277,8 @@ class QuantizeEntry(_Section):
     mse: bool = False
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="dtype of the calibration forward passes (autocast on the entry's device); weights, "
-        "Hessians and the solve stay float32; auto: float32")
+        "Hessians and the solve stay float32; auto: float32 on CUDA; on the CPU bfloat16 where it computes bf16 "
+        "natively (AVX-512 BF16, AMX), else float32")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the layer engine computes (layer weights, Hessians, the GPTQ/AWQ solve, the "
         "forwards): auto: cuda when present, else cpu; cuda requested on a machine without one is an error")
@@ -351,7 +352,7 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+        "auto", description="auto: bfloat16 on CUDA; on the CPU bfloat16 where it computes bf16 natively (AVX-512 BF16, AMX), else float32"
     )
     prompts: list[str] = Field(default_factory=list, description="greedy generations, the same for every artifact")
     max_new_tokens: int = Field(48, ge=1)

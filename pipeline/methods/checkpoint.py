@@ -13,7 +13,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from qlora_pipeline.compute import DTYPES, resolve_dtype
+from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.dtypes import quantize_dtype_name
 from qlora_pipeline.layerwise.checkpoints import copy_tokenizer, read_config, read_tensors, weight_map
 from qlora_pipeline.layerwise.engine import quantize_sequentially
 from qlora_pipeline.layerwise.families import family_for
@@ -68,9 +69,7 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
         merged_dir, calibration_ids if method.calibrated else None, family, dtype, checkpoint_dir,
         quantize, lambda name, stored: fmt.restore(stored, entry_for(name).bits),
         entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform,
-        # auto is float32 on either device: bf16 forwards change the Hessians, and that trade is
-        # measured on the CPU only (README "CPU bf16")
-        compute_dtype=resolve_dtype(entry.compute_dtype, "cpu"), device=device,
+        compute_dtype=DTYPES[quantize_dtype_name(entry.compute_dtype, torch.device(device).type)], device=device,
         storage=entry.activations.storage, storage_dtype=DTYPES[entry.activations.dtype],
         awq_search_windows=entry.awq.search_windows if "awq" in method.options and search_dir is None else None,
         # the methods that collect a Hessian per sequential group solve with it (GPTQ); AWQ alone

@@ -25,6 +25,7 @@ from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import cached_config, source_identity
 from qlora_pipeline import methods
 from qlora_pipeline.devices import resolve_device
+from qlora_pipeline.dtypes import quantize_dtype_name, resolve_dtype_name, train_dtype_name
 
 _EVALUATE = "qlora_pipeline.stages.evaluate"
 
@@ -56,12 +57,24 @@ def _shared_storage(entries, search: str) -> str:
     return storages.pop() if len(storages) == 1 else "auto"
 
 
+def _forward_dtype(q) -> dict:
+    """The dtype a calibrated entry's calibration forwards run in, `auto` resolved (a fingerprint
+    part); methods without calibration forwards have none."""
+    if not methods.METHODS[q.method].calibrated:
+        return {}
+    return {"compute_dtype": quantize_dtype_name(q.compute_dtype, resolve_device(q.device))}
+
+
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
     # Nor does `evaluate.qlora`, which adds an evaluation and changes none.
     evaluation = {"seq_len": recipe.data.seq_len,
                   **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"})}
+    # `auto` dtypes resolved here (torch-free), as the devices are: bf16 compute on one machine
+    # is not float32 on another, so the resolved dtype is part of the fingerprint.
+    scoring = {"evaluate": evaluation,
+               "evaluate_compute_dtype": resolve_dtype_name(recipe.evaluate.dtype, resolve_device(recipe.evaluate.device))}
     # Each entry with its calibration source resolved (the recipe's default filled in; None for
     # methods that take no calibration): part of its quantize (and search) stage's settings.
     entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
@@ -75,9 +88,9 @@ def build_stages(recipe) -> list[StageSpec]:
         StageSpec("data", _stage("data"), (), data_config),
         StageSpec("base", _stage("base"), (), {**model, "nf4": recipe.nf4.model_dump(mode="json")}),
         StageSpec("evaluate-base", _evaluation("base", "load_original_base"), ("data",),
-                  {**model, "evaluate": evaluation}),
+                  {**model, **scoring}),
         StageSpec("evaluate-base-nf4", _evaluation("base-nf4", "load_base_nf4"), ("data", "base"),
-                  {"evaluate": evaluation}),
+                  dict(scoring)),
     ]
     # The merge verifies itself on validation windows of up to data.seq_len tokens.
     merge_config = {"merge": recipe.merge.model_dump(mode="json"), "dtype": recipe.model.dtype,
@@ -86,7 +99,9 @@ def build_stages(recipe) -> list[StageSpec]:
         # The adapter names its base model; NF4's compute dtype is the default training dtype on CUDA.
         train_config = {"lora": recipe.lora.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
                         "seq_len": recipe.data.seq_len, "model": model["model"],
-                        "nf4_compute_dtype": recipe.nf4.compute_dtype}
+                        "nf4_compute_dtype": recipe.nf4.compute_dtype,
+                        "compute_dtype": train_dtype_name(recipe.train.dtype, resolve_device("auto"),
+                                                          cuda_dtype=recipe.nf4.compute_dtype)}
         specs.append(StageSpec("train", _stage("train"), ("data", "base"), train_config, distributed=True))
         merge_deps: tuple[str, ...] = ("data", "base", "train")
     else:
@@ -99,15 +114,15 @@ def build_stages(recipe) -> list[StageSpec]:
     if recipe.merge.into in ("original", "auto"):
         merge_config.update(model)
     if recipe.merge.into == "auto":  # the choice is made on validation windows with these settings
-        merge_config["evaluate"] = evaluation
+        merge_config.update(scoring)
     specs += [
         StageSpec("merge", _stage("merge"), merge_deps, merge_config),
         StageSpec("evaluate-merged", _evaluation("merged", "load_merged"), ("data", "merge"),
-                  {"evaluate": evaluation}),
+                  dict(scoring)),
     ]
     if recipe.evaluate.qlora:  # the model as trained: NF4 base + the float adapter, unmerged
         specs.append(StageSpec("evaluate-qlora", _evaluation("qlora", "load_qlora"), ("data", "base") + adapter_deps,
-                               {"evaluate": evaluation, **adapter_config}))
+                               {**scoring, **adapter_config}))
     config = cached_config(recipe.model)
     if config is not None:
         problems = []
@@ -163,11 +178,11 @@ def build_stages(recipe) -> list[StageSpec]:
             deps += (methods.search_stage_name(q),)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
-                      "dtype": recipe.model.dtype, "device": resolve_device(q.device)},
+                      "dtype": recipe.model.dtype, "device": resolve_device(q.device), **_forward_dtype(q)},
                       runtime={"activations_storage": q.activations.storage},
                       code=methods.METHODS[q.method].code_modules()),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
-                      ("data", f"quantize-{q.name}"), {"evaluate": evaluation},
+                      ("data", f"quantize-{q.name}"), dict(scoring),
                       code=(methods.METHODS[q.method].loader_module(),)),
         ]
         if q.adapter_on_quantized_base:
@@ -180,11 +195,11 @@ def build_stages(recipe) -> list[StageSpec]:
             specs += [
                 StageSpec(f"quantize-{name}", _stage("quantize"), base_deps,
                           {"entry": methods.relevant_settings(q), "dtype": recipe.model.dtype, **model,
-                           "device": resolve_device(q.device)},
+                           "device": resolve_device(q.device), **_forward_dtype(q)},
                           runtime={"activations_storage": q.activations.storage},
                           code=methods.METHODS[q.method].code_modules()),
                 StageSpec(f"evaluate-{name}", _quantized_evaluation(name, with_adapter=True),
-                          ("data", f"quantize-{name}") + adapter_deps, {"evaluate": evaluation, **adapter_config},
+                          ("data", f"quantize-{name}") + adapter_deps, {**scoring, **adapter_config},
                           code=(methods.METHODS[q.method].loader_module(),)),
             ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.

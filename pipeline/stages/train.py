@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_pipeline import data
-from qlora_pipeline.compute import DTYPES, resolve_dtype
+from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.dtypes import train_dtype_name
 from qlora_pipeline.layerwise.checkpoints import load_nf4_model
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
@@ -47,9 +48,10 @@ TRAINER_STATE = "trainer"  # optimizer, scheduler, RNG: trainer.json + trainer.s
 
 
 def train_device_dtype(cfg, nf4_compute_dtype: str) -> tuple[str, torch.dtype]:
-    """Training compute: `auto` is NF4's compute dtype on CUDA, float32 on the CPU."""
+    """Training compute: `auto` is NF4's compute dtype on CUDA, float32 on the CPU
+    (`qlora_pipeline.dtypes.train_dtype_name`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, resolve_dtype(cfg.dtype, device, cuda_dtype=DTYPES[nf4_compute_dtype])
+    return device, DTYPES[train_dtype_name(cfg.dtype, device, cuda_dtype=nf4_compute_dtype)]
 
 
 class BatchOrder:

@@ -4,15 +4,64 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_pipeline import compute
+from qlora_pipeline import compute, dtypes
 
 
-def test_auto_is_bf16_on_cuda_and_float32_on_the_cpu():
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Sets whether the CPU counts as computing bf16 natively (QLP_CPU_BF16), detection cache cleared."""
+    def set_(native: bool):
+        monkeypatch.setenv("QLP_CPU_BF16", "1" if native else "0")
+        dtypes.cpu_native_bf16.cache_clear()
+    yield set_
+    dtypes.cpu_native_bf16.cache_clear()
+
+
+def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16_else_float32(cpu_bf16):
+    cpu_bf16(False)
     assert compute.auto_dtype("cpu") == torch.float32
+    assert dtypes.quantize_dtype_name("auto", "cpu") == "float32"
+    cpu_bf16(True)
+    assert compute.auto_dtype("cpu") == torch.bfloat16
+    assert dtypes.quantize_dtype_name("auto", "cpu") == "bfloat16"
+    assert dtypes.quantize_dtype_name("auto", "cuda") == "float32"  # the GPU's calibration forwards stay float32
+    assert dtypes.quantize_dtype_name("float32", "cpu") == "float32"
     assert compute.auto_dtype("cuda") == torch.bfloat16
     assert compute.auto_dtype("cuda", cuda_dtype=torch.float16) == torch.float16
     assert compute.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert compute.resolve_dtype("float32", "cuda") == torch.float32
+
+
+@pytest.mark.parametrize("flags,native", [("fpu sse avx512f avx512_bf16 avx512_vnni", True),
+                                          ("fpu sse amx_tile amx_bf16", True),
+                                          ("fpu sse avx2 avx512f avx512bw", False)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, flags, native):
+    monkeypatch.delenv("QLP_CPU_BF16", raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert dtypes.cpu_native_bf16.__wrapped__(info) is native
+    assert dtypes.cpu_native_bf16.__wrapped__(tmp_path / "absent") is False  # no /proc/cpuinfo: float32
+
+
+def test_the_resolved_dtypes_are_in_the_fingerprints(cpu_bf16, write_recipe):
+    """A stage computed in bf16 is not the float32 one: `auto` resolves into the settings of
+    the evaluations and the calibrated quantize entries (not round-to-nearest's); training on
+    the CPU stays float32 either way."""
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    path = write_recipe({"quantize": [{"name": "r", "method": "rtn", "group_size": 64},
+                                      {"name": "g", "method": "gptq", "group_size": 64}]})
+    recipe, _ = load_recipe(path, [])
+    settings = {}
+    for native in (False, True):
+        cpu_bf16(native)
+        settings[native] = {s.name: s.config for s in build_stages(recipe)}
+    changed = {name for name in settings[True] if settings[True][name] != settings[False][name]}
+    assert {"evaluate-base", "evaluate-merged", "evaluate-r", "quantize-g"} <= changed
+    assert not changed & {"data", "base", "train", "merge", "calibrate", "quantize-r"}
+    assert settings[True]["train"]["compute_dtype"] == "float32"  # CPU training stays float32
+    assert settings[False]["evaluate-g"]["evaluate_compute_dtype"] == "float32"
 
 
 def test_compute_context_autocasts_matmuls_only_below_float32():
