@@ -2,18 +2,17 @@
 
 Evaluation: `auto` is bfloat16 on CUDA; on the CPU bfloat16 where the CPU computes bf16
 natively (AVX-512 BF16 or AMX: the `avx512_bf16` / `amx_bf16` flags of /proc/cpuinfo) and
-float32 elsewhere (without them bf16 is emulated, slower than float32). The layer engine's
-calibration forwards (a quantize entry's `compute_dtype`) follow the CPU's choice and stay
-float32 on CUDA; training on the CPU stays float32 (`qlora_pipeline.dtypes` has each rule).
+float32 elsewhere (without them bf16 is emulated, slower than float32). Training on the CPU and
+the layer engine's calibration forwards stay float32 (`qlora_pipeline.dtypes` has each rule
+and the measurement behind it).
 
 Measured on this project's 2-core AVX-512-BF16 machine with nothing else running
 (scripts/bench_cpu_bf16.py, README "CPU bf16"): a bf16 matmul of the default model's MLP shape
 runs at 409 GFLOP/s against 197 in float32, a SmolLM2-135M forward over 4 x 512 tokens takes
-2.12 s against 4.09; on the default recipe an evaluation stage takes 67 s against 90 and GPTQ
-62 s against 79, with every perplexity within 0.14% of float32's and every quantizer's increase
-over the merged model within 0.1 points. An earlier measurement that found bf16 no faster was
-taken while other jobs shared the two cores. float32 stays selectable per section
-(`train.dtype`, `evaluate.dtype`, a quantize entry's `compute_dtype`).
+2.12 s against 4.09, an evaluation stage of the default recipe 67 s against 90; evaluated in
+bf16, the same weights' perplexities move by at most 0.13%. An earlier measurement that found
+bf16 no faster was taken while other jobs shared the two cores. float32 stays selectable
+(`evaluate.dtype`), bf16 for the rest (`train.dtype`, a quantize entry's `compute_dtype`).
 """
 from __future__ import annotations
 

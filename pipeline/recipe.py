@@ -277,8 +277,7 @@ class QuantizeEntry(_Section):
     mse: bool = False
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="dtype of the calibration forward passes (autocast on the entry's device); weights, "
-        "Hessians and the solve stay float32; auto: float32 on CUDA; on the CPU bfloat16 where it computes bf16 "
-        "natively (AVX-512 BF16, AMX), else float32")
+        "Hessians and the solve stay float32; auto: float32")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the layer engine computes (layer weights, Hessians, the GPTQ/AWQ solve, the "
         "forwards): auto: cuda when present, else cpu; cuda requested on a machine without one is an error")

@@ -20,12 +20,13 @@ def cpu_bf16(monkeypatch):
 def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16_else_float32(cpu_bf16):
     cpu_bf16(False)
     assert compute.auto_dtype("cpu") == torch.float32
-    assert dtypes.quantize_dtype_name("auto", "cpu") == "float32"
     cpu_bf16(True)
     assert compute.auto_dtype("cpu") == torch.bfloat16
-    assert dtypes.quantize_dtype_name("auto", "cpu") == "bfloat16"
-    assert dtypes.quantize_dtype_name("auto", "cuda") == "float32"  # the GPU's calibration forwards stay float32
-    assert dtypes.quantize_dtype_name("float32", "cpu") == "float32"
+    # calibration forwards and CPU training stay float32 (README "CPU bf16")
+    assert [dtypes.quantize_dtype_name("auto", d) for d in ("cpu", "cuda")] == ["float32", "float32"]
+    assert dtypes.quantize_dtype_name("bfloat16", "cpu") == "bfloat16"
+    assert dtypes.train_dtype_name("auto", "cpu") == "float32"
+    assert dtypes.train_dtype_name("auto", "cuda", cuda_dtype="float16") == "float16"
     assert compute.auto_dtype("cuda") == torch.bfloat16
     assert compute.auto_dtype("cuda", cuda_dtype=torch.float16) == torch.float16
     assert compute.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
@@ -45,8 +46,8 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, flags, na
 
 def test_the_resolved_dtypes_are_in_the_fingerprints(cpu_bf16, write_recipe):
     """A stage computed in bf16 is not the float32 one: `auto` resolves into the settings of
-    the evaluations and the calibrated quantize entries (not round-to-nearest's); training on
-    the CPU stays float32 either way."""
+    the evaluations, of training and of the calibrated quantize entries (not round-to-nearest's);
+    on the CPU only the evaluations change with the CPU's bf16."""
     from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.stages import build_stages
 
@@ -58,8 +59,8 @@ def test_the_resolved_dtypes_are_in_the_fingerprints(cpu_bf16, write_recipe):
         cpu_bf16(native)
         settings[native] = {s.name: s.config for s in build_stages(recipe)}
     changed = {name for name in settings[True] if settings[True][name] != settings[False][name]}
-    assert {"evaluate-base", "evaluate-merged", "evaluate-r", "quantize-g"} <= changed
-    assert not changed & {"data", "base", "train", "merge", "calibrate", "quantize-r"}
+    assert {"evaluate-base", "evaluate-merged", "evaluate-r", "evaluate-g"} <= changed
+    assert not changed & {"data", "base", "train", "merge", "calibrate", "quantize-r", "quantize-g"}
     assert settings[True]["train"]["compute_dtype"] == "float32"  # CPU training stays float32
     assert settings[False]["evaluate-g"]["evaluate_compute_dtype"] == "float32"
 
