@@ -44,18 +44,20 @@ def resolve_dtype_name(setting: str, device: str, cuda_dtype: str = "bfloat16") 
 
 def quantize_dtype_name(setting: str, device: str) -> str:
     """A quantize entry's `compute_dtype` (its calibration forwards): `auto` is float32 on either
-    device. With bf16 forwards on the CPU the default recipe's GPTQ took 62 s against 79, but its
-    Hessians, and so its weights, changed: its general-text perplexity moved 1.0% (4.648 to
-    4.696) and AWQ's 0.5%, over the 0.5% bound this project set for the change (README "CPU
-    bf16")."""
+    device. With bf16 forwards on the CPU the default recipe's GPTQ took 62 s against 79, but the
+    Hessians, so the weights, change: against float32 forwards (both evaluated in bf16)
+    AWQ+GPTQ's general-text perplexity moved 1.3% (AWQ's domain one 0.4%), over the 0.5% bound
+    this project set for the change (README "CPU bf16"; GPTQ's results are that sensitive to any
+    change of summation order, which the bound does not forgive)."""
     return "float32" if setting == "auto" else setting
 
 
 def train_dtype_name(setting: str, device: str, cuda_dtype: str = "bfloat16") -> str:
     """`train.dtype` on `device`: `auto` is NF4's compute dtype on CUDA and float32 on the CPU,
     native bf16 or not. Trained in bf16 on the CPU, the default recipe's fine-tune came out
-    different enough to move round-to-nearest's increase over it by 0.83 points (36.40% against
-    37.23%), over the 0.5-point bound this project set for the change (README "CPU bf16")."""
+    different enough to move round-to-nearest's increase over it by 0.73 points (36.40% against
+    37.13%, both evaluated in bf16), over the 0.5-point bound this project set for the change
+    (README "CPU bf16")."""
     if setting != "auto":
         return setting
     return cuda_dtype if device == "cuda" else "float32"

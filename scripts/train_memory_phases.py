@@ -1,0 +1,94 @@
+"""Where the train stage's peak RSS comes from: the resident memory, split into anonymous and
+file-backed pages, and the high-water mark after each phase of what `train` does (load the NF4
+base, attach LoRA, a forward, a backward, an optimizer step), on a run directory's NF4 base.
+
+    python scripts/train_memory_phases.py RUN_DIR/base/output [--steps 1] [--seq-len 256]
+        [--out benchmarks/train_memory_phases.json]
+
+File-backed pages are the checkpoint's tensors that stay memory-mapped (the NF4 weights): they
+count in RSS once touched, but the kernel can drop and re-read them (clean page cache), unlike
+anonymous memory. A sampler thread records the highest RSS and the phase it fell in. Float32
+compute on the CPU, LoRA r 16 (dropout 0.05) on every linear, non-reentrant gradient checkpointing: the
+rehearsal's training settings (scripts/rehearse.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+
+
+def _status() -> dict[str, float]:
+    text = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024 / GIB
+            for key in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("base", type=Path, help="an NF4 base: <run dir>/base/output")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/train_memory_phases.json"))
+    args = ap.parse_args()
+
+    from qlora_pipeline.layerwise.checkpoints import load_nf4_model
+    from qlora_pipeline.lora import attach_lora
+
+    peak = {"gib": 0.0, "phase": "start"}
+    phase = ["start"]
+
+    def sample() -> None:
+        while True:
+            rss = _status()["VmRSS"]
+            if rss > peak["gib"]:
+                peak.update(gib=rss, phase=phase[0])
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    rows = []
+
+    def mark(done: str, next_phase: str) -> None:
+        row = {"after": done, **{k: round(v, 3) for k, v in _status().items()},
+               "sampled_peak_gib": round(peak["gib"], 3), "sampled_peak_phase": peak["phase"]}
+        rows.append(row)
+        print(f"{done:<16} RSS {row['VmRSS']:6.2f}  anon {row['RssAnon']:6.2f}  file {row['RssFile']:6.2f}  "
+              f"high-water {row['VmHWM']:6.2f} GiB  (sampled peak {row['sampled_peak_gib']:.2f} in {row['sampled_peak_phase']})",
+              flush=True)
+        phase[0] = next_phase
+
+    mark("imports", "load")
+    model = load_nf4_model(args.base, torch.float32, "cpu")
+    mark("load", "attach lora")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = attach_lora(model, targets, 16, 32, 0.05)  # recipes/llama3_domain.yaml: r 16, alpha 32, dropout 0.05
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = torch.randint(0, min(49152, model.config.vocab_size), (1, args.seq_len),
+                          generator=torch.Generator().manual_seed(0))
+    mark("attach lora", "forward 1")
+    for step in range(1, args.steps + 1):
+        loss = model(input_ids=batch, labels=batch).loss
+        mark(f"forward {step}", f"backward {step}")
+        loss.backward()
+        mark(f"backward {step}", f"optimizer {step}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark(f"optimizer {step}", f"forward {step + 1}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "train_memory_phases", "base": str(args.base),
+                                    "layers": model.config.num_hidden_layers, "seq_len": args.seq_len,
+                                    "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
