@@ -42,13 +42,14 @@ def resolve_dtype_name(setting: str, device: str, cuda_dtype: str = "bfloat16") 
     return auto_dtype_name(device, cuda_dtype) if setting == "auto" else setting
 
 
-def quantize_dtype_name(setting: str, device: str) -> str:
-    """A quantize entry's `compute_dtype` (its calibration forwards): `auto` is float32 on either
-    device. With bf16 forwards on the CPU the default recipe's GPTQ took 62 s against 79, but the
-    Hessians, so the weights, change: against float32 forwards (both evaluated in bf16)
-    AWQ+GPTQ's general-text perplexity moved 1.3% (AWQ's domain one 0.4%), over the 0.5% bound
-    this project set for the change (README "CPU bf16"; GPTQ's results are that sensitive to any
-    change of summation order, which the bound does not forgive)."""
+def quantize_dtype_name(setting: str) -> str:
+    """A quantize entry's `compute_dtype` (its calibration forwards): `auto` is float32 on every
+    device, so the setting as written already fingerprints it. With bf16 forwards on the CPU the
+    default recipe's GPTQ took 62 s against 79, but the Hessians, so the weights, change: against
+    float32 forwards (both evaluated in bf16) AWQ+GPTQ's general-text perplexity moved 1.3%
+    (AWQ's domain one 0.4%), over the 0.5% bound this project set for the change (README "CPU
+    bf16"; GPTQ's results are that sensitive to any change of summation order, which the bound
+    does not forgive)."""
     return "float32" if setting == "auto" else setting
 
 

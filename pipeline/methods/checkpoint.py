@@ -69,7 +69,7 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
         merged_dir, calibration_ids if method.calibrated else None, family, dtype, checkpoint_dir,
         quantize, lambda name, stored: fmt.restore(stored, entry_for(name).bits),
         entry.true_sequential and method.hessian_passes, progress, log_layer, transform_layer=transform,
-        compute_dtype=DTYPES[quantize_dtype_name(entry.compute_dtype, torch.device(device).type)], device=device,
+        compute_dtype=DTYPES[quantize_dtype_name(entry.compute_dtype)], device=device,
         storage=entry.activations.storage, storage_dtype=DTYPES[entry.activations.dtype],
         awq_search_windows=entry.awq.search_windows if "awq" in method.options and search_dir is None else None,
         # the methods that collect a Hessian per sequential group solve with it (GPTQ); AWQ alone

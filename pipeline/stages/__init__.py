@@ -25,7 +25,7 @@ from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import cached_config, source_identity
 from qlora_pipeline import methods
 from qlora_pipeline.devices import resolve_device
-from qlora_pipeline.dtypes import quantize_dtype_name, resolve_dtype_name, train_dtype_name
+from qlora_pipeline.dtypes import resolve_dtype_name, train_dtype_name
 
 _EVALUATE = "qlora_pipeline.stages.evaluate"
 
@@ -55,14 +55,6 @@ def _shared_storage(entries, search: str) -> str:
     storages = {q.activations.storage for q in entries
                 if methods.METHODS[q.method].search and methods.search_stage_name(q) == search}
     return storages.pop() if len(storages) == 1 else "auto"
-
-
-def _forward_dtype(q) -> dict:
-    """The dtype a calibrated entry's calibration forwards run in, `auto` resolved (a fingerprint
-    part); methods without calibration forwards have none."""
-    if not methods.METHODS[q.method].calibrated:
-        return {}
-    return {"compute_dtype": quantize_dtype_name(q.compute_dtype, resolve_device(q.device))}
 
 
 def build_stages(recipe) -> list[StageSpec]:
@@ -178,7 +170,7 @@ def build_stages(recipe) -> list[StageSpec]:
             deps += (methods.search_stage_name(q),)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
-                      "dtype": recipe.model.dtype, "device": resolve_device(q.device), **_forward_dtype(q)},
+                      "dtype": recipe.model.dtype, "device": resolve_device(q.device)},
                       runtime={"activations_storage": q.activations.storage},
                       code=methods.METHODS[q.method].code_modules()),
             StageSpec(f"evaluate-{q.name}", _quantized_evaluation(q.name),
@@ -195,7 +187,7 @@ def build_stages(recipe) -> list[StageSpec]:
             specs += [
                 StageSpec(f"quantize-{name}", _stage("quantize"), base_deps,
                           {"entry": methods.relevant_settings(q), "dtype": recipe.model.dtype, **model,
-                           "device": resolve_device(q.device), **_forward_dtype(q)},
+                           "device": resolve_device(q.device)},
                           runtime={"activations_storage": q.activations.storage},
                           code=methods.METHODS[q.method].code_modules()),
                 StageSpec(f"evaluate-{name}", _quantized_evaluation(name, with_adapter=True),

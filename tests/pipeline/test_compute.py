@@ -23,8 +23,8 @@ def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16_else_float32(cpu_bf1
     cpu_bf16(True)
     assert compute.auto_dtype("cpu") == torch.bfloat16
     # calibration forwards and CPU training stay float32 (README "CPU bf16")
-    assert [dtypes.quantize_dtype_name("auto", d) for d in ("cpu", "cuda")] == ["float32", "float32"]
-    assert dtypes.quantize_dtype_name("bfloat16", "cpu") == "bfloat16"
+    assert dtypes.quantize_dtype_name("auto") == "float32"
+    assert dtypes.quantize_dtype_name("bfloat16") == "bfloat16"
     assert dtypes.train_dtype_name("auto", "cpu") == "float32"
     assert dtypes.train_dtype_name("auto", "cuda", cuda_dtype="float16") == "float16"
     assert compute.auto_dtype("cuda") == torch.bfloat16
@@ -46,8 +46,8 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, flags, na
 
 def test_the_resolved_dtypes_are_in_the_fingerprints(cpu_bf16, write_recipe):
     """A stage computed in bf16 is not the float32 one: `auto` resolves into the settings of
-    the evaluations, of training and of the calibrated quantize entries (not round-to-nearest's);
-    on the CPU only the evaluations change with the CPU's bf16."""
+    the evaluations and of training (a quantize entry's `auto` is float32 everywhere, so its
+    setting as written is the fingerprint); on the CPU only the evaluations change."""
     from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.stages import build_stages
 
