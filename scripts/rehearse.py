@@ -13,7 +13,8 @@ valid rows of the 128,256-row embedding; the config keeps vocab_size 128256), de
 shape's recipe with reduced data and steps (what was reduced is printed and recorded), then
 runs every stage in its own process (`pipeline run <recipe> --only <stage>`, in the order
 `pipeline plan` prints) and records per stage: wall time, peak RSS (the child's
-RUSAGE_CHILDREN maxrss, as scripts/bench_stage_memory.py), the bytes on disk of the stage's
+RUSAGE_CHILDREN maxrss, as scripts/bench_stage_memory.py), its CPU seconds (user + system: on
+a shared or paused machine a steadier figure than wall time), the bytes on disk of the stage's
 directory (peak while it ran, and its output when done), and a COMPUTED estimate of the GPU
 memory the stage needs on CUDA at the recipe's real settings (`gpu_estimate`; formulas in its
 docstring and in docs/rehearsal.md). Results: benchmarks/rehearsal_<shape>.json and a
@@ -57,7 +58,8 @@ SHARD_LIMIT = 5 * 10**9  # bytes per safetensors shard (save_pretrained's defaul
 _PEAK_RSS = (
     "import resource, subprocess, sys\n"
     "rc = subprocess.run(sys.argv[2:]).returncode\n"
-    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(f'{ru.ru_maxrss} {ru.ru_utime + ru.ru_stime}')\n"
     "sys.exit(rc)\n"
 )
 
@@ -643,13 +645,15 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path, workdir: Path, guard
     rc = proc.returncode
     peak_disk = max(peak_disk, dir_bytes(sdir))
     log_text = (logs / f"{log_name}.log").read_text(errors="replace")
+    usage = rss_file.read_text().split() if rss_file.is_file() else []  # the wrapper's maxrss KiB, CPU s
     manifest = {}
     if (sdir / "manifest.json").is_file():
         manifest = json.loads((sdir / "manifest.json").read_text())
     record = {
         "stage": stage, "command": "pipeline " + " ".join(args), "returncode": rc, "wall_seconds": round(wall, 1),
         "stage_seconds": manifest.get("metrics", {}).get("stage_seconds") if rc == 0 else None,
-        "peak_rss_bytes": int(rss_file.read_text()) * 1024 if rss_file.is_file() else None,
+        "peak_rss_bytes": int(usage[0]) * 1024 if usage else None,
+        "cpu_seconds": round(float(usage[1]), 1) if len(usage) > 1 else None,
         "sampled_peak_rss_bytes": sampled_peak, "min_mem_available_bytes": min_avail,
         "killed_by_memory_guard": killed, "stopped_by_timeout": timed_out,
         "output_bytes": dir_bytes(sdir / "output") if (sdir / "output").is_dir() else 0,
@@ -945,7 +949,7 @@ def main() -> int:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'stage':<24} {'wall s':>7} {'peak RSS GiB':>12} {'disk peak GiB':>13} {'output GiB':>10} "
+    print(f"\n{'stage':<24} {'wall s':>7} {'CPU s':>7} {'peak RSS GiB':>12} {'disk peak GiB':>13} {'output GiB':>10} "
           f"{'GPU GiB (computed)':>19}  status")
     for r in result["stages"]:
         peak = r["peak_rss_bytes"] or r["sampled_peak_rss_bytes"]
@@ -954,7 +958,8 @@ def print_table(result: dict) -> None:
         status = "ok" if r["returncode"] == 0 else ("killed: RAM" if r["killed_by_memory_guard"] else
                                                     f"timeout, {r.get('layers_done', 0)} layers" if r["stopped_by_timeout"]
                                                     else f"exit {r['returncode']}")
-        print(f"{r['stage']:<24} {r['wall_seconds']:>7.0f} {peak / GIB:>12.2f} {r['stage_dir_peak_bytes'] / GIB:>13.2f} "
+        cpu = "-" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}"  # older records have none
+        print(f"{r['stage']:<24} {r['wall_seconds']:>7.0f} {cpu:>7} {peak / GIB:>12.2f} {r['stage_dir_peak_bytes'] / GIB:>13.2f} "
               f"{r['output_bytes'] / GIB:>10.2f} {gpu:>19}  {status}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -123,6 +124,7 @@ def test_end_to_end_on_a_tiny_shape(tmp_path):
     for r in result["stages"]:
         assert r["returncode"] == 0, r
         assert r["wall_seconds"] > 0 and r["peak_rss_bytes"] > 100 * 2**20
+        assert 0 < r["cpu_seconds"] < r["wall_seconds"] * (os.cpu_count() or 1) + 1  # the stage's process tree
         assert r["stage_dir_peak_bytes"] >= r["output_bytes"] > 0
         g = r["gpu_estimate"]
         assert g["on_gpu"] == (r["stage"] == "train" or r["stage"].startswith("evaluate-"))
