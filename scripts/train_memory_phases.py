@@ -7,9 +7,10 @@ base, attach LoRA, a forward, a backward, an optimizer step), on a run directory
 
 File-backed pages are the checkpoint's tensors that stay memory-mapped (the NF4 weights): they
 count in RSS once touched, but the kernel can drop and re-read them (clean page cache), unlike
-anonymous memory. A sampler thread records the highest RSS and the phase it fell in. Float32
-compute on the CPU, LoRA r 16 (dropout 0.05) on every linear, non-reentrant gradient checkpointing: the
-rehearsal's training settings (scripts/rehearse.py).
+anonymous memory. A sampler thread records the highest RSS and the phase it fell in. The
+LoRA, gradient-checkpointing, optimizer and compute-dtype settings are the run directory's own
+(its run.json's recipe), applied by the train stage's own code; only the batch (one window of
+--seq-len tokens) is this script's.
 """
 from __future__ import annotations
 
@@ -40,7 +41,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from qlora_pipeline.layerwise.checkpoints import load_nf4_model
-    from qlora_pipeline.lora import attach_lora
+    from qlora_pipeline.recipe import LoraConfig, TrainConfig
+    from qlora_pipeline.stages.train import make_optimizer, train_device_dtype, trainable_model
+
+    run_json = args.base.resolve().parents[1] / "run.json"
+    if not run_json.is_file():
+        raise SystemExit(f"{run_json}: not found; pass a run directory's NF4 base, RUN_DIR/base/output")
+    recipe = json.loads(run_json.read_text())["recipe"]
+    lora = LoraConfig.model_validate(recipe["lora"])
+    train = TrainConfig.model_validate(recipe["train"])
+    device, dtype = train_device_dtype(train, recipe["nf4"]["compute_dtype"])
 
     peak = {"gib": 0.0, "phase": "start"}
     phase = ["start"]
@@ -65,15 +75,12 @@ def main() -> None:
         phase[0] = next_phase
 
     mark("imports", "load")
-    model = load_nf4_model(args.base, torch.float32, "cpu")
+    model = load_nf4_model(args.base, dtype, device)
     mark("load", "attach lora")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = attach_lora(model, targets, 16, 32, 0.05)  # recipes/llama3_domain.yaml: r 16, alpha 32, dropout 0.05
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, targets = trainable_model(model, lora, train)
+    optimizer, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], train, device)
     batch = torch.randint(0, min(49152, model.config.vocab_size), (1, args.seq_len),
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator().manual_seed(0)).to(device)
     mark("attach lora", "forward 1")
     for step in range(1, args.steps + 1):
         loss = model(input_ids=batch, labels=batch).loss
@@ -86,6 +93,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "train_memory_phases", "base": str(args.base),
                                     "layers": model.config.num_hidden_layers, "seq_len": args.seq_len,
+                                    "dtype": str(dtype).replace("torch.", ""), "lora": lora.model_dump(),
+                                    "target_modules": targets, "gradient_checkpointing": train.gradient_checkpointing,
                                     "threads": torch.get_num_threads(), "rows": rows}, indent=1))
     print(f"written {args.out}")
 

@@ -170,6 +170,20 @@ def eval_loss(model, windows: torch.Tensor, batch_size: int, device: str) -> flo
     return total / count
 
 
+def trainable_model(base, lora: LoraConfig, cfg: TrainConfig):
+    """The NF4 `base` with fresh LoRA adapters on the recipe's targets, gradient checkpointing as
+    the recipe says, in training mode: (model, target module names). Shared with
+    scripts/train_memory_phases.py, so its measurement trains what this stage trains."""
+    family = family_for(base.config.model_type)
+    targets = ([name.rsplit(".", 1)[-1] for name in family.linears]
+               if lora.target_modules == "all-linear" else list(lora.target_modules))
+    model = attach_lora(base, targets, lora.r, lora.alpha, lora.dropout)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, targets
+
+
 def run(ctx: StageContext) -> StageResult:
     from accelerate import Accelerator
 
@@ -191,16 +205,10 @@ def run(ctx: StageContext) -> StageResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     base = load_nf4_model(ctx.inputs["base"], dtype, device)
-    family = family_for(base.config.model_type)
-    targets = ([name.rsplit(".", 1)[-1] for name in family.linears]
-               if lora.target_modules == "all-linear" else list(lora.target_modules))
-    model = attach_lora(base, targets, lora.r, lora.alpha, lora.dropout)
+    model, targets = trainable_model(base, lora, cfg)
     # Hub ids stay ids (what users pass to from_pretrained); other sources name their local directory.
     model.peft_config["default"].base_model_name_or_path = (
         model_cfg.source if "hub" in source_identity(model_cfg) else str(resolve_model(model_cfg)))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
     optimizer, optimizer_name = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)
     scheduler = make_scheduler(optimizer, cfg)
 
