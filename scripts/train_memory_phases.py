@@ -78,7 +78,8 @@ def main() -> None:
     model = load_nf4_model(args.base, dtype, device)
     mark("load", "attach lora")
     model, targets = trainable_model(model, lora, train)
-    optimizer, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], train, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, _ = make_optimizer(trainable, train, device)
     batch = torch.randint(0, min(49152, model.config.vocab_size), (1, args.seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)
     mark("attach lora", "forward 1")
@@ -95,6 +96,7 @@ def main() -> None:
                                     "layers": model.config.num_hidden_layers, "seq_len": args.seq_len,
                                     "dtype": str(dtype).replace("torch.", ""), "lora": lora.model_dump(),
                                     "target_modules": targets, "gradient_checkpointing": train.gradient_checkpointing,
+                                    "trainable_parameters": sum(p.numel() for p in trainable),
                                     "threads": torch.get_num_threads(), "rows": rows}, indent=1))
     print(f"written {args.out}")
 

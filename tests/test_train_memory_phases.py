@@ -24,6 +24,11 @@ def test_phases_use_the_run_directory_recipe(tmp_path, tiny_llama_dir, write_rec
     result = json.loads(out.read_text())
     assert result["lora"]["r"] == 4 and result["lora"]["alpha"] == 8
     assert result["target_modules"] == ["q_proj", "v_proj"]
+    # What the model trained, not what the recipe says: r x (in + out) per adapted linear.
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    per_layer = 4 * (hidden + hidden) + 4 * (hidden + hidden // heads * kv_heads)
+    assert result["trainable_parameters"] == config["num_hidden_layers"] * per_layer
     assert result["gradient_checkpointing"] is False
     assert [row["after"] for row in result["rows"]] == ["imports", "load", "attach lora", "forward 1",
                                                          "backward 1", "optimizer 1"]
