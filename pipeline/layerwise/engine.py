@@ -223,18 +223,9 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
         runner.materialize(layer, _to(read_prefix(wmap, prefix), device), torch.float32)
         shard = checkpoint_dir / SHARD.format(i)
         replays: Optional[LayerReplays] = None  # set when this layer is quantized true-sequentially
-        linear_names = {prefix + lin for lin in family.linears}
         if shard.exists() and valid_shard(shard):
-            stored = _load(shard)
-            for lin in family.linears:
-                module = layer.get_submodule(lin)
-                mine = {k[len(prefix + lin) + 1:]: v for k, v in stored.items() if k.startswith(prefix + lin + ".")}
-                module.weight.data = restore_linear(prefix + lin, mine).to(device)
-            for name, t in stored.items():  # norms, as a transform left them
-                if name.rsplit(".", 1)[0] not in linear_names:
-                    layer.get_parameter(name[len(prefix):]).data = t.float().to(device)
+            _restore_layer(layer, prefix, family, shard, restore_linear, device)
         else:
-            out: dict[str, torch.Tensor] = {}
             metrics: dict[str, float] = {}
             if transform_layer is not None:
                 metrics.update(transform_layer(i, layer, hidden, pos_ids, pos_emb))
@@ -242,34 +233,74 @@ def quantize_sequentially(merged_dir: Path, calibration_ids: Optional[torch.Tens
             if hidden is not None and true_sequential:
                 replays = LayerReplays(layer, family, -(-hidden.windows // hidden.chunk),
                                        hidden.windows * hidden.data.shape[1])
-            for batch in passes:
-                hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, compute_dtype, replays)
-                            if hidden is not None else [None] * len(batch))
-                for group, H in zip(batch, hessians):
-                    for lin in group:
-                        module = layer.get_submodule(lin)
-                        W = module.weight.data.float()
-                        result = quantize_linear(prefix + lin, W, H)
-                        module.weight.data = result.weight.float()
-                        out.update({f"{prefix}{lin}.{k}": v.cpu() for k, v in result.tensors.items()})
-                        if replays is not None:
-                            replays.quantized.add(lin)
-                        short = lin.rsplit('.', 1)[-1]
-                        metrics.update({f"{short}.{k}": v for k, v in result.metrics.items()})
-                        metrics.update({f"{short}.{k}": v for k, v in error_metrics(W, module.weight.data, H).items()})
-                del hessians  # the next pass's Hessians need the room (the widest is 0.8 GB on an 8B model)
+            out = _quantize_linears(layer, prefix, passes, hidden, pos_ids, pos_emb, compute_dtype, replays,
+                                    quantize_linear, metrics)
+            linear_names = {prefix + lin for lin in family.linears}
             for name in tensor_names:
                 if f"{prefix}{name}".rsplit(".", 1)[0] not in linear_names:
                     t = layer.get_parameter(name)  # as the transform (if any) left it
                     out[prefix + name] = (t.data.to(dtype) if t.is_floating_point() else t.data).cpu()
             on_layer(i, metrics)  # before the shard: a layer redone after a kill just logs again
             save_atomic(out, shard)
+            del out  # the packed layer is on disk; the next layer's search should not share the room
         if hidden is not None:
             _forward(layer, hidden, pos_ids, pos_emb, compute_dtype, replays)
         replays = None  # its kept inputs are this layer's
         layer.to("meta")
         _release(device)
     return n_layers
+
+
+def _quantize_linears(layer: nn.Module, prefix: str, passes: list[list[tuple[str, ...]]],
+                      hidden: Optional["Activations"], pos_ids, pos_emb, compute_dtype: torch.dtype,
+                      replays: Optional[LayerReplays], quantize_linear: QuantizeLinear,
+                      metrics: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Quantize the layer's linears pass by pass (each pass: the Hessians of its groups, then
+    their linears); returns the tensors to store and adds to `metrics`. Each Hessian is dropped
+    as soon as its group is quantized, before the next pass captures its own, and nothing of
+    a linear's work (its float32 original, the method's result) outlives its turn, so the
+    next pass and the next layer's search find that memory free (on an 8B model the
+    down_proj Hessian alone is 0.8 GB)."""
+    out: dict[str, torch.Tensor] = {}
+    for batch in passes:
+        hessians = (_hessians(layer, batch, hidden, pos_ids, pos_emb, compute_dtype, replays)
+                    if hidden is not None else [None] * len(batch))
+        for group in batch:
+            _quantize_group(layer, prefix, group, hessians.pop(0), replays, quantize_linear, out, metrics)
+    return out
+
+
+def _quantize_group(layer: nn.Module, prefix: str, group: tuple[str, ...], H: Optional[torch.Tensor],
+                    replays: Optional[LayerReplays], quantize_linear: QuantizeLinear,
+                    out: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
+    """Quantize the linears of one group (sharing Hessian `H`) in place; their stored tensors
+    go to `out`, their metrics to `metrics`."""
+    for lin in group:
+        module = layer.get_submodule(lin)
+        W = module.weight.data.float()
+        result = quantize_linear(prefix + lin, W, H)
+        module.weight.data = result.weight.float()
+        out.update({f"{prefix}{lin}.{k}": v.cpu() for k, v in result.tensors.items()})
+        if replays is not None:
+            replays.quantized.add(lin)
+        short = lin.rsplit('.', 1)[-1]
+        metrics.update({f"{short}.{k}": v for k, v in result.metrics.items()})
+        metrics.update({f"{short}.{k}": v for k, v in error_metrics(W, module.weight.data, H).items()})
+
+
+def _restore_layer(layer: nn.Module, prefix: str, family: Family, shard: Path, restore_linear: RestoreLinear,
+                   device: torch.device) -> None:
+    """Put a finished layer's stored result (its shard) into `layer`: the linears as their
+    packed tensors decode, the other tensors (norms) as a transform left them."""
+    stored = _load(shard)
+    linear_names = {prefix + lin for lin in family.linears}
+    for lin in family.linears:
+        module = layer.get_submodule(lin)
+        mine = {k[len(prefix + lin) + 1:]: v for k, v in stored.items() if k.startswith(prefix + lin + ".")}
+        module.weight.data = restore_linear(prefix + lin, mine).to(device)
+    for name, t in stored.items():
+        if name.rsplit(".", 1)[0] not in linear_names:
+            layer.get_parameter(name[len(prefix):]).data = t.float().to(device)
 
 
 @torch.no_grad()
