@@ -107,3 +107,26 @@ def test_awq_repacked_into_the_gptq_layout_keeps_every_value():
     assert "awq-gemm" in repr(repacked)
     x = torch.randn(5, in_f)
     assert torch.equal(repacked(x), native(x))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("order", ["consecutive", "act-order", "uneven"])
+def test_dequantize_is_the_plain_formula_bit_for_bit(bits, order):
+    """The broadcast (consecutive groups) and gather (act-order) dequantizations give exactly
+    the bits of the plain formula scales[g_idx] * (q - zeros[g_idx]), in float32."""
+    gen = torch.Generator().manual_seed(bits)
+    out_f, in_f, gs = 64, 96, 32  # 3-bit zeros fill whole words along out at 32
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=gen)
+    g_idx = torch.arange(in_f) // gs
+    if order == "act-order":
+        g_idx = g_idx[torch.randperm(in_f, generator=gen)]
+    elif order == "uneven":  # groups of unequal size: not the consecutive layout either
+        g_idx = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(26, dtype=torch.long), torch.full((30,), 2)])
+    zeros = torch.randint(1, 2**bits, (3, out_f), generator=gen)
+    scales = (torch.rand(3, out_f, generator=gen) + 0.01).half()
+    plain = scales.float()[g_idx].t() * (codes.float() - zeros.float()[g_idx].t())
+    for v1 in (True, False):
+        got = dequantize_gptq(pack_gptq(codes, zeros, scales, g_idx, bits, v1=v1), bits, v1=v1)
+        assert got.is_contiguous() and torch.equal(got, plain)
+    if bits == 4 and order == "consecutive":
+        assert torch.equal(dequantize_awq(pack_awq(codes, zeros, scales)), plain)
