@@ -144,8 +144,8 @@ def _dequantize_consecutive(codes: torch.Tensor, zeros: torch.Tensor, scales: to
 
     Like the act-order gather above it computes elementwise in float32 exactly as written, so
     the bits do not depend on the layout; both work on contiguous [out, in] rows. The
-    transposed gathers they replaced were ~5x slower on the CPU, where an int4 layer
-    dequantizes at every call once past the kept budget (kernels/int4_linear.py)."""
+    transposed gathers they replaced were 2.6-11x slower on the CPU (scripts/bench_dequantize.py),
+    where an int4 layer dequantizes at every call once past the kept budget (kernels/int4_linear.py)."""
     out_f, in_f = codes.shape
     groups = scales.shape[0]
     w = codes.view(out_f, groups, in_f // groups).float() - zeros.t().float().unsqueeze(2)
