@@ -2,8 +2,9 @@
 is quantized (before the next pass captures its own), a linear's float32 original once its
 quantized weight replaced it, and everything of a layer before the next layer's transform (AWQ's
 search, the peak of an AWQ stage). Held one step longer, the previous layer's down_proj Hessian
-(0.8 GB), original and result (0.24 GB each) sat under the next layer's search: the 8B
-rehearsal's AWQ peak was 1.2 GiB above its 1-layer run's.
+(0.8 GB), original and result (0.24 GB each) sat under the next layer's search: on 2 layers of
+the 8B shape the AWQ stage peaked at 5.25 GiB with them and 4.15 without
+(benchmarks/rehearsal_llama3-8b_awq_lifetimes.json).
 
 Checked with weak references to the very tensors the engine hands the method (W, H) and gets
 back (the result), at the moments the memory is needed again; no garbage collection is forced,
