@@ -720,6 +720,14 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def records_so_far(plan: list[str], records: list[dict], previous: dict[str, dict]) -> list[dict]:
+    """What the JSON holds while a run is under way: this run's records, and the earlier records
+    (--resume) of the stages it has not reached yet, in plan order. Written after every stage, so a
+    run killed half-way leaves every figure it started with, not only the stages it passed."""
+    now = {r["stage"]: r for r in records}
+    return [now.get(stage) or previous[stage] for stage in plan if stage in now or stage in previous]
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of this script stops the running stage too
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -913,7 +921,7 @@ def main() -> int:
                 shutil.rmtree(qdir)
                 pruned.append(stage[len("evaluate-"):])
                 print(f"   pruned {qdir.name} (disk)", flush=True)
-        result["stages"] = records
+        result["stages"] = records_so_far(list(status), records, previous)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=2))  # after every stage: a partial run leaves its figures
 

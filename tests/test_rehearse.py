@@ -154,3 +154,16 @@ def test_a_rehearsal_in_parts_keeps_every_parts_records(tmp_path):
     for stage, record in before.items():
         assert after[stage]["wall_seconds"] == record["wall_seconds"]  # kept, not rerun
     assert after["quantize-gptq-w4g128"]["returncode"] == 0
+
+
+def test_a_run_under_way_keeps_the_records_of_the_stages_it_has_not_reached(rehearse):
+    """The JSON written after each stage of a `--resume` run: the stages run so far, and the earlier
+    records of the later stages, in plan order (before, a run killed half-way dropped the later ones)."""
+    plan = ["data", "base", "evaluate-base", "train", "merge", "quantize-gptq-w4g128", "report"]
+    previous = {s: {"stage": s, "wall_seconds": 1.0} for s in ("data", "base", "train", "merge", "quantize-gptq-w4g128")}
+    records = [previous["data"], previous["base"], {"stage": "evaluate-base", "wall_seconds": 2.0}]  # just ran
+    written = rehearse.records_so_far(plan, records, previous)
+    assert [r["stage"] for r in written] == ["data", "base", "evaluate-base", "train", "merge", "quantize-gptq-w4g128"]
+    assert written[2]["wall_seconds"] == 2.0
+    rerun = records + [previous["train"], {"stage": "merge", "wall_seconds": 3.0}]  # merge ran again: the new record
+    assert [r["wall_seconds"] for r in rehearse.records_so_far(plan, rerun, previous)] == [1.0, 1.0, 2.0, 1.0, 3.0, 1.0]
