@@ -124,7 +124,7 @@ class LinearInt4(nn.Module):
         if self.layout == "awq":
             return dequantize_awq(AWQPacked(self.qweight, self.qzeros, self.scales)).to(dtype)
         packed = GPTQPacked(self.qweight, self.qzeros, self.scales, self.g_idx)
-        return dequantize_gptq(packed, self.bits, self.v1).to(dtype)
+        return dequantize_gptq(packed, self.bits, self.v1, dtype)
 
     def kernel_weight(self) -> Optional["qlora_kernels.W4A16Weight"]:
         """The packed weight as the W4A16 kernels read it (None: not a layout they take),

@@ -125,31 +125,53 @@ def unpack_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> tuple[torch.Tensor
     return codes.contiguous(), zeros.contiguous()
 
 
-def dequantize_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> torch.Tensor:
-    """float32 [out, in] weight of a GPTQ-packed linear: scales[g_idx] * (q - zero[g_idx])."""
-    codes, zeros = unpack_gptq(p, bits, v1)
-    in_f, groups = codes.shape[1], p.scales.shape[0]
+# Output rows dequantized per step: about 2M values, so each step's temporaries (codes, their
+# float32 copy) stay a few MB. glibc serves allocations above 32 MB with fresh mmap pages that
+# the kernel faults in and zeroes on first touch; unchunked, a Llama-3-8B gate_proj made ~1.5 GB
+# of such pages per call, and past the kept budget an 8B evaluation spent as much CPU time
+# faulting pages as computing (scripts/bench_int4_eval.py). Small temporaries are reused from
+# the heap instead.
+DEQUANT_CHUNK_VALUES = 1 << 21
+
+
+def dequantize_gptq(p: GPTQPacked, bits: int, v1: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[out, in] weight of a GPTQ-packed linear in `dtype`: scales[g_idx] * (q - zero[g_idx]),
+    computed in float32 and then rounded to `dtype` (the same bits as `.to(dtype)` of the float32
+    weight), a block of output rows at a time."""
+    zeros = unpack_along_rows(p.qzeros.t().contiguous(), bits).t() + (1 if v1 else 0)  # int32 [groups, out]
+    in_f, out_f, groups = p.g_idx.numel(), p.scales.shape[1], p.scales.shape[0]
     g = p.g_idx.long()
     consecutive = (in_f % groups == 0 and g.device.type != "meta"  # meta: no values to compare
                    and torch.equal(g, torch.arange(in_f, device=g.device) // (in_f // groups)))
-    if consecutive:  # no act-order, or AWQ repacked
-        return _dequantize_consecutive(codes, zeros, p.scales)
-    zt, st = zeros.t().float().contiguous(), p.scales.t().float().contiguous()
-    return (codes.float() - zt.index_select(1, g)).mul_(st.index_select(1, g))
+    zt, st = zeros.t().float().contiguous(), p.scales.t().float().contiguous()  # [out, groups]
+
+    def rows(r0: int, r1: int) -> torch.Tensor:  # float32 [r1 - r0, in]
+        codes = unpack_along_rows(p.qweight[:, r0:r1], bits).t().contiguous()  # int32 [rows, in]
+        if consecutive:  # no act-order, or AWQ repacked
+            return _dequantize_consecutive(codes, zt[r0:r1], st[r0:r1])
+        return (codes.float() - zt[r0:r1].index_select(1, g)).mul_(st[r0:r1].index_select(1, g))
+
+    step = max(1, DEQUANT_CHUNK_VALUES // max(in_f, 1))
+    if out_f <= step:  # one block: no separate output to copy into
+        return rows(0, out_f).to(dtype)
+    out = torch.empty(out_f, in_f, dtype=dtype, device=p.qweight.device)
+    for r0 in range(0, out_f, step):
+        out[r0:r0 + step].copy_(rows(r0, min(out_f, r0 + step)))
+    return out
 
 
-def _dequantize_consecutive(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _dequantize_consecutive(codes: torch.Tensor, zeros_t: torch.Tensor, scales_t: torch.Tensor) -> torch.Tensor:
     """float32 [out, in] = (q - z) * s with group k // g of input column k: each group's zero and
-    scale broadcast over its columns.
+    scale ([out, groups], float32) broadcast over its columns.
 
     Like the act-order gather above it computes elementwise in float32 exactly as written, so
     the bits do not depend on the layout; both work on contiguous [out, in] rows. The
     transposed gathers they replaced were 2.6-11x slower on the CPU (scripts/bench_dequantize.py),
     where an int4 layer dequantizes at every call once past the kept budget (kernels/int4_linear.py)."""
     out_f, in_f = codes.shape
-    groups = scales.shape[0]
-    w = codes.view(out_f, groups, in_f // groups).float() - zeros.t().float().unsqueeze(2)
-    return w.mul_(scales.t().float().unsqueeze(2)).view(out_f, in_f)
+    groups = scales_t.shape[1]
+    w = codes.reshape(out_f, groups, in_f // groups).float() - zeros_t.unsqueeze(2)
+    return w.mul_(scales_t.unsqueeze(2)).view(out_f, in_f)
 
 
 # AWQ GEMM (docs/formats.md#awq-gemm-layout, AutoAWQ `gemm.py`): 4-bit only, packed along the *output*
@@ -204,7 +226,7 @@ def unpack_awq(p: AWQPacked) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_awq(p: AWQPacked) -> torch.Tensor:
     """float32 [out, in] weight: (q - zero[k // g]) * scale[k // g]."""
     codes, zeros = unpack_awq(p)
-    return _dequantize_consecutive(codes, zeros, p.scales)
+    return _dequantize_consecutive(codes, zeros.t().float(), p.scales.t().float())
 
 
 def gptq_from_awq(p: AWQPacked) -> GPTQPacked:

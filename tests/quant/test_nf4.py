@@ -8,7 +8,7 @@ import pytest
 import torch
 from bitsandbytes.functional import QuantState
 
-from qlora_quant.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
+from qlora_quant.nf4 import DYNAMIC_CODE, NF4_CODE, decode_absmax, dequantize_nf4, nf4_from_state_tensors, quant_state_tensors, quantize_nf4
 from qlora_kernels.nf4_linear import LinearNF4
 
 SHAPES = [(1,), (3, 5), (63,), (65,), (129,), (7, 1000), (100, 77), (576, 576), (1536, 576), (5000, 3), (2, 3, 67)]
@@ -106,6 +106,24 @@ def test_dequantize_error_is_within_one_nf4_step():
     err = (dequantize_nf4(quantize_nf4(w, 64)) - w).abs()
     absmax = w.reshape(-1, 64).abs().amax(1, keepdim=True).expand(-1, 64).reshape(64, 128)
     assert (err <= absmax * 0.17).all()  # widest NF4 gap is 1 - 0.723 = 0.277; half of it plus dq slack
+
+
+@pytest.mark.parametrize("shape", [(7, 1000), (100, 77), (65,), (576, 576)])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_dequantize_in_runs_of_blocks_is_the_plain_formula(shape, blocksize, monkeypatch):
+    """Dequantizing a few blocks at a time (3 here; sizes with a partial last block) writes
+    exactly code[q] * absmax[block], rounded to the requested dtype: the bits of the whole-tensor
+    computation."""
+    t = quantize_nf4(torch.randn(*shape, generator=torch.Generator().manual_seed(3)), blocksize)
+    flat = t.packed.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: t.packed.numel() * 2]
+    n = torch.Size(shape).numel()
+    absmax = torch.repeat_interleave(decode_absmax(t), blocksize)[:n]
+    plain = (t.code[nibbles[:n].long()] * absmax).view(shape)
+    monkeypatch.setattr("qlora_quant.nf4.DEQUANT_CHUNK_VALUES", 3 * blocksize)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = dequantize_nf4(t, dtype)
+        assert got.dtype == dtype and got.shape == torch.Size(shape) and torch.equal(got, plain.to(dtype))
 
 
 def test_linear_nf4_forward_equals_dequantized_matmul():

@@ -130,3 +130,25 @@ def test_dequantize_is_the_plain_formula_bit_for_bit(bits, order):
         assert got.is_contiguous() and torch.equal(got, plain)
     if bits == 4 and order == "consecutive":
         assert torch.equal(dequantize_awq(pack_awq(codes, zeros, scales)), plain)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("order", ["consecutive", "act-order"])
+def test_dequantize_in_row_blocks_and_in_the_target_dtype(bits, order, monkeypatch):
+    """Dequantizing a few output rows at a time (blocks of 5 rows here, the last one short) and
+    writing the target dtype directly give the bits of the whole-matrix float32 formula, rounded
+    to that dtype."""
+    gen = torch.Generator().manual_seed(7)
+    out_f, in_f, gs = 64, 96, 32
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=gen)
+    g_idx = torch.arange(in_f) // gs
+    if order == "act-order":
+        g_idx = g_idx[torch.randperm(in_f, generator=gen)]
+    zeros = torch.randint(1, 2**bits, (3, out_f), generator=gen)
+    scales = (torch.rand(3, out_f, generator=gen) + 0.01).half()
+    plain = scales.float()[g_idx].t() * (codes.float() - zeros.float()[g_idx].t())
+    packed = pack_gptq(codes, zeros, scales, g_idx, bits, v1=False)
+    monkeypatch.setattr("qlora_quant.packing.DEQUANT_CHUNK_VALUES", 5 * in_f)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = dequantize_gptq(packed, bits, v1=False, dtype=dtype)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, plain.to(dtype))
