@@ -82,7 +82,9 @@ def main() -> None:
         ppl, tokens = perplexity(model, windows, ev.get("batch_size", 4), "cpu", quiet, split)
         row[f"{split}_seconds"] = time.perf_counter() - t0
         row[f"{split}_ppl"], row[f"{split}_windows"] = ppl, list(windows.shape)
-    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # system time: mostly page faults on fresh temporaries
+    row.update(peak_rss_gib=usage.ru_maxrss / 2**20, cpu_user_seconds=usage.ru_utime,
+               cpu_system_seconds=usage.ru_stime, minor_page_faults=usage.ru_minflt)
     print(json.dumps(row, indent=1))
     if args.out:
         rows = json.loads(args.out.read_text()) if args.out.is_file() else []
