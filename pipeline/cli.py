@@ -77,6 +77,7 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
 
 
 def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None):
+    from qlora_pipeline import rundir
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
     from qlora_pipeline.runner import Runner
@@ -84,6 +85,9 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
     from qlora_pipeline.stages import build_stages
 
     directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
+    problem = rundir.location_problem(directory, probe=with_tracking)  # only `run` tracks, and only it may write
+    if problem:
+        raise InputError(f"run directory: {problem}; {rundir.RUN_DIR_HINT}")
     check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
     specs = build_stages(recipe)
     tracker = None

@@ -637,6 +637,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
         RecipeError: every problem found, each naming its key path.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        raise RecipeError([f"'{path}' is a folder, not a recipe file"
+                           + (f"; the recipes in it: {', '.join(inside)}" if inside else "")], source=str(path))
     if not path.is_file():
         raise RecipeError([f"recipe file '{path}' does not exist"], source=str(path))
     empty = RecipeError([f"recipe file '{path}' is empty; write its sections (see recipes/*.yaml), "
@@ -652,6 +656,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
         raise RecipeError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], source=str(path)) from None
     except UnicodeDecodeError:
         raise RecipeError(["not a UTF-8 text file"], source=str(path)) from None
+    except OSError as exc:
+        raise RecipeError([f"cannot read it ({exc.strerror or exc})"], source=str(path)) from None
     if data is None:
         # An empty file (or only comments) is far more likely a mistake, such as a truncated
         # copy or the wrong file, than a request for the full default run; `{}` asks for that.

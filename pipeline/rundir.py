@@ -11,18 +11,72 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from qlora_pipeline.errors import RunLockedError
+from qlora_pipeline.errors import InputError, RunLockedError
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
 OUTPUT = "output"
 PARTIAL = "output.partial"
 CHECKPOINTS = "checkpoints"
+
+
+RUN_DIR_HINT = "set run.dir (or --run-dir) to a folder you can write"
+
+
+def location_problem(run_dir: Path, probe: bool = False) -> Optional[str]:
+    """Why a run directory cannot live at `run_dir` (None: it can). A file in the way or a
+    parent the user cannot write would otherwise surface as a traceback from the first manifest
+    read or mkdir. Without `probe` nothing is written; with it, an empty folder is made and
+    removed again in the nearest existing folder, which catches what permission bits do not
+    (a read-only or virtual file system, root's writes refused) before anything else, such as
+    the tracking store, is touched."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            return f"{run_dir} exists and is not a folder"
+        ancestor = run_dir
+    else:
+        ancestor = run_dir.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{ancestor} is a file, so {run_dir} cannot be created under it"
+    where = "" if ancestor == run_dir else f"{run_dir} cannot be created: "
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{where}{ancestor} is not writable"
+    if probe:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".qlp-probe-", dir=ancestor))
+        except OSError as exc:
+            return f"{where}cannot write in {ancestor} ({exc.strerror or exc})"
+    return None
+
+
+def create_run_dir(run_dir: Path) -> list[Path]:
+    """mkdir -p, with a failure (a read-only or virtual file system, a full disk) as bad input
+    naming the folder: nothing has been written yet when it happens. Returns the folders it
+    created, outermost first, so that a run refused for bad input can take them away again."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()][::-1]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        remove_empty_folders(missing)
+        raise InputError(f"run directory {run_dir}: cannot create it ({exc.strerror or exc}); {RUN_DIR_HINT}") from None
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """rmdir each of `folders` (outermost first), innermost first, while they are empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def fsync_dir(path: Path) -> None:

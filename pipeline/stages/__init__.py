@@ -57,6 +57,20 @@ def _shared_storage(entries, search: str) -> str:
     return storages.pop() if len(storages) == 1 else "auto"
 
 
+def context_problems(recipe, config: dict) -> list[str]:
+    """A window longer than the model's context (`max_position_embeddings`, which a rope-scaled
+    config already states at its extended length): positions the model never saw would make
+    its perplexities, training and calibration statistics meaningless, or fail minutes into a
+    run."""
+    context = config.get("max_position_embeddings")
+    if not isinstance(context, int):
+        return []
+    windows = {"data.seq_len": recipe.data.seq_len, "train.seq_len": recipe.train.seq_len,
+               "calibration.seq_len": recipe.calibration.seq_len}
+    return [f"{key}: {n} tokens is longer than the model's context of {context} (max_position_embeddings); "
+            f"give at most {context}" for key, n in windows.items() if n is not None and n > context]
+
+
 def build_stages(recipe) -> list[StageSpec]:
     model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
@@ -117,7 +131,7 @@ def build_stages(recipe) -> list[StageSpec]:
                                {**scoring, **adapter_config}))
     config = cached_config(recipe.model)
     if config is not None:
-        problems = []
+        problems = context_problems(recipe, config)
         for i, q in enumerate(entries):
             try:
                 methods.check_shapes(q, config, f"quantize.{i}")

@@ -191,6 +191,25 @@ def test_empty_recipe_is_refused(command, content, in_tmp, capsys):
     assert f"recipe file '{path}' is empty" in err
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_folder_given_as_the_recipe_names_the_recipes_in_it(command, in_tmp, capsys):
+    (in_tmp / "recipes").mkdir()
+    (in_tmp / "recipes" / "a.yaml").write_text("{}")
+    (in_tmp / "recipes" / "notes.txt").write_text("x")
+    err = refused(capsys, in_tmp, command, str(in_tmp / "recipes"))
+    assert f"'{in_tmp / 'recipes'}' is a folder, not a recipe file; the recipes in it: a.yaml" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_windows_longer_than_the_models_context_are_refused(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    context = json.loads((tiny_llama_dir / "config.json").read_text())["max_position_embeddings"]
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"seq_len": context + 1},
+                       calibration={"seq_len": context}, train={"seq_len": 2 * context})
+    err = refused(capsys, in_tmp, command, path)
+    assert f"data.seq_len: {context + 1} tokens is longer than the model's context of {context}" in err
+    assert f"train.seq_len: {2 * context} tokens" in err and "calibration.seq_len" not in err  # equal is fine
+
+
 SET_CASES = {
     "through a string": ("model.source.x=1", "--set model.source.x: model.source is a string"),
     "through a list item's string": ("quantize.0.name.x=1", "--set quantize.0.name.x: quantize.0.name is a string"),
@@ -221,6 +240,50 @@ def test_set_creates_a_missing_section(write_recipe, capsys):
 
     recipe, _ = load_recipe(path, ["train.steps=20", "merge.verify_max_logit_diff=2"])
     assert recipe.train.steps == 20 and recipe.merge.verify_max_logit_diff == 2
+
+
+# ----------------------------------------------------------------------------- where the run directory goes
+
+
+@pytest.mark.parametrize("command", ("plan", "run"))
+def test_a_run_dir_under_a_file_is_refused(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    (in_tmp / "afile").write_text("not a folder")
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, run={"dir": str(in_tmp / "afile" / "runs")},
+                       tracking={"uri": None})  # MLflow's default store: ./mlflow.db, which must not appear
+    err = refused(capsys, in_tmp, command, path)
+    assert f"{in_tmp / 'afile'} is a file, so {in_tmp / 'afile' / 'runs' / 'tiny'} cannot be created" in err
+    assert "run.dir (or --run-dir)" in err
+    assert (in_tmp / "afile").read_text() == "not a folder"
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    (in_tmp / "runs").mkdir()
+    (in_tmp / "runs" / "tiny").write_text("x")
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"uri": None})
+    assert cli("run", path) == 2
+    err = capsys.readouterr().err
+    assert f"{in_tmp / 'runs' / 'tiny'} exists and is not a folder" in err and "Traceback" not in err
+    assert not list(in_tmp.rglob("mlflow.db"))
+
+
+def test_data_refused_at_run_time_leaves_no_folder_behind(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    # One document cannot be split into test, validation and training text: found by the data
+    # stage (it must read and split the text), after the run directory and its parents exist.
+    (in_tmp / "one.txt").write_text("A single short document about nothing in particular.\n")
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(in_tmp / "one.txt")}},
+                       run={"dir": str(in_tmp / "runs" / "deeper")}, tracking={"enabled": False})
+    err = refused(capsys, in_tmp, "run", path, "--only", "data")
+    assert "data.holdout_every: only 1 document(s)" in err
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["one.txt", Path(path).name]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_run_dir_that_cannot_be_made_is_refused_before_the_tracking_store(tiny_llama_dir, in_tmp, write_recipe,
+                                                                             capsys):
+    # Permission bits bind no one when the tests run as root; a virtual file system refuses everyone.
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, run={"dir": "/proc/qlp-runs"}, tracking={"uri": None})
+    err = refused(capsys, in_tmp, "run", path)
+    assert "/proc/qlp-runs/tiny cannot be created: cannot write in /proc" in err
 
 
 # ----------------------------------------------------------------------------- damaged run directories
