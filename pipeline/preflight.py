@@ -1,7 +1,7 @@
 """Preflight: check the recipe's inputs on disk before a run directory or MLflow run exists.
 
 The schema (pipeline/recipe.py) checks that paths exist; this module opens them: a local
-model directory must hold a readable config.json and safetensors weights, a `.gguf` file must
+model directory must hold a readable config.json, safetensors weights and a tokenizer, a `.gguf` file must
 be a GGUF file, an external adapter must be a PEFT LoRA directory, every local data file must
 be readable and JSON/JSONL files must parse their first record. A problem found here would
 otherwise surface minutes into a run, after the run directory, its lock and an MLflow run were
@@ -163,7 +163,21 @@ def check_model_dir(path: Path, key: str) -> list[str]:
         problems.append(f"{key}: {path / 'config.json'} has no 'model_type'; it must be the config.json "
                         "that save_pretrained writes (e.g. \"model_type\": \"llama\")")
     problems += check_weights(path, key)
+    problems += check_tokenizer(path, key)
     return problems
+
+
+# What AutoTokenizer can build a tokenizer from: a fast tokenizer's tokenizer.json, a
+# SentencePiece model (Llama-2, Mistral, Gemma, T5), a BPE vocabulary with its merges (GPT-2,
+# Qwen), or a tiktoken file. Every stage tokenizes, so without one a run fails in its first stage.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",), ("vocab.json", "merges.txt"))
+
+
+def check_tokenizer(path: Path, key: str) -> list[str]:
+    if any(all((path / name).is_file() for name in files) for files in TOKENIZER_FILES) or list(path.glob("*.tiktoken")):
+        return []
+    return [f"{key}: {path} has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); "
+            "copy the tokenizer files saved with the model (tokenizer.save_pretrained(...) into the same folder)"]
 
 
 def check_weights(path: Path, key: str) -> list[str]:

@@ -54,6 +54,29 @@ def test_model_dir_without_weights(command, model_copy, in_tmp, write_recipe, ca
     assert "safe_serialization=True" in err
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_model_dir_without_a_tokenizer(command, model_copy, in_tmp, write_recipe, capsys):
+    for f in model_copy.glob("tokenizer*"):
+        f.unlink()
+    err = refused(capsys, in_tmp, command, recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {model_copy} has no tokenizer (tokenizer.json, tokenizer.model" in err
+
+
+def test_a_sentencepiece_or_bpe_tokenizer_passes_preflight(model_copy):
+    from qlora_pipeline.preflight import check_tokenizer
+
+    (model_copy / "tokenizer.json").unlink()
+    assert check_tokenizer(model_copy, "k")
+    (model_copy / "vocab.json").write_text("{}")
+    assert check_tokenizer(model_copy, "k")  # a BPE vocabulary needs its merges
+    (model_copy / "merges.txt").write_text("")
+    assert check_tokenizer(model_copy, "k") == []
+    for f in ("vocab.json", "merges.txt"):
+        (model_copy / f).unlink()
+    (model_copy / "tokenizer.model").write_bytes(b"")
+    assert check_tokenizer(model_copy, "k") == []
+
+
 def test_pickle_weights_are_refused_by_name(model_copy, in_tmp, write_recipe, capsys):
     (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
     err = refused(capsys, in_tmp, "run", recipe_file(write_recipe, in_tmp, model_copy))
