@@ -179,6 +179,15 @@ def test_jsonl_without_the_text_field_names_text_field(tiny_llama_dir, in_tmp, w
     assert "data.general.text_field:" in err and "no 'text' field" in err and "body" in err
 
 
+@pytest.mark.parametrize("value, kind", [("5", "a number"), ('["a", "b"]', "a list"), ('{"en": "x"}', "an object")])
+def test_jsonl_whose_text_field_is_not_a_string(value, kind, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    corpus = in_tmp / "corpus.jsonl"
+    corpus.write_text(f'{{"text": {value}, "body": "hello"}}\n')
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(corpus)}})
+    err = refused(capsys, in_tmp, "validate", path)
+    assert f"data.domain.text_field: {corpus}: the first record's 'text' is {kind}, not a string" in err
+
+
 def test_unreadable_and_non_utf8_data_files(tiny_llama_dir, in_tmp, write_recipe, capsys):
     corpus = in_tmp / "corpus"
     corpus.mkdir()
