@@ -373,11 +373,17 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
     the URL of the experiment's runs page."""
     import subprocess
 
+    from qlora_pipeline.preflight import sqlite_store_path
     from qlora_pipeline.recipe import TrackingConfig
     from qlora_pipeline.tracking import default_tracking_uri, find_experiment, runs_url
 
     tracking = _load(recipe, ())[0].tracking if recipe else TrackingConfig()
     uri = uri or tracking.uri or default_tracking_uri()
+    store = sqlite_store_path(uri)
+    if store is not None and not store.is_file():
+        # MLflow would create an empty store there (or retry for minutes where it cannot).
+        raise InputError(f"no MLflow store at {store}: `pipeline run` creates it; run a recipe first, or give the "
+                         "store the runs use (--recipe RECIPE, or --uri)")
     name = experiment or tracking.experiment
     experiment_id, view = find_experiment(uri, name)
     if experiment_id is None:

@@ -108,12 +108,18 @@ def network_sources(recipe) -> list[str]:
     return lines
 
 
+def sqlite_store_path(uri: Optional[str]) -> Optional[Path]:
+    """The file of a `sqlite:///PATH` tracking URI (None for other stores and in-memory SQLite)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+    return None if str(path) in ("", ".", ":memory:") else path
+
+
 def check_tracking_uri(uri: Optional[str]) -> list[str]:
     """A local SQLite tracking store needs an existing folder (MLflow creates the file, not the folder)."""
-    if not uri or not uri.startswith("sqlite:///"):
-        return []
-    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
-    if str(path) in ("", ":memory:") or path.parent.is_dir():
+    path = sqlite_store_path(uri)
+    if path is None or path.parent.is_dir():
         return []
     return [f"tracking.uri: folder {path.parent} of the SQLite store {path.name} does not exist; create it or "
             "change tracking.uri"]

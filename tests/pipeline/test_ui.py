@@ -165,6 +165,18 @@ def test_ui_on_a_server_prints_and_opens_its_runs_page(tmp_path, monkeypatch, ca
     assert opened == [url]
 
 
+@pytest.mark.parametrize("where", ["here", "a virtual file system"])
+def test_ui_without_a_store_says_so_and_creates_none(where, tmp_path, monkeypatch, capsys):
+    """MLflow would create an empty store (or, where it cannot, retry for minutes): exit 2 instead."""
+    monkeypatch.chdir(tmp_path)
+    args = [] if where == "here" else ["--uri", "sqlite:////proc/qlp-none/mlflow.db"]
+    assert cli("ui", *args) == 2
+    err = capsys.readouterr().err
+    store = tmp_path / "mlflow.db" if where == "here" else "/proc/qlp-none/mlflow.db"  # MLflow's default: ./mlflow.db
+    assert f"no MLflow store at {store}: `pipeline run` creates it" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_find_experiment_tags_the_experiment_and_reports_the_view(tmp_path, store):
     runner = finished_run(tmp_path, store, "found")
     client = MlflowClient(store)
