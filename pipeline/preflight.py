@@ -313,13 +313,12 @@ def _check_first_record(f: Path, text_field: str, key: str) -> Optional[str]:
     if not isinstance(record, dict):
         return (f"{key}: {f}: first record is a JSON {type(record).__name__}, not an object; "
                 f"give one object per record with the text under '{text_field}'")
+    field_key = key.rsplit(".", 1)[0] + ".text_field"
     if text_field not in record:
-        field_key = key.rsplit(".", 1)[0] + ".text_field"
         return (f"{field_key}: {f}: first record has no '{text_field}' field (its keys: "
                 f"{', '.join(map(str, list(record)[:8])) or 'none'}); set {field_key} to the field holding the text")
     value = record[text_field]
     if value is not None and not isinstance(value, str):  # null: an empty record, skipped like an empty string
-        field_key = key.rsplit(".", 1)[0] + ".text_field"
         kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}[type(value)]
         return (f"{field_key}: {f}: the first record's '{text_field}' is {kind}, not a string; set {field_key} to "
                 "the field holding the text")

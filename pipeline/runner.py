@@ -388,8 +388,7 @@ class Runner:
         if not ranks.is_main:
             self._follow(planned, ranks)
             return planned
-        existed = self.run_dir.exists()
-        created_folders = rundir.create_run_dir(self.run_dir)
+        created_folders = rundir.create_run_dir(self.run_dir)  # empty: the run directory existed
         run_json_path = self.run_dir / "run.json"
         previous_run_json = run_json_path.read_bytes() if run_json_path.is_file() else None
         created_runs: list[Optional[str]] = []
@@ -438,7 +437,7 @@ class Runner:
                     self.tracker.finish(parent_id, "FINISHED")
         except InputError:
             # Bad input found while running: leave the run directory as it was before.
-            if not existed:
+            if created_folders:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 rundir.remove_empty_folders(created_folders[:-1])  # the parents made for it, e.g. runs/
                 for run_id in created_runs if self.tracker else ():

@@ -129,7 +129,7 @@ def unpack_gptq(p: GPTQPacked, bits: int, v1: bool = True) -> tuple[torch.Tensor
 # float32 copy) stay a few MB. glibc serves allocations above 32 MB with fresh mmap pages that
 # the kernel faults in and zeroes on first touch; unchunked, a Llama-3-8B gate_proj made ~1.5 GB
 # of such pages per call, and past the kept budget an 8B evaluation spent as much CPU time
-# faulting pages as computing (scripts/bench_int4_eval.py). Small temporaries are reused from
+# faulting pages as computing (scripts/bench_quantized_eval.py). Small temporaries are reused from
 # the heap instead.
 DEQUANT_CHUNK_VALUES = 1 << 21
 
@@ -166,7 +166,8 @@ def _dequantize_consecutive(codes: torch.Tensor, zeros_t: torch.Tensor, scales_t
 
     Like the act-order gather above it computes elementwise in float32 exactly as written, so
     the bits do not depend on the layout; both work on contiguous [out, in] rows. The
-    transposed gathers they replaced were 2.6-11x slower on the CPU (scripts/bench_dequantize.py),
+    transposed gathers they replaced were 3.1-9.1x slower on the CPU (scripts/bench_dequantize.py,
+    benchmarks/dequantize_cpu.json),
     where an int4 layer dequantizes at every call once past the kept budget (kernels/int4_linear.py)."""
     out_f, in_f = codes.shape
     groups = scales_t.shape[1]

@@ -18,7 +18,7 @@ when their dequantization is bit-identical.
 RUN_DIR is RECIPE's run directory with `data` and `quantize-<entry>` done (`--entry base-nf4`:
 the NF4 base, `base` done); the windows are the
 recipe's evaluation windows (`data.seq_len`, `evaluate.max_domain_windows`,
-`evaluate.max_general_windows`, `evaluate.batch_size`, with the recipe schema's defaults).
+`evaluate.max_general_windows`, `evaluate.batch_size`, read with the pipeline's own recipe loader).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def main() -> None:
 
     from qlora_pipeline import data
     from qlora_pipeline.methods import METHODS
+    from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.scoring import perplexity
 
     if args.entry == "base-nf4":
@@ -58,10 +59,8 @@ def main() -> None:
     else:
         checkpoint = args.run_dir / f"quantize-{args.entry}" / "output"
         loader = METHODS[json.loads((checkpoint / "quantization.json").read_text())["method"]].loader()
-    import yaml
-
-    recipe = yaml.safe_load(args.recipe.read_text())
-    seq_len, ev = recipe.get("data", {}).get("seq_len", 512), recipe.get("evaluate", {})
+    recipe, _ = load_recipe(args.recipe)
+    seq_len, ev = recipe.data.seq_len, recipe.evaluate
     streams = load_file(str(args.run_dir / "data" / "output" / "tokens.safetensors"))
     dtype = getattr(torch, args.dtype)
     quiet = lambda it, **kw: it  # noqa: E731
@@ -76,10 +75,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model = loader(checkpoint, dtype, "cpu")
     row["load_seconds"] = time.perf_counter() - t0
-    for split, cap in (("domain", ev.get("max_domain_windows")), ("general", ev.get("max_general_windows", 32))):
+    for split, cap in (("domain", ev.max_domain_windows), ("general", ev.max_general_windows)):
         windows = data.windows(streams[f"{split}_eval"], seq_len, cap)
         t0 = time.perf_counter()
-        ppl, tokens = perplexity(model, windows, ev.get("batch_size", 4), "cpu", quiet, split)
+        ppl, tokens = perplexity(model, windows, ev.batch_size, "cpu", quiet, split)
         row[f"{split}_seconds"] = time.perf_counter() - t0
         row[f"{split}_ppl"], row[f"{split}_windows"] = ppl, list(windows.shape)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # system time: mostly page faults on fresh temporaries
