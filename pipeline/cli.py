@@ -163,8 +163,8 @@ def cli(verbose: bool) -> None:
     """Fine-tune an LLM on your domain with QLoRA and ship it quantized, from one YAML recipe.
 
     Stages: data -> base (NF4) -> train (LoRA on the NF4 base) -> merge (bf16) -> calibrate ->
-    quantize-<name> (GPTQ, AWQ, AWQ+GPTQ, round-to-nearest, ...) -> evaluate-<artifact> for every
-    model along the way -> report. Each stage is checkpointed in the run directory
+    awq-search-w<bits>g<group> (for AWQ+GPTQ entries) -> quantize-<name> (GPTQ, AWQ, AWQ+GPTQ,
+    round-to-nearest, ...) -> evaluate-<artifact> for every model along the way -> report. Each stage is checkpointed in the run directory
     (runs/<recipe name>/ by default) and tracked in MLflow; rerunning a command skips what is up
     to date and resumes what was interrupted.
     """
@@ -216,7 +216,9 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--markdown", "markdown", type=click.Path(), default=None, help="Also write the table as markdown to this file.")
-@click.option("--metric", "metrics", multiple=True, help="Columns to show (default: perplexities, size, speed).")
+@click.option("--metric", "metrics", multiple=True, metavar="KEY",
+              help="A metrics.json key to show as a column, repeatable, e.g. --metric domain_ppl --metric "
+              "load_seconds (default: perplexities, size, quantize time, peak memory, throughput).")
 def compare(run_dirs, markdown, metrics) -> None:
     """One table of the artifacts of several runs (their report/output/metrics.json)."""
     from qlora_pipeline.compare import compare_runs, render
@@ -232,9 +234,10 @@ def compare(run_dirs, markdown, metrics) -> None:
 @click.argument("recipe", type=click.Path())
 @_set_option
 @_run_dir_option
-@click.option("--from", "from_stage", metavar="STAGE")
-@click.option("--only", metavar="STAGE")
-@click.option("--force", is_flag=True)
+@click.option("--from", "from_stage", metavar="STAGE", help="As `run --from`: show STAGE and everything downstream "
+              "of it as re-run.")
+@click.option("--only", metavar="STAGE", help="As `run --only`: show only STAGE.")
+@click.option("--force", is_flag=True, help="As `run --force`: show every stage (with --only: that one) as re-run.")
 def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Show the stage graph and, per stage, whether `run` would run or skip it, and why."""
     cfg, _ = _load_checked(recipe, sets)
@@ -362,8 +365,9 @@ def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, 
 @click.option("--uri", default=None, help="Tracking store (default: the recipe's tracking.uri, else MLflow's default).")
 @click.option("--experiment", default=None, help="Experiment whose runs page to show (default: the recipe's, "
               "else qlora-pipeline).")
-@click.option("--port", default=5000, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, help="Port the MLflow UI listens on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address it listens on (127.0.0.1: this "
+              "machine only).")
 @click.option("--workers", default=1, show_default=True, help="Server worker processes (one serves a user; MLflow's "
               "default, 4, takes longer to start).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the runs page in a web browser.")

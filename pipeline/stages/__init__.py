@@ -4,8 +4,8 @@ Only stages that do their real work are registered. This version has `data`, `ba
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
 evaluations of base, base-nf4 and merged, `calibrate` and/or `calibrate-general` (the
 calibration windows of the entries calibrated on the domain / general train split),
-`awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search, shared by the `awq` and
-`awq+gptq` entries it serves), `quantize-<name>`
+`awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search on the float model, shared
+by the `awq+gptq` entries it serves; `awq` entries search inside their own stage), `quantize-<name>`
 for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`,
 `int8`) with an evaluation of each, and `report`. With `evaluate.qlora`, `evaluate-qlora` (the
 NF4 base + the float adapter, unmerged); for an entry with `adapter_on_quantized_base`,

@@ -154,3 +154,15 @@ def test_llama3_recipe_is_refused_until_its_corpus_is_named(tmp_path, capsys):
     assert "needs the network: model.source: hub model meta-llama/Meta-Llama-3-8B" in out
     assert "needs the network: data.general.hub: hub dataset Salesforce/wikitext, config wikitext-2-raw-v1" in out
     assert "data.domain" not in out.split("ok (", 1)[1]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`pipeline COMMAND --help` explains each option (plan's --from/--only/--force once had none)."""
+    import click
+
+    from qlora_pipeline.cli import cli as group
+
+    missing = [f"{name} {'/'.join(param.opts)}" for name, command in group.commands.items()
+               for param in command.params
+               if isinstance(param, click.Option) and not param.help]
+    assert missing == []
