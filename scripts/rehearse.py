@@ -433,8 +433,12 @@ def gpu_estimate(stage: str, shape: Shape, recipe: dict) -> dict:
     P_layer = 2d^2 + 2d*dkv + 3d*f (the 7 linears of a layer), P_rest = V*d (embedding)
     + V*d (untied head) + norms; B x T a batch of windows; w = bytes per weight.
 
-    * data, base, merge, calibrate, quantize-*, report: 0. This code runs them on the CPU
-      whatever the device (no stage moves tensors to CUDA; see host_estimate for their RAM).
+    * data, base, merge, calibrate, report: 0. This code runs them on the CPU whatever the
+      device (see host_estimate for their RAM).
+    * quantize-*, awq-search-*: 0 here, not computed. The layer engine computes on the GPU when
+      there is one (a quantize entry's device: auto); what it needs there is the placement plan's
+      (pipeline/layerwise/placement.py, README "Quantizing on a GPU": GPTQ 16.9 GiB, AWQ 20.9
+      GiB for the 8B at 256 x 2048 in float32). The rehearsal's own runs were on the CPU.
     * train (NF4 base + LoRA, micro batch B x T, gradient checkpointing):
         weights   L*P_layer*nf4_bpp + P_rest*2            (NF4 linears, bf16 embedding/head)
         lora      P_lora*(4 + 4 + opt)                     (fp32 params and grads; optimizer
@@ -829,14 +833,21 @@ def main() -> int:
             print("dry run: no checkpoint yet, so no `pipeline plan`; stages listed from the recipe")
         else:
             stages = list(plan_stages(recipe_path, workdir))
+        searches = list(dict.fromkeys(f"awq-search-w{q.get('bits', 4)}g{q.get('group_size', 128)}"
+                                      for q in recipe.get("quantize", []) if q.get("method") == "awq+gptq"))
         names = stages or (["data", "base", "evaluate-base", "evaluate-base-nf4", "train", "merge", "evaluate-merged",
-                            "calibrate"] + [s for q in recipe.get("quantize", []) for s in
-                                            (f"quantize-{q['name']}", f"evaluate-{q['name']}")] + ["report"])
+                            "calibrate"] + searches + [s for q in recipe.get("quantize", []) for s in
+                                                       (f"quantize-{q['name']}", f"evaluate-{q['name']}")] + ["report"])
         for name in names:
             g = gpu_estimate(name, shape, base_recipe)
             h = host_estimate(name, shape, base_recipe)
-            print(f"  {name:<24} GPU {g['gib']:6.2f} GiB{'' if g['on_gpu'] else ' (runs on CPU)'}"
-                  + (f"   host RAM {h['gib']:6.2f} GiB" if h else ""))
+            if g["on_gpu"]:
+                gpu = f"{g['gib']:6.2f} GiB"
+            elif name.startswith(("quantize-", "awq-search-")):  # on a GPU when there is one
+                gpu = "   n/a     (layer engine: its placement plan)"
+            else:
+                gpu = f"{g['gib']:6.2f} GiB (runs on CPU)"
+            print(f"  {name:<24} GPU {gpu}" + (f"   host RAM {h['gib']:6.2f} GiB" if h else ""))
         return 0
 
     if model_dir is not None and not (model_dir / "config.json").is_file():
@@ -962,7 +973,8 @@ def print_table(result: dict) -> None:
     for r in result["stages"]:
         peak = r["peak_rss_bytes"] or r["sampled_peak_rss_bytes"]
         g = r["gpu_estimate"]
-        gpu = f"{g['gib']:.2f}" if g["on_gpu"] else "0 (CPU stage)"
+        gpu = f"{g['gib']:.2f}" if g["on_gpu"] else ("see placement" if r["stage"].startswith(("quantize-", "awq-search-"))
+                                                    else "0 (CPU stage)")
         status = "ok" if r["returncode"] == 0 else ("killed: RAM" if r["killed_by_memory_guard"] else
                                                     f"timeout, {r.get('layers_done', 0)} layers" if r["stopped_by_timeout"]
                                                     else f"exit {r['returncode']}")

@@ -103,6 +103,12 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "override train.optimizer = \"adamw\"" in out.stdout
     assert "evaluate-base " in out.stdout and "GPU" in out.stdout
+    # the shared AWQ search is a stage too; the layer engine's stages run on a GPU when there is
+    # one, so the dry run does not call them CPU stages (their need is the placement plan's)
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ") and " GPU " in line}
+    assert "awq-search-w4g128" in rows
+    assert "layer engine" in rows["quantize-gptq-w4g128"] and "runs on CPU" not in rows["quantize-gptq-w4g128"]
+    assert "runs on CPU" in rows["merge"]
     assert not (tmp_path / "w" / "model").exists()
 
 
