@@ -164,9 +164,9 @@ def cli(verbose: bool) -> None:
 
     Stages: data -> base (NF4) -> train (LoRA on the NF4 base) -> merge (bf16) -> calibrate ->
     awq-search-w<bits>g<group> (for AWQ+GPTQ entries) -> quantize-<name> (GPTQ, AWQ, AWQ+GPTQ,
-    round-to-nearest, ...) -> evaluate-<artifact> for every model along the way -> report. Each stage is checkpointed in the run directory
-    (runs/<recipe name>/ by default) and tracked in MLflow; rerunning a command skips what is up
-    to date and resumes what was interrupted.
+    round-to-nearest, ...) -> evaluate-<artifact> for every model along the way -> report. Each
+    stage is checkpointed in the run directory (runs/<recipe name>/ by default) and tracked in
+    MLflow; rerunning a command skips what is up to date and resumes what was interrupted.
     """
     _setup_logging(verbose)
 

@@ -5,9 +5,9 @@ Only stages that do their real work are registered. This version has `data`, `ba
 evaluations of base, base-nf4 and merged, `calibrate` and/or `calibrate-general` (the
 calibration windows of the entries calibrated on the domain / general train split),
 `awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search on the float model, shared
-by the `awq+gptq` entries it serves; `awq` entries search inside their own stage), `quantize-<name>`
-for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`,
-`int8`) with an evaluation of each, and `report`. With `evaluate.qlora`, `evaluate-qlora` (the
+by the `awq+gptq` entries it serves; `awq` entries search inside their own stage),
+`quantize-<name>` for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`,
+`awq+gptq`, `nf4`, `int8`) with an evaluation of each, and `report`. With `evaluate.qlora`, `evaluate-qlora` (the
 NF4 base + the float adapter, unmerged); for an entry with `adapter_on_quantized_base`,
 `quantize-<name>+adapter` (the original base quantized the same way; its AWQ search, if any,
 `awq-search-...-base`) and `evaluate-<name>+adapter` (with the float adapter on top).
