@@ -29,6 +29,57 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# Positions whose logits exist at once. A whole batch's logits are batch x length x vocab, and
+# the loss holds three float32 copies of them: 4 x 2048 x 128,256 x 12 bytes = 11.7 GiB for
+# Llama-3, more than the 8B model's evaluation needs for everything else on a 24 GB card. The
+# head and the loss run over this many positions at a time instead (1,024 x 128,256 x 10 bytes
+# = 1.2 GiB); each position's logits and loss are the same numbers either way.
+HEAD_CHUNK_POSITIONS = 1024
+
+
+def _body_and_head(model):
+    """(decoder body, output head) when the model's logits are exactly head(body's last hidden
+    state), as in every family `qlora_pipeline.layerwise.families` knows (Llama, Mistral, Qwen2);
+    else None (the whole forward's logits are used)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    config = getattr(model, "config", None)
+    # Families that post-process the head's output (soft-capping, a logit scale) are not chunked.
+    if get_decoder is None or get_head is None or getattr(config, "final_logit_softcapping", None) \
+            or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    body, head = get_decoder(), get_head()
+    if body is None or head is None or body is model:
+        return None
+    return body, head
+
+
+def _kv_arguments(forward_owner, kv_cache) -> dict:
+    if kv_cache is None:
+        return {"use_cache": False}  # a perplexity reads no cache back: do not build one
+    return {cache_argument(forward_owner): kv_cache, "use_cache": True}
+
+
+def _window_nll(model, batch: torch.Tensor, kv_cache=None) -> float:
+    """Summed next-token NLL of the windows `batch` [B, L]; the forward runs with `kv_cache` when
+    one is given."""
+    targets = batch[:, 1:].reshape(-1)
+    parts = _body_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch, **_kv_arguments(model, kv_cache)).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
+    body, head = parts
+    hidden = body(input_ids=batch, **_kv_arguments(body, kv_cache)).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    total = 0.0
+    for start in range(0, hidden.shape[0], HEAD_CHUNK_POSITIONS):
+        stop = start + HEAD_CHUNK_POSITIONS
+        logits = head(hidden[start:stop]).float()
+        total += torch.nn.functional.cross_entropy(logits, targets[start:stop], reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def summed_nll(model, windows: torch.Tensor, batch_size: int, device: str,
                progress: Optional[Callable] = None, desc: str = "",
@@ -39,12 +90,7 @@ def summed_nll(model, windows: torch.Tensor, batch_size: int, device: str,
     starts = range(0, windows.shape[0], batch_size)
     for start in (progress(starts, desc=desc, unit="batch") if progress else starts):
         batch = windows[start : start + batch_size].to(device)
-        extra = {} if cache is None else {cache_argument(model): cache(), "use_cache": True}
-        logits = model(input_ids=batch, **extra).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
+        total_nll += _window_nll(model, batch, None if cache is None else cache())
         total_tokens += batch[:, 1:].numel()
     return total_nll, total_tokens
 

@@ -454,10 +454,13 @@ def gpu_estimate(stage: str, shape: Shape, recipe: dict) -> dict:
         weights   bf16: (L*P_layer + P_rest)*w; NF4: L*P_layer*nf4_bpp + P_rest*w;
                   GPTQ/AWQ: L*P_layer*int4_bpp + P_rest*w (+ L*P_layer/2 for act-order without
                   static groups: the kernel's permuted copy of qweight)
-        kv cache  2*L*B*T*dkv*w                            (use_cache defaults to true)
+        kv cache  2*L*B'*T*dkv*w                           (B' = B when evaluate.kv_fp8 scores
+                  perplexities through a cache; else 1, the throughput measure's batch-1 prefill:
+                  plain perplexities build none)
         peak      max(layer activations B*T*w*(8d + 3f),
-                      logits B*T*V*(4 + 4 + 4))            (perplexity(): .float() of the logits,
-                  the [:, :-1].reshape copy (a copy when B > 1), the fp32 log-softmax)
+                      logits C*V*(w + 4 + 4),              (scoring.summed_nll: the head and the loss
+                      prefill logits T*V*w)                 over C = min(B*(T-1), HEAD_CHUNK_POSITIONS)
+                  positions at a time: head output, its fp32 copy, the fp32 log-softmax)
         dequant   d*f*w for NF4/int4 (M >= 1024: dequantize + cuBLAS)
     Not counted: the CUDA context and allocator slack (~0.5-1 GiB on a real device).
     """
@@ -499,9 +502,11 @@ def gpu_estimate(stage: str, shape: Shape, recipe: dict) -> dict:
             if q.get("method", "gptq") != "awq" and q.get("desc_act") and not q.get("static_groups"):
                 parts["permuted_qweight_copy"] = L * p_layer * bits / 8
             parts["dequantized_linear"] = d * f * w if B * T >= 1024 else 0
-        parts["kv_cache"] = 2 * L * B * T * dkv * w
+        from qlora_pipeline.scoring import HEAD_CHUNK_POSITIONS
+
+        parts["kv_cache"] = 2 * L * (B if ev.get("kv_fp8") else 1) * T * dkv * w
         layer_act = B * T * w * (8 * d + 3 * f)
-        logits = B * T * V * (12 if B > 1 else 8)
+        logits = max(min(B * (T - 1), HEAD_CHUNK_POSITIONS) * V * (w + 8), T * V * w)
         parts["activations_or_logits"] = max(layer_act, logits)
     total = sum(parts.values())
     return {"bytes": total, "gib": total / GIB, "parts_gib": {k: v / GIB for k, v in parts.items()},
