@@ -24,7 +24,7 @@ LLAMA3 = str(REPO / "recipes" / "llama3_domain.yaml")
 
 def imported_by(*args: str) -> tuple[int, list[str]]:
     """(exit code, heavy modules imported) of `pipeline ARGS` in a fresh interpreter."""
-    code = ("import json, sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import json, sys\nfrom qlora_pipeline.cli import main\nrc = main(sys.argv[1:])\n"
             f"print(json.dumps([rc, [m for m in {HEAVY!r} if m in sys.modules]]))")
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     rc, heavy = json.loads(out.stdout.strip().splitlines()[-1])
