@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
 
@@ -70,7 +71,7 @@ def python_stdlib(max_chars: int, seed: int = 0) -> list[str]:
 def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
     import datasets
 
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = local_files(path)  # the files the data stage's fingerprint hashes
     groups: dict[str, list[str]] = {}
     for f in files:
         if f.suffix in TEXT_SUFFIXES:

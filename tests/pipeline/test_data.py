@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -258,3 +259,37 @@ def test_overlap_left_after_cleaning_is_a_data_error():
     report = data.Decontamination(dirty, dirty, {}, {})
     with pytest.raises(DataError, match=r"data.domain: held-out text is still in the training side.*eval_in_train: 1"):
         _require_clean(splits, report, DecontaminateConfig())
+
+
+def test_a_corpus_edited_in_place_with_its_size_and_mtime_kept_makes_the_data_stage_stale(
+        tiny_llama_dir, tmp_path, write_recipe, monkeypatch, capsys):
+    """The data stage's fingerprint holds the content of its local files, not their path,
+    size or mtime: an in-place edit that `touch -r` hides still re-runs it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(_long(f"d{i}") + "\n\n" + _long(f"e{i}"))
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, data={
+        "domain": {"path": str(folder)}, "general": None, "seq_len": 16, "holdout_every": 3, "valid_every": 3}))
+    assert cli("run", str(recipe), "--only", "data") == 0
+    capsys.readouterr()
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"data\s+skip", capsys.readouterr().out)
+    f = folder / "doc2.txt"
+    st = f.stat()
+    f.write_text(f.read_text().replace("d2", "D2"))  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"data\s+run\s+.*settings changed: content\.domain\.files\.doc2\.txt", capsys.readouterr().out)
+
+
+def test_a_built_in_corpus_is_named_with_the_python_that_ships_it():
+    """pydoc_data and the standard library change with each Python release: part of the identity."""
+    import platform
+
+    from qlora_pipeline.data_identity import content_identity
+
+    assert platform.python_version() in content_identity(DataSource(builtin="python-docs"))["python"]
+
