@@ -293,3 +293,49 @@ def test_a_built_in_corpus_is_named_with_the_python_that_ships_it():
 
     assert platform.python_version() in content_identity(DataSource(builtin="python-docs"))["python"]
 
+
+def test_held_out_text_in_another_unicode_form_or_line_ending_is_still_found():
+    """NFD for NFC, CRLF and lone-CR line endings: the same text to the check and the cut."""
+    import unicodedata
+
+    accented = ("Über die naïve Café-Lösung: a résumé of déjà vu, with enough accented characters "
+                "(é, à, ü, ö) to pass eighty.")
+    nfc, nfd = unicodedata.normalize("NFC", accented), unicodedata.normalize("NFD", accented)
+    assert nfc != nfd
+    held = [f"{nfc}\n\n{_long('a')}", _long("b")]
+    trains = {"nfd": [nfd, _long("t")], "crlf": [f"{_long('x')}\r\n\r\n{_long('a')}\r\n", _long("t")],
+              "cr": [f"{_long('x')}\r\r{_long('a')}", _long("t")]}
+    for name, train in trains.items():
+        splits = data.Splits(train=train, valid=[_long("v")], eval=held)
+        assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1, name
+        clean, report = data.decontaminate(splits, DecontaminateConfig())
+        assert report.clean, name
+        text = _flat(unicodedata.normalize("NFC", " ".join(clean.train)))
+        assert _flat(nfc) not in text and _flat(_long("a")) not in text, name
+    # A held-out document with lone-CR line endings is split into its paragraphs.
+    splits = data.Splits(train=[_long("a")], valid=[_long("v")], eval=[f"{_long('a')}\r\r{_long('c')}", _long("b")])
+    assert data.decontaminate(splits, DecontaminateConfig())[0].train == []
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1
+    docs = data.load_documents(DataSource(builtin="python-docs"), "data.domain")
+    assert all(d == unicodedata.normalize("NFC", d) and "\r" not in d for d in docs)
+
+
+def test_a_held_out_document_of_short_paragraphs_is_found_inside_a_training_document():
+    """Each of its paragraphs is under min_chars; joined they are not: copied whole (or its
+    longer part) into a training document, with other wrapping, it is cut out all the same."""
+    verse = [f"line {i} of a short verse" for i in range(12)]
+    poem = "\n\n".join(verse)
+    assert all(len(line) < 80 for line in verse)
+    train = [f"{_long('x')}\n\n" + "\r\n\r\n".join(verse) + f"\n\n{_long('y')}",  # all of it
+             f"{_long('z')}\n\n" + "\n".join(verse[3:]),                          # most of it, one paragraph
+             _long("t")]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=[poem, _long("b")])
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs >= 2
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean
+    text = _flat(" ".join(clean.train))
+    # At most a remainder shorter than two pieces survives at an edge: no run of 4 verse lines.
+    assert not any(_flat(" ".join(verse[i:i + 4])) in text for i in range(len(verse) - 3))
+    assert _flat(_long("x")) in text and _flat(_long("y")) in text and _flat(_long("t")) in text
+    # A lone short paragraph (a heading) is still not checked: it recurs legitimately.
+    assert data.paragraphs("Changed in version 3.5.\n\n" + _long("p"), 80) == [_flat(_long("p"))]
