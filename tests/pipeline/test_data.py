@@ -339,3 +339,26 @@ def test_a_held_out_document_of_short_paragraphs_is_found_inside_a_training_docu
     assert _flat(_long("x")) in text and _flat(_long("y")) in text and _flat(_long("t")) in text
     # A lone short paragraph (a heading) is still not checked: it recurs legitimately.
     assert data.paragraphs("Changed in version 3.5.\n\n" + _long("p"), 80) == [_flat(_long("p"))]
+
+
+def test_every_tokenizer_file_of_a_local_model_is_part_of_the_data_stage_settings(tiny_llama_dir, tmp_path):
+    """The data stage tokenizes with the model's tokenizer: a changed merges.txt or
+    tokenizer.model (not JSON) re-runs it; a README does not."""
+    import shutil
+
+    from qlora_pipeline.recipe import Recipe
+    from qlora_pipeline.stages import build_stages
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "merges.txt").write_text("#version: 0.2\n")
+
+    def data_settings():
+        recipe = Recipe.model_validate(tiny_recipe(model, tmp_path, data={"general": None}))
+        return next(s.config for s in build_stages(recipe) if s.name == "data")
+
+    before = data_settings()
+    (model / "README.md").write_text("notes")
+    assert data_settings() == before
+    (model / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert data_settings() != before
