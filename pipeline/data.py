@@ -21,7 +21,7 @@ import re
 import sysconfig
 import unicodedata
 from bisect import bisect_right
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -388,20 +388,32 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
     characters removed (of the normalized text). Only the matched text goes, not the rest of
     its paragraph.
 
-    Cost: about one pass over the training side's words per round (`find_all`).
+    Also cut: every passage of `side` (`paragraphs`) that lies inside the held-out text
+    (`inside_held`): a training document that is part of a held-out paragraph holds no whole
+    held-out paragraph, but all of its text is held out.
+
+    Cost: about one pass over the training side's words, and one over the held-out side's, per
+    round (`find_all`).
     """
     needles = {p for d in held for p in paragraphs(d, min_chars)}
+    held_view = _NormalizedSide(held)
     removed = 0
     while True:
         view = _NormalizedSide(side)
         spans: dict[int, list[tuple[int, int]]] = {}
-        for start, end in view.find_all(needles):
+        for start, end in view.find_all(needles | inside_held(held_view, view.docs, min_chars)):
             for d, span in view.original_spans(start, end).items():
                 spans.setdefault(d, []).append(span)
         if not spans:
             return view.docs, removed
         side = _cut(view.docs, spans)
         removed += len(view.text) - len(_NormalizedSide(side).text)
+
+
+def inside_held(held_view: "_NormalizedSide", side: list[str], min_chars: int) -> set[str]:
+    """The passages of `side` (`paragraphs`) that are substrings of the held-out text."""
+    passages = {p for d in side for p in paragraphs(d, min_chars)}
+    return {held_view.text[a:b] for a, b in held_view.find_all(passages)}
 
 
 def _shingles(paragraph: str, words: int) -> set[str]:
@@ -464,16 +476,19 @@ class Decontamination:
     after: dict[str, Overlap]
     removed_chars: dict[str, int]
     near_duplicates_removed: dict[str, int]
+    # Per pair, after cleaning: training-side passages that lie inside the held-out text.
+    inside_after: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
-        return not any(o.paragraphs for o in self.after.values())
+        return not any(o.paragraphs for o in self.after.values()) and not any(self.inside_after.values())
 
     def as_dict(self) -> dict:
         return {"before": {k: v.as_dict() for k, v in self.before.items()},
                 "after": {k: v.as_dict() for k, v in self.after.items()},
                 "removed_chars": dict(self.removed_chars),
-                "near_duplicates_removed": dict(self.near_duplicates_removed)}
+                "near_duplicates_removed": dict(self.near_duplicates_removed),
+                "training_passages_inside_held_out_after": dict(self.inside_after)}
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics: `overlap_{before,after}_{pair}_{paragraphs,chars,fraction}`,
@@ -516,7 +531,9 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
                 removed[name] += cut
                 near[name] += dropped
                 changed = True
-    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near)
+    inside = {name: len(inside_held(_NormalizedSide(getattr(splits, held)), getattr(splits, side), cfg.min_chars))
+              for name, held, side in PAIRS}
+    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near, inside)
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:

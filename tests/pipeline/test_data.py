@@ -362,3 +362,21 @@ def test_every_tokenizer_file_of_a_local_model_is_part_of_the_data_stage_setting
     assert data_settings() == before
     (model / "merges.txt").write_text("#version: 0.2\na b\n")
     assert data_settings() != before
+
+
+def test_a_training_document_that_is_part_of_a_held_out_paragraph_is_cut():
+    """No whole held-out paragraph is in it, but all of its text is held out: its passages
+    are found inside the held-out text and cut; one left behind stops the stage."""
+    from qlora_pipeline.stages.data import _require_clean
+
+    sentences = [f"Sentence {i} tells the reader something specific about topic {i} in plenty of words."
+                 for i in range(8)]
+    held = [" ".join(sentences[:6]), _long("h")]  # one long paragraph, then another document
+    part = " ".join(sentences[1:4])
+    splits = data.Splits(train=[part.replace(" ", "\n", 4), _long("t")], valid=[_long("v")], eval=held)
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and clean.train == [_long("t")]
+    assert all(n == 0 for n in report.as_dict()["training_passages_inside_held_out_after"].values())
+    left = data.Decontamination(report.after, report.after, {}, {}, {"eval_in_train": 1})
+    with pytest.raises(DataError, match=r"eval_in_train: 1 training passage\(s\) inside held-out text"):
+        _require_clean(splits, left, DecontaminateConfig())
