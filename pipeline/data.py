@@ -19,12 +19,14 @@ from __future__ import annotations
 import random
 import re
 import sysconfig
+import unicodedata
 from bisect import bisect_right
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
 
@@ -70,7 +72,7 @@ def python_stdlib(max_chars: int, seed: int = 0) -> list[str]:
 def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
     import datasets
 
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = local_files(path)  # the files the data stage's fingerprint hashes
     groups: dict[str, list[str]] = {}
     for f in files:
         if f.suffix in TEXT_SUFFIXES:
@@ -109,7 +111,7 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
 
 
 def load_documents(source, key: str, max_chars: int | None = None) -> list[str]:
-    """The non-empty documents of a `DataSource`, in source order.
+    """The non-empty documents of a `DataSource`, in source order, in `canonical` form.
 
     Raises:
         DataError: unreadable source or no text at all (message names `key`).
@@ -122,7 +124,7 @@ def load_documents(source, key: str, max_chars: int | None = None) -> list[str]:
         docs = _local_documents(Path(source.path).expanduser(), source.text_field, key)
     else:
         docs = _hub_documents(source.hub, source.split, source.text_field, key, source.config)
-    docs = [d for d in docs if d.strip()]
+    docs = [canonical(d) for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{key}: the source holds no text")
     return docs
@@ -171,14 +173,62 @@ PAIRS = (("eval_in_train", "eval", "train"), ("eval_in_valid", "eval", "valid"),
 _CLEANING_ORDER = ("eval_in_valid", "eval_in_train", "valid_in_train")
 
 
+def canonical(text: str) -> str:
+    """`text` in NFC Unicode form with `\\n` line endings. The same words in NFD (macOS file
+    names, some editors) or with CRLF or lone-CR line endings (a lone CR is no blank line to
+    `_BLANK_LINE`) would otherwise be different text to every comparison below, and a
+    held-out paragraph would survive in a training document that only differs so. Documents
+    are read in this form (`load_documents`), and every comparison applies it again, so a
+    caller passing other text is not fooled either."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
+
+
 def normalize(text: str) -> str:
     """Runs of whitespace become one space; leading and trailing whitespace goes."""
     return " ".join(_WORD.findall(text))
 
 
 def paragraphs(text: str, min_chars: int) -> list[str]:
-    """The normalized paragraphs of `text` with at least `min_chars` characters, in order."""
-    return [p for p in map(normalize, _BLANK_LINE.split(text)) if len(p) >= min_chars]
+    """The normalized passages of `text` that are checked, in order: every paragraph with at
+    least `min_chars` characters, and each run of shorter paragraphs between them joined (one
+    space between them, as the normalized text of a training side joins paragraphs) into
+    pieces of at least `min_chars` characters (`_pieces`).
+
+    A lone short paragraph (a heading, "Changed in version 3.x.") recurs legitimately and is
+    not checked; but a held-out document made only of short paragraphs (verse, a list, code
+    between blank lines) copied into a training document must be found like any other text.
+    """
+    out: list[str] = []
+    run: list[str] = []  # consecutive paragraphs shorter than min_chars
+    for p in map(normalize, _BLANK_LINE.split(canonical(text))):
+        if not p:
+            continue
+        if len(p) < min_chars:
+            run.append(p)
+            continue
+        out += _pieces(run, min_chars)
+        run = []
+        out.append(p)
+    return out + _pieces(run, min_chars)
+
+
+def _pieces(run: list[str], min_chars: int) -> list[str]:
+    """A run of short paragraphs, joined, in consecutive pieces of at least `min_chars`
+    characters; the remainder after the last one becomes a piece of its own by reaching back
+    into the run (overlapping the one before), so that every part of the run is in a piece
+    that a copy of that part can hold. A run shorter than `min_chars` in all gives none."""
+    pieces, start = [], 0
+    for end in range(1, len(run) + 1):
+        if len(" ".join(run[start:end])) >= min_chars:
+            pieces.append(" ".join(run[start:end]))
+            start = end
+    if pieces and start < len(run):
+        back = start
+        while len(" ".join(run[back:])) < min_chars:
+            back -= 1
+        pieces.append(" ".join(run[back:]))
+    return pieces
 
 
 def _paragraph_spans(text: str) -> list[tuple[int, int]]:
@@ -197,8 +247,8 @@ class _NormalizedSide:
     (document, position in the original document)."""
 
     def __init__(self, docs: list[str]):
-        self.docs = docs
-        normalized = [normalize(d) for d in docs]
+        self.docs = [canonical(d) for d in docs]  # positions refer to these
+        normalized = [normalize(d) for d in self.docs]
         self.starts, pos = [], 0
         for n in normalized:
             self.starts.append(pos)
@@ -338,20 +388,32 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
     characters removed (of the normalized text). Only the matched text goes, not the rest of
     its paragraph.
 
-    Cost: about one pass over the training side's words per round (`find_all`).
+    Also cut: every passage of `side` (`paragraphs`) that lies inside the held-out text
+    (`inside_held`): a training document that is part of a held-out paragraph holds no whole
+    held-out paragraph, but all of its text is held out.
+
+    Cost: about one pass over the training side's words, and one over the held-out side's, per
+    round (`find_all`).
     """
     needles = {p for d in held for p in paragraphs(d, min_chars)}
+    held_view = _NormalizedSide(held)
     removed = 0
     while True:
         view = _NormalizedSide(side)
         spans: dict[int, list[tuple[int, int]]] = {}
-        for start, end in view.find_all(needles):
+        for start, end in view.find_all(needles | inside_held(held_view, view.docs, min_chars)):
             for d, span in view.original_spans(start, end).items():
                 spans.setdefault(d, []).append(span)
         if not spans:
-            return side, removed
-        side = _cut(side, spans)
+            return view.docs, removed
+        side = _cut(view.docs, spans)
         removed += len(view.text) - len(_NormalizedSide(side).text)
+
+
+def inside_held(held_view: "_NormalizedSide", side: list[str], min_chars: int) -> set[str]:
+    """The passages of `side` (`paragraphs`) that are substrings of the held-out text."""
+    passages = {p for d in side for p in paragraphs(d, min_chars)}
+    return {held_view.text[a:b] for a, b in held_view.find_all(passages)}
 
 
 def _shingles(paragraph: str, words: int) -> set[str]:
@@ -383,6 +445,7 @@ def remove_near_duplicates(side: list[str], held: list[str], min_chars: int, thr
     """
     from datasketch import MinHashLSH
 
+    side = [canonical(d) for d in side]
     held_paragraphs = sorted({p for d in held for p in paragraphs(d, min_chars)})
     if not held_paragraphs or not side:
         return side, 0
@@ -413,16 +476,19 @@ class Decontamination:
     after: dict[str, Overlap]
     removed_chars: dict[str, int]
     near_duplicates_removed: dict[str, int]
+    # Per pair, after cleaning: training-side passages that lie inside the held-out text.
+    inside_after: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
-        return not any(o.paragraphs for o in self.after.values())
+        return not any(o.paragraphs for o in self.after.values()) and not any(self.inside_after.values())
 
     def as_dict(self) -> dict:
         return {"before": {k: v.as_dict() for k, v in self.before.items()},
                 "after": {k: v.as_dict() for k, v in self.after.items()},
                 "removed_chars": dict(self.removed_chars),
-                "near_duplicates_removed": dict(self.near_duplicates_removed)}
+                "near_duplicates_removed": dict(self.near_duplicates_removed),
+                "training_passages_inside_held_out_after": dict(self.inside_after)}
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics: `overlap_{before,after}_{pair}_{paragraphs,chars,fraction}`,
@@ -444,6 +510,8 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     `cfg.near_duplicates`, also the training-side paragraphs near-identical to a held-out
     one. Passes repeat until one changes nothing. `eval` is never touched.
     """
+    # In canonical form from the start, so that a pass changes a side only by cutting text.
+    splits = Splits(*([canonical(d) for d in getattr(splits, name)] for name in ("train", "valid", "eval")))
     before = measure_overlap(splits, cfg.min_chars)
     removed = {name: 0 for name, _, _ in PAIRS}
     near = {name: 0 for name, _, _ in PAIRS}
@@ -463,7 +531,9 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
                 removed[name] += cut
                 near[name] += dropped
                 changed = True
-    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near)
+    inside = {name: len(inside_held(_NormalizedSide(getattr(splits, held)), getattr(splits, side), cfg.min_chars))
+              for name, held, side in PAIRS}
+    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near, inside)
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:

@@ -63,7 +63,11 @@ def source_identity(model_cfg) -> dict:
     if path.is_file():
         return {"gguf": _file_identity(path), "converter": CONVERTER_VERSION}
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+        # Every file a loader may read, not only weights and JSON: the tokenizer can live in
+        # merges.txt, tokenizer.model or a chat_template.jinja, and the data stage's tokens
+        # follow it. Hidden files and documentation (README.md) are left out.
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".md")
         return {"dir": str(path.resolve()), "files": [_file_identity(p) for p in files]}
     return {"hub": src, "revision": model_cfg.revision}
 

@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from qlora_pipeline.errors import InputError, RunLockedError
@@ -113,6 +113,37 @@ def read_json(path: Path) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
+def good_file_table(files: Any) -> bool:
+    """A manifest's (or a cache entry's) file table: {relative path inside the output:
+    {size: int, sha256: 64 hex}}. Verification, output digests and restores index into it: a
+    hand-edited or half-copied one must read as damaged, not crash `plan` or point outside the
+    output folder."""
+    return isinstance(files, dict) and all(_good_file(rel, meta) for rel, meta in files.items())
+
+
+def _good_file(rel: Any, meta: Any) -> bool:
+    if not isinstance(rel, str) or not isinstance(meta, dict):
+        return False
+    path = PurePosixPath(rel)
+    return (rel != "" and not path.is_absolute() and ".." not in path.parts
+            and isinstance(meta.get("size"), int) and not isinstance(meta.get("size"), bool)
+            and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64)
+
+
+def manifest_problem(manifest: Optional[dict]) -> Optional[str]:
+    """What makes a stage's manifest.json unusable (None: nothing): the runner trusts a
+    stage's output only through a well-formed manifest, and treats any other as no manifest."""
+    if manifest is None:
+        return "not a JSON object"
+    if not isinstance(manifest.get("fingerprint"), str):
+        return "no fingerprint"
+    if not good_file_table(manifest.get("files")):
+        return "malformed file table"
+    if not all(isinstance(manifest.get(k, {}), dict) for k in ("config", "code", "inputs")):
+        return "malformed config, code or inputs"
+    return None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -154,6 +185,11 @@ def verify_files(root: Path, files: dict[str, dict], full: bool = False, memo: O
     """
     problems = []
     memo = {} if memo is None else memo
+    # A file the table does not list was not published by the stage (planted, or left by a
+    # copy): a downstream stage reading the folder (a model's shards, say) would read it too.
+    if root.is_dir():
+        problems += [f"{path}: not in the manifest (added)" for path in sorted(root.rglob("*"))
+                     if path.is_file() and path.relative_to(root).as_posix() not in files]
     for rel, meta in files.items():
         path = root / rel
         if not path.is_file():

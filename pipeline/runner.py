@@ -181,6 +181,23 @@ class Runner:
             self._code[spec.name] = dict(sorted(files.items()))
         return self._code[spec.name]
 
+    def manifest(self, name: str) -> Optional[dict]:
+        """Stage `name`'s manifest when it is well-formed (`rundir.manifest_problem`), else None:
+        a damaged manifest vouches for nothing, so its stage counts as not built."""
+        manifest = rundir.read_json(self.stage_dir(name) / rundir.MANIFEST)
+        return None if rundir.manifest_problem(manifest) else manifest
+
+    def _unbuilt_reason(self, sdir: Path) -> str:
+        """Why a stage without a usable manifest runs: what is on disk, when there is something."""
+        path = sdir / rundir.MANIFEST
+        if path.exists():
+            problem = rundir.manifest_problem(rundir.read_json(path))
+            return f"{self._rel(str(path))} is damaged ({problem}); its output is not trusted, runs again"
+        if (sdir / rundir.OUTPUT).exists():
+            return (f"{self._rel(str(sdir / rundir.OUTPUT))} has no manifest (deleted, or a run killed while "
+                    "publishing); not trusted, runs again")
+        return "not run yet"
+
     def input_digests(self, spec: StageSpec, restored: Optional[dict[str, str]] = None) -> dict[str, Optional[str]]:
         """Per upstream stage, the content digest of its published output (None: not published);
         `restored`: the digests of upstream stages the cache is going to restore."""
@@ -189,8 +206,8 @@ class Runner:
             if restored and dep in restored:
                 out[dep] = restored[dep]
                 continue
-            manifest = rundir.read_json(self.stage_dir(dep) / rundir.MANIFEST)
-            out[dep] = output_digest(manifest["files"]) if manifest and "files" in manifest else None
+            manifest = self.manifest(dep)
+            out[dep] = output_digest(manifest["files"]) if manifest else None
         return out
 
     def current_fingerprint(self, spec: StageSpec, restored: Optional[dict[str, str]] = None
@@ -208,7 +225,7 @@ class Runner:
         stage reads it.
         """
         sdir = self.stage_dir(spec.name)
-        manifest = rundir.read_json(sdir / rundir.MANIFEST)
+        manifest = self.manifest(spec.name)
         state = rundir.read_json(sdir / rundir.STATE) or {}
         if manifest is not None:
             if fp is not None and manifest.get("fingerprint") == fp:
@@ -226,12 +243,12 @@ class Runner:
                 and state.get("host") == socket.gethostname() and rundir._alive(int(state.get("pid", -1)), None):
             return "running", f"running in pid {state['pid']} since {state.get('started')}"
         ckpt = sdir / rundir.CHECKPOINTS
-        if fp is not None and (ckpt / CKPT_FINGERPRINT).is_file() and (ckpt / CKPT_FINGERPRINT).read_text().strip() == fp:
+        if fp is not None and _checkpoint_fingerprint(ckpt) == fp:
             n = sum(1 for p in ckpt.iterdir() if p.name != CKPT_FINGERPRINT)
             if n == 0:
                 return "partial", "interrupted before its first checkpoint; restarts"
             return "partial", f"interrupted; resumes from {n} checkpoint file(s)"
-        return "missing", "not run yet"
+        return "missing", self._unbuilt_reason(sdir)
 
     def _rel(self, problem: str) -> str:
         """A verification problem with its path shown relative to the run directory."""
@@ -354,8 +371,8 @@ class Runner:
                 d = by_name[dep]
                 if d.action != "skip" or d.status != "done" or dep in altered or dep in found:
                     continue
-                manifest = rundir.read_json(self.stage_dir(dep) / rundir.MANIFEST) or {}
-                problems = rundir.verify_files(self.stage_dir(dep) / rundir.OUTPUT, manifest.get("files", {}),
+                manifest = self.manifest(dep) or {"files": {}}  # done: its manifest was well-formed
+                problems = rundir.verify_files(self.stage_dir(dep) / rundir.OUTPUT, manifest["files"],
                                                full=True, memo=memo)
                 if problems:
                     found[dep] = f"output altered: {self._rel(problems[0])} (found before {p.spec.name} read it)"
@@ -484,7 +501,7 @@ class Runner:
         sdir.mkdir(parents=True, exist_ok=True)
         ckpt = sdir / rundir.CHECKPOINTS
         fp_file = ckpt / CKPT_FINGERPRINT
-        ours = ckpt.exists() and fp_file.is_file() and fp_file.read_text().strip() == fp
+        ours = ckpt.exists() and _checkpoint_fingerprint(ckpt) == fp
         resumed = ours and any(p.name != CKPT_FINGERPRINT for p in ckpt.iterdir())
         if ckpt.exists() and not ours:
             shutil.rmtree(ckpt)  # progress of a different configuration: not ours to resume
@@ -677,6 +694,14 @@ class Runner:
         """Whether the main process is running `spec` at `fp` (not restoring it from the cache)."""
         state = rundir.read_json(self.stage_dir(spec.name) / rundir.STATE) or {}
         return state.get("status") == "running" and state.get("fingerprint") == fp
+
+
+def _checkpoint_fingerprint(ckpt: Path) -> Optional[str]:
+    """The fingerprint a stage's checkpoints were made at (None: none, or unreadable)."""
+    try:
+        return (ckpt / CKPT_FINGERPRINT).read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
 
 
 class _NullLogger:

@@ -26,8 +26,8 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from pathlib import Path
+from typing import Optional
 
 from qlora_pipeline import rundir
 from qlora_pipeline.errors import InputError
@@ -199,24 +199,13 @@ def record_problem(key: str, record: Optional[dict]) -> Optional[str]:
     """
     if record is None or record.get("fingerprint") != key:
         return f"missing or not a record of {key}"
-    files = record.get("files")
-    if not isinstance(files, dict) or not all(_good_file(rel, meta) for rel, meta in files.items()):
+    if not rundir.good_file_table(record.get("files")):
         return "malformed file table"
     if not all(isinstance(record.get(k, {}), dict) for k in ("metrics", "info", "parent_metrics")):
         return "malformed metrics or info"
     if not all(isinstance(v, (int, float)) for k in ("metrics", "parent_metrics") for v in record.get(k, {}).values()):
         return "metrics that are not numbers"
     return None
-
-
-def _good_file(rel: Any, meta: Any) -> bool:
-    """A file-table row: a relative path inside the output, an int size and a sha256."""
-    if not isinstance(rel, str) or not isinstance(meta, dict):
-        return False
-    path = PurePosixPath(rel)
-    return (rel != "" and not path.is_absolute() and ".." not in path.parts
-            and isinstance(meta.get("size"), int) and not isinstance(meta.get("size"), bool)
-            and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64)
 
 
 def with_mtimes(root: Path, files: dict[str, dict]) -> dict[str, dict]:

@@ -24,6 +24,7 @@ from qlora_pipeline.graph import StageRef, StageSpec
 from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.models import cached_config, source_identity
 from qlora_pipeline import methods
+from qlora_pipeline.data_identity import content_identity
 from qlora_pipeline.devices import resolve_device
 from qlora_pipeline.dtypes import resolve_dtype_name, train_dtype_name
 
@@ -78,9 +79,12 @@ def build_stages(recipe) -> list[StageSpec]:
     evaluation = {"seq_len": recipe.data.seq_len,
                   **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"})}
     # `auto` dtypes resolved here (torch-free), as the devices are: bf16 compute on one machine
-    # is not float32 on another, so the resolved dtype is part of the fingerprint.
-    scoring = {"evaluate": evaluation,
-               "evaluate_compute_dtype": resolve_dtype_name(recipe.evaluate.dtype, resolve_device(recipe.evaluate.device))}
+    # is not float32 on another, so the resolved dtype is part of the fingerprint. So is the
+    # resolved device, as for the quantize stages: an evaluation measures speed, peak memory and
+    # perplexity on it, and one made on a GPU must not stand for a CPU run's (the stage cache).
+    eval_device = resolve_device(recipe.evaluate.device)
+    scoring = {"evaluate": evaluation, "evaluate_device": eval_device,
+               "evaluate_compute_dtype": resolve_dtype_name(recipe.evaluate.dtype, eval_device)}
     # Each entry with its calibration source resolved (the recipe's default filled in; None for
     # methods that take no calibration): part of its quantize (and search) stage's settings.
     entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
@@ -88,6 +92,10 @@ def build_stages(recipe) -> list[StageSpec]:
     # The general train split is prepared only when something calibrates on it: only then is its
     # size part of the data stage's settings.
     data_config = {**model, "data": recipe.data.model_dump(mode="json", exclude={"general_train_tokens"})}
+    # The text itself, not only where it is: a corpus edited in place re-runs `data` (and, if its
+    # tokens change, everything after it), and the stage cache never serves another text's tokens.
+    data_config["content"] = {key: content_identity(source) for key, source in
+                              (("domain", recipe.data.domain), ("general", recipe.data.general)) if source is not None}
     if "general" in sources:
         data_config["general_train_tokens"] = recipe.data.general_train_tokens
     specs = [

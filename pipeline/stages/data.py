@@ -111,7 +111,8 @@ def _require_clean(splits: data.Splits, report: data.Decontamination, cfg) -> No
     """After decontamination: no held-out paragraph left in a training side, and no split
     emptied by the cleaning."""
     if not report.clean:
-        left = ", ".join(f"{k}: {o.paragraphs} paragraph(s)" for k, o in report.after.items() if o.paragraphs)
+        left = ", ".join([f"{k}: {o.paragraphs} paragraph(s)" for k, o in report.after.items() if o.paragraphs]
+                         + [f"{k}: {n} training passage(s) inside held-out text" for k, n in report.inside_after.items() if n])
         raise DataError(f"data.domain: held-out text is still in the training side after decontamination ({left})")
     for name in ("valid", "train"):
         if not getattr(splits, name):

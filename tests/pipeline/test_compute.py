@@ -100,3 +100,23 @@ def test_the_engine_in_bf16_quantizes_close_to_float32(tiny_llama_dir, tmp_path)
     assert torch.allclose(seen["float32"][0], seen["bfloat16"][0], rtol=1e-5, atol=1e-6)
     drift = [float((a - b).abs().max() / a.abs().max()) for a, b in zip(seen["float32"], seen["bfloat16"])]
     assert 0 < max(drift) < 0.1  # later inputs went through bf16 matmuls, and stay close
+
+
+def test_the_resolved_evaluation_device_is_in_the_fingerprints(write_recipe, monkeypatch):
+    """An evaluation measures perplexity, speed and peak memory on its device: `auto` resolved
+    to cuda is not the CPU's evaluation (nor served from the stage cache for it), even with the
+    dtype written out; the other stages keep their settings."""
+    from qlora_pipeline import devices
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    recipe, _ = load_recipe(write_recipe({"evaluate": {"dtype": "float32"},
+                                          "quantize": [{"name": "r", "method": "rtn", "group_size": 64}]}), [])
+    settings = {}
+    for missing in ("no GPU", None):
+        monkeypatch.setattr(devices, "cuda_missing", lambda: missing)
+        settings[missing] = {s.name: s.config for s in build_stages(recipe)}
+    changed = {name for name in settings[None] if settings[None][name] != settings["no GPU"][name]}
+    assert {"evaluate-base", "evaluate-base-nf4", "evaluate-merged", "evaluate-r"} <= changed
+    assert settings["no GPU"]["evaluate-r"]["evaluate_device"] == "cpu" and settings[None]["evaluate-r"]["evaluate_device"] == "cuda"
+    assert not changed & {"data", "base", "merge"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -258,3 +259,124 @@ def test_overlap_left_after_cleaning_is_a_data_error():
     report = data.Decontamination(dirty, dirty, {}, {})
     with pytest.raises(DataError, match=r"data.domain: held-out text is still in the training side.*eval_in_train: 1"):
         _require_clean(splits, report, DecontaminateConfig())
+
+
+def test_a_corpus_edited_in_place_with_its_size_and_mtime_kept_makes_the_data_stage_stale(
+        tiny_llama_dir, tmp_path, write_recipe, monkeypatch, capsys):
+    """The data stage's fingerprint holds the content of its local files, not their path,
+    size or mtime: an in-place edit that `touch -r` hides still re-runs it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(_long(f"d{i}") + "\n\n" + _long(f"e{i}"))
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, data={
+        "domain": {"path": str(folder)}, "general": None, "seq_len": 16, "holdout_every": 3, "valid_every": 3}))
+    assert cli("run", str(recipe), "--only", "data") == 0
+    capsys.readouterr()
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"data\s+skip", capsys.readouterr().out)
+    f = folder / "doc2.txt"
+    st = f.stat()
+    f.write_text(f.read_text().replace("d2", "D2"))  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"data\s+run\s+.*settings changed: content\.domain\.files\.doc2\.txt", capsys.readouterr().out)
+
+
+def test_a_built_in_corpus_is_named_with_the_python_that_ships_it():
+    """pydoc_data and the standard library change with each Python release: part of the identity."""
+    import platform
+
+    from qlora_pipeline.data_identity import content_identity
+
+    assert platform.python_version() in content_identity(DataSource(builtin="python-docs"))["python"]
+
+
+def test_held_out_text_in_another_unicode_form_or_line_ending_is_still_found():
+    """NFD for NFC, CRLF and lone-CR line endings: the same text to the check and the cut."""
+    import unicodedata
+
+    accented = ("Über die naïve Café-Lösung: a résumé of déjà vu, with enough accented characters "
+                "(é, à, ü, ö) to pass eighty.")
+    nfc, nfd = unicodedata.normalize("NFC", accented), unicodedata.normalize("NFD", accented)
+    assert nfc != nfd
+    held = [f"{nfc}\n\n{_long('a')}", _long("b")]
+    trains = {"nfd": [nfd, _long("t")], "crlf": [f"{_long('x')}\r\n\r\n{_long('a')}\r\n", _long("t")],
+              "cr": [f"{_long('x')}\r\r{_long('a')}", _long("t")]}
+    for name, train in trains.items():
+        splits = data.Splits(train=train, valid=[_long("v")], eval=held)
+        assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1, name
+        clean, report = data.decontaminate(splits, DecontaminateConfig())
+        assert report.clean, name
+        text = _flat(unicodedata.normalize("NFC", " ".join(clean.train)))
+        assert _flat(nfc) not in text and _flat(_long("a")) not in text, name
+    # A held-out document with lone-CR line endings is split into its paragraphs.
+    splits = data.Splits(train=[_long("a")], valid=[_long("v")], eval=[f"{_long('a')}\r\r{_long('c')}", _long("b")])
+    assert data.decontaminate(splits, DecontaminateConfig())[0].train == []
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1
+    docs = data.load_documents(DataSource(builtin="python-docs"), "data.domain")
+    assert all(d == unicodedata.normalize("NFC", d) and "\r" not in d for d in docs)
+
+
+def test_a_held_out_document_of_short_paragraphs_is_found_inside_a_training_document():
+    """Each of its paragraphs is under min_chars; joined they are not: copied whole (or its
+    longer part) into a training document, with other wrapping, it is cut out all the same."""
+    verse = [f"line {i} of a short verse" for i in range(12)]
+    poem = "\n\n".join(verse)
+    assert all(len(line) < 80 for line in verse)
+    train = [f"{_long('x')}\n\n" + "\r\n\r\n".join(verse) + f"\n\n{_long('y')}",  # all of it
+             f"{_long('z')}\n\n" + "\n".join(verse[3:]),                          # most of it, one paragraph
+             _long("t")]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=[poem, _long("b")])
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs >= 2
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean
+    text = _flat(" ".join(clean.train))
+    # At most a remainder shorter than two pieces survives at an edge: no run of 4 verse lines.
+    assert not any(_flat(" ".join(verse[i:i + 4])) in text for i in range(len(verse) - 3))
+    assert _flat(_long("x")) in text and _flat(_long("y")) in text and _flat(_long("t")) in text
+    # A lone short paragraph (a heading) is still not checked: it recurs legitimately.
+    assert data.paragraphs("Changed in version 3.5.\n\n" + _long("p"), 80) == [_flat(_long("p"))]
+
+
+def test_every_tokenizer_file_of_a_local_model_is_part_of_the_data_stage_settings(tiny_llama_dir, tmp_path):
+    """The data stage tokenizes with the model's tokenizer: a changed merges.txt or
+    tokenizer.model (not JSON) re-runs it; a README does not."""
+    import shutil
+
+    from qlora_pipeline.recipe import Recipe
+    from qlora_pipeline.stages import build_stages
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "merges.txt").write_text("#version: 0.2\n")
+
+    def data_settings():
+        recipe = Recipe.model_validate(tiny_recipe(model, tmp_path, data={"general": None}))
+        return next(s.config for s in build_stages(recipe) if s.name == "data")
+
+    before = data_settings()
+    (model / "README.md").write_text("notes")
+    assert data_settings() == before
+    (model / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert data_settings() != before
+
+
+def test_a_training_document_that_is_part_of_a_held_out_paragraph_is_cut():
+    """No whole held-out paragraph is in it, but all of its text is held out: its passages
+    are found inside the held-out text and cut; one left behind stops the stage."""
+    from qlora_pipeline.stages.data import _require_clean
+
+    sentences = [f"Sentence {i} tells the reader something specific about topic {i} in plenty of words."
+                 for i in range(8)]
+    held = [" ".join(sentences[:6]), _long("h")]  # one long paragraph, then another document
+    part = " ".join(sentences[1:4])
+    splits = data.Splits(train=[part.replace(" ", "\n", 4), _long("t")], valid=[_long("v")], eval=held)
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and clean.train == [_long("t")]
+    assert all(n == 0 for n in report.as_dict()["training_passages_inside_held_out_after"].values())
+    left = data.Decontamination(report.after, report.after, {}, {}, {"eval_in_train": 1})
+    with pytest.raises(DataError, match=r"eval_in_train: 1 training passage\(s\) inside held-out text"):
+        _require_clean(splits, left, DecontaminateConfig())

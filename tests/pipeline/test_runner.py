@@ -154,6 +154,61 @@ def test_truncated_or_altered_output_is_detected_and_rerun(toy):
     assert toy.runner().plan(full_verify=True)[1].status == "corrupt"
 
 
+def test_a_file_added_to_a_published_output_makes_its_stage_rebuild(toy):
+    """The manifest lists every published file: anything else in output/ was not made by the
+    stage, and a downstream stage reading the folder would read it too."""
+    toy.runner().run()
+    (toy.run_dir / "a" / "output" / "planted.txt").write_text("not from a")
+    plan = toy.runner().plan()
+    assert plan[0].status == "corrupt" and plan[0].reason == "output altered: a/output/planted.txt: not in the manifest (added)"
+    toy.calls.clear()
+    toy.runner().run()
+    assert toy.calls == ["a"] and not (toy.run_dir / "a" / "output" / "planted.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["no files", "files a list", "bad row", "config a list", "not json", "deleted"])
+def test_a_damaged_or_deleted_manifest_reruns_its_stage_and_says_why(toy, damage):
+    """A manifest that parses but is not a well-formed record (hand edits, a cut copy) vouches
+    for nothing: plan names it, run rebuilds the stage; no traceback."""
+    toy.runner().run()
+    path = toy.run_dir / "b" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "no files":
+        del manifest["files"]
+    elif damage == "files a list":
+        manifest["files"] = ["b.txt"]
+    elif damage == "bad row":
+        manifest["files"]["b.txt"] = {"size": "8"}
+    elif damage == "config a list":
+        manifest["config"] = [1]
+    path.write_text(json.dumps(manifest))
+    if damage == "not json":
+        path.write_text(path.read_text()[:40])
+    if damage == "deleted":
+        path.unlink()
+    plan = toy.runner().plan()
+    assert [p.action for p in plan] == ["skip", "run", "run"]
+    if damage == "deleted":
+        assert plan[1].reason.startswith("b/output has no manifest")
+    else:
+        assert plan[1].reason.startswith("b/manifest.json is damaged")
+    toy.calls.clear()
+    toy.runner().run()
+    assert toy.calls == ["b"]  # rebuilt with the same bytes: c stays up to date
+    assert [p.action for p in toy.runner().plan()] == ["skip"] * 3
+
+
+def test_an_unreadable_checkpoint_fingerprint_is_no_resume_point(toy):
+    toy.runner().run()
+    (toy.run_dir / "b" / "manifest.json").unlink()
+    (toy.run_dir / "b" / "checkpoints").mkdir()
+    (toy.run_dir / "b" / "checkpoints" / ".fingerprint").write_bytes(b"\xff\xfe")
+    assert toy.runner().plan()[1].action == "run"
+    toy.calls.clear()
+    toy.runner().run()
+    assert toy.calls == ["b"]
+
+
 def test_lock_blocks_a_live_process_and_takes_over_a_dead_one(tmp_path):
     lock_path = tmp_path / "run" / ".lock"
     holder = subprocess.Popen([sys.executable, "-c", (
