@@ -31,7 +31,8 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf/.nan for any number: an infinite learning rate or threshold is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -55,6 +56,8 @@ class ModelConfig(_Section):
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str) -> str:
+        if not v.strip():  # Path("") is the current folder
+            raise ValueError("empty; give builtin:smollm2-135m, an HF model directory, a .gguf file or a hub id")
         if v.startswith("builtin:"):
             name = v.split(":", 1)[1]
             if name not in BUILTIN_MODELS:

@@ -67,6 +67,9 @@ BAD = {
     "section not a mapping": ({"nf4": 5}, "nf4: must be a section of keys, not a number (5); its keys: blocksize"),
     "empty section": ({"model": None}, "model: empty section (nothing after 'model:'); give its keys or remove"),
     "true for a number": ({"train": {"steps": True}}, "train.steps: must be a number, not true"),
+    "infinite learning rate": ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a "
+                               "finite number"),
+    "empty model source": ({"model": {"source": ""}}, "model.source: empty; give builtin:smollm2-135m"),
     "hub id with spaces": ({"data": {"domain": {"hub": "my corpus"}}}, "data.domain.hub: 'my corpus' is not a hub "
                            "dataset id"),
     "sqlite uri with two slashes": ({"tracking": {"uri": "sqlite://mlflow.db"}}, "a file path takes three slashes"),
