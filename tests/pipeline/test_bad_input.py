@@ -171,6 +171,18 @@ def test_gguf_without_the_magic(in_tmp, write_recipe, capsys):
     assert f"model.source: {fake} is not a GGUF file" in err
 
 
+def test_a_gguf_that_cannot_be_converted_is_bad_input(in_tmp, write_recipe, capsys, monkeypatch):
+    # The right magic bytes, then garbage: it failed the data stage (exit 1) with the GGUF
+    # reader's "unpack_from requires a buffer ...".
+    monkeypatch.setenv("QLP_CACHE", str(in_tmp / "cache"))
+    fake = in_tmp / "model.gguf"
+    fake.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    path = recipe_file(write_recipe, in_tmp, fake, tracking={"enabled": False})
+    err = refused(capsys, in_tmp, "run", path, "--only", "data")
+    assert f"model.source: {fake} could not be read as a GGUF model" in err and "copy it again" in err
+    assert list((in_tmp / "cache" / "models").iterdir()) == [], "nothing of it cached, no lock file"
+
+
 def test_missing_builtin_package_is_named(in_tmp, write_recipe, capsys, monkeypatch):
     import importlib.util
 
