@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from qlora_pipeline.devices import device_problem
 from qlora_pipeline.errors import InputError, RecipeError
-from qlora_pipeline.layerwise.families import FAMILIES
+from qlora_pipeline.layerwise.families import FAMILIES, family_for
 from qlora_pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
 from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
 
@@ -52,7 +52,9 @@ def check_inputs(recipe) -> list[str]:
     problems = check_placeholders(recipe)
     problems += check_model_source(recipe.model.source)
     if recipe.merge.adapter is not None:
-        problems += check_adapter(Path(recipe.merge.adapter).expanduser(), "merge.adapter")
+        adapter = Path(recipe.merge.adapter).expanduser()
+        found = check_adapter(adapter, "merge.adapter")
+        problems += found or check_adapter_fits(adapter, recipe.model, "merge.adapter")
     for key, source in (("data.domain", recipe.data.domain), ("data.general", recipe.data.general)):
         if source is not None and source.path is not None:
             problems += check_data_path(Path(source.path).expanduser(), source.text_field, f"{key}.path")
@@ -290,31 +292,37 @@ def safetensors_problem(f: Path, key: str) -> Optional[str]:
     """A safetensors file that cannot be loaded whole: its header (8 bytes of length, then a
     JSON table of tensors with their byte ranges) unreadable, or tensors extending past the
     end of the file (a copy cut short). Reads the header only, not the weights."""
+    return read_safetensors_header(f, key)[1]
+
+
+def read_safetensors_header(f: Path, key: str) -> tuple[Optional[dict], Optional[str]]:
+    """(the tensor table of a safetensors file, None), or (None, a problem line): see
+    `safetensors_problem`."""
     fix = "copy the model again (or re-save it with save_pretrained)"
     try:
         with open(f, "rb") as fh:
             head = fh.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 2 <= length <= MAX_SAFETENSORS_HEADER:
-                return f"{key}: {f} is not a safetensors file (no valid header length); {fix}"
+                return None, f"{key}: {f} is not a safetensors file (no valid header length); {fix}"
             header = fh.read(length)
             size = f.stat().st_size
         if len(header) < length:
-            return f"{key}: {f} is truncated ({size} bytes, less than its own header); {fix}"
+            return None, f"{key}: {f} is truncated ({size} bytes, less than its own header); {fix}"
         table = json.loads(header.decode("utf-8"))
     except OSError as exc:
-        return f"{key}: cannot read {f} ({_oserror(exc)})"
+        return None, f"{key}: cannot read {f} ({_oserror(exc)})"
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
+        return None, f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
     if not isinstance(table, dict):
-        return f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
+        return None, f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
     try:
         end = max([int(t["data_offsets"][1]) for n, t in table.items() if n != "__metadata__"], default=0)
     except (TypeError, KeyError, IndexError, ValueError):
-        return f"{key}: {f} has a damaged safetensors header (a tensor without its data_offsets); {fix}"
+        return None, f"{key}: {f} has a damaged safetensors header (a tensor without its data_offsets); {fix}"
     if 8 + length + end > size:
-        return (f"{key}: {f} is truncated: its tensors need {8 + length + end} bytes, the file has {size}; {fix}")
-    return None
+        return None, f"{key}: {f} is truncated: its tensors need {8 + length + end} bytes, the file has {size}; {fix}"
+    return table, None
 
 
 def check_adapter(path: Path, key: str) -> list[str]:
@@ -333,6 +341,39 @@ def check_adapter(path: Path, key: str) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+LORA_A = re.compile(r"\.(\d+)\.(.+)\.lora_A(?:\.[^.]+)?\.weight$")  # layers.<i>.<linear>.lora_A[.<name>].weight
+
+
+def check_adapter_fits(path: Path, model_cfg, key: str) -> list[str]:
+    """An adapter trained on another model (another width or depth): its LoRA A matrices
+    take as many inputs as the linear they adapt. Found here, not by the merge's
+    "size of tensor a (64) must match ... b (128)" after data and base ran. Checked when the
+    model's config.json is on disk (a local directory, a converted GGUF)."""
+    from qlora_pipeline.models import cached_config
+
+    try:
+        config = cached_config(model_cfg)
+        family = family_for(config["model_type"]) if config else None
+        widths = family.linear_in_features(config) if family else {}
+        layers = int(config["num_hidden_layers"]) if config else 0
+    except (InputError, KeyError, TypeError, ValueError):
+        return []  # the model's own problems are reported by check_model_source
+    table, _ = read_safetensors_header(path / "adapter_model.safetensors", key)
+    for name, meta in (table or {}).items():
+        found = LORA_A.search(name) if family and name.startswith("base_model.model.") else None
+        if not found or not isinstance(meta, dict) or not isinstance(meta.get("shape"), list):
+            continue
+        layer, linear = int(found[1]), found[2]
+        if layer >= layers:
+            return [f"{key}: {path} adapts layer {layer}, and the model has {layers} layers: it was trained on "
+                    f"another model; give the adapter trained on model.source {model_cfg.source}"]
+        if linear in widths and meta["shape"][-1:] != [widths[linear]]:
+            return [f"{key}: {path} adapts {linear} with {meta['shape'][-1]} inputs, and the model's {linear} has "
+                    f"{widths[linear]}: it was trained on another model; give the adapter trained on model.source "
+                    f"{model_cfg.source}"]
+    return []
 
 
 # ----------------------------------------------------------------------------- data

@@ -217,6 +217,30 @@ def test_adapter_without_weights_and_with_broken_config(tiny_llama_dir, in_tmp, 
     assert f"merge.adapter: {adapter} has no adapter_model.safetensors" in err
 
 
+def fake_adapter(folder: Path, tensor: str, shape: list[int]) -> Path:
+    """A PEFT adapter directory holding one float32 tensor (zeros) under `tensor`."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": shape[0]}))
+    size = 4 * shape[0] * shape[1]
+    header = json.dumps({tensor: {"dtype": "F32", "shape": shape, "data_offsets": [0, size]}}).encode()
+    (folder / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * size)
+    return folder
+
+
+@pytest.mark.parametrize("tensor, shape, expected", [
+    ("layers.0.mlp.down_proj", [4, 999], "adapts mlp.down_proj with 999 inputs, and the model's mlp.down_proj has 128"),
+    ("layers.7.self_attn.q_proj", [4, 64], "adapts layer 7, and the model has 3 layers"),
+])
+def test_an_adapter_of_another_model_is_refused(tensor, shape, expected, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    # The merge failed with "The size of tensor a (64) must match the size of tensor b (128)", exit 1.
+    adapter = fake_adapter(in_tmp / "adapter", f"base_model.model.model.{tensor}.lora_A.weight", shape)
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, merge={"adapter": str(adapter)})
+    err = refused(capsys, in_tmp, "run", path)
+    assert f"merge.adapter: {adapter} {expected}: it was trained on another model" in err
+    ok = fake_adapter(in_tmp / "fits", "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight", [4, 128])
+    assert cli("validate", recipe_file(write_recipe, in_tmp, tiny_llama_dir, merge={"adapter": str(ok)})) == 0
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_broken_jsonl_data_file(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
     corpus = in_tmp / "corpus"
