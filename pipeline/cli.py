@@ -4,6 +4,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad input (recipe, paths, data, a bus
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -69,10 +70,16 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
     Runs before any Runner or Tracker exists: bad input leaves no run directory, lock or
     MLflow run behind.
     """
+    from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.preflight import preflight
+    from qlora_pipeline.stages import build_stages
 
     cfg, raw = _load(recipe_path, sets)
     preflight(cfg, source=recipe_path)
+    try:
+        build_stages(cfg)  # its checks against the model's config (group sizes, context), torch-free
+    except RecipeError as exc:  # named after the recipe file, as every other recipe problem
+        raise RecipeError(exc.problems, source=recipe_path) from None
     return cfg, raw
 
 
@@ -84,7 +91,8 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
     from qlora_pipeline.stagecache import open_cache
     from qlora_pipeline.stages import build_stages
 
-    directory = Path(run_dir) if run_dir else Path(recipe.run.dir) / recipe.run.name
+    # `~` as the shell would: unexpanded, a run.dir of ~/runs made a folder named '~' here.
+    directory = Path(run_dir).expanduser() if run_dir else Path(recipe.run.dir).expanduser() / recipe.run.name
     problem = rundir.location_problem(directory, probe=with_tracking)  # only `run` tracks, and only it may write
     if problem:
         raise InputError(f"run directory: {problem}; {rundir.RUN_DIR_HINT}")
@@ -186,7 +194,12 @@ _run_dir_option = click.option("--run-dir", type=click.Path(file_okay=False), de
 @click.option("--force", is_flag=True, help="Re-run every stage (with --only: just that one).")
 def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Run the recipe's stages; skip what is up to date, resume what was interrupted."""
+    from qlora_pipeline.errors import RecipeError
+    from qlora_pipeline.preflight import run_problems
+
     cfg, _ = _load_checked(recipe, sets)
+    if run_problems(cfg):
+        raise RecipeError(run_problems(cfg), source=recipe)
     _check_cache(cfg)
     runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem)
     logger.info("run directory: %s", runner.run_dir)
@@ -226,7 +239,11 @@ def compare(run_dirs, markdown, metrics) -> None:
     rows, columns = compare_runs([Path(d) for d in run_dirs], list(metrics) or None)
     click.echo(render(rows, columns, markdown=False))
     if markdown:
-        Path(markdown).write_text(render(rows, columns, markdown=True) + "\n")
+        try:
+            Path(markdown).write_text(render(rows, columns, markdown=True) + "\n")
+        except OSError as exc:
+            raise InputError(f"--markdown {markdown}: cannot write it ({exc.strerror or exc}); give a file path "
+                             "in a folder that exists and has space") from None
         click.echo(f"written: {markdown}")
 
 
@@ -276,7 +293,7 @@ def status(run_dir: str, verify: bool) -> None:
 @_set_option
 def validate(recipe: str, sets) -> None:
     """Check a recipe; report every problem at once, each with its key path."""
-    from qlora_pipeline.preflight import network_sources
+    from qlora_pipeline.preflight import network_sources, run_problems
     from qlora_pipeline.stages import build_stages
 
     cfg, _ = _load_checked(recipe, sets)
@@ -284,6 +301,8 @@ def validate(recipe: str, sets) -> None:
     click.echo(f"{recipe}: ok ({len(stages)} stages: {', '.join(stages)})")
     for line in network_sources(cfg):
         click.echo(f"needs the network: {line}")
+    for line in run_problems(cfg):
+        click.echo(f"needs another machine: {line}")
 
 
 class _ListOptionsCommand(click.Command):
@@ -365,11 +384,12 @@ def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, 
 @click.option("--uri", default=None, help="Tracking store (default: the recipe's tracking.uri, else MLflow's default).")
 @click.option("--experiment", default=None, help="Experiment whose runs page to show (default: the recipe's, "
               "else qlora-pipeline).")
-@click.option("--port", default=5000, show_default=True, help="Port the MLflow UI listens on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="Port the MLflow UI "
+              "listens on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address it listens on (127.0.0.1: this "
               "machine only).")
-@click.option("--workers", default=1, show_default=True, help="Server worker processes (one serves a user; MLflow's "
-              "default, 4, takes longer to start).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Server worker processes (one serves a user; MLflow's default, 4, takes longer to start).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the runs page in a web browser.")
 def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], port: int, host: str, workers: int,
        open_browser: bool) -> None:
@@ -377,13 +397,20 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
     the URL of the experiment's runs page."""
     import subprocess
 
-    from qlora_pipeline.preflight import sqlite_store_path
+    from qlora_pipeline.preflight import check_tracking_uri, sqlite_store_path
     from qlora_pipeline.recipe import TrackingConfig
     from qlora_pipeline.tracking import default_tracking_uri, find_experiment, runs_url
 
     tracking = _load(recipe, ())[0].tracking if recipe else TrackingConfig()
+    key = "--uri" if uri else "tracking.uri"
     uri = uri or tracking.uri or default_tracking_uri()
     store = sqlite_store_path(uri)
+    problems = check_tracking_uri(uri, key) if store is None else []  # a SQLite store: judged below
+    if problems:  # MLflow's server would start, print a traceback and exit
+        raise InputError(problems[0])
+    if store is not None and store.is_dir():
+        raise InputError(f"{key}: {store} is a folder, not a SQLite store file; give the store file the runs use, "
+                         "e.g. sqlite:///mlflow.db")
     if store is not None and not store.is_file():
         # MLflow would create an empty store there (or retry for minutes where it cannot).
         raise InputError(f"no MLflow store at {store}: `pipeline run` creates it; run a recipe first, or give the "
@@ -497,6 +524,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
         return 130
+    except OSError as exc:
+        # The last resort for a file the machine refused outside any stage (stages report their
+        # own as StageError): one line naming the file, not a traceback; -v shows where.
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            click.echo(f"error: no space left on device while writing{where}; free some space and rerun the same "
+                       "command", err=True)
+        else:
+            click.echo(f"error:{where or ' a file operation failed'}: {exc.strerror or exc}", err=True)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            import traceback
+
+            traceback.print_exception(exc)
+        return 2
     return 0
 
 

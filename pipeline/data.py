@@ -16,6 +16,7 @@ valid and train, valid's out of train. Held-out documents stay whole.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import sysconfig
@@ -87,13 +88,44 @@ def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
         try:
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", **kwargs)
         except Exception as exc:
-            raise DataError(f"{key}: cannot read {data_files[0]} as {builder} ({type(exc).__name__}: "
+            found = _json_problem(data_files, key) if builder == "json" else None
+            raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]})") from None
         field = "text" if builder == "text" else text_field
         if field not in ds.column_names:
             raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: {', '.join(ds.column_names)}")
         docs += [t for t in ds[field] if isinstance(t, str)]
     return docs
+
+
+def _json_problem(files: list[str], key: str) -> str | None:
+    """The first line that is not JSON in JSON Lines files (or a .json file that does not parse),
+    by file and line: `datasets` says only that generating the dataset failed."""
+    for name in files:
+        f = Path(name)
+        try:
+            text = f.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{key}.path: cannot read {f} ({exc}); fix it or remove it"
+        if f.suffix == ".json":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                return (f"{key}.path: {f} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                        "fix it or remove it")
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return (f"{key}.path: {f}: line {number} is not valid JSON ({exc.msg}, column {exc.colno}); fix "
+                        "or delete that line (JSON Lines: one object per line)")
+            if not isinstance(record, dict):
+                return (f"{key}.path: {f}: line {number} is a JSON {type(record).__name__}, not an object; JSON "
+                        "Lines holds one object per line")
+    return None
 
 
 def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str | None = None) -> list[str]:
@@ -126,7 +158,10 @@ def load_documents(source, key: str, max_chars: int | None = None) -> list[str]:
         docs = _hub_documents(source.hub, source.split, source.text_field, key, source.config)
     docs = [canonical(d) for d in docs if d.strip()]
     if not docs:
-        raise DataError(f"{key}: the source holds no text")
+        field = "" if source.builtin else f" (for JSON, parquet and hub data: no record has text under " \
+                                           f"'{source.text_field}')"
+        raise DataError(f"{key}: the source holds no text: every document is empty or whitespace{field}; give a "
+                        "source with text, or set its text_field")
     return docs
 
 

@@ -183,7 +183,19 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
         logger.info("converting %s to a Hugging Face checkpoint (once; cached in %s)", gguf.name, target)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        _convert_gguf(gguf, tmp)
+        try:
+            _convert_gguf(gguf, tmp)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            Path(lock.name).unlink(missing_ok=True)  # nothing of a file that cannot be converted stays cached
+            if isinstance(exc, InputError):
+                raise
+            # A GGUF with the right magic bytes but cut short or of an architecture transformers
+            # cannot read from GGUF: the stage failed with the reader's own words ("unpack_from ...").
+            raise InputError(f"model.source: {gguf} could not be read as a GGUF model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); the file may be "
+                             "truncated or of an architecture transformers cannot load from GGUF: copy it again, or "
+                             "give a Hugging Face model directory") from None
         os.replace(tmp, target)
     return target
 

@@ -2,7 +2,8 @@
 
 The schema (pipeline/recipe.py) checks that paths exist; this module opens them: a local
 model directory must hold a readable config.json, safetensors weights and a tokenizer, a `.gguf` file must
-be a GGUF file, an external adapter must be a PEFT LoRA directory, every local data file must
+be a GGUF file, safetensors weights must have a readable header and be as long as it says, an
+external adapter must be a PEFT LoRA directory, every local data file must
 be readable and JSON/JSONL files must parse their first record. A problem found here would
 otherwise surface minutes into a run, after the run directory, its lock and an MLflow run were
 created; found here, it costs nothing and names its recipe key.
@@ -23,6 +24,7 @@ from typing import Any, Optional
 
 from qlora_pipeline.devices import device_problem
 from qlora_pipeline.errors import InputError, RecipeError
+from qlora_pipeline.layerwise.families import FAMILIES, family_for
 from qlora_pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
 from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
 
@@ -32,6 +34,7 @@ JSON_SUFFIXES = (".json", ".jsonl")  # read as JSON / JSON Lines by pipeline.dat
 HEAD_BYTES = 1 << 20  # read of each data file; enough for the first record of most JSON files
 MAX_RECORD_BYTES = 64 << 20  # a first JSON record longer than this is not judged
 SAFETENSORS_HINT = "save it with save_pretrained(..., safe_serialization=True)"
+SUPPORTED_MODEL_TYPES = tuple(sorted(t for family in FAMILIES for t in family.model_types))
 
 
 def preflight(recipe, source: str = "recipe") -> None:
@@ -49,7 +52,9 @@ def check_inputs(recipe) -> list[str]:
     problems = check_placeholders(recipe)
     problems += check_model_source(recipe.model.source)
     if recipe.merge.adapter is not None:
-        problems += check_adapter(Path(recipe.merge.adapter).expanduser(), "merge.adapter")
+        adapter = Path(recipe.merge.adapter).expanduser()
+        found = check_adapter(adapter, "merge.adapter")
+        problems += found or check_adapter_fits(adapter, recipe.model, "merge.adapter")
     for key, source in (("data.domain", recipe.data.domain), ("data.general", recipe.data.general)):
         if source is not None and source.path is not None:
             problems += check_data_path(Path(source.path).expanduser(), source.text_field, f"{key}.path")
@@ -61,11 +66,22 @@ def check_inputs(recipe) -> list[str]:
     return problems
 
 
+def run_problems(recipe) -> list[str]:
+    """What only `run` refuses here: settings a GPU template may carry that `validate` and `plan`
+    on a machine without one accept (recipes/llama3_domain.yaml evaluates on cuda), but that a
+    run here would fail on in evaluate-base, after data and base ran."""
+    problem = device_problem(recipe.evaluate.device, "evaluate.device")
+    return [problem] if problem else []
+
+
 # ----------------------------------------------------------------------------- hub sources
 
 # A path segment of a hub id that stands for "put yours here": your-org, YOUR_DATASET, <name>,
 # placeholder, changeme, todo, xxx.
 PLACEHOLDER_SEGMENT = re.compile(r"(your([-_].*)?|<.*>|\{.*\}|.*placeholder.*|change[-_]?me|todo|x{3,})", re.IGNORECASE)
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # org/name, or a bare name
 
 
 def is_hub_model(src: str) -> bool:
@@ -88,6 +104,10 @@ def check_placeholders(recipe) -> list[str]:
             problems.append(f"{key}.hub: '{source.hub}' is a placeholder, not a dataset; give your corpus's hub "
                             f"dataset id, or replace `hub:` with `path:` and a local .txt/.md/.jsonl/.parquet "
                             "file or folder")
+        elif source is not None and source.hub is not None and not HUB_ID.fullmatch(source.hub):
+            # the hub refuses it too, but only once the data stage runs
+            problems.append(f"{key}.hub: '{source.hub}' is not a hub dataset id like 'Salesforce/wikitext' (letters, "
+                            "digits, '-', '_', '.', one '/'); for local files replace `hub:` with `path:`")
     return problems
 
 
@@ -116,13 +136,59 @@ def sqlite_store_path(uri: Optional[str]) -> Optional[Path]:
     return None if str(path) in ("", ".", ":memory:") else path
 
 
-def check_tracking_uri(uri: Optional[str]) -> list[str]:
-    """A local SQLite tracking store needs an existing folder (MLflow creates the file, not the folder)."""
+# Tracking URI schemes MLflow opens (databases through SQLAlchemy, with an optional +driver).
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc",
+                    "file")
+
+
+def check_tracking_uri(uri: Optional[str], key: str = "tracking.uri") -> list[str]:
+    """A tracking URI MLflow can open. A typo here (`sqlite://mlflow.db`, `sqllite:///...`,
+    `http//host`) would not stop a run: MLflow fails to connect and the whole run goes
+    untracked, with one warning. A local SQLite store needs an existing folder (MLflow creates
+    the file, not the folder)."""
+    if not uri:
+        return []
+    example = "e.g. sqlite:///mlflow.db (a file in the current folder) or http://host:5000"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else None
+    if uri.startswith("sqlite://") and not uri.startswith("sqlite:///"):
+        return [f"{key}: '{uri}' is not a SQLite URI MLflow opens: a file path takes three slashes "
+                f"(sqlite:///{uri[len('sqlite://'):]} for a file in the current folder, four for an absolute path)"]
+    if scheme is not None and scheme not in TRACKING_SCHEMES:
+        return [f"{key}: '{uri}' has the unknown scheme '{scheme}://'; MLflow opens {', '.join(TRACKING_SCHEMES[:6])}, "
+                f"...; {example}"]
+    if (scheme is None or scheme == "file") and not _file_store_allowed():
+        return [f"{key}: '{uri}' names MLflow's file store (a folder), which MLflow {_mlflow_version()} refuses "
+                f"unless MLFLOW_ALLOW_FILE_STORE=true; give a store URI, {example}"]
+    if uri.startswith(("sqlite:///~", "file:~", "~")):
+        return [f"{key}: '{uri}': MLflow does not expand '~'; write the absolute path "
+                f"(sqlite:///{Path('~').expanduser()}/...)"]
     path = sqlite_store_path(uri)
     if path is None or path.parent.is_dir():
         return []
-    return [f"tracking.uri: folder {path.parent} of the SQLite store {path.name} does not exist; create it or "
-            "change tracking.uri"]
+    return [f"{key}: folder {path.parent} of the SQLite store {path.name} does not exist; create it or "
+            f"change {key}"]
+
+
+def _mlflow_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlflow")
+    except PackageNotFoundError:
+        return "?"
+
+
+def _file_store_allowed() -> bool:
+    """MLflow 3.13 and later refuse a file store (a folder) unless MLFLOW_ALLOW_FILE_STORE is true."""
+    import os
+
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        major, minor = (int(x) for x in _mlflow_version().split(".")[:2])
+    except ValueError:
+        return True  # unknown version: let MLflow judge
+    return (major, minor) < (3, 13)
 
 
 # ----------------------------------------------------------------------------- model
@@ -168,6 +234,12 @@ def check_model_dir(path: Path, key: str) -> list[str]:
     if config is not None and "model_type" not in config:
         problems.append(f"{key}: {path / 'config.json'} has no 'model_type'; it must be the config.json "
                         "that save_pretrained writes (e.g. \"model_type\": \"llama\")")
+    elif config is not None and config["model_type"] not in SUPPORTED_MODEL_TYPES:
+        # Every stage from base on walks the decoder layers by family; an unknown one would
+        # pass `validate` (without quantize entries) and fail minutes into a run.
+        problems.append(f"{key}: {path} holds a '{config['model_type']}' model, which is not supported yet; "
+                        f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only Llama-style "
+                        "models)")
     problems += check_weights(path, key)
     problems += check_tokenizer(path, key)
     return problems
@@ -202,14 +274,55 @@ def check_weights(path: Path, key: str) -> list[str]:
             return [f"{key}: {len(missing)} of the {len(shards)} shard file(s) listed in {index.name} are missing "
                     f"from {path}: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
                     "copy the complete checkpoint"]
-        return []
+        return [p for p in (safetensors_problem(path / s, key) for s in shards) if p][:3]
     if (path / "model.safetensors").is_file():
-        return []
+        problem = safetensors_problem(path / "model.safetensors", key)
+        return [problem] if problem else []
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         return [f"{key}: {path} holds PyTorch .bin/.pt (pickle) weights, which are not supported (they can run "
                 f"code when loaded); convert them: load the model with transformers and {SAFETENSORS_HINT}"]
     return [f"{key}: {path} has no weights (expected model.safetensors or model.safetensors.index.json with its "
             f"shards); {SAFETENSORS_HINT}"]
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def safetensors_problem(f: Path, key: str) -> Optional[str]:
+    """A safetensors file that cannot be loaded whole: its header (8 bytes of length, then a
+    JSON table of tensors with their byte ranges) unreadable, or tensors extending past the
+    end of the file (a copy cut short). Reads the header only, not the weights."""
+    return read_safetensors_header(f, key)[1]
+
+
+def read_safetensors_header(f: Path, key: str) -> tuple[Optional[dict], Optional[str]]:
+    """(the tensor table of a safetensors file, None), or (None, a problem line): see
+    `safetensors_problem`."""
+    fix = "copy the model again (or re-save it with save_pretrained)"
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= length <= MAX_SAFETENSORS_HEADER:
+                return None, f"{key}: {f} is not a safetensors file (no valid header length); {fix}"
+            header = fh.read(length)
+            size = f.stat().st_size
+        if len(header) < length:
+            return None, f"{key}: {f} is truncated ({size} bytes, less than its own header); {fix}"
+        table = json.loads(header.decode("utf-8"))
+    except OSError as exc:
+        return None, f"{key}: cannot read {f} ({_oserror(exc)})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
+    if not isinstance(table, dict):
+        return None, f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
+    try:
+        end = max([int(t["data_offsets"][1]) for n, t in table.items() if n != "__metadata__"], default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None, f"{key}: {f} has a damaged safetensors header (a tensor without its data_offsets); {fix}"
+    if 8 + length + end > size:
+        return None, f"{key}: {f} is truncated: its tensors need {8 + length + end} bytes, the file has {size}; {fix}"
+    return table, None
 
 
 def check_adapter(path: Path, key: str) -> list[str]:
@@ -223,7 +336,44 @@ def check_adapter(path: Path, key: str) -> list[str]:
         problems.append(f"{key}: {path} has no adapter_model.safetensors"
                         + (" (adapter_model.bin pickle weights are not supported)" if pickled else "")
                         + f"; {SAFETENSORS_HINT}")
+    else:
+        problem = safetensors_problem(path / "adapter_model.safetensors", key)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+LORA_A = re.compile(r"\.(\d+)\.(.+)\.lora_A(?:\.[^.]+)?\.weight$")  # layers.<i>.<linear>.lora_A[.<name>].weight
+
+
+def check_adapter_fits(path: Path, model_cfg, key: str) -> list[str]:
+    """An adapter trained on another model (another width or depth): its LoRA A matrices
+    take as many inputs as the linear they adapt. Found here, not by the merge's
+    "size of tensor a (64) must match ... b (128)" after data and base ran. Checked when the
+    model's config.json is on disk (a local directory, a converted GGUF)."""
+    from qlora_pipeline.models import cached_config
+
+    try:
+        config = cached_config(model_cfg)
+        family = family_for(config["model_type"]) if config else None
+        widths = family.linear_in_features(config) if family else {}
+        layers = int(config["num_hidden_layers"]) if config else 0
+    except (InputError, KeyError, TypeError, ValueError):
+        return []  # the model's own problems are reported by check_model_source
+    table, _ = read_safetensors_header(path / "adapter_model.safetensors", key)
+    for name, meta in (table or {}).items():
+        found = LORA_A.search(name) if family and name.startswith("base_model.model.") else None
+        if not found or not isinstance(meta, dict) or not isinstance(meta.get("shape"), list):
+            continue
+        layer, linear = int(found[1]), found[2]
+        if layer >= layers:
+            return [f"{key}: {path} adapts layer {layer}, and the model has {layers} layers: it was trained on "
+                    f"another model; give the adapter trained on model.source {model_cfg.source}"]
+        if linear in widths and meta["shape"][-1:] != [widths[linear]]:
+            return [f"{key}: {path} adapts {linear} with {meta['shape'][-1]} inputs, and the model's {linear} has "
+                    f"{widths[linear]}: it was trained on another model; give the adapter trained on model.source "
+                    f"{model_cfg.source}"]
+    return []
 
 
 # ----------------------------------------------------------------------------- data

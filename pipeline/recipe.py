@@ -31,7 +31,16 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf/.nan for any number: an infinite learning rate or threshold is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, v, info):
+        # pydantic reads true/false as 1/0 for a number: `steps: true` would train one step.
+        if isinstance(v, bool) and _without_none(cls.model_fields[info.field_name].annotation) in (int, float):
+            raise ValueError(f"must be a number, not {str(v).lower()}")
+        return v
 
 
 class ModelConfig(_Section):
@@ -47,6 +56,8 @@ class ModelConfig(_Section):
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str) -> str:
+        if not v.strip():  # Path("") is the current folder
+            raise ValueError("empty; give builtin:smollm2-135m, an HF model directory, a .gguf file or a hub id")
         if v.startswith("builtin:"):
             name = v.split(":", 1)[1]
             if name not in BUILTIN_MODELS:
@@ -469,6 +480,24 @@ class Recipe(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the last
+    one silently: a second `train:` section would drop the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:  # the mapping's own keys (a `<<` merge may repeat them)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first at line {seen[key]}); keep one, merging what "
+                    "each holds", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _schema_at(loc: tuple, root: type[BaseModel] = Recipe) -> Optional[type[BaseModel]]:
     """The model class found by walking `loc` (field names and list indices) from `root`."""
     model: Any = root
@@ -503,6 +532,12 @@ def _format_error(err: dict) -> str:
         hint = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (guess[0],))}'?" if guess else ""
         where = ".".join(str(p) for p in loc[:-1]) or "the top level"
         return f"{path}: unknown key.{hint} Known keys in {where}: {', '.join(known)}"
+    if err["type"] == "model_type":  # a section given as something else: say so, not the class name
+        section = _schema_at(loc)
+        keys = f"; its keys: {', '.join(section.model_fields)}" if section else ""
+        if err.get("input") is None:
+            return f"{path}: empty section (nothing after '{loc[-1]}:'); give its keys or remove the line{keys}"
+        return f"{path}: must be a section of keys, not a {_kind(err['input'])} ({err['input']!r}){keys}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -595,6 +630,8 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
                 for k in range(len(node)):  # a problem names the item: --set quantize.2.awq.x: ...
                     apply_override(data, parts[:i] + [str(k)] + parts[i + 1:], value)
                 return
+            if part.startswith("-") and part[1:].isdigit():  # a negative index
+                raise fail(f"{where} has {len(node)} item(s): indices 0 to {len(node) - 1}, counted from the first")
             if not part.isdigit():
                 raise fail(f"{where} is a list; address an item by its index, e.g. {where}.0"
                            + ("." + ".".join(parts[i:]) if parts[i:] else ""))
@@ -641,21 +678,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
         inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
         raise RecipeError([f"'{path}' is a folder, not a recipe file"
                            + (f"; the recipes in it: {', '.join(inside)}" if inside else "")], source=str(path))
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError([f"recipe file '{path}' does not exist"], source=str(path))
+    if not path.is_file():
+        raise RecipeError([f"'{path}' is not a regular file; give a recipe .yaml file"], source=str(path))
     empty = RecipeError([f"recipe file '{path}' is empty; write its sections (see recipes/*.yaml), "
                          "or `{}` to run every default"], source=str(path))
     try:
         text = path.read_text(encoding="utf-8")
         if not text.strip():  # checked before YAML, which refuses a tab even in a blank file
             raise empty
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], source=str(path)) from None
     except UnicodeDecodeError:
-        raise RecipeError(["not a UTF-8 text file"], source=str(path)) from None
+        raise RecipeError(["not a UTF-8 text file; save it as UTF-8 (a YAML recipe is text)"], source=str(path)) from None
     except OSError as exc:
         raise RecipeError([f"cannot read it ({exc.strerror or exc})"], source=str(path)) from None
     if data is None:

@@ -6,6 +6,7 @@ is written last by rename.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -88,15 +89,34 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    """Write `data` to `path` so that readers see the old file or the whole new one (a write
+    that fails, e.g. on a full disk, leaves the old file and no temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == str(tmp):
+            exc.filename = str(path)  # the file the user knows, not our temporary name
+        raise
     fsync_dir(path.parent)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_refused(path: Path, exc: OSError) -> InputError:
+    """A write of the run directory's own records refused before any stage ran (a full disk, a
+    read-only file system): bad input naming the file, nothing of a stage lost."""
+    if is_disk_full(exc):
+        return InputError(f"no space left on device while writing {path}; free some space and rerun the same command")
+    return InputError(f"cannot write {path} ({exc.strerror or exc}); {RUN_DIR_HINT}")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -289,10 +309,16 @@ class RunLock:
                     f"{holder.get('host')} since {holder.get('started')}; wait for it to finish"
                     + ("" if same_host else f", or delete {self.path} if that host's process is gone")
                 )
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
+            except OSError as exc:
+                raise write_refused(self.path, exc) from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:  # an empty lock left behind would hold the next run up
+                self.path.unlink(missing_ok=True)
+                raise write_refused(self.path, exc) from None
             self.held = True
             return
         raise RunLockedError(f"could not take the lock {self.path}; try again")

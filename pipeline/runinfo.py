@@ -80,12 +80,14 @@ def read_lock_holder(run_dir: Path) -> Optional[dict]:
 
 
 def check_records(run_dir: Path) -> None:
-    """Refuse a run directory whose records parse as JSON but are not objects.
+    """Refuse a run directory whose records parse as JSON but are not objects, or not of their
+    kind's shape (`record_problem`).
 
     The runner reads run.json, .lock and every stage's manifest.json and state.json as JSON
     objects; one that is unreadable counts as absent (the stage runs again, the lock is taken
-    over once stale, run.json is rewritten), but a list or a string there would stop `run`,
-    `plan` and `status` with a traceback. Nothing is written or deleted here.
+    over once stale, run.json is rewritten), but a list or a string there, or an object whose
+    fields are of the wrong kind (a file table that is a list, a pid that is text), would stop
+    `run`, `plan` and `status` with a traceback. Nothing is written or deleted here.
 
     Raises:
         InputError: one line naming every such file and what to do.
@@ -101,12 +103,42 @@ def check_records(run_dir: Path) -> None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # absent or unreadable: the runner treats it as absent
         if not isinstance(value, dict):
-            damaged.append(str(path))
+            damaged.append(f"{path} holds JSON that is not an object")
+        else:
+            problem = record_problem(path.name, value)
+            if problem:
+                damaged.append(f"{path} {problem}")
     if damaged:
-        raise InputError(f"damaged run directory {run_dir}: {', '.join(damaged)} hold{'s' if len(damaged) == 1 else ''} "
-                         "JSON that is not an object; delete "
+        raise InputError(f"damaged run directory {run_dir}: {'; '.join(damaged)}; delete "
                          f"{'it' if len(damaged) == 1 else 'them'} if no pipeline process is running there "
                          "(a stage whose record is deleted runs again)")
+
+
+# The fields of each record that the runner reads, and the JSON kinds they must have. A field
+# may be absent (older records lack some); present, it must be of its kind.
+_MAPPINGS = {"manifest.json": ("files", "config", "code", "inputs", "cache", "metrics", "info"),
+             "state.json": (), "run.json": ("recipe",), ".lock": ()}
+_TEXTS = {"manifest.json": ("fingerprint",), "state.json": ("fingerprint", "status", "host"),
+          "run.json": (), ".lock": ("host",)}
+
+
+def record_problem(name: str, record: dict) -> Optional[str]:
+    """What makes a JSON-object record of kind `name` (manifest.json, state.json, run.json,
+    .lock) unusable (None: nothing): a field the runner reads that has the wrong kind."""
+    from qlora_pipeline.rundir import good_file_table
+
+    for key in _MAPPINGS.get(name, ()):
+        if key in record and not isinstance(record[key], dict):
+            return f"has a '{key}' that is not an object"
+    for key in _TEXTS.get(name, ()):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"has a '{key}' that is not text"
+    if "pid" in record and (not isinstance(record["pid"], int) or isinstance(record["pid"], bool)):
+        return "has a 'pid' that is not a number"
+    files = record.get("files") if name == "manifest.json" else None
+    if files and not good_file_table(files):
+        return "has a malformed file table ('files': relative path -> {size, sha256})"
+    return None
 
 
 def _describe(exc: Exception) -> str:

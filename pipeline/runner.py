@@ -428,7 +428,10 @@ class Runner:
                     "stages": [s.name for s in self.specs],
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 })
-                rundir.write_json_atomic(run_json_path, run_json)
+                try:
+                    rundir.write_json_atomic(run_json_path, run_json)
+                except OSError as exc:
+                    raise rundir.write_refused(run_json_path, exc) from None
                 try:
                     for p in planned:
                         if p.settled:
@@ -459,8 +462,13 @@ class Runner:
                 rundir.remove_empty_folders(created_folders[:-1])  # the parents made for it, e.g. runs/
                 for run_id in created_runs if self.tracker else ():
                     self.tracker.delete(run_id)
+                if self.tracker:
+                    self.tracker.discard_new_store()  # a store made for this run only: it goes too
             elif previous_run_json is not None:
-                rundir.write_bytes_atomic(run_json_path, previous_run_json)
+                try:
+                    rundir.write_bytes_atomic(run_json_path, previous_run_json)
+                except OSError:
+                    pass  # a full disk: the failed write kept a whole run.json, this run's or the old
             raise
         return planned
 
@@ -498,27 +506,43 @@ class Runner:
         sdir = self.stage_dir(spec.name)
         stage_existed = sdir.exists()
         previous_state = (sdir / rundir.STATE).read_bytes() if (sdir / rundir.STATE).is_file() else None
-        sdir.mkdir(parents=True, exist_ok=True)
         ckpt = sdir / rundir.CHECKPOINTS
         fp_file = ckpt / CKPT_FINGERPRINT
-        ours = ckpt.exists() and _checkpoint_fingerprint(ckpt) == fp
-        resumed = ours and any(p.name != CKPT_FINGERPRINT for p in ckpt.iterdir())
-        if ckpt.exists() and not ours:
-            shutil.rmtree(ckpt)  # progress of a different configuration: not ours to resume
-        ckpt_existed = ckpt.exists()
-        ckpt.mkdir(exist_ok=True)
-        rundir.write_bytes_atomic(fp_file, fp.encode())
         partial = sdir / rundir.PARTIAL
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir()
-
-        child_id = self._child_run(spec, fp, parent_id, created_runs)
+        child_id = None
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        rundir.write_json_atomic(sdir / rundir.STATE, {
-            "fingerprint": fp, "status": "running", "started": started, "pid": os.getpid(),
-            "host": socket.gethostname(), "mlflow_run_id": child_id,
-        })
+        try:
+            sdir.mkdir(parents=True, exist_ok=True)
+            ours = ckpt.exists() and _checkpoint_fingerprint(ckpt) == fp
+            resumed = ours and any(p.name != CKPT_FINGERPRINT for p in ckpt.iterdir())
+            if ckpt.exists() and not ours:
+                shutil.rmtree(ckpt)  # progress of a different configuration: not ours to resume
+            ckpt_existed = ckpt.exists()
+            ckpt.mkdir(exist_ok=True)
+            rundir.write_bytes_atomic(fp_file, fp.encode())
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir()
+            child_id = self._child_run(spec, fp, parent_id, created_runs)
+            rundir.write_json_atomic(sdir / rundir.STATE, {
+                "fingerprint": fp, "status": "running", "started": started, "pid": os.getpid(),
+                "host": socket.gethostname(), "mlflow_run_id": child_id,
+            })
+        except OSError as exc:
+            # The stage could not even be set up (a full disk, a folder turned read-only): its
+            # checkpoints stay; a stage folder this attempt made goes, the rest is as it was.
+            shutil.rmtree(partial, ignore_errors=True)
+            _remove_temporaries(sdir)
+            if not stage_existed:
+                shutil.rmtree(sdir, ignore_errors=True)
+            if self.tracker:
+                self.tracker.finish(child_id, "FAILED")
+            where = getattr(exc, "filename", None) or sdir
+            if rundir.is_disk_full(exc):
+                raise StageError(f"stage {spec.name}: no space left on device while writing {where}; free some space "
+                                 "and rerun the same command to resume") from exc
+            raise StageError(f"stage {spec.name}: cannot write {where} ({exc.strerror or exc}); "
+                             f"{rundir.RUN_DIR_HINT}") from exc
         if ranks is not None:
             ranks.barrier()  # directories ready: the other ranks may start (or keep waiting)
         inputs = {d: self.stage_dir(d) / rundir.OUTPUT for d in spec.deps}
@@ -553,6 +577,8 @@ class Runner:
                 raise
             full = _disk_full(exc)
             err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            if isinstance(exc, KeyboardInterrupt):  # not "KeyboardInterrupt: " in `status`
+                err = "interrupted (Ctrl-C); rerun the same command to resume"
             if full is not None:
                 where = getattr(full, "filename", None) or partial
                 err = f"no space left on device while writing {where}"

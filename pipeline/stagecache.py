@@ -219,4 +219,4 @@ def open_cache(settings) -> Optional[StageCache]:
     else `run.cache.dir`, else the user cache folder."""
     if not settings.enabled:
         return None
-    return StageCache(Path(os.environ.get(ENV) or settings.dir or user_cache_dir()))
+    return StageCache(Path(os.environ.get(ENV) or settings.dir or user_cache_dir()).expanduser())

@@ -131,6 +131,7 @@ class Tracker:
         self.parent_name = parent_name  # the parent run's name (default: what the runner passes)
         self._client = None
         self._experiment_id: Optional[str] = None
+        self._new_store: Optional[Path] = None  # the SQLite file this process created, if any
         if enabled:
             for k, v in _FAST_FAIL_ENV.items():
                 os.environ.setdefault(k, v)
@@ -139,9 +140,38 @@ class Tracker:
     def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
+        from qlora_pipeline.preflight import sqlite_store_path
+
+        store = sqlite_store_path(self.uri or default_tracking_uri())
+        existed = store is None or store.exists()
         self._client = MlflowClient(tracking_uri=self.uri)
         self.uri = self._client.tracking_uri
         self._experiment_id = ensure_experiment(self._client, self.experiment)
+        if not existed and store.is_file():
+            self._new_store = store
+
+    def discard_new_store(self) -> None:
+        """Delete the SQLite store this process created (its experiment and runs with it): called
+        when the run that created it is refused for bad input, which must leave nothing behind."""
+        store, self._new_store = self._new_store, None
+        if store is None:
+            return
+        try:  # MLflow keeps the store and its engine per URI: drop them, or this process would
+            # write to the deleted file on its next run
+            from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+            from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+            for kind in (SqlAlchemyStore, RegistryStore):
+                engine = kind._engine_map.pop(self.uri, None)
+                if engine is not None:
+                    engine.dispose()
+            _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+        except Exception:  # another MLflow version: the file still goes
+            pass
+        self.enabled = False
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{store}{suffix}").unlink(missing_ok=True)
 
     @property
     def experiment_id(self) -> Optional[str]:

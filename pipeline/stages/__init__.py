@@ -27,6 +27,7 @@ from qlora_pipeline import methods
 from qlora_pipeline.data_identity import content_identity
 from qlora_pipeline.devices import resolve_device
 from qlora_pipeline.dtypes import resolve_dtype_name, train_dtype_name
+from qlora_pipeline.layerwise.families import family_for
 
 _EVALUATE = "qlora_pipeline.stages.evaluate"
 
@@ -70,6 +71,25 @@ def context_problems(recipe, config: dict) -> list[str]:
                "calibration.seq_len": recipe.calibration.seq_len}
     return [f"{key}: {n} tokens is longer than the model's context of {context} (max_position_embeddings); "
             f"give at most {context}" for key, n in windows.items() if n is not None and n > context]
+
+
+def lora_target_problems(recipe, config: dict) -> list[str]:
+    """`lora.target_modules` naming no linear of the model: peft refuses them only when the
+    train stage starts, after data and base ran. An entry matches a module whose full name is
+    it or ends with '.' + it (peft's rule for a list), e.g. q_proj or mlp.down_proj."""
+    targets = recipe.lora.target_modules
+    if recipe.merge.adapter is not None or targets == "all-linear" or "num_hidden_layers" not in config:
+        return []
+    try:
+        names = [name for name, _ in family_for(config.get("model_type", "?")).linear_names(config)]
+    except (InputError, TypeError, ValueError):
+        return []  # an unsupported or damaged config: preflight names it
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not unknown:
+        return []
+    known = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return [f"lora.target_modules: {', '.join(map(repr, unknown))} match{'es' if len(unknown) == 1 else ''} no linear "
+            f"of the model; its linears: {', '.join(known)} (or all-linear)"]
 
 
 def build_stages(recipe) -> list[StageSpec]:
@@ -139,7 +159,7 @@ def build_stages(recipe) -> list[StageSpec]:
                                {**scoring, **adapter_config}))
     config = cached_config(recipe.model)
     if config is not None:
-        problems = context_problems(recipe, config)
+        problems = context_problems(recipe, config) + lora_target_problems(recipe, config)
         for i, q in enumerate(entries):
             try:
                 methods.check_shapes(q, config, f"quantize.{i}")

@@ -107,6 +107,52 @@ def test_config_json_without_model_type(model_copy, in_tmp, write_recipe, capsys
     assert "model.source:" in err and "has no 'model_type'" in err
 
 
+def test_an_unsupported_model_type_is_refused_before_a_run(model_copy, in_tmp, write_recipe, capsys):
+    # Without quantize entries nothing else reads the family: it failed minutes into `base`.
+    config = json.loads((model_copy / "config.json").read_text())
+    (model_copy / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    err = refused(capsys, in_tmp, "run", recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {model_copy} holds a 'bert' model, which is not supported yet; supported model types: " \
+           "llama, mistral, qwen2" in err
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("cut", "is truncated: its tensors need"),
+    ("header cut", "is truncated (100 bytes, less than its own header)"),
+    ("garbage", "is not a safetensors file (no valid header length)"),
+    ("header not json", "is not a safetensors file (its header is not a JSON table)"),
+])
+def test_damaged_safetensors_are_refused_before_a_run(damage, expected, model_copy, in_tmp, write_recipe, capsys):
+    # A copy cut short passed preflight and failed the base stage with exit 1 (SafetensorError).
+    weights = model_copy / "model.safetensors"
+    if damage == "cut":
+        os.truncate(weights, weights.stat().st_size - 100)
+    elif damage == "header cut":
+        os.truncate(weights, 100)
+    elif damage == "garbage":
+        weights.write_text("garbage\n")
+    else:
+        weights.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 64)
+    err = refused(capsys, in_tmp, "validate", recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {weights} {expected}" in err
+
+
+def test_a_shape_problem_names_the_recipe_file(model_copy, in_tmp, write_recipe, capsys):
+    path = recipe_file(write_recipe, in_tmp, model_copy)
+    err = refused(capsys, in_tmp, "validate", path, "--set", "quantize=[{name: q, method: rtn, group_size: 48}]")
+    assert f"{path}: 1 problem" in err and "quantize.0.group_size: 48 does not divide" in err
+
+
+@pytest.mark.parametrize("command", ("validate", "run"))
+def test_lora_targets_that_match_no_linear_are_refused(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    # peft refused them only when the train stage started, after data and base (exit 1).
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, lora={"target_modules": ["q_proj", "query"]})
+    err = refused(capsys, in_tmp, command, path)
+    assert "lora.target_modules: 'query' matches no linear of the model; its linears: down_proj, gate_proj" in err
+    ok = recipe_file(write_recipe, in_tmp, tiny_llama_dir, lora={"target_modules": ["q_proj", "mlp.down_proj"]})
+    assert cli("validate", ok) == 0
+
+
 def test_every_problem_at_once(model_copy, in_tmp, write_recipe, capsys):
     (model_copy / "config.json").write_text("not json")
     (model_copy / "model.safetensors").unlink()
@@ -123,6 +169,18 @@ def test_gguf_without_the_magic(in_tmp, write_recipe, capsys):
     fake.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
     err = refused(capsys, in_tmp, "run", recipe_file(write_recipe, in_tmp, fake))
     assert f"model.source: {fake} is not a GGUF file" in err
+
+
+def test_a_gguf_that_cannot_be_converted_is_bad_input(in_tmp, write_recipe, capsys, monkeypatch):
+    # The right magic bytes, then garbage: it failed the data stage (exit 1) with the GGUF
+    # reader's "unpack_from requires a buffer ...".
+    monkeypatch.setenv("QLP_CACHE", str(in_tmp / "cache"))
+    fake = in_tmp / "model.gguf"
+    fake.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    path = recipe_file(write_recipe, in_tmp, fake, tracking={"enabled": False})
+    err = refused(capsys, in_tmp, "run", path, "--only", "data")
+    assert f"model.source: {fake} could not be read as a GGUF model" in err and "copy it again" in err
+    assert list((in_tmp / "cache" / "models").iterdir()) == [], "nothing of it cached, no lock file"
 
 
 def test_missing_builtin_package_is_named(in_tmp, write_recipe, capsys, monkeypatch):
@@ -157,6 +215,30 @@ def test_adapter_without_weights_and_with_broken_config(tiny_llama_dir, in_tmp, 
     assert "2 problems" in err
     assert f"merge.adapter: {adapter / 'adapter_config.json'} is not valid JSON" in err
     assert f"merge.adapter: {adapter} has no adapter_model.safetensors" in err
+
+
+def fake_adapter(folder: Path, tensor: str, shape: list[int]) -> Path:
+    """A PEFT adapter directory holding one float32 tensor (zeros) under `tensor`."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": shape[0]}))
+    size = 4 * shape[0] * shape[1]
+    header = json.dumps({tensor: {"dtype": "F32", "shape": shape, "data_offsets": [0, size]}}).encode()
+    (folder / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * size)
+    return folder
+
+
+@pytest.mark.parametrize("tensor, shape, expected", [
+    ("layers.0.mlp.down_proj", [4, 999], "adapts mlp.down_proj with 999 inputs, and the model's mlp.down_proj has 128"),
+    ("layers.7.self_attn.q_proj", [4, 64], "adapts layer 7, and the model has 3 layers"),
+])
+def test_an_adapter_of_another_model_is_refused(tensor, shape, expected, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    # The merge failed with "The size of tensor a (64) must match the size of tensor b (128)", exit 1.
+    adapter = fake_adapter(in_tmp / "adapter", f"base_model.model.model.{tensor}.lora_A.weight", shape)
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, merge={"adapter": str(adapter)})
+    err = refused(capsys, in_tmp, "run", path)
+    assert f"merge.adapter: {adapter} {expected}: it was trained on another model" in err
+    ok = fake_adapter(in_tmp / "fits", "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight", [4, 128])
+    assert cli("validate", recipe_file(write_recipe, in_tmp, tiny_llama_dir, merge={"adapter": str(ok)})) == 0
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -265,6 +347,12 @@ def test_set_into_the_wrong_kind_of_node(case, in_tmp, write_recipe, capsys):
     assert expected in err
 
 
+def test_set_with_a_negative_index(in_tmp, write_recipe, capsys):
+    path = write_recipe({"quantize": [{"name": "q", "method": "rtn"}], "run": {"dir": str(in_tmp / "runs")}})
+    err = refused(capsys, in_tmp, "run", str(path), "--set", "quantize.-1.bits=8")
+    assert "--set quantize.-1.bits: quantize has 1 item(s): indices 0 to 0" in err
+
+
 def test_set_creates_a_missing_section(write_recipe, capsys):
     path = write_recipe({"model": {"source": "builtin:smollm2-135m"}})
     assert cli("validate", str(path), "--set", "train.steps=20", "--set", "merge.verify_max_logit_diff=2") == 0
@@ -288,6 +376,15 @@ def test_a_run_dir_under_a_file_is_refused(command, tiny_llama_dir, in_tmp, writ
     assert (in_tmp / "afile").read_text() == "not a folder"
 
 
+def test_a_tilde_in_run_dir_is_the_home_folder(tiny_llama_dir, in_tmp, write_recipe, monkeypatch, capsys):
+    # It made a folder literally named '~' in the current folder.
+    monkeypatch.setenv("HOME", str(in_tmp / "home"))
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, run={"dir": "~/runs"})
+    assert cli("plan", path) == 0
+    assert f"run directory: {in_tmp / 'home' / 'runs' / 'tiny'}" in capsys.readouterr().out
+    assert not (in_tmp / "~").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tiny_llama_dir, in_tmp, write_recipe, capsys):
     (in_tmp / "runs").mkdir()
     (in_tmp / "runs" / "tiny").write_text("x")
@@ -307,6 +404,31 @@ def test_data_refused_at_run_time_leaves_no_folder_behind(tiny_llama_dir, in_tmp
     err = refused(capsys, in_tmp, "run", path, "--only", "data")
     assert "data.holdout_every: only 1 document(s)" in err
     assert sorted(p.name for p in in_tmp.iterdir()) == ["one.txt", Path(path).name]
+
+
+def test_data_refused_at_run_time_leaves_no_tracking_store_behind(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    # The store is created with the run's MLflow runs, before the data stage can refuse the data.
+    (in_tmp / "one.txt").write_text("A single short document about nothing in particular.\n")
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(in_tmp / "one.txt")}})
+    err = refused(capsys, in_tmp, "run", path, "--only", "data")  # refused() checks: no mlflow.db
+    assert "data.holdout_every: only 1 document(s)" in err
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["one.txt", Path(path).name]
+
+
+def test_a_discarded_store_is_made_afresh_by_the_next_tracker(tmp_path):
+    """MLflow keeps each store's engine per URI: after the file is deleted, a later run in the
+    same process must make a new file, not write into the deleted one."""
+    from qlora_pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "x")
+    assert (tmp_path / "mlflow.db").is_file()
+    first.discard_new_store()
+    assert not (tmp_path / "mlflow.db").exists()
+    second = Tracker(uri, "x")
+    assert second.enabled and second.parent_run(None, "r", {}, {}) is not None
+    assert (tmp_path / "mlflow.db").is_file()
+    second.discard_new_store()
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
@@ -385,6 +507,37 @@ def test_status_with_a_garbage_lock(content, run_dir, capsys):
     assert f"unreadable lock file {lock}; delete it if no pipeline process is running" in err
 
 
+@pytest.mark.parametrize("record, change, expected", [
+    ("data/manifest.json", {"files": [1, 2]}, "has a 'files' that is not an object"),
+    ("data/manifest.json", {"files": {"tokens.safetensors": {"size": 3}}}, "has a malformed file table"),
+    ("data/manifest.json", {"files": {"../../etc/passwd": {"size": 3, "sha256": "0" * 64}}}, "has a malformed file table"),
+    ("data/manifest.json", {"code": [1]}, "has a 'code' that is not an object"),
+    ("data/manifest.json", {"config": [1, "a"]}, "has a 'config' that is not an object"),
+    ("data/state.json", {"status": "running", "pid": "abc"}, "has a 'pid' that is not a number"),
+    (".lock", {"pid": "abc", "host": "h"}, "has a 'pid' that is not a number"),
+])
+def test_a_record_with_fields_of_the_wrong_kind(record, change, expected, run_dir, capsys):
+    """JSON objects whose fields the runner reads as tables or numbers: tracebacks before."""
+    path = run_dir / record
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": "f", "files": {}, **change}))
+    err = status_refused(capsys, run_dir)
+    assert f"damaged run directory {run_dir}: {path} {expected}" in err and "delete it if no pipeline process" in err
+
+
+@pytest.mark.parametrize("command", ("plan", "run"))
+def test_plan_and_run_refuse_a_manifest_with_a_bad_file_table(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir)
+    run = in_tmp / "runs" / "tiny"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "manifest.json").write_text(json.dumps({"fingerprint": "x", "files": ["tokens.safetensors"]}))
+    before = sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*"))
+    assert cli(command, path) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "has a 'files' that is not an object" in err
+    assert sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*")) == before, "nothing written, no mlflow.db"
+
+
 def test_status_shows_a_live_lock(run_dir, capsys):
     (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": "h", "started": "now"}))
     assert cli("status", str(run_dir)) == 0
@@ -450,3 +603,99 @@ def test_compare_with_a_broken_stage_manifest(tmp_path, capsys):
     assert cli("compare", str(good)) == 2
     err = capsys.readouterr().err
     assert f"{good / 'merge' / 'manifest.json'} is unreadable" in err and "re-runs the merge stage" in err
+
+
+@pytest.mark.parametrize("target, message", [("/dev/full", "No space left on device"),
+                                             ("nowhere/cmp.md", "No such file or directory")])
+def test_compare_markdown_that_cannot_be_written(target, message, tmp_path, capsys):
+    good = report_dir(tmp_path, "good", GOOD_REPORT)
+    target = target if target.startswith("/") else str(tmp_path / target)
+    if not Path(target).exists() and target.startswith("/dev"):
+        pytest.skip("no /dev/full here")
+    assert cli("compare", str(good), "--markdown", target) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and f"error: --markdown {target}: cannot write it ({message})" in err
+
+
+# ----------------------------------------------------------------------------- a full disk outside any stage
+
+
+def disk_full_at(monkeypatch, name: str) -> None:
+    """Writes of the run directory's record `name` (run.json, state.json, .lock) fail with ENOSPC."""
+    import errno
+
+    from qlora_pipeline import rundir
+
+    real_atomic, real_open = rundir.write_bytes_atomic, os.open
+
+    def atomic(path, data):
+        if Path(path).name == name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_atomic(path, data)
+
+    def fake_open(path, flags, *args, **kwargs):
+        if Path(path).name == name and flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(rundir, "write_bytes_atomic", atomic)
+    monkeypatch.setattr(rundir.os, "open", fake_open)
+
+
+@pytest.mark.parametrize("record", ["run.json", ".lock"])
+def test_a_full_disk_before_any_stage_is_one_line_and_leaves_nothing(record, tiny_llama_dir, in_tmp, write_recipe,
+                                                                     monkeypatch, capsys):
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir)
+    disk_full_at(monkeypatch, record)
+    err = refused(capsys, in_tmp, "run", path, "--only", "data")  # no run directory, no mlflow.db
+    assert f"error: no space left on device while writing {in_tmp / 'runs' / 'tiny' / record}; free some space" in err
+
+
+def test_a_full_disk_while_a_stage_is_set_up(tiny_llama_dir, in_tmp, write_recipe, monkeypatch, capsys):
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False})
+    disk_full_at(monkeypatch, "state.json")
+    assert cli("run", path, "--only", "data") == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    state = in_tmp / "runs" / "tiny" / "data" / "state.json"
+    assert f"error: stage data: no space left on device while writing {state}; free some space and rerun" in err
+    assert not (in_tmp / "runs" / "tiny" / "data").exists(), "the stage folder this attempt made is gone"
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from qlora_pipeline import rundir
+
+    target = tmp_path / "run.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    with pytest.raises(OSError):
+        rundir.write_bytes_atomic(target, b"new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+# ----------------------------------------------------------------------------- pipeline ui
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--uri", "foo://bar"), "--uri: 'foo://bar' has the unknown scheme 'foo://'"),
+    (("--uri", "sqlite://mlflow.db"), "a file path takes three slashes"),
+    (("--port", "99999"), "99999 is not in the range 1<=x<=65535"),
+    (("--workers", "0"), "0 is not in the range x>=1"),
+])
+def test_ui_refuses_bad_arguments_before_starting_mlflow(args, expected, in_tmp, capsys):
+    # Before: MLflow's server started, printed its own traceback, and the message blamed the port.
+    assert cli("ui", *args) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and expected in err, err
+    assert not list(in_tmp.rglob("mlflow.db"))
+
+
+def test_ui_on_a_folder_given_as_the_sqlite_store(in_tmp, capsys):
+    assert cli("ui", "--uri", f"sqlite:///{in_tmp}") == 2
+    assert f"--uri: {in_tmp} is a folder, not a SQLite store file" in capsys.readouterr().err

@@ -68,10 +68,27 @@ def test_missing_text_field_names_the_key(tmp_path):
         data.load_documents(DataSource(path=str(f)), "data.domain")
 
 
+def test_a_bad_line_in_json_lines_is_named_by_file_and_line(tmp_path):
+    # Preflight reads the first record only; `datasets` then said "An error occurred while
+    # generating the dataset" about the folder's first file, whichever was broken.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "fine"}\n')
+    bad = corpus / "b.jsonl"
+    bad.write_text('{"text": "first"}\n\n{"text": "third"\n')
+    with pytest.raises(DataError, match=re.escape(f"data.domain.path: {bad}: line 3 is not valid JSON (Expecting ',' "
+                                                  "delimiter, column 17); fix or delete that line")):
+        data.load_documents(DataSource(path=str(corpus)), "data.domain")
+    bad.write_text('{"text": "first"}\n["a", "list"]\n')
+    with pytest.raises(DataError, match=re.escape(f"{bad}: line 2 is a JSON list, not an object")):
+        data.load_documents(DataSource(path=str(corpus)), "data.domain")
+
+
 def test_whitespace_only_source_is_empty(tmp_path):
     f = tmp_path / "blank.txt"
     f.write_text("   \n\n  ")
-    with pytest.raises(DataError, match="data.general: the source holds no text"):
+    with pytest.raises(DataError, match="data.general: the source holds no text: every document is empty or "
+                                        "whitespace .*; give a source with text"):
         data.load_documents(DataSource(path=str(f)), "data.general")
 
 

@@ -131,6 +131,21 @@ def test_cuda_requested_without_one_is_a_recipe_error(tiny_llama_dir, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_evaluate_on_cuda_without_one_is_a_recipe_error(tiny_llama_dir, tmp_path, write_recipe, monkeypatch, capsys):
+    # It passed validate and failed the first evaluation stage, after data (exit 1).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(devices, "cuda_missing", lambda: "no NVIDIA GPU or driver is present")
+    recipe = _recipe(tiny_llama_dir, tmp_path, [])
+    recipe["evaluate"]["device"] = "cuda"
+    assert cli("run", str(write_recipe(recipe))) == 2
+    err = capsys.readouterr().err
+    assert "evaluate.device: cuda is requested but no NVIDIA GPU or driver is present; set evaluate.device: auto" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    # a GPU template still validates on a laptop, saying what the run will need
+    assert cli("validate", str(write_recipe(recipe))) == 0
+    assert "needs another machine: evaluate.device: cuda is requested" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(CUDA, reason="torch sees a GPU here")
 def test_a_stage_fingerprinted_for_cuda_refuses_a_torch_without_it():
     from qlora_pipeline.errors import InputError

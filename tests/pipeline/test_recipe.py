@@ -64,7 +64,17 @@ BAD = {
     "warmup over steps": ({"train": {"steps": 5, "warmup_steps": 9}}, "train: warmup_steps (9) exceeds steps (5)"),
     "lora rank 0": ({"lora": {"r": 0}}, "lora.r"),
     "awq 3-bit": ({"quantize": [{"name": "a", "method": "awq", "bits": 3}]}, "quantize.0: AWQ GEMM checkpoints are 4-bit only"),
-    "section not a mapping": ({"nf4": 5}, "nf4: Input should be a valid dictionary"),
+    "section not a mapping": ({"nf4": 5}, "nf4: must be a section of keys, not a number (5); its keys: blocksize"),
+    "empty section": ({"model": None}, "model: empty section (nothing after 'model:'); give its keys or remove"),
+    "true for a number": ({"train": {"steps": True}}, "train.steps: must be a number, not true"),
+    "infinite learning rate": ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a "
+                               "finite number"),
+    "empty model source": ({"model": {"source": ""}}, "model.source: empty; give builtin:smollm2-135m"),
+    "hub id with spaces": ({"data": {"domain": {"hub": "my corpus"}}}, "data.domain.hub: 'my corpus' is not a hub "
+                           "dataset id"),
+    "sqlite uri with two slashes": ({"tracking": {"uri": "sqlite://mlflow.db"}}, "a file path takes three slashes"),
+    "misspelt tracking scheme": ({"tracking": {"uri": "sqllite:///x.db"}}, "has the unknown scheme 'sqllite://'"),
+    "tilde in a sqlite uri": ({"tracking": {"uri": "sqlite:///~/mlflow.db"}}, "MLflow does not expand '~'"),
     "bad run name": ({"run": {"name": "a/b"}}, "run.name"),
     "unknown builtin model": ({"model": {"source": "builtin:gpt5"}}, "model.source: unknown built-in model 'gpt5'"),
 }
@@ -84,6 +94,20 @@ def test_malformed_recipe_exits_2_naming_the_key(case, write_recipe, tmp_path, m
     assert set(tmp_path.iterdir()) == before, "bad input must write nothing"
 
 
+@pytest.mark.parametrize("version, allowed, refused", [("3.17.2", "", True), ("3.17.2", "true", False),
+                                                        ("2.16.0", "", False)])
+def test_a_file_store_uri_is_refused_where_mlflow_refuses_it(version, allowed, refused, write_recipe, monkeypatch,
+                                                             capsys):
+    from qlora_pipeline import preflight
+
+    monkeypatch.setattr(preflight, "_mlflow_version", lambda: version)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", allowed)
+    path = write_recipe({"tracking": {"uri": "http//localhost:5000"}})  # the ':' forgotten: a folder path
+    assert cli("validate", str(path)) == (2 if refused else 0)
+    err = capsys.readouterr().err
+    assert ("tracking.uri: 'http//localhost:5000' names MLflow's file store" in err) == refused, err
+
+
 def test_empty_data_files_are_rejected(write_recipe, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "folder").mkdir()
@@ -101,6 +125,24 @@ def test_all_problems_reported_at_once(write_recipe, capsys):
     assert len(exc.value.problems) == 4
     assert cli("validate", str(path)) == 2
     assert "4 problems" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path, capsys):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  steps: 20\nlora: {r: 4}\ntrain:\n  learning_rate: 0.001\n")
+    assert cli("validate", str(recipe)) == 2
+    assert "line 4, column 1: key 'train' given twice (first at line 1)" in capsys.readouterr().err
+    recipe.write_text("train: {steps: 3, steps: 4}\n")
+    assert cli("validate", str(recipe)) == 2
+    assert "key 'steps' given twice" in capsys.readouterr().err
+    # YAML's merge keys repeat keys on purpose: still fine
+    recipe.write_text("train: &t {steps: 20, warmup_steps: 2}\ncalibration: {samples: 8}\n")
+    assert load_recipe(recipe)[0].train.steps == 20
+
+
+def test_a_recipe_path_that_is_not_a_regular_file(capsys):
+    assert cli("validate", "/dev/null") == 2
+    assert "'/dev/null' is not a regular file; give a recipe .yaml file" in capsys.readouterr().err
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path, capsys):

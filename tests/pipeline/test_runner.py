@@ -21,6 +21,7 @@ class Toy:
         self.run_dir = tmp_path / "run"
         self.calls: list[str] = []
         self.crash_b_at: int | None = None
+        self.crash_with: type[BaseException] = RuntimeError
         self.b_steps_done: list[int] = []
 
     def a(self, ctx):
@@ -36,7 +37,7 @@ class Toy:
             if mark.exists():
                 continue
             if self.crash_b_at == step:
-                raise RuntimeError("simulated crash")
+                raise self.crash_with("simulated crash")
             self.b_steps_done.append(step)
             mark.write_text(str(step))
         (ctx.output_dir / "b.txt").write_text(upstream + f" b={ctx.config['value']}")
@@ -128,6 +129,18 @@ def test_crash_resumes_from_intra_stage_checkpoint(toy):
     toy.runner().run()
     assert toy.b_steps_done == [0, 1, 2, 3, 4]  # steps 0-2 were not redone
     assert not (toy.run_dir / "b" / "checkpoints").exists()
+
+
+def test_ctrl_c_in_a_stage_is_recorded_as_an_interruption_and_resumes(toy):
+    toy.crash_b_at, toy.crash_with = 2, KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        toy.runner().run()
+    plan = toy.runner().plan()
+    assert plan[1].status == "failed"
+    assert plan[1].reason == "failed: interrupted (Ctrl-C); rerun the same command to resume"  # not "KeyboardInterrupt: "
+    toy.crash_b_at = None
+    toy.runner().run()
+    assert toy.b_steps_done == [0, 1, 2, 3, 4]  # steps 0-1 were not redone
 
 
 def test_checkpoints_of_another_configuration_are_discarded(toy):
