@@ -83,11 +83,12 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
     return cfg, raw
 
 
-def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None):
+def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None,
+            from_stage: Optional[str] = None, only: Optional[str] = None):
     from qlora_pipeline import rundir
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
-    from qlora_pipeline.runner import Runner
+    from qlora_pipeline.runner import Runner, selection_problem
     from qlora_pipeline.stagecache import open_cache
     from qlora_pipeline.stages import build_stages
 
@@ -98,6 +99,9 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
         raise InputError(f"run directory: {problem}; {rundir.RUN_DIR_HINT}")
     check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
     specs = build_stages(recipe)
+    problem = selection_problem([s.name for s in specs], from_stage, only)  # before the tracker makes a store
+    if problem:
+        raise InputError(problem)
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
     if with_tracking and recipe.tracking.enabled and is_main:
@@ -201,7 +205,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     if run_problems(cfg):
         raise RecipeError(run_problems(cfg), source=recipe)
     _check_cache(cfg)
-    runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem)
+    runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem, from_stage=from_stage, only=only)
     logger.info("run directory: %s", runner.run_dir)
     logger.info("stage cache: %s", _cache_place(runner))
     t0 = time.time()
@@ -270,7 +274,7 @@ def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 def status(run_dir: str, verify: bool) -> None:
     """Per stage of RUN_DIR: done, partial (resume point), failed (error), stale or pending."""
     from qlora_pipeline.runinfo import check_records, read_lock_holder, read_run_recipe
-    from qlora_pipeline.runner import Runner
+    from qlora_pipeline.runner import Runner, selection_problem
     from qlora_pipeline.stagecache import open_cache
     from qlora_pipeline.stages import build_stages
 

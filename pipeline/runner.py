@@ -154,6 +154,18 @@ class Ranks:
             self._state.wait_for_everyone()
 
 
+def selection_problem(stage_names: list[str], from_stage: Optional[str], only: Optional[str]) -> Optional[str]:
+    """What is wrong with a `--from` / `--only` choice among `stage_names` (None: nothing)."""
+    if from_stage is not None and only is not None:
+        # The two together have no one meaning: ask rather than guess.
+        return (f"--from {from_stage} and --only {only} cannot be combined: --from re-runs a stage and everything "
+                "downstream of it, --only runs one stage; give one of them")
+    for name in (from_stage, only):
+        if name is not None and name not in stage_names:
+            return f"unknown stage '{name}'; stages of this recipe: {', '.join(stage_names)}"
+    return None
+
+
 class Runner:
     def __init__(self, run_dir: Path, specs: list[StageSpec], tracker: Optional[Tracker] = None,
                  recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None,
@@ -280,9 +292,9 @@ class Runner:
         When `verify_inputs` is on, every upstream output that a running stage will read is
         hashed against its manifest; an altered one makes its own stage run first.
         """
-        for name in (from_stage, only):
-            if name is not None and name not in self.by_name:
-                raise InputError(f"unknown stage '{name}'; stages of this recipe: {', '.join(self.by_name)}")
+        problem = selection_problem(list(self.by_name), from_stage, only)
+        if problem:
+            raise InputError(problem)
         forced: set[str] = set()
         if from_stage:
             forced = downstream_of(self.specs, from_stage)

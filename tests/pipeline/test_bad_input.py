@@ -699,3 +699,13 @@ def test_ui_refuses_bad_arguments_before_starting_mlflow(args, expected, in_tmp,
 def test_ui_on_a_folder_given_as_the_sqlite_store(in_tmp, capsys):
     assert cli("ui", "--uri", f"sqlite:///{in_tmp}") == 2
     assert f"--uri: {in_tmp} is a folder, not a SQLite store file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_from_and_only_together_are_refused(command, tiny_llama_dir, in_tmp, write_recipe, capsys):
+    """`--from a --only b` has no one meaning (it ran b alone, silently): refused before anything
+    is written, like an unknown stage name."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir)
+    err = refused(capsys, in_tmp, command, path, "--from", "train", "--only", "merge")
+    assert "--from train and --only merge cannot be combined" in err
+    assert "unknown stage 'nope'" in refused(capsys, in_tmp, command, path, "--only", "nope")
