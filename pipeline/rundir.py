@@ -150,20 +150,6 @@ def _good_file(rel: Any, meta: Any) -> bool:
             and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64)
 
 
-def manifest_problem(manifest: Optional[dict]) -> Optional[str]:
-    """What makes a stage's manifest.json unusable (None: nothing): the runner trusts a
-    stage's output only through a well-formed manifest, and treats any other as no manifest."""
-    if manifest is None:
-        return "not a JSON object"
-    if not isinstance(manifest.get("fingerprint"), str):
-        return "no fingerprint"
-    if not good_file_table(manifest.get("files")):
-        return "malformed file table"
-    if not all(isinstance(manifest.get(k, {}), dict) for k in ("config", "code", "inputs")):
-        return "malformed config, code or inputs"
-    return None
-
-
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

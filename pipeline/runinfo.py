@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import ValidationError
 
 from qlora_pipeline.errors import InputError, RecipeError
+from qlora_pipeline.rundir import MANIFEST, STATE, good_file_table
 
 LOCK_SETTLE_SECONDS = 5  # a lock younger than this may still be being written (see rundir.RunLock)
 
@@ -80,63 +82,94 @@ def read_lock_holder(run_dir: Path) -> Optional[dict]:
 
 
 def check_records(run_dir: Path) -> None:
-    """Refuse a run directory whose records parse as JSON but are not objects, or not of their
-    kind's shape (`record_problem`).
+    """Refuse a run directory any of whose records is damaged (`damaged_records`).
 
-    The runner reads run.json, .lock and every stage's manifest.json and state.json as JSON
-    objects; one that is unreadable counts as absent (the stage runs again, the lock is taken
-    over once stale, run.json is rewritten), but a list or a string there, or an object whose
-    fields are of the wrong kind (a file table that is a list, a pid that is text), would stop
-    `run`, `plan` and `status` with a traceback. Nothing is written or deleted here.
+    The one rule for a run directory's records, used by `run`, `plan` and `status` (through the
+    CLI and `Runner.plan` alike): a record that exists must be one the runner can act on, else
+    the command stops before anything is written, naming the file. Guessing would lose
+    something either way: a damaged manifest may sit on a good output (a copy cut short, a hand
+    edit), and re-running its stage would replace work that a restored manifest would have kept.
 
     Raises:
-        InputError: one line naming every such file and what to do.
+        InputError: one line naming every damaged file and what to do.
     """
-    if not run_dir.is_dir():
-        return
-    records = [run_dir / "run.json", run_dir / ".lock"]
-    records += sorted(run_dir.glob("*/manifest.json")) + sorted(run_dir.glob("*/state.json"))
-    damaged = []
-    for path in records:
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # absent or unreadable: the runner treats it as absent
-        if not isinstance(value, dict):
-            damaged.append(f"{path} holds JSON that is not an object")
-        else:
-            problem = record_problem(path.name, value)
-            if problem:
-                damaged.append(f"{path} {problem}")
+    damaged = damaged_records(run_dir)
     if damaged:
         raise InputError(f"damaged run directory {run_dir}: {'; '.join(damaged)}; delete "
                          f"{'it' if len(damaged) == 1 else 'them'} if no pipeline process is running there "
-                         "(a stage whose record is deleted runs again)")
+                         "(a stage whose manifest is deleted runs again; a deleted state, run.json or lock is "
+                         "written anew)")
 
 
-# The fields of each record that the runner reads, and the JSON kinds they must have. A field
-# may be absent (older records lack some); present, it must be of its kind.
-_MAPPINGS = {"manifest.json": ("files", "config", "code", "inputs", "cache", "metrics", "info"),
-             "state.json": (), "run.json": ("recipe",), ".lock": ()}
-_TEXTS = {"manifest.json": ("fingerprint",), "state.json": ("fingerprint", "status", "host"),
-          "run.json": (), ".lock": ("host",)}
+def damaged_records(run_dir: Path) -> list[str]:
+    """"<path> <what is wrong>" for every damaged record of `run_dir` (empty: none).
+
+    run.json and every stage's manifest.json and state.json must be readable JSON objects of
+    their shape (`RECORD_SHAPES`). The lock is the exception for readability: a process may be
+    between creating and writing it, so an unreadable one is left to `RunLock` (taken over once
+    stale) and `read_lock_holder`; a readable lock must still have its shape.
+    """
+    if not run_dir.is_dir():
+        return []
+    records = [run_dir / "run.json", run_dir / ".lock"]
+    records += sorted(run_dir.glob(f"*/{MANIFEST}")) + sorted(run_dir.glob(f"*/{STATE}"))
+    damaged = []
+    for path in records:
+        if not path.exists():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if path.name != ".lock":
+                damaged.append(f"{path} is unreadable ({_describe(exc)})")
+            continue
+        problem = record_problem(path.name, value)
+        if problem:
+            damaged.append(f"{path} {problem}")
+    return damaged
 
 
-def record_problem(name: str, record: dict) -> Optional[str]:
-    """What makes a JSON-object record of kind `name` (manifest.json, state.json, run.json,
-    .lock) unusable (None: nothing): a field the runner reads that has the wrong kind."""
-    from qlora_pipeline.rundir import good_file_table
+@dataclass(frozen=True)
+class RecordShape:
+    """The fields of a record that the runner reads, by the JSON kind they must have. A field
+    in `required` must be present; any other may be absent (older records lack some)."""
 
-    for key in _MAPPINGS.get(name, ()):
+    required: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+    mappings: tuple[str, ...] = ()
+    integers: tuple[str, ...] = ()
+    file_table: bool = False  # 'files': relative path -> {size, sha256}, required
+
+
+RECORD_SHAPES = {
+    MANIFEST: RecordShape(required=("fingerprint",), texts=("fingerprint",), file_table=True,
+                          mappings=("files", "config", "code", "inputs", "cache", "metrics", "info")),
+    STATE: RecordShape(texts=("fingerprint", "status", "host"), integers=("pid",)),
+    "run.json": RecordShape(mappings=("recipe",)),
+    ".lock": RecordShape(required=("pid",), texts=("host",), integers=("pid",)),
+}
+
+
+def record_problem(name: str, record: Any) -> Optional[str]:
+    """What makes `record`, the parsed JSON of a record named `name` (manifest.json,
+    state.json, run.json, .lock), unusable (None: nothing). The runner treats a record with a
+    problem as no record at all; `check_records` refuses it before the runner sees it."""
+    if not isinstance(record, dict):
+        return f"holds JSON that is not an object (a {type(record).__name__})"
+    shape = RECORD_SHAPES.get(name, RecordShape())
+    for key in shape.required:
+        if key not in record:
+            return f"has no '{key}'"
+    for key in shape.mappings:
         if key in record and not isinstance(record[key], dict):
             return f"has a '{key}' that is not an object"
-    for key in _TEXTS.get(name, ()):
+    for key in shape.texts:
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"has a '{key}' that is not text"
-    if "pid" in record and (not isinstance(record["pid"], int) or isinstance(record["pid"], bool)):
-        return "has a 'pid' that is not a number"
-    files = record.get("files") if name == "manifest.json" else None
-    if files and not good_file_table(files):
+    for key in shape.integers:
+        if key in record and (not isinstance(record[key], int) or isinstance(record[key], bool)):
+            return f"has a '{key}' that is not a number"
+    if shape.file_table and not good_file_table(record.get("files")):
         return "has a malformed file table ('files': relative path -> {size, sha256})"
     return None
 

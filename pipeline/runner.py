@@ -30,6 +30,7 @@ from qlora_pipeline import rundir
 from qlora_pipeline.codehash import changed_files, code_files
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
+from qlora_pipeline.runinfo import check_records, record_problem
 from qlora_pipeline.stagecache import Entry, StageCache, place_files, short_key, with_mtimes
 from qlora_pipeline.tracking import Tracker
 
@@ -194,17 +195,14 @@ class Runner:
         return self._code[spec.name]
 
     def manifest(self, name: str) -> Optional[dict]:
-        """Stage `name`'s manifest when it is well-formed (`rundir.manifest_problem`), else None:
-        a damaged manifest vouches for nothing, so its stage counts as not built."""
+        """Stage `name`'s manifest when it is a well-formed record (`runinfo.record_problem`),
+        else None: a damaged manifest vouches for nothing. `plan` refuses a run directory with
+        one (`runinfo.check_records`), so None here means no manifest."""
         manifest = rundir.read_json(self.stage_dir(name) / rundir.MANIFEST)
-        return None if rundir.manifest_problem(manifest) else manifest
+        return None if manifest is None or record_problem(rundir.MANIFEST, manifest) else manifest
 
     def _unbuilt_reason(self, sdir: Path) -> str:
-        """Why a stage without a usable manifest runs: what is on disk, when there is something."""
-        path = sdir / rundir.MANIFEST
-        if path.exists():
-            problem = rundir.manifest_problem(rundir.read_json(path))
-            return f"{self._rel(str(path))} is damaged ({problem}); its output is not trusted, runs again"
+        """Why a stage without a manifest runs: what is on disk, when there is something."""
         if (sdir / rundir.OUTPUT).exists():
             return (f"{self._rel(str(sdir / rundir.OUTPUT))} has no manifest (deleted, or a run killed while "
                     "publishing); not trusted, runs again")
@@ -295,6 +293,7 @@ class Runner:
         problem = selection_problem(list(self.by_name), from_stage, only)
         if problem:
             raise InputError(problem)
+        check_records(self.run_dir)  # a damaged record is refused, never guessed at
         forced: set[str] = set()
         if from_stage:
             forced = downstream_of(self.specs, from_stage)

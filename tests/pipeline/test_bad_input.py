@@ -515,6 +515,8 @@ def test_status_with_a_garbage_lock(content, run_dir, capsys):
     ("data/manifest.json", {"config": [1, "a"]}, "has a 'config' that is not an object"),
     ("data/state.json", {"status": "running", "pid": "abc"}, "has a 'pid' that is not a number"),
     (".lock", {"pid": "abc", "host": "h"}, "has a 'pid' that is not a number"),
+    ("data/manifest.json", {"fingerprint": 7}, "has a 'fingerprint' that is not text"),
+    ("data/state.json", {"status": ["failed"]}, "has a 'status' that is not text"),
 ])
 def test_a_record_with_fields_of_the_wrong_kind(record, change, expected, run_dir, capsys):
     """JSON objects whose fields the runner reads as tables or numbers: tracebacks before."""
@@ -559,11 +561,32 @@ def test_plan_and_run_refuse_a_record_that_is_not_an_object(command, tiny_llama_
     assert sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*")) == before, "nothing written, no mlflow.db"
 
 
+@pytest.mark.parametrize("record, content, expected", [
+    ("data/manifest.json", '{"fingerprint": "f", "fil', "is unreadable (not valid JSON: line 1"),
+    ("data/manifest.json", '{"files": {}}', "has no 'fingerprint'"),
+    ("data/state.json", b"\xff\xfe", "is unreadable (not UTF-8 text)"),
+])
+@pytest.mark.parametrize("command", ("plan", "run"))
+def test_plan_and_run_refuse_an_unreadable_or_incomplete_stage_record(command, record, content, expected, tiny_llama_dir,
+                                                                      in_tmp, write_recipe, capsys):
+    """The same rule as for records of the wrong shape: a cut copy or a hand edit is named,
+    not silently re-run over (its output may be fine, and the manifest restorable)."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir)
+    target = in_tmp / "runs" / "tiny" / record
+    target.parent.mkdir(parents=True)
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*"))
+    assert cli(command, path) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and f"{target} {expected}" in err and "delete it" in err
+    assert sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("*")) == before, "nothing written, no mlflow.db"
+
+
 def test_status_refuses_a_state_that_is_not_an_object(run_dir, capsys):
     (run_dir / "data").mkdir()
     (run_dir / "data" / "state.json").write_text('"running"')
     err = status_refused(capsys, run_dir)
-    assert f"{run_dir / 'data' / 'state.json'} holds JSON that is not an object; delete it" in err
+    assert f"{run_dir / 'data' / 'state.json'} holds JSON that is not an object (a str); delete it" in err
 
 
 # ----------------------------------------------------------------------------- compare

@@ -179,14 +179,25 @@ def test_a_file_added_to_a_published_output_makes_its_stage_rebuild(toy):
     assert toy.calls == ["a"] and not (toy.run_dir / "a" / "output" / "planted.txt").exists()
 
 
-@pytest.mark.parametrize("damage", ["no files", "files a list", "bad row", "config a list", "not json", "deleted"])
-def test_a_damaged_or_deleted_manifest_reruns_its_stage_and_says_why(toy, damage):
-    """A manifest that parses but is not a well-formed record (hand edits, a cut copy) vouches
-    for nothing: plan names it, run rebuilds the stage; no traceback."""
+@pytest.mark.parametrize("damage, problem", [
+    ("no fingerprint", "has no 'fingerprint'"),
+    ("no files", "has a malformed file table"),
+    ("files a list", "has a 'files' that is not an object"),
+    ("bad row", "has a malformed file table"),
+    ("config a list", "has a 'config' that is not an object"),
+    ("not json", "is unreadable (not valid JSON"),
+    ("a list", "holds JSON that is not an object (a list)"),
+])
+def test_a_damaged_manifest_is_refused_until_deleted_then_its_stage_reruns(toy, damage, problem):
+    """A manifest that is not a well-formed record (hand edits, a cut copy) is refused by the
+    runner itself, the same rule the CLI applies: nothing is written, the file is named; once
+    it is deleted, plan says why the stage runs and run rebuilds that stage alone."""
     toy.runner().run()
     path = toy.run_dir / "b" / "manifest.json"
     manifest = json.loads(path.read_text())
-    if damage == "no files":
+    if damage == "no fingerprint":
+        del manifest["fingerprint"]
+    elif damage == "no files":
         del manifest["files"]
     elif damage == "files a list":
         manifest["files"] = ["b.txt"]
@@ -197,14 +208,20 @@ def test_a_damaged_or_deleted_manifest_reruns_its_stage_and_says_why(toy, damage
     path.write_text(json.dumps(manifest))
     if damage == "not json":
         path.write_text(path.read_text()[:40])
-    if damage == "deleted":
-        path.unlink()
+    if damage == "a list":
+        path.write_text("[1, 2]")
+    before = {p: p.stat().st_mtime_ns for p in toy.run_dir.rglob("*")}
+    for attempt in (lambda: toy.runner().plan(), lambda: toy.runner().run()):
+        with pytest.raises(InputError) as refused:
+            attempt()
+        assert f"{path} {problem}" in str(refused.value) and "delete it" in str(refused.value)
+    assert {p: p.stat().st_mtime_ns for p in toy.run_dir.rglob("*")} == before, "nothing written"
+    assert toy.calls == ["a", "b", "c"]
+
+    path.unlink()
     plan = toy.runner().plan()
     assert [p.action for p in plan] == ["skip", "run", "run"]
-    if damage == "deleted":
-        assert plan[1].reason.startswith("b/output has no manifest")
-    else:
-        assert plan[1].reason.startswith("b/manifest.json is damaged")
+    assert plan[1].reason.startswith("b/output has no manifest")
     toy.calls.clear()
     toy.runner().run()
     assert toy.calls == ["b"]  # rebuilt with the same bytes: c stays up to date
