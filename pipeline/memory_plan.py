@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 from typing import NamedTuple
+
+from qlora_pipeline.safetensors_header import read_header
 
 KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}  # bytes per cached element
 FLOAT_BYTES = 2                            # embeddings, head, norms and unquantized linears: bf16
@@ -150,7 +151,4 @@ def checkpoint_tensor_bytes(model_dir: Path) -> int:
 
 def safetensors_bytes(path: Path) -> int:
     """The bytes of one safetensors file's tensors, from its header."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    return sum(end - begin for k, v in header.items() if k != "__metadata__" for begin, end in [v["data_offsets"]])
+    return read_header(path).tensor_bytes

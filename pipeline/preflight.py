@@ -27,6 +27,7 @@ from qlora_pipeline.errors import InputError, RecipeError
 from qlora_pipeline.layerwise.families import FAMILIES, family_for
 from qlora_pipeline.models import _smollm2_gguf, read_config  # light: find_spec and json, no torch
 from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
+from qlora_pipeline.safetensors_header import HeaderError, read_header
 
 GGUF_MAGIC = b"GGUF"
 PARQUET_MAGIC = b"PAR1"
@@ -285,9 +286,6 @@ def check_weights(path: Path, key: str) -> list[str]:
             f"shards); {SAFETENSORS_HINT}"]
 
 
-MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-
-
 def safetensors_problem(f: Path, key: str) -> Optional[str]:
     """A safetensors file that cannot be loaded whole: its header (8 bytes of length, then a
     JSON table of tensors with their byte ranges) unreadable, or tensors extending past the
@@ -300,29 +298,16 @@ def read_safetensors_header(f: Path, key: str) -> tuple[Optional[dict], Optional
     `safetensors_problem`."""
     fix = "copy the model again (or re-save it with save_pretrained)"
     try:
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 2 <= length <= MAX_SAFETENSORS_HEADER:
-                return None, f"{key}: {f} is not a safetensors file (no valid header length); {fix}"
-            header = fh.read(length)
-            size = f.stat().st_size
-        if len(header) < length:
-            return None, f"{key}: {f} is truncated ({size} bytes, less than its own header); {fix}"
-        table = json.loads(header.decode("utf-8"))
+        header = read_header(f)
+        size = f.stat().st_size
     except OSError as exc:
         return None, f"{key}: cannot read {f} ({_oserror(exc)})"
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None, f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
-    if not isinstance(table, dict):
-        return None, f"{key}: {f} is not a safetensors file (its header is not a JSON table); {fix}"
-    try:
-        end = max([int(t["data_offsets"][1]) for n, t in table.items() if n != "__metadata__"], default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        return None, f"{key}: {f} has a damaged safetensors header (a tensor without its data_offsets); {fix}"
-    if 8 + length + end > size:
-        return None, f"{key}: {f} is truncated: its tensors need {8 + length + end} bytes, the file has {size}; {fix}"
-    return table, None
+    except HeaderError as exc:
+        return None, f"{key}: {f} {exc}; {fix}"
+    if 8 + header.header_bytes + header.data_end > size:
+        return None, (f"{key}: {f} is truncated: its tensors need {8 + header.header_bytes + header.data_end} bytes, "
+                      f"the file has {size}; {fix}")
+    return header.tensors, None
 
 
 def check_adapter(path: Path, key: str) -> list[str]:

@@ -29,6 +29,12 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def returned_cache(output):
+    """The KV cache a forward with `use_cache=True` returned (`cache` since transformers 5.x,
+    `past_key_values` before; reading the old name warns in 5.x)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 # Positions whose logits exist at once. A whole batch's logits are batch x length x vocab, and
 # the loss holds three float32 copies of them: 4 x 2048 x 128,256 x 12 bytes = 11.7 GiB for
 # Llama-3, more than the 8B model's evaluation needs for everything else on a 24 GB card. The

@@ -29,7 +29,7 @@ from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.methods import METHODS
 from qlora_pipeline.models import resolve_model
 from qlora_pipeline.recipe import EvaluateConfig, ModelConfig
-from qlora_pipeline.scoring import eval_device_dtype, perplexity
+from qlora_pipeline.scoring import cache_argument, eval_device_dtype, perplexity, returned_cache
 from qlora_pipeline.stages.data import TOKENS_FILE
 from qlora_pipeline.stages.quantize import SUMMARY_FILE as QUANTIZATION_SUMMARY
 
@@ -83,6 +83,7 @@ def throughput(model, prompt: torch.Tensor, decode_tokens: int, device: str, rep
     """Batch-1 prefill tokens/s (one forward of `prompt` [1, L]) and decode tokens/s (greedy
     steps with the KV cache after a 16-token prompt); medians of `repeats` runs after a warm-up."""
     prompt = prompt.to(device)
+    cache_name = cache_argument(model)
     prefill, decode = [], []
     for r in range(repeats + 1):
         _sync(device)
@@ -92,12 +93,12 @@ def throughput(model, prompt: torch.Tensor, decode_tokens: int, device: str, rep
         if r:
             prefill.append(prompt.shape[1] / (time.perf_counter() - t0))
         out = model(input_ids=prompt[:, :16], use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{cache_name: past})
+            past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         if r:
             decode.append(decode_tokens / (time.perf_counter() - t0))

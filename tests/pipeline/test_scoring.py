@@ -47,3 +47,25 @@ def test_a_model_that_post_processes_its_logits_is_scored_on_its_whole_forward(t
     nll, _ = scoring.summed_nll(model, windows, 2, "cpu")
     assert calls == [False]  # the whole model ran, without building a KV cache it never reads
     assert math.isclose(nll, _whole_logits_nll(model, windows), rel_tol=1e-6)
+
+
+def test_throughput_decodes_with_the_cache_under_its_current_name(tiny_llama_dir):
+    """The decode loop passes the returned KV cache back under the name the model's forward takes
+    (`cache` in transformers 5.x; `past_key_values` warns there and goes away in 5.40), and
+    the cache is really used: each step sees one new token at the right position."""
+    import warnings
+
+    from qlora_pipeline.stages.evaluate import throughput
+
+    model = load_hf_model(tiny_llama_dir, torch.float32, "cpu")
+    lengths = []
+    model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(
+        (kwargs["input_ids"].shape[1], scoring.returned_cache(out).get_seq_length())), with_kwargs=True)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated argument name warns
+        result = throughput(model, prompt, decode_tokens=3, device="cpu", repeats=1)
+    assert result["decode_tokens_per_second"] > 0 and result["prefill_tokens_per_second"] > 0
+    # per repeat: the prefill (no cache read back), the 16-token prompt, 3 single-token steps
+    steps = [(1, 17), (1, 18), (1, 19)]
+    assert lengths[1:5] == [(16, 16), *steps] and lengths[6:10] == [(16, 16), *steps]
