@@ -467,7 +467,8 @@ class Runner:
                 if self.tracker:
                     self.tracker.finish(parent_id, "FINISHED")
         except InputError:
-            # Bad input found while running: leave the run directory as it was before.
+            # Bad input found while running: leave the run directory as it was before. (The
+            # refused stage has already put its own folder back and deleted its new MLflow run.)
             if created_folders:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 rundir.remove_empty_folders(created_folders[:-1])  # the parents made for it, e.g. runs/
@@ -475,9 +476,17 @@ class Runner:
                     self.tracker.delete(run_id)
                 if self.tracker:
                     self.tracker.discard_new_store()  # a store made for this run only: it goes too
-            elif previous_run_json is not None:
+            elif not any(p.outcome in ("ran", "resumed", "cached") for p in planned):
+                # Nothing of this command is kept: its MLflow runs (a new parent) and run.json go
+                # back too. Stages that finished before the refusal stay, with their runs and the
+                # run.json that describes them.
+                for run_id in created_runs if self.tracker else ():
+                    self.tracker.delete(run_id)
                 try:
-                    rundir.write_bytes_atomic(run_json_path, previous_run_json)
+                    if previous_run_json is not None:
+                        rundir.write_bytes_atomic(run_json_path, previous_run_json)
+                    else:
+                        run_json_path.unlink(missing_ok=True)
                 except OSError:
                     pass  # a full disk: the failed write kept a whole run.json, this run's or the old
             raise
@@ -583,7 +592,10 @@ class Runner:
                         (sdir / rundir.STATE).unlink(missing_ok=True)
                     else:
                         rundir.write_bytes_atomic(sdir / rundir.STATE, previous_state)
-                if self.tracker:
+                if self.tracker and created_runs is not None and child_id in created_runs:
+                    created_runs.remove(child_id)
+                    self.tracker.delete(child_id)  # made for this attempt, which left nothing
+                elif self.tracker:
                     self.tracker.finish(child_id, "FAILED")
                 raise
             full = _disk_full(exc)

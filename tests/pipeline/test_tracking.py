@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from qlora_pipeline.errors import StageError
+from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.graph import StageResult, StageSpec
 from qlora_pipeline.runner import Runner
 from qlora_pipeline.tracking import Tracker
@@ -154,3 +154,36 @@ def test_unreachable_server_from_the_start(tmp_path, caplog):
         Runner(tmp_path / "run", specs(None), tracker=tracker).run()
     assert (tmp_path / "run" / "b" / "manifest.json").is_file()
     assert "continues without tracking" in caplog.text
+
+
+def _refuse():
+    raise InputError("data.domain: bad input found by the stage")
+
+
+def test_bad_input_in_an_existing_run_dir_leaves_no_mlflow_runs(tmp_path):
+    """A stage refusing its input puts its folder back; the MLflow runs this command made for
+    it (and a parent made for nothing that is kept) go too: the store is as it was."""
+    import json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    # The run directory exists from a run without tracking: this command makes a new parent.
+    Runner(run_dir, specs(None)[:1]).run()
+    before = (run_dir / "run.json").read_bytes()
+    with pytest.raises(InputError):
+        run_pipeline(run_dir, uri, on_b=_refuse)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("test-exp")
+    assert client.search_runs([experiment.experiment_id]) == [], "no parent, no child for b"
+    assert (run_dir / "run.json").read_bytes() == before and not (run_dir / "b").exists()
+
+    # With stages that finish first (a, after its settings changed), those are kept with their
+    # parent; only b's run goes.
+    tracker = Tracker(uri, "test-exp")
+    changed = specs(None, on_b=_refuse)
+    changed[0] = StageSpec("a", changed[0].fn, (), {"changed": 1})
+    with pytest.raises(InputError):
+        Runner(run_dir, changed, tracker=tracker, params={"nf4.blocksize": "64"}).run()
+    runs = client.search_runs([experiment.experiment_id])
+    parent_id = json.loads((run_dir / "run.json").read_text())["mlflow_parent_run_id"]
+    assert {r.data.tags.get("stage") for r in runs} == {None, "a"} and parent_id in {r.info.run_id for r in runs}
