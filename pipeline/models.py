@@ -49,27 +49,42 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def _file_identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def source_identity(model_cfg) -> dict:
-    """A cheap description of the weights a source stands for (part of stage fingerprints)."""
+    """What weights a source stands for, by content (part of stage fingerprints): the sha256 of
+    every file a loader may read (`file_hashes`: remembered while a file is unchanged on disk,
+    so a 16 GB checkpoint is read once), not its path, size or mtime. A hub id is named by id
+    and revision only: its content is not known without the network."""
+    from qlora_pipeline.file_hashes import sha256_files, sha256_of
+
     src = model_cfg.source
     if src.startswith("builtin:"):
-        return {"builtin": src, "gguf": _smollm2_gguf().name, "converter": CONVERTER_VERSION}
+        gguf = _smollm2_gguf()
+        return {"builtin": src, "gguf": gguf.name, "sha256": sha256_of(gguf), "converter": CONVERTER_VERSION}
     path = Path(src).expanduser()
     if path.is_file():
-        return {"gguf": _file_identity(path), "converter": CONVERTER_VERSION}
+        return {"gguf_sha256": sha256_of(path), "converter": CONVERTER_VERSION}
     if path.is_dir():
         # Every file a loader may read, not only weights and JSON: the tokenizer can live in
         # merges.txt, tokenizer.model or a chat_template.jinja, and the data stage's tokens
         # follow it. Hidden files and documentation (README.md) are left out.
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".md")
-        return {"dir": str(path.resolve()), "files": [_file_identity(p) for p in files]}
+        return {"files": {p.name: digest for p, digest in sha256_files(files).items()}}
     return {"hub": src, "revision": model_cfg.revision}
+
+
+def _conversion_key(gguf: Path) -> str:
+    """The converted checkpoint's folder key: the GGUF's content and the converter's version
+    (another file of the same size and mtime at the same path is another model)."""
+    from qlora_pipeline.file_hashes import sha256_of
+
+    return hashlib.sha256(f"{sha256_of(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
+
+
+def is_hub_source(model_cfg) -> bool:
+    """A source that names a hub model (not builtin, not a local file or folder)."""
+    src = model_cfg.source
+    return not src.startswith("builtin:") and not Path(src).expanduser().exists()
 
 
 def read_config(model_dir: Path, key: str | None = None) -> dict:
@@ -114,8 +129,7 @@ def cached_config(model_cfg) -> dict | None:
     if gguf is None:
         return None
     name = src.split(":", 1)[1] if src.startswith("builtin:") else path.stem
-    key = hashlib.sha256(f"{_file_identity(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{name}-{key}" / "config.json"
+    target = cache_root() / "models" / f"{name}-{_conversion_key(gguf)}" / "config.json"
     if not target.is_file():
         return None
     try:
@@ -171,8 +185,7 @@ def _hub_snapshot(repo_id: str, revision) -> Path:
 
 def _converted_gguf(gguf: Path, name: str) -> Path:
     """Convert a GGUF file to a float32 HF directory once; later calls return the cache."""
-    key = hashlib.sha256(f"{_file_identity(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{name}-{key}"
+    target = cache_root() / "models" / f"{name}-{_conversion_key(gguf)}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

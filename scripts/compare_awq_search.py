@@ -5,9 +5,14 @@ its own already-quantized layers produce, so two entries with the same AWQ setti
 twice and their searches differ. Design "float" (AWQ's reference, now the pipeline's): one
 `awq-search` pass on the scaled full-precision model, whose result both entries apply.
 
-Runs both designs on a finished run directory's merged model and calibration windows
+Design "awq's search" (a third way to share): `awq+gptq` applies the search that the `awq`
+entry made on its own quantized layers' inputs (design "per-method" of `awq`), so a recipe
+with both entries searches once, where it searches twice with the other designs.
+
+Runs the designs on a finished run directory's merged model and calibration windows
 (float32 forwards, so only the design differs), evaluates every packed result on the
 validation split (`domain_valid`, never the test split), and prints time and perplexity.
+The run directory needs `data`, `merge` and `calibrate` done.
 
     python scripts/compare_awq_search.py RUN_DIR [--group-size 64] [--windows 16] [--out FILE]
 """
@@ -45,13 +50,14 @@ def main() -> None:
     from qlora_pipeline.methods.awq import settings
     from qlora_pipeline.methods.checkpoint import quantize_checkpoint
     from qlora_pipeline.recipe import QuantizeEntry
+    from qlora_pipeline.runinfo import read_run_recipe
     from qlora_pipeline.scoring import perplexity
     from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
     from qlora_pipeline.stages.data import TOKENS_FILE
 
     merged = args.run_dir / "merge" / "output"
     calibration = load_file(str(args.run_dir / "calibrate" / "output" / CALIBRATION_FILE))["input_ids"]
-    seq_len = json.loads((args.run_dir / "evaluate-merged" / "manifest.json").read_text())["config"]["evaluate"]["seq_len"]
+    seq_len = read_run_recipe(args.run_dir).data.seq_len  # what the evaluation windows use
     valid = windows(load_file(str(args.run_dir / "data" / "output" / TOKENS_FILE))["domain_valid"], seq_len, args.windows)
     family = family_for(read_config(merged)["model_type"])
     quiet = lambda it, **kw: it  # noqa: E731
@@ -76,23 +82,26 @@ def main() -> None:
                                make_transform(family, settings(entries["awq"]), search_dir, torch.bfloat16),
                                quiet, lambda i, m: None)
         search_seconds = time.time() - t0
-        for design in ("per-method", "float"):
-            for method, entry in entries.items():
-                ckpt, out = tmp / f"{design}-{entry.name}-ckpt", tmp / f"{design}-{entry.name}"
-                ckpt.mkdir()
-                out.mkdir()
-                t0 = time.time()
-                quantize_checkpoint(merged, calibration, entry, torch.bfloat16, ckpt, out, quiet, lambda i, m: None,
-                                    search_dir=search_dir if design == "float" else None)
-                seconds = time.time() - t0
-                ppl = valid_ppl(out, method)
-                rows.append({"design": design, "method": method, "valid_ppl": ppl,
-                             "increase_over_merged_percent": 100 * (ppl / base - 1), "stage_seconds": seconds})
+        awq_own_search = tmp / "per-method-awq-ckpt"  # where per-method awq keeps its search files
+        designs = [("per-method", "awq"), ("per-method", "awq+gptq"), ("float", "awq"), ("float", "awq+gptq"),
+                   ("awq's search", "awq+gptq")]
+        for design, method in designs:
+            entry = entries[method]
+            ckpt, out = tmp / f"{design.replace(chr(39), '')}-{entry.name}-ckpt", tmp / f"{design}-{entry.name}"
+            ckpt.mkdir()
+            out.mkdir()
+            t0 = time.time()
+            quantize_checkpoint(merged, calibration, entry, torch.bfloat16, ckpt, out, quiet, lambda i, m: None,
+                                search_dir={"float": search_dir, "awq's search": awq_own_search}.get(design))
+            seconds = time.time() - t0
+            ppl = valid_ppl(out, method)
+            rows.append({"design": design, "method": method, "valid_ppl": ppl,
+                         "increase_over_merged_percent": 100 * (ppl / base - 1), "stage_seconds": seconds})
     print(f"merged model: domain_valid ppl {base:.3f} ({args.windows} windows of {seq_len}); shared float search "
           f"{search_seconds:.0f} s")
-    print(f"{'design':<11} {'method':<9} {'valid ppl':>9} {'vs merged':>10} {'seconds':>8}")
+    print(f"{'design':<13} {'method':<9} {'valid ppl':>9} {'vs merged':>10} {'seconds':>8}")
     for r in rows:
-        print(f"{r['design']:<11} {r['method']:<9} {r['valid_ppl']:>9.3f} {r['increase_over_merged_percent']:>+9.2f}% "
+        print(f"{r['design']:<13} {r['method']:<9} {r['valid_ppl']:>9.3f} {r['increase_over_merged_percent']:>+9.2f}% "
               f"{r['stage_seconds']:>8.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

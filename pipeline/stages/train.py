@@ -31,7 +31,7 @@ from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.lora import attach_lora
-from qlora_pipeline.models import resolve_model, source_identity
+from qlora_pipeline.models import is_hub_source, resolve_model
 from qlora_pipeline.recipe import LoraConfig, ModelConfig, TrainConfig
 from qlora_pipeline.rundir import fsync_dir, fsync_tree
 from qlora_pipeline.safe_state import load_state, save_state
@@ -208,7 +208,7 @@ def run(ctx: StageContext) -> StageResult:
     model, targets = trainable_model(base, lora, cfg)
     # Hub ids stay ids (what users pass to from_pretrained); other sources name their local directory.
     model.peft_config["default"].base_model_name_or_path = (
-        model_cfg.source if "hub" in source_identity(model_cfg) else str(resolve_model(model_cfg)))
+        model_cfg.source if is_hub_source(model_cfg) else str(resolve_model(model_cfg)))
     optimizer, optimizer_name = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)
     scheduler = make_scheduler(optimizer, cfg)
 

@@ -1,0 +1,84 @@
+"""The model a stage was made from is named by its files' content: another checkpoint of the
+same shapes copied over the old one, with its size and mtime kept (`cp -p`, `touch -r`), makes
+every stage that read it stale; the hashes are remembered while a file is unchanged on disk."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+
+from qlora_pipeline import file_hashes, rundir
+from tests.conftest import cli, tiny_recipe
+
+
+def _rewrite_same_size_and_mtime(path, flip_at: int) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[flip_at] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_weights_replaced_with_size_and_mtime_kept_make_base_stale(tiny_llama_dir, tmp_path, write_recipe,
+                                                                   monkeypatch, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(model, tmp_path, tracking={"enabled": False}))
+    assert cli("run", str(recipe), "--only", "data") == 0
+    assert cli("run", str(recipe), "--only", "base") == 0
+    capsys.readouterr()
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"\bbase\s+skip", capsys.readouterr().out)
+
+    weights = model / "model.safetensors"
+    _rewrite_same_size_and_mtime(weights, flip_at=weights.stat().st_size - 3)  # a weight's last byte
+    assert cli("plan", str(recipe)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\bbase\s+run\s+.*settings changed: weights\.files\.model\.safetensors", out), out
+
+
+def test_a_moved_model_keeps_its_identity(tiny_llama_dir, tmp_path):
+    """Content, not location: the same files elsewhere are the same model (the stage cache's
+    entries serve a copy of the checkpoint)."""
+    from qlora_pipeline.models import source_identity
+    from qlora_pipeline.recipe import ModelConfig
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_llama_dir, copy)
+    assert source_identity(ModelConfig(source=str(copy))) == source_identity(ModelConfig(source=str(tiny_llama_dir)))
+
+
+def test_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLP_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    real = rundir.sha256_file
+    monkeypatch.setattr(rundir, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+
+    first = file_hashes.sha256_of(f)
+    assert file_hashes.sha256_of(f) == first and hashed == ["w.bin", "w.bin"], "written just now: not remembered"
+
+    monkeypatch.setattr(file_hashes, "_now_ns", lambda: time.time_ns() + 10 * 10**9)  # now it is settled
+    hashed.clear()
+    assert file_hashes.sha256_of(f) == first and file_hashes.sha256_of(f) == first
+    assert hashed == ["w.bin"], "hashed once, then remembered"
+    assert (tmp_path / "cache" / file_hashes.MEMO_FILE).is_file()
+
+    time.sleep(0.05)  # past the file system's timestamp tick
+    _rewrite_same_size_and_mtime(f, flip_at=10)
+    hashed.clear()
+    assert file_hashes.sha256_of(f) != first and hashed == ["w.bin"], "same size and mtime, new ctime: hashed again"
+
+
+def test_an_unwritable_or_damaged_memo_only_costs_hashing(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / file_hashes.MEMO_FILE).write_text("[not, a memo")
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"b" * 10)
+    monkeypatch.setattr(file_hashes, "_now_ns", lambda: time.time_ns() + 10 * 10**9)
+    assert file_hashes.sha256_of(f) == rundir.sha256_file(f)
