@@ -10,7 +10,9 @@ This module imports no torch: `validate`, `plan` and `status` check recipes with
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -83,10 +85,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gptq", "qlora_pipeline.methods.gptq", "gptq", calibrated=True, module_overrides=True),
     # AWQ alone uses the Hessians only for the error metrics: one capture pass per layer.
     # Where AWQ searches was measured on domain_valid (scripts/compare_awq_search.py, README "Where
-    # AWQ searches"): AWQ alone is 2.5 points better searching in its own stage, on the inputs its
-    # quantized layers produce; AWQ+GPTQ is as good (0.2 points better) applying one search on the
-    # scaled float model, shared by every awq+gptq entry with the same AWQ settings, and faster.
-    Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",)),
+    # AWQ searches"): on the inputs AWQ's own quantized layers produce, for AWQ alone 2.5 points
+    # better than on the float model, and for AWQ+GPTQ as good as either other design; so one
+    # search stage of that kind serves both methods (with the same AWQ settings).
+    Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",),
+           search="awq"),
     Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
     # NF4 of the merged model, as the base stage writes it: 4-bit, block size from the entry's nf4 section.
     Method("nf4", "qlora_pipeline.methods.nf4", "bnb-nf4", calibrated=False, hessian_passes=False, options=("nf4",),
@@ -210,6 +213,24 @@ def search_stage_name(entry, onto_base: bool = False) -> str:
     return f"{METHODS[entry.method].search}-search-w{entry.bits}g{entry.group_size}{suffix}{'-base' if onto_base else ''}"
 
 
+def search_stage_names(entries, onto_base: bool = False) -> dict[str, str]:
+    """Entry name -> its search stage, for the entries whose method searches. Entries that
+    agree on bits, group size and calibration source share `search_stage_name` when they agree
+    on every search and engine setting too; where they do not, each distinct search is its own
+    stage, named with a short digest of its settings (`awq-search-w4g64-1a2b3c`)."""
+    groups: dict[str, list] = {}
+    for q in entries:
+        if METHODS[q.method].search:
+            groups.setdefault(search_stage_name(q, onto_base), []).append(q)
+    names = {}
+    for shared, served in groups.items():
+        keys = {q.name: json.dumps({**search_settings(q), **engine_settings(q)}, sort_keys=True) for q in served}
+        for q in served:
+            names[q.name] = shared if len(set(keys.values())) == 1 else \
+                f"{shared}-{hashlib.sha256(keys[q.name].encode()).hexdigest()[:6]}"
+    return names
+
+
 ADAPTER_SUFFIX = "+adapter"  # artifact `<name>+adapter`: the original base quantized like `<name>`, adapter on top
 
 
@@ -242,6 +263,6 @@ def relevant_settings(entry) -> dict:
 
 
 def engine_settings(entry) -> dict:
-    """What a shared search stage computes with (the device setting, the activations' dtype):
-    the entries it serves must agree on it."""
-    return {"device": entry.device, "activations_dtype": entry.activations.dtype}
+    """What a shared search stage computes with (the device setting, the forwards' and the
+    activations' dtypes): the entries it serves must agree on it."""
+    return {"device": entry.device, "compute_dtype": entry.compute_dtype, "activations_dtype": entry.activations.dtype}

@@ -40,6 +40,17 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
     method that has one (else it searches as it goes). `device`: "cpu" or "cuda", resolved
     (the entry's `device` may say auto); the entry's `activations` say where and in what the
     calibration activations are kept."""
+    n_layers = quantize_layers(merged_dir, calibration_ids, entry, dtype, checkpoint_dir, progress, on_layer,
+                               search_dir, device)
+    return assemble_checkpoint(merged_dir, entry, dtype, checkpoint_dir, output_dir, n_layers)
+
+
+def quantize_layers(merged_dir: Path, calibration_ids: Optional[torch.Tensor], entry, dtype: torch.dtype,
+                    checkpoint_dir: Path, progress: Callable, on_layer: Callable[[int, dict[str, float]], None],
+                    search_dir: Optional[Path] = None, device: str = "cpu") -> int:
+    """The layer-by-layer part of `quantize_checkpoint`: every decoder layer quantized into its
+    shard in `checkpoint_dir` (and, for a method that searches as it goes, its search result
+    there too); returns the number of layers."""
     method = METHODS[entry.method]
     impl, fmt = method.module(), method.format_module()
     config = read_config(merged_dir)
@@ -75,7 +86,16 @@ def quantize_checkpoint(merged_dir: Path, calibration_ids: Optional[torch.Tensor
         # the methods that collect a Hessian per sequential group solve with it (GPTQ); AWQ alone
         # collects them in one pass for its metrics and rounds to nearest
         solve=method.hessian_passes)
+    return n_layers
 
+
+def assemble_checkpoint(merged_dir: Path, entry, dtype: torch.dtype, checkpoint_dir: Path, output_dir: Path,
+                        n_layers: int) -> Quantized:
+    """The packed HF directory in `output_dir` from the finished layer shards in `checkpoint_dir`."""
+    method = METHODS[entry.method]
+    fmt = method.format_module()
+    config = read_config(merged_dir)
+    family = family_for(config["model_type"])
     wmap = weight_map(merged_dir)
     rest_shard = checkpoint_dir / REST_SHARD
     if not (rest_shard.exists() and valid_shard(rest_shard)):

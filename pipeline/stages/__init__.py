@@ -4,8 +4,8 @@ Only stages that do their real work are registered. This version has `data`, `ba
 `train` (skipped when `merge.adapter` names an adapter trained elsewhere), `merge`, the
 evaluations of base, base-nf4 and merged, `calibrate` and/or `calibrate-general` (the
 calibration windows of the entries calibrated on the domain / general train split),
-`awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search on the float model, shared
-by the `awq+gptq` entries it serves; `awq` entries search inside their own stage),
+`awq-search-w<bits>g<group>[-general]` (one per distinct AWQ search, shared by the `awq` and
+`awq+gptq` entries it serves),
 `quantize-<name>` for each entry (methods: `qlora_pipeline.methods`: `rtn`, `gptq`, `awq`,
 `awq+gptq`, `nf4`, `int8`) with an evaluation of each, and `report`. With `evaluate.qlora`, `evaluate-qlora` (the
 NF4 base + the float adapter, unmerged); for an entry with `adapter_on_quantized_base`,
@@ -46,16 +46,18 @@ def _quantized_evaluation(name: str, with_adapter: bool = False) -> StageRef:
     return StageRef(_EVALUATE, lambda m: m.make_stage(name, m.quantized_loader(name, with_adapter)))
 
 
-def adapter_identity(path: str) -> list[str]:
-    """Sizes and mtimes of an external adapter's files: a changed adapter re-runs the merge."""
+def adapter_identity(path: str) -> dict[str, str]:
+    """The content (sha256, `file_hashes`) of an external adapter's files: a changed adapter
+    re-runs the merge, whatever its size and mtime say."""
+    from qlora_pipeline.file_hashes import sha256_files
+
     root = Path(path).expanduser()
-    return [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.iterdir()) if p.is_file()]
+    return {p.name: digest for p, digest in sha256_files(sorted(p for p in root.iterdir() if p.is_file())).items()}
 
 
-def _shared_storage(entries, search: str) -> str:
+def _shared_storage(entries, search_names: dict[str, str], search: str) -> str:
     """Where a shared search keeps its activations: the storage its entries agree on, else auto."""
-    storages = {q.activations.storage for q in entries
-                if methods.METHODS[q.method].search and methods.search_stage_name(q) == search}
+    storages = {q.activations.storage for q in entries if search_names.get(q.name) == search}
     return storages.pop() if len(storages) == 1 else "auto"
 
 
@@ -176,40 +178,39 @@ def build_stages(recipe) -> list[StageSpec]:
     for source in sources:  # `calibrate` (domain train split), `calibrate-general` (general train split)
         specs.append(StageSpec(methods.calibration_stage_name(source), _stage("calibrate"), ("data",),
                                {"calibration": {**recipe.calibration.model_dump(mode="json"), "source": source}}))
+    search_names = methods.search_stage_names(entries)  # entry -> the search stage it applies
     searches: dict[str, dict] = {}  # search stage -> its settings
-    engines: dict[str, dict] = {}    # search stage -> the device and activation dtype it computes with
+    engines: dict[str, dict] = {}    # search stage -> the device and dtypes it computes with
     for q in entries:
-        if methods.METHODS[q.method].search:
-            name, settings = methods.search_stage_name(q), methods.search_settings(q)
-            if searches.setdefault(name, settings) != settings:
-                raise RecipeError([f"quantize: entries with method {q.method}, bits {q.bits} and group_size "
-                                   f"{q.group_size} differ in their awq settings; one search serves them all: "
-                                   f"give them the same awq settings"], source="recipe")
-            if engines.setdefault(name, methods.engine_settings(q)) != methods.engine_settings(q):
-                raise RecipeError([f"quantize: entries with method {q.method}, bits {q.bits} and group_size "
-                                   f"{q.group_size} differ in device or activations.dtype; one search serves them "
-                                   f"all: give them the same device and activations.dtype"], source="recipe")
+        if q.name in search_names:
+            searches[search_names[q.name]] = methods.search_settings(q)
+            engines[search_names[q.name]] = methods.engine_settings(q)
     # The device each quantize/search stage computes on, resolved here (torch-free): float math on
     # a GPU differs from the CPU's, so the device is part of the fingerprint, as written "auto" is not.
     specs += [StageSpec(name, _stage("awq_search"),
                         ("merge", methods.calibration_stage_name(settings["calibration_source"])),
                         {"search": settings, "dtype": recipe.model.dtype,
                          "device": resolve_device(engines[name]["device"]),
+                         "compute_dtype": engines[name]["compute_dtype"],
                          "activations_dtype": engines[name]["activations_dtype"]},
-                        runtime={"activations_storage": _shared_storage(entries, name)})
+                        runtime={"activations_storage": _shared_storage(entries, search_names, name)},
+                        code=methods.METHODS["awq"].code_modules())  # the search quantizes as awq does
               for name, settings in searches.items()]
     # The same searches of the original base, for the entries quantizing it (`<name>+adapter`).
-    base_searches = {methods.search_stage_name(q, onto_base=True): (methods.search_settings(q), q)
-                     for q in onto_base if methods.METHODS[q.method].search}
+    base_search_names = methods.search_stage_names(onto_base, onto_base=True)
+    base_searches = {base_search_names[q.name]: (methods.search_settings(q), q)
+                     for q in onto_base if q.name in base_search_names}
     specs += [StageSpec(name, _stage("awq_search"), (methods.calibration_stage_name(settings["calibration_source"]),),
                         {"search": settings, "dtype": recipe.model.dtype, **model,
-                         "device": resolve_device(q.device), "activations_dtype": q.activations.dtype},
-                        runtime={"activations_storage": q.activations.storage})
+                         "device": resolve_device(q.device), "compute_dtype": q.compute_dtype,
+                         "activations_dtype": q.activations.dtype},
+                        runtime={"activations_storage": q.activations.storage},
+                        code=methods.METHODS["awq"].code_modules())
               for name, (settings, q) in base_searches.items()]
     for q in entries:
         deps = ("merge", methods.calibration_stage_name(q.calibration_source)) if q.calibration_source else ("merge",)
-        if methods.METHODS[q.method].search:
-            deps += (methods.search_stage_name(q),)
+        if q.name in search_names:
+            deps += (search_names[q.name],)
         specs += [
             StageSpec(f"quantize-{q.name}", _stage("quantize"), deps, {"entry": methods.relevant_settings(q),
                       "dtype": recipe.model.dtype, "device": resolve_device(q.device)},
@@ -224,8 +225,8 @@ def build_stages(recipe) -> list[StageSpec]:
             # settings and calibration windows; evaluated with the float adapter on top, unmerged.
             name = f"{q.name}{methods.ADAPTER_SUFFIX}"
             base_deps = tuple(d for d in deps if d != "merge" and "search" not in d)
-            if methods.METHODS[q.method].search:
-                base_deps += (methods.search_stage_name(q, onto_base=True),)
+            if q.name in base_search_names:
+                base_deps += (base_search_names[q.name],)
             specs += [
                 StageSpec(f"quantize-{name}", _stage("quantize"), base_deps,
                           {"entry": methods.relevant_settings(q), "dtype": recipe.model.dtype, **model,

@@ -2,11 +2,14 @@
 once for every quantize entry that applies it with the same settings and calibration source
 (`awq` and `awq+gptq`).
 
-The search runs on the scaled full-precision model, as AWQ's reference does: each layer's
-inputs come from the layers before it with their scales folded and their weights clipped,
-not quantized, so the result does not depend on the quantizer that follows it. Output, per
-decoder layer, `awq-XXXXX.safetensors` (the scales of each scaling group and the clip values
-of each clipped linear; the search's losses in the metadata), and `search.json` (the settings).
+The search runs as AWQ alone quantizes: layer by layer, each layer's inputs produced by the
+layers before it with their scales folded, their weights clipped and rounded to nearest (AWQ's
+own 4-bit grid). That is the design measured best on `domain_valid` for both methods (README,
+"Where AWQ searches"): for `awq` it is the search its own stage made before (the same bytes),
+for `awq+gptq` it was as good as a search on the float model, and a recipe with both entries
+now searches once. Output, per decoder layer, `awq-XXXXX.safetensors` (the scales of each
+scaling group and the clip values of each clipped linear; the search's losses in the
+metadata), and `search.json` (the settings).
 """
 from __future__ import annotations
 
@@ -14,41 +17,47 @@ import json
 import os
 import shutil
 
-import torch
 from safetensors.torch import load_file
 
 from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.graph import StageContext, StageResult
-from qlora_pipeline.layerwise.awq_search import SEARCH_FILE, AWQSettings, make_transform
-from qlora_pipeline.layerwise.checkpoints import read_config
-from qlora_pipeline.layerwise.engine import transform_sequentially
-from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.layerwise.awq_search import SEARCH_FILE
 from qlora_pipeline.methods import calibration_stage_name
+from qlora_pipeline.methods.checkpoint import quantize_layers
 from qlora_pipeline.models import quantize_source
+from qlora_pipeline.recipe import QuantizeEntry
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
 SETTINGS_FILE = "search.json"
+AWQ_OPTIONS = ("duo_scaling", "clip", "search_windows")
+
+
+def search_entry(ctx: StageContext) -> QuantizeEntry:
+    """The `awq` entry whose quantization makes this search: the search settings, and what the
+    entries it serves compute with."""
+    s = ctx.config["search"]
+    return QuantizeEntry(
+        name=ctx.name, method="awq", bits=s["bits"], group_size=s["group_size"],
+        awq={k: s[k] for k in AWQ_OPTIONS}, calibration_source=s["calibration_source"],
+        compute_dtype=ctx.config["compute_dtype"],
+        # Where the activations live is a runtime setting (the same bytes either way), not
+        # fingerprinted: the storage the entries served agree on, else auto.
+        activations={"dtype": ctx.config["activations_dtype"],
+                     "storage": ctx.runtime.get("activations_storage", "auto")})
 
 
 def run(ctx: StageContext) -> StageResult:
     s = ctx.config["search"]
-    settings = AWQSettings(s["bits"], s["group_size"], s["duo_scaling"], s["clip"], s["search_windows"])
     merged_dir = quantize_source(ctx.config, ctx.inputs)  # the merge, or the original base (`...-base`)
-    family = family_for(read_config(merged_dir)["model_type"])
     calibration = load_file(str(ctx.inputs[calibration_stage_name(s["calibration_source"])] / CALIBRATION_FILE))["input_ids"]
-    transform = make_transform(family, settings, ctx.checkpoint_dir, DTYPES[ctx.config["dtype"]])
     device = ctx.config["device"]  # resolved from the entries' device by the stage registry
     if device == "cuda":
         require_cuda(f"stage {ctx.name}", "the device of the awq entries it serves")
-    # Where the activations live is a runtime setting (the same bytes either way), not fingerprinted:
-    # the storage the entries served agree on, else auto.
-    n_layers = transform_sequentially(merged_dir, calibration, family, transform, ctx.progress,
-                                      lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i),
-                                      compute_dtype=torch.float32,  # the search's own forwards are float32
-                                      device=device, storage=ctx.runtime.get("activations_storage", "auto"),
-                                      storage_dtype=DTYPES[ctx.config["activations_dtype"]],
-                                      awq_search_windows=settings.search_windows)
+    # The layers' packed shards are a by-product (and the resume point): the search files are the output.
+    n_layers = quantize_layers(merged_dir, calibration, search_entry(ctx), DTYPES[ctx.config["dtype"]],
+                               ctx.checkpoint_dir, ctx.progress,
+                               lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i), device=device)
     for i in range(n_layers):
         name = SEARCH_FILE.format(i)
         try:  # the finished layers as they are: a hard link, a copy across file systems

@@ -16,7 +16,7 @@ from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.layerwise.checkpoints import read_config
-from qlora_pipeline.methods import METHODS, calibration_stage_name, check_shapes, search_stage_name
+from qlora_pipeline.methods import METHODS, calibration_stage_name, check_shapes
 from qlora_pipeline.methods.checkpoint import quantize_checkpoint
 from qlora_pipeline.models import quantize_source
 from qlora_pipeline.recipe import QuantizeEntry
@@ -31,7 +31,6 @@ def run(ctx: StageContext) -> StageResult:
     storage = ctx.runtime.get("activations_storage", "auto")
     entry = QuantizeEntry.model_validate(ctx.config["entry"])
     entry = entry.model_copy(update={"activations": entry.activations.model_copy(update={"storage": storage})})
-    onto_base = "model" in ctx.config  # `<name>+adapter`: the original base model, not the merge
     merged_dir = quantize_source(ctx.config, ctx.inputs)
     check_shapes(entry, read_config(merged_dir), f"quantize entry '{entry.name}'")
     calibration = None
@@ -42,7 +41,9 @@ def run(ctx: StageContext) -> StageResult:
     def on_layer(i: int, metrics: dict[str, float]) -> None:
         ctx.metrics.log_metrics(metrics, step=i)
 
-    search_dir = ctx.inputs.get(search_stage_name(entry, onto_base)) if METHODS[entry.method].search else None
+    search = METHODS[entry.method].search  # the one search stage among the inputs (`methods.search_stage_names`)
+    search_dir = next((path for stage, path in ctx.inputs.items() if search and stage.startswith(f"{search}-search-")),
+                      None)
     device = ctx.config["device"]  # resolved by the stage registry, part of the fingerprint
     if device == "cuda":
         require_cuda(f"quantize entry '{entry.name}'", "its device")

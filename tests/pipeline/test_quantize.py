@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,9 +84,10 @@ def test_evaluation_reads_the_packed_checkpoint(tiny_llama_dir, tmp_path, write_
 
 @pytest.mark.parametrize("entry, killed_stage", [
     ({"name": "gptq", "method": "gptq", "group_size": 64, "desc_act": True}, "quantize-gptq"),
-    ({"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}}, "quantize-awq"),
-    ({"name": "awq", "method": "awq+gptq", "group_size": 64, "awq": {"search_windows": 4}}, "awq-search-w4g64"),
-], ids=["gptq", "awq", "awq-search"])
+    # the search quantizes as AWQ does, layer by layer: killed there, and killed applying it
+    ({"name": "awq", "method": "awq", "group_size": 64, "awq": {"search_windows": 4}}, "awq-search-w4g64"),
+    ({"name": "awq", "method": "awq+gptq", "group_size": 64, "awq": {"search_windows": 4}}, "quantize-awq"),
+], ids=["gptq", "awq-search", "awq+gptq"])
 def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2_dir, write_recipe, entry, killed_stage):
     deep = make_tiny_llama(tmp_path / "deep", smollm2_dir, layers=8, hidden=256, intermediate=768)
     adapter = random_adapter(deep, tmp_path / "adapter")
@@ -94,7 +96,8 @@ def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2
     hashes = {}
     for name in ("ref", "killed"):
         path = write_recipe(quant_recipe(deep, tmp_path, name, adapter, [entry]), f"{name}.yaml")
-        for s in ("data", "base", "merge", "calibrate"):
+        searched = ("awq-search-w4g64",) if entry["method"] != "gptq" and killed_stage == stage else ()
+        for s in ("data", "base", "merge", "calibrate", *searched):
             assert cli("run", str(path), "--only", s) == 0
         env = dict(os.environ)
         cmd = [sys.executable, "-m", "qlora_pipeline.cli", "run", str(path), "--only"]
@@ -130,7 +133,8 @@ def test_group_size_that_does_not_divide_is_a_recipe_error(tiny_llama_dir, tmp_p
 
 AWQ = [
     {"name": "awq", "method": "awq", "group_size": 32, "awq": {"search_windows": 4}},
-    {"name": "awq-gptq", "method": "awq+gptq", "group_size": 32, "desc_act": True, "static_groups": True},
+    {"name": "awq-gptq", "method": "awq+gptq", "group_size": 32, "desc_act": True, "static_groups": True,
+     "awq": {"search_windows": 4}},
 ]
 
 
@@ -185,7 +189,7 @@ def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path
 
 
 def test_awq_gptq_entries_with_the_same_awq_settings_share_one_search(tiny_llama_dir, tmp_path, write_recipe, capsys):
-    """awq+gptq entries apply one search of the scaled float model; awq searches in its own stage."""
+    """awq and awq+gptq entries with the same AWQ settings apply one search stage."""
     from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.stages import build_stages
 
@@ -195,11 +199,18 @@ def test_awq_gptq_entries_with_the_same_awq_settings_share_one_search(tiny_llama
     specs = {s.name: s for s in build_stages(load_recipe(path)[0])}
     assert [n for n in specs if "search" in n] == ["awq-search-w4g32"]
     assert "awq-search-w4g32" in specs["quantize-awq-gptq"].deps and "awq-search-w4g32" in specs["quantize-awq-gptq-plain"].deps
-    assert not [d for d in specs["quantize-awq"].deps if "search" in d]
+    assert "awq-search-w4g32" in specs["quantize-awq"].deps
+    # Entries whose searches differ get one search stage each, named by their settings.
     differing = [AWQ[1], {**AWQ[1], "name": "other", "awq": {"clip": False}}]
     path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "d", adapter, differing), "d.yaml")
-    assert cli("plan", str(path)) == 2
-    assert "differ in their awq settings" in capsys.readouterr().err
+    specs = {s.name: s for s in build_stages(load_recipe(path)[0])}
+    searches = [n for n in specs if "search" in n]
+    assert len(searches) == 2 and all(re.fullmatch(r"awq-search-w4g32-[0-9a-f]{6}", n) for n in searches)
+    assert {specs[n].config["search"]["clip"] for n in searches} == {True, False}
+    for entry in ("awq-gptq", "other"):
+        (mine,) = [d for d in specs[f"quantize-{entry}"].deps if "search" in d]
+        assert specs[mine].config["search"]["clip"] == (entry == "awq-gptq")
+    assert cli("plan", str(path)) == 0
 
 
 def test_awq_without_grouped_query_attention_scales_o_proj(tmp_path, smollm2_dir, write_recipe, monkeypatch):
@@ -207,7 +218,7 @@ def test_awq_without_grouped_query_attention_scales_o_proj(tmp_path, smollm2_dir
     mha = make_tiny_llama(tmp_path / "mha", smollm2_dir, layers=2, kv_heads=4)
     adapter = random_adapter(mha, tmp_path / "adapter")
     path = write_recipe(quant_recipe(mha, tmp_path, "m", adapter, AWQ[:1]))
-    for stage in ("data", "base", "merge", "calibrate", "quantize-awq"):
+    for stage in ("data", "base", "merge", "calibrate", "awq-search-w4g32", "quantize-awq"):
         assert cli("run", str(path), "--only", stage) == 0
     layer_metrics = json.loads((tmp_path / "runs" / "m" / "quantize-awq" / "output" / "layer_metrics.json").read_text())
     assert all("awq.self_attn.v_proj.ratio" in m for m in layer_metrics)
@@ -220,3 +231,30 @@ def test_awq_recipe_errors(tiny_llama_dir, tmp_path, write_recipe, capsys):
         path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "e", adapter, [{"name": "a", "method": "awq", **entry}]))
         assert cli("validate", str(path)) == 2
         assert message in capsys.readouterr().err
+
+
+def test_awq_applying_the_search_stage_gives_the_bytes_of_searching_as_it_quantizes(tiny_llama_dir, tmp_path):
+    """The search stage quantizes as AWQ alone does and keeps the search; AWQ applying it writes
+    the same checkpoint, byte for byte, as AWQ searching layer by layer inside its own stage."""
+    import torch
+
+    from qlora_pipeline.methods.checkpoint import quantize_checkpoint, quantize_layers
+    from qlora_pipeline.recipe import QuantizeEntry
+
+    entry = QuantizeEntry(name="a", method="awq", group_size=32, awq={"search_windows": 2}, compute_dtype="float32")
+    calibration = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    quiet, ignore = (lambda it, **kw: it), (lambda i, m: None)
+    for d in ("in-place-ckpt", "in-place", "search", "applied-ckpt", "applied"):
+        (tmp_path / d).mkdir()
+    quantize_checkpoint(tiny_llama_dir, calibration, entry, torch.bfloat16, tmp_path / "in-place-ckpt",
+                        tmp_path / "in-place", quiet, ignore)
+    n = quantize_layers(tiny_llama_dir, calibration, entry, torch.bfloat16, tmp_path / "search", quiet, ignore)
+    assert sorted(p.name for p in (tmp_path / "search").glob("awq-*.safetensors")) == [f"awq-{i:05d}.safetensors"
+                                                                                      for i in range(n)]
+    quantize_checkpoint(tiny_llama_dir, calibration, entry, torch.bfloat16, tmp_path / "applied-ckpt",
+                        tmp_path / "applied", quiet, ignore, search_dir=tmp_path / "search")
+    assert not list((tmp_path / "applied-ckpt").glob("awq-*.safetensors")), "applied, not searched again"
+    written = sorted(p.name for p in (tmp_path / "in-place").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "applied").iterdir()) and "model.safetensors" in " ".join(written)
+    for name in written:
+        assert (tmp_path / "in-place" / name).read_bytes() == (tmp_path / "applied" / name).read_bytes(), name
