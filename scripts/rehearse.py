@@ -529,7 +529,8 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
                  Hessian and GPTQ's working copy and factor, 3*f^2*4; a chunk of 8 windows
                  through the MLP, min(8,S)*T*(3f + 4d)*4; AWQ adds per group X^T X, or X when
                  there are fewer tokens than channels, (3 min(d^2, STd) + min(f^2, STf))*4, and
-                 the searched blocks' inputs and outputs 4*min(sw,S)*T*d*4; rtn: a layer only.
+                 the searched blocks' inputs and outputs 4*min(sw,S)*T*d*4 (in awq-search, which
+                 searches; the AWQ quantize stages apply its result); rtn: a layer only.
                  First layer: the stored bf16 embedding V*d*2 + h.
     """
     d, f, V = shape.hidden, shape.intermediate, shape.vocab
@@ -546,9 +547,13 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
         phases["rest"] = p_rest * 2
         phases["self_check_head"] = V * d * (2 + 4) + 2 * n * V * 4
         phases["self_check_layer"] = 2 * p_layer * 4
-    elif stage.startswith("quantize-"):
-        name = stage[len("quantize-"):]
-        q = next((q for q in recipe.get("quantize", []) if q["name"] == name), {})
+    elif stage.startswith(("quantize-", "awq-search-")):
+        # The search stage quantizes as AWQ alone does, searching; the quantize stages of both
+        # AWQ methods apply its result and hold no search inputs.
+        searching = stage.startswith("awq-search-")
+        entries = recipe.get("quantize", [])
+        q = ({**next((q for q in entries if q.get("method", "").startswith("awq")), {}), "method": "awq"} if searching
+             else next((q for q in entries if q["name"] == stage[len("quantize-"):]), {}))
         cal = recipe.get("calibration", {})
         S, T = cal.get("samples", 128), cal.get("seq_len", 512)
         if q.get("method") == "rtn":
@@ -557,7 +562,7 @@ def host_estimate(stage: str, shape: Shape, recipe: dict, layers: Optional[int] 
             h = S * T * d * 4
             # [f, f] float32: the engine's Hessian, GPTQ's working copy and its factor (quant/gptq.py)
             layer = h + p_layer * (4 + 2) + 3 * f * f * 4 + min(8, S) * T * (3 * f + 4 * d) * 4
-            if q.get("method", "").startswith("awq"):
+            if searching:
                 sw = min(q.get("awq", {}).get("search_windows", 8), S)
                 # per input group X^T X, or the inputs themselves when there are fewer tokens
                 # than channels (awq_search.GroupInput.keep_rows)
@@ -839,7 +844,7 @@ def main() -> int:
         else:
             stages = list(plan_stages(recipe_path, workdir))
         searches = list(dict.fromkeys(f"awq-search-w{q.get('bits', 4)}g{q.get('group_size', 128)}"
-                                      for q in recipe.get("quantize", []) if q.get("method") == "awq+gptq"))
+                                      for q in recipe.get("quantize", []) if q.get("method") in ("awq", "awq+gptq")))
         names = stages or (["data", "base", "evaluate-base", "evaluate-base-nf4", "train", "merge", "evaluate-merged",
                             "calibrate"] + searches + [s for q in recipe.get("quantize", []) for s in
                                                        (f"quantize-{q['name']}", f"evaluate-{q['name']}")] + ["report"])

@@ -6,7 +6,7 @@ The search runs as AWQ alone quantizes: layer by layer, each layer's inputs prod
 layers before it with their scales folded, their weights clipped and rounded to nearest (AWQ's
 own 4-bit grid). That is the design measured best on `domain_valid` for both methods (README,
 "Where AWQ searches"): for `awq` it is the search its own stage made before (the same bytes),
-for `awq+gptq` it was as good as a search on the float model, and a recipe with both entries
+for `awq+gptq` it was better than a search on the float model, and a recipe with both entries
 now searches once. Output, per decoder layer, `awq-XXXXX.safetensors` (the scales of each
 scaling group and the clip values of each clipped linear; the search's losses in the
 metadata), and `search.json` (the settings).
