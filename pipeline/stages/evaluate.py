@@ -138,7 +138,14 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
                    + sum(memory_plan.safetensors_bytes(f) for f in extra_files)}
         producer = rundir.read_json(artifact_dir.parent / rundir.MANIFEST) or {}  # a stage output's manifest
         if (artifact_dir / QUANTIZATION_SUMMARY).is_file() and "stage_seconds" in producer.get("metrics", {}):
-            metrics["quantize_seconds"] = producer["metrics"]["stage_seconds"]
+            # What making this artifact took: its quantize stage, and the AWQ search it applied
+            # (a stage of its own, shared by the entries that apply it, but part of the cost of each).
+            searched = [rundir.read_json(ctx.run_dir / stage / rundir.MANIFEST) or {}
+                        for stage in producer.get("inputs", {}) if "-search-" in stage]
+            search_seconds = sum(m.get("metrics", {}).get("stage_seconds", 0.0) for m in searched)
+            metrics["quantize_seconds"] = producer["metrics"]["stage_seconds"] + search_seconds
+            if searched:
+                metrics["search_seconds"] = search_seconds
         domain = data.windows(streams["domain_eval"], seq_len, cfg.max_domain_windows)
         metrics["domain_ppl"], metrics["domain_tokens"] = perplexity(
             model, domain, cfg.batch_size, device, ctx.progress, f"{artifact}: domain ppl")

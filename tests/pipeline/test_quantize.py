@@ -184,8 +184,12 @@ def test_awq_checkpoints_are_standard_awq_gemm_and_gptq(tiny_llama_dir, tmp_path
     assert load_int4_model(out, torch.float32, "cpu").model.layers[0].mlp.down_proj.layout == "gptq"
 
     report = json.loads((run_dir / "report" / "output" / "metrics.json").read_text())["artifacts"]
+    seconds = {s: json.loads((run_dir / s / "manifest.json").read_text())["metrics"]["stage_seconds"]
+               for s in ("awq-search-w4g32", "quantize-awq", "quantize-awq-gptq")}
     for name in ("awq", "awq-gptq"):
-        assert report[name]["domain_ppl"] > 0 and report[name]["quantize_seconds"] > 0
+        # what making the artifact took: its stage and the shared search it applied
+        assert report[name]["domain_ppl"] > 0 and report[name]["quantize_seconds"] == pytest.approx(
+            seconds[f"quantize-{name}"] + seconds["awq-search-w4g32"], abs=1e-3)
 
 
 def test_awq_gptq_entries_with_the_same_awq_settings_share_one_search(tiny_llama_dir, tmp_path, write_recipe, capsys):
