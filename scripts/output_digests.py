@@ -2,7 +2,7 @@
 
 Every stage output file is listed by sha256, except the files that hold measurements: an
 evaluation's `metrics.json` and the report's `metrics.json` are listed by their values without
-the timings (load time, peak memory, throughput, quantize seconds), and the report's text and
+the timings (load time, peak memory, throughput, quantize and search seconds), and the report's text and
 plots, which show those timings, are left out.
 
     python scripts/output_digests.py RUN_DIR [--out FILE.json] [--against OTHER.json]
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-TIMING_KEYS = {"load_seconds", "peak_memory_bytes", "quantize_seconds", "prefill_tokens_per_second",
+TIMING_KEYS = {"load_seconds", "peak_memory_bytes", "quantize_seconds", "search_seconds", "prefill_tokens_per_second",
                "decode_tokens_per_second"}
 
 

@@ -140,7 +140,8 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         if (artifact_dir / QUANTIZATION_SUMMARY).is_file() and "stage_seconds" in producer.get("metrics", {}):
             # What making this artifact took: its quantize stage, and the AWQ search it applied
             # (a stage of its own, shared by the entries that apply it, but part of the cost of each).
-            searched = [rundir.read_json(ctx.run_dir / stage / rundir.MANIFEST) or {}
+            # Timings, like the producer's own seconds: read beside the producer's stage folder.
+            searched = [rundir.read_json(artifact_dir.parent.parent / stage / rundir.MANIFEST) or {}
                         for stage in producer.get("inputs", {}) if "-search-" in stage]
             search_seconds = sum(m.get("metrics", {}).get("stage_seconds", 0.0) for m in searched)
             metrics["quantize_seconds"] = producer["metrics"]["stage_seconds"] + search_seconds
