@@ -7,6 +7,11 @@ what the code does does. The stage runner puts the per-file hashes into the stag
 fingerprint and manifest, so a changed file makes exactly the stages that run it stale and
 `plan` can name it.
 
+The third-party libraries that shape what a stage computes (`OUTPUT_LIBRARIES`: torch,
+transformers and its tokenizers, peft, ...) count too when the stage's files import them:
+`library_versions` gives their installed versions, which the runner adds to the code it
+fingerprints, so upgrading torch re-runs the stages that compute with it and `plan` says so.
+
 Only the modules an import statement names are followed (`from qlora_pipeline.stages import merge`
 follows `pipeline/stages/merge.py`, not the package's `__init__.py`, which imports every
 stage); a package `__init__.py` counts when names are imported from the package itself.
@@ -17,6 +22,7 @@ import ast
 import hashlib
 import inspect
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -31,6 +37,27 @@ FRAMEWORK_MODULES = frozenset({"qlora_pipeline.graph", "qlora_pipeline.errors"})
 STAGE_PACKAGE = "qlora_pipeline.stages."
 
 ROOT = Path(__file__).resolve().parent.parent  # the folder holding the project's packages
+
+# Import name -> the distributions whose installed version is part of the code of a stage
+# that imports it: the libraries whose behaviour changes a stage's output bytes. transformers
+# brings tokenizers, which does the data stage's tokenizing. Left out on purpose: tracking
+# (mlflow), progress bars, recipe parsing (pydantic, yaml: the parsed settings are
+# fingerprinted themselves) and the standard library.
+OUTPUT_LIBRARIES = {
+    "torch": ("torch",),
+    "transformers": ("transformers", "tokenizers"),
+    "tokenizers": ("tokenizers",),
+    "safetensors": ("safetensors",),
+    "peft": ("peft",),
+    "accelerate": ("accelerate",),
+    "numpy": ("numpy",),
+    "datasets": ("datasets",),
+    "datasketch": ("datasketch",),
+    "triton": ("triton",),
+    "bitsandbytes": ("bitsandbytes",),
+    "matplotlib": ("matplotlib",),
+}
+LIBRARY_KEY = "library "  # key prefix of a library in a stage's code table: "library torch"
 
 
 def module_path(name: str) -> Optional[Path]:
@@ -98,11 +125,65 @@ def _imports_of(path: Path, mtime_ns: int, size: int, module: str) -> frozenset[
     return frozenset(m for m in found if module_path(m) is not None)
 
 
+def _third_party(path: Path) -> frozenset[str]:
+    """Top-level names of the `OUTPUT_LIBRARIES` that `path`'s import statements name."""
+    st = path.stat()
+    return _third_party_of(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=None)
+def _third_party_of(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    tree = _parse(path, mtime_ns, size)[1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return frozenset(found & OUTPUT_LIBRARIES.keys())
+
+
+@lru_cache(maxsize=None)
+def installed_version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _relative(path: Path) -> str:
     try:
         return path.relative_to(ROOT).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def _code_paths(fn: Union[Callable, str]) -> list[tuple[str, Path]]:
+    """(module name, source file) of every file of the code stage function `fn` runs, the
+    framework modules included (`code_files` leaves them out)."""
+    module = fn if isinstance(fn, str) else (getattr(fn, "__module__", None) or "")
+    start = module_path(module)
+    if start is None:  # a stage defined outside the project packages (tests, plugins)
+        if isinstance(fn, str):
+            return []
+        source = inspect.getsourcefile(fn)
+        if source is None:
+            return []
+        start = Path(source).resolve()
+    out: list[tuple[str, Path]] = []
+    todo = [(module, start)]
+    seen: set[Path] = set()
+    while todo:
+        name, path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append((name, path))
+        for imported in _imports(path, name):
+            if imported.startswith(STAGE_PACKAGE) and imported != module:
+                continue
+            todo.append((imported, module_path(imported)))
+    return out
 
 
 def code_files(fn: Union[Callable, str]) -> dict[str, str]:
@@ -111,32 +192,26 @@ def code_files(fn: Union[Callable, str]) -> dict[str, str]:
     `fn` may also be a module name (`"qlora_pipeline.stages.train"`), or anything whose `__module__`
     names the module (`graph.StageRef`): the module is read, never imported.
     """
-    module = fn if isinstance(fn, str) else (getattr(fn, "__module__", None) or "")
-    start = module_path(module)
-    if start is None:  # a stage defined outside the project packages (tests, plugins)
-        if isinstance(fn, str):
-            return {}
-        source = inspect.getsourcefile(fn)
-        if source is None:
-            return {}
-        start = Path(source).resolve()
-    out: dict[str, str] = {}
-    todo = [(module, start)]
-    seen: set[Path] = set()
-    while todo:
-        name, path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        if name not in FRAMEWORK_MODULES:
-            out[_relative(path)] = file_hash(path)
-        for imported in _imports(path, name):
-            if imported.startswith(STAGE_PACKAGE) and imported != module:
-                continue
-            todo.append((imported, module_path(imported)))
-    return dict(sorted(out.items()))
+    return dict(sorted((_relative(path), file_hash(path)) for name, path in _code_paths(fn)
+                       if name not in FRAMEWORK_MODULES))
+
+
+def library_versions(fn: Union[Callable, str]) -> dict[str, str]:
+    """{"library <distribution>": installed version} of the `OUTPUT_LIBRARIES` that the code of
+    `fn` (as `code_files` follows it) imports."""
+    names = set().union(*(_third_party(path) for name, path in _code_paths(fn) if name not in FRAMEWORK_MODULES))
+    return {f"{LIBRARY_KEY}{dist}": installed_version(dist)
+            for dist in sorted({d for name in names for d in OUTPUT_LIBRARIES[name]})}
 
 
 def changed_files(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """Files added, removed or changed between two `code_files` results, sorted."""
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    """Files added, removed or changed between two code tables (`code_files`, with
+    `library_versions`), sorted; a library as "library torch 2.13.0 -> 2.14.1"."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) == new.get(k):
+            continue
+        if k.startswith(LIBRARY_KEY):
+            k = f"{k} {old.get(k, 'not used')} -> {new.get(k, 'not used')}"
+        out.append(k)
+    return out

@@ -173,6 +173,9 @@ class Splits:
     train: list[str]
     valid: list[str]
     eval: list[str]
+    # The general text evaluated for forgetting (`general_eval`'s documents), when there is
+    # one: held out like `eval`, so its passages are cut from train and valid too.
+    general_eval: list[str] = field(default_factory=list)
 
 
 def split_documents(docs: list[str], holdout_every: int, valid_every: int) -> Splits:
@@ -202,10 +205,13 @@ _BLANK_LINE = re.compile(r"\n\s*\n")
 _WORD = re.compile(r"\S+")
 _ANCHOR_WORDS = 3  # words of a held-out paragraph that index it (see _NormalizedSide.find_all)
 # (name, held-out split, training-side split): the pairs checked and recorded.
-PAIRS = (("eval_in_train", "eval", "train"), ("eval_in_valid", "eval", "valid"), ("valid_in_train", "valid", "train"))
+PAIRS = (("eval_in_train", "eval", "train"), ("eval_in_valid", "eval", "valid"), ("valid_in_train", "valid", "train"),
+         ("general_eval_in_train", "general_eval", "train"), ("general_eval_in_valid", "general_eval", "valid"))
 # The order in which sides are cleaned: valid first, so train is cleaned against the valid
 # text that will actually ship.
-_CLEANING_ORDER = ("eval_in_valid", "eval_in_train", "valid_in_train")
+_CLEANING_ORDER = ("eval_in_valid", "general_eval_in_valid", "eval_in_train", "general_eval_in_train",
+                   "valid_in_train")
+_SPLIT_NAMES = ("train", "valid", "eval", "general_eval")
 
 
 def canonical(text: str) -> str:
@@ -541,12 +547,12 @@ class Decontamination:
 
 def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     """Cut held-out text out of the training side of every pair (`DecontaminateConfig`):
-    eval's paragraphs out of valid and train, valid's out of train; with
+    eval's and general_eval's paragraphs out of valid and train, valid's out of train; with
     `cfg.near_duplicates`, also the training-side paragraphs near-identical to a held-out
-    one. Passes repeat until one changes nothing. `eval` is never touched.
+    one. Passes repeat until one changes nothing. `eval` and `general_eval` are never touched.
     """
     # In canonical form from the start, so that a pass changes a side only by cutting text.
-    splits = Splits(*([canonical(d) for d in getattr(splits, name)] for name in ("train", "valid", "eval")))
+    splits = Splits(*([canonical(d) for d in getattr(splits, name)] for name in _SPLIT_NAMES))
     before = measure_overlap(splits, cfg.min_chars)
     removed = {name: 0 for name, _, _ in PAIRS}
     near = {name: 0 for name, _, _ in PAIRS}

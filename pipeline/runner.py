@@ -27,7 +27,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from qlora_pipeline import rundir
-from qlora_pipeline.codehash import changed_files, code_files
+from qlora_pipeline.codehash import changed_files, code_files, library_versions
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
 from qlora_pipeline.runinfo import check_records, record_problem
@@ -188,9 +188,10 @@ class Runner:
 
     def code(self, spec: StageSpec) -> dict[str, str]:
         if spec.name not in self._code:
-            files = code_files(spec.fn)
+            files = {**code_files(spec.fn), **library_versions(spec.fn)}
             for module in spec.code:
                 files.update(code_files(module))
+                files.update(library_versions(module))
             self._code[spec.name] = dict(sorted(files.items()))
         return self._code[spec.name]
 

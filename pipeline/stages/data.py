@@ -2,7 +2,8 @@
 
 The domain is split by document into `train`, `valid` and `eval` (the test split), then every
 held-out paragraph is cut out of the training side (`pipeline.data.decontaminate`): nothing of
-eval is in valid or train, nothing of valid in train. Output `tokens.safetensors` holds int64
+eval or of the general text evaluated for forgetting is in valid or train, nothing of valid in
+train. Output `tokens.safetensors` holds int64
 token streams `domain_train` (trained on, and calibration), `domain_valid` (training's eval
 loss, `merge.into: auto`, the merge's self-check), `domain_eval` (the evaluate stages only)
 and (optionally) `general_eval`; every later stage cuts its windows from these, so all
@@ -16,6 +17,7 @@ each split pair before and after cleaning.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from safetensors.torch import save_file
 
@@ -38,13 +40,19 @@ def run(ctx: StageContext) -> StageResult:
     docs = data.load_documents(cfg.domain, "data.domain")
     by_document = data.split_documents(docs, cfg.holdout_every, cfg.valid_every)
     _require_documents(by_document, len(docs), cfg)
+    general_docs = None
+    if cfg.general is not None:
+        # The documents general_eval's tokens come from (all that are read: a few more than
+        # its first general_max_tokens tokens need), held out from train and valid like the
+        # test split, so the forgetting figure is on text no stage has seen.
+        general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6)
+        by_document = replace(by_document, general_eval=general_docs)
     splits, report = data.decontaminate(by_document, cfg.decontaminate)
     _require_clean(splits, report, cfg)
     streams = {f"domain_{name}": data.tokenize_documents(tokenizer, getattr(splits, name))
                for name in ("train", "valid", "eval")}
     general_train = None
-    if cfg.general is not None:
-        general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6)
+    if general_docs is not None:
         streams["general_eval"] = data.tokenize_documents(tokenizer, general_docs, max_tokens=cfg.general_max_tokens)
         train_tokens = ctx.config.get("general_train_tokens")
         if train_tokens:
@@ -117,5 +125,6 @@ def _require_clean(splits: data.Splits, report: data.Decontamination, cfg) -> No
     for name in ("valid", "train"):
         if not getattr(splits, name):
             raise DataError(f"data.decontaminate: every domain {name} document is held-out text (paragraphs of "
-                            f">= {cfg.decontaminate.min_chars} chars); nothing is left for {name}; add documents "
-                            "or change data.holdout_every / data.valid_every")
+                            f">= {cfg.decontaminate.min_chars} chars of the test split, the validation split or "
+                            f"data.general's evaluated text); nothing is left for {name}; add documents, change "
+                            "data.holdout_every / data.valid_every, or point data.general at text other than the domain's")

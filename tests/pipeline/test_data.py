@@ -182,7 +182,39 @@ def test_nested_and_spanning_held_out_text_is_cut_from_the_training_side_only(ti
     assert text["domain_train"] == f"{intro}\n\n{outro}\n\n{u4}\n\n{lead}\n\n{trail}"
     report = json.loads((out / "data.json").read_text())["decontamination"]
     assert {k: v["paragraphs"] for k, v in report["before"].items()} == {
-        "eval_in_train": 3, "eval_in_valid": 1, "valid_in_train": 2}
+        "eval_in_train": 3, "eval_in_valid": 1, "valid_in_train": 2,
+        "general_eval_in_train": 0, "general_eval_in_valid": 0}  # no general text here
+    assert all(v["paragraphs"] == 0 for v in report["after"].values())
+
+
+def test_the_general_text_evaluated_for_forgetting_is_cut_from_train_and_valid(tiny_llama_dir, tmp_path, write_recipe,
+                                                                               monkeypatch):
+    """general_eval is held out too: a general paragraph inside a domain training document
+    (line-wrapped there) or a validation document is cut, so the forgetting figure is on
+    text no stage has trained on or selected on. 6 domain documents as above: eval = {0, 3},
+    valid = {1, 5}, train = {2, 4}."""
+    g, h, other = _long("general"), _long("library"), _long("other")
+    docs = [_long("e0"), f"{_long('v1')}\n\n{h}", f"{_long('t2')}\n\n{g.replace(' ', chr(10))}\n\n{_long('t2b')}",
+            _long("e3"), _long("t4"), _long("v5")]
+    domain, general = tmp_path / "domain", tmp_path / "general"
+    domain.mkdir()
+    general.mkdir()
+    for i, d in enumerate(docs):
+        (domain / f"doc{i}.txt").write_text(d)
+    (general / "g.txt").write_text(f"{other}\n\n{g}\n\n{h}\n\n" + " ".join(f"word{i}" for i in range(400)))
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"path": str(domain)}, "general": {"path": str(general)},
+                                                         "seq_len": 16, "holdout_every": 3, "valid_every": 3})
+    assert cli("run", str(write_recipe(recipe)), "--only", "data") == 0
+    out = tmp_path / "runs" / "tiny" / "data" / "output"
+    text = _decoded_streams(out, tiny_llama_dir)
+    assert text["domain_train"] == f"{_long('t2')}\n\n{_long('t2b')}\n\n{_long('t4')}"
+    assert text["domain_valid"] == f"{_long('v1')}\n\n{_long('v5')}"
+    assert text["domain_eval"] == f"{docs[0]}\n\n{docs[3]}"
+    assert text["general_eval"].startswith(f"{other}\n\n{g}\n\n{h}")  # the general text itself is untouched
+    report = json.loads((out / "data.json").read_text())["decontamination"]
+    assert report["before"]["general_eval_in_train"]["paragraphs"] == 1
+    assert report["before"]["general_eval_in_valid"]["paragraphs"] == 1
     assert all(v["paragraphs"] == 0 for v in report["after"].values())
 
 

@@ -361,6 +361,39 @@ def test_code_change_makes_a_stage_stale_and_names_the_file(tmp_path):
     assert planned[0].action == "run" and planned[0].reason == f"code changed: {tmp_path / 'stagemod.py'}"
 
 
+def test_an_upgraded_library_makes_the_stages_that_import_it_stale(tmp_path, monkeypatch):
+    from qlora_pipeline import codehash
+
+    uses_torch = STAGE_MODULE.replace("from qlora_pipeline.graph import StageResult",
+                                      "import torch.nn\nfrom qlora_pipeline.graph import StageResult")
+    _module_runner(tmp_path, uses_torch).run()
+    assert _module_runner(tmp_path, uses_torch).plan()[0].action == "skip"
+    installed = codehash.installed_version("torch")
+    monkeypatch.setattr(codehash, "installed_version",
+                        lambda dist: "99.0" if dist == "torch" else installed)
+    planned = _module_runner(tmp_path, uses_torch).plan()
+    assert planned[0].action == "run"
+    assert planned[0].reason == f"code changed: library torch {installed} -> 99.0"
+    # A stage whose code does not import the library is not touched by its upgrade.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _module_runner(plain, STAGE_MODULE).run()
+    monkeypatch.setattr(codehash, "installed_version", lambda dist: "100.0")
+    assert _module_runner(plain, STAGE_MODULE).plan()[0].action == "skip"
+
+
+def test_library_versions_follow_the_imports_of_a_stage_s_code():
+    from qlora_pipeline.codehash import installed_version, library_versions
+
+    data_libs = library_versions("qlora_pipeline.stages.data")
+    # the data stage tokenizes with transformers, so tokenizers' version counts too
+    assert data_libs["library transformers"] == installed_version("transformers")
+    assert data_libs["library tokenizers"] == installed_version("tokenizers")
+    assert "library peft" not in data_libs and "library mlflow" not in data_libs
+    assert "library peft" in library_versions("qlora_pipeline.stages.train")
+    assert library_versions("qlora_pipeline.stages.report") == {"library matplotlib": installed_version("matplotlib")}
+
+
 # ----------------------------------------------------------------------------- a full disk
 
 
