@@ -8,7 +8,9 @@ files are hashed (sha256 of every file the stage reads: content, not size or mti
 `touch -r` or a copy can keep or change at will), and the built-in corpora, which come with
 the Python interpreter, are named with its version. Torch-free: `plan` computes it.
 
-Cost: reading the local corpus once per `validate`/`plan`/`run` (about 1 s per GB here).
+Cost: reading the local corpus (about 1 s per GB here) at the first `validate`/`plan`/`run`
+after a file changed; the hashes of files of 1 MiB and more are remembered under their
+identity on disk (`file_hashes`, as for model files), smaller ones are read every time.
 Hub datasets are named by id, config and split only: their content is not known without
 the network (pin a revision by exporting the data to local files when that matters).
 """
@@ -31,13 +33,14 @@ def local_files(path: Path) -> list[Path]:
 def content_identity(source) -> dict:
     """{what the text of a `DataSource` is}: file hashes (relative paths), the interpreter's
     version for a built-in corpus, or nothing more than the recipe says for a hub dataset."""
-    from qlora_pipeline.rundir import sha256_file
+    from qlora_pipeline.file_hashes import sha256_files
 
     if source.builtin is not None:
         # pydoc_data.topics and the standard library's sources change with every Python release.
         return {"builtin": source.builtin, "python": f"{platform.python_implementation()} {platform.python_version()}"}
     if source.path is not None:
         root = Path(source.path).expanduser()
-        files = local_files(root)
-        return {"files": {(p.name if p == root else p.relative_to(root).as_posix()): sha256_file(p) for p in files}}
+        hashes = sha256_files(local_files(root))
+        return {"files": {(p.name if p == root else p.relative_to(root).as_posix()): digest
+                          for p, digest in hashes.items()}}
     return {}

@@ -1,4 +1,4 @@
-"""Content hashes of model files, remembered between commands.
+"""Content hashes of model and data files, remembered between commands.
 
 A stage fingerprint names the weights it was made from by their content: size and mtime
 alone are kept by `cp -p`, `rsync -t` or `touch -r`, so another checkpoint of the same shapes
@@ -23,6 +23,9 @@ from pathlib import Path
 
 MEMO_FILE = "file_hashes.json"
 MAX_ENTRIES = 4096  # the most recent; a 70B checkpoint has a few dozen files
+# Smaller files are hashed every time (cheap to read) and never enter the memo, so a corpus of
+# thousands of small documents cannot push a model's entries out of it.
+MEMO_MIN_BYTES = 1 << 20
 RACY_SECONDS = 2
 _now_ns = time.time_ns  # the clock the racy rule reads (tests move it)
 
@@ -53,9 +56,12 @@ def sha256_files(paths: list[Path]) -> dict[Path, str]:
     from qlora_pipeline.rundir import sha256_file, write_json_atomic
 
     memo_path = _memo_path()
-    memo = _load(memo_path)
+    memo = _load(memo_path) if any(p.stat().st_size >= MEMO_MIN_BYTES for p in paths) else {}
     out, added = {}, False
     for path in paths:
+        if path.stat().st_size < MEMO_MIN_BYTES:
+            out[path] = sha256_file(path)
+            continue
         key, ctime_ns = _identity(path)
         digest = memo.get(key)
         if not (isinstance(digest, str) and len(digest) == 64):

@@ -3,6 +3,7 @@ same shapes copied over the old one, with its size and mtime kept (`cp -p`, `tou
 every stage that read it stale; the hashes are remembered while a file is unchanged on disk."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -53,6 +54,7 @@ def test_a_moved_model_keeps_its_identity(tiny_llama_dir, tmp_path):
 
 def test_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("QLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(file_hashes, "MEMO_MIN_BYTES", 100)
     hashed = []
     real = rundir.sha256_file
     monkeypatch.setattr(rundir, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
@@ -72,6 +74,47 @@ def test_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
     _rewrite_same_size_and_mtime(f, flip_at=10)
     hashed.clear()
     assert file_hashes.sha256_of(f) != first and hashed == ["w.bin"], "same size and mtime, new ctime: hashed again"
+
+
+def test_small_files_are_hashed_every_time_and_never_fill_the_memo(tmp_path, monkeypatch):
+    """A corpus of thousands of small documents would otherwise push a model's entries out."""
+    monkeypatch.setenv("QLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(file_hashes, "_now_ns", lambda: time.time_ns() + 10 * 10**9)
+    monkeypatch.setattr(file_hashes, "MEMO_MIN_BYTES", 100)
+    hashed = []
+    real = rundir.sha256_file
+    monkeypatch.setattr(rundir, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    small, large = tmp_path / "doc.txt", tmp_path / "big.txt"
+    small.write_bytes(b"s" * 99)
+    large.write_bytes(b"l" * 100)
+    for _ in range(2):
+        assert file_hashes.sha256_files([small, large]) == {small: real(small), large: real(large)}
+    assert hashed == ["doc.txt", "big.txt", "doc.txt"]
+    memo = json.loads((tmp_path / "cache" / file_hashes.MEMO_FILE).read_text())
+    assert len(memo) == 1 and next(iter(memo)).startswith(f"{large.resolve()}|")
+
+
+def test_a_local_corpus_is_hashed_through_the_memo(tmp_path, monkeypatch):
+    """The data stage's identity of a local corpus: content hashes, remembered for large files
+    (a plan does not re-read a large corpus), the same digests as hashing directly."""
+    from qlora_pipeline.data_identity import content_identity
+    from qlora_pipeline.recipe import DataSource
+
+    monkeypatch.setenv("QLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(file_hashes, "_now_ns", lambda: time.time_ns() + 10 * 10**9)
+    monkeypatch.setattr(file_hashes, "MEMO_MIN_BYTES", 100)
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("x" * 500)
+    (corpus / "sub" / "b.txt").write_text("short")
+    expected = {"files": {"a.txt": rundir.sha256_file(corpus / "a.txt"),
+                          "sub/b.txt": rundir.sha256_file(corpus / "sub" / "b.txt")}}
+    assert content_identity(DataSource(path=str(corpus))) == expected
+    hashed = []
+    real = rundir.sha256_file
+    monkeypatch.setattr(rundir, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    assert content_identity(DataSource(path=str(corpus))) == expected
+    assert hashed == ["b.txt"], "the large file came from the memo"
 
 
 def test_an_unwritable_or_damaged_memo_only_costs_hashing(tmp_path, monkeypatch):
