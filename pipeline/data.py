@@ -225,9 +225,21 @@ def canonical(text: str) -> str:
     return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
+def fold_case(text: str) -> str:
+    """`text` in lower case, character for character: a character whose lower case is longer
+    than one character (Turkish dotted I) keeps its case, so every position still maps to
+    the original text's (what `_NormalizedSide.locate` relies on)."""
+    low = text.lower()
+    if len(low) == len(text):  # lower() never shortens a character: every one mapped to one
+        return low
+    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+
+
 def normalize(text: str) -> str:
-    """Runs of whitespace become one space; leading and trailing whitespace goes."""
-    return " ".join(_WORD.findall(text))
+    """Runs of whitespace become one space; leading and trailing whitespace goes; letters
+    are compared in lower case (a held-out paragraph copied with its case changed, a heading
+    upper-cased, is the same text to the model)."""
+    return " ".join(_WORD.findall(fold_case(text)))
 
 
 def paragraphs(text: str, min_chars: int) -> list[str]:

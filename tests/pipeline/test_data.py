@@ -369,6 +369,21 @@ def test_held_out_text_in_another_unicode_form_or_line_ending_is_still_found():
     assert all(d == unicodedata.normalize("NFC", d) and "\r" not in d for d in docs)
 
 
+def test_held_out_text_with_its_case_changed_is_still_found_and_cut_exactly():
+    """An upper-cased copy inside a larger training paragraph is the same text to the model:
+    found, and exactly it cut (positions map back although the comparison is in lower case,
+    a Turkish dotted I, whose lower case is two characters, included)."""
+    held = _long("Held") + " İstanbul."
+    before, after = "Training words before it on the same line.", "And training words after it."
+    train = [f"{before} {held.upper()} {after}", _long("t")]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=[held])
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean
+    assert clean.train == [f"{before}\n\n{after}", _long("t")]
+    assert data.fold_case("İI") == "İi" and data.fold_case("ÄB") == "äb"
+
+
 def test_a_held_out_document_of_short_paragraphs_is_found_inside_a_training_document():
     """Each of its paragraphs is under min_chars; joined they are not: copied whole (or its
     longer part) into a training document, with other wrapping, it is cut out all the same."""
@@ -387,7 +402,7 @@ def test_a_held_out_document_of_short_paragraphs_is_found_inside_a_training_docu
     assert not any(_flat(" ".join(verse[i:i + 4])) in text for i in range(len(verse) - 3))
     assert _flat(_long("x")) in text and _flat(_long("y")) in text and _flat(_long("t")) in text
     # A lone short paragraph (a heading) is still not checked: it recurs legitimately.
-    assert data.paragraphs("Changed in version 3.5.\n\n" + _long("p"), 80) == [_flat(_long("p"))]
+    assert data.paragraphs("Changed in version 3.5.\n\n" + _long("p"), 80) == [_flat(_long("p")).lower()]
 
 
 def test_every_tokenizer_file_of_a_local_model_is_part_of_the_data_stage_settings(tiny_llama_dir, tmp_path):
