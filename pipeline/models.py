@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -52,8 +53,11 @@ def _smollm2_gguf() -> Path:
 def source_identity(model_cfg) -> dict:
     """What weights a source stands for, by content (part of stage fingerprints): the sha256 of
     every file a loader may read (`file_hashes`: remembered while a file is unchanged on disk,
-    so a 16 GB checkpoint is read once), not its path, size or mtime. A hub id is named by id
-    and revision only: its content is not known without the network."""
+    so a 16 GB checkpoint is read once), not its path, size or mtime. A hub model is named by
+    its id, revision and the commit that revision points to in the local hub cache
+    (`hub_commit`): a branch such as `main` moves when the repository is updated, a commit
+    does not, and git commits name their content. `pipeline run` downloads the model before
+    planning (`ensure_local`), so the commit is known when its fingerprints are made."""
     from qlora_pipeline.file_hashes import sha256_files, sha256_of
 
     src = model_cfg.source
@@ -70,7 +74,32 @@ def source_identity(model_cfg) -> dict:
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".md")
         return {"files": {p.name: digest for p, digest in sha256_files(files).items()}}
-    return {"hub": src, "revision": model_cfg.revision}
+    return {"hub": src, "revision": model_cfg.revision, "commit": hub_commit(src, model_cfg.revision)}
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_commit(repo_id: str, revision) -> str:
+    """The commit `revision` (default: main) of hub model `repo_id` resolves to in the local
+    hub cache, read without the network; "not downloaded" when the cache does not hold it."""
+    if revision and _COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id the cache layout cannot hold, an unreadable cache: not known here
+        found = None
+    if isinstance(found, str) and _COMMIT.fullmatch(Path(found).parent.name):
+        return Path(found).parent.name
+    return "not downloaded"
+
+
+def ensure_local(model_cfg) -> Path:
+    """The model's local directory, a hub model downloaded into the hub cache first if it is
+    not there yet (`run` calls it before planning, so the commit is in the fingerprints)."""
+    return resolve_model(model_cfg)
 
 
 def _conversion_key(gguf: Path) -> str:

@@ -125,3 +125,46 @@ def test_an_unwritable_or_damaged_memo_only_costs_hashing(tmp_path, monkeypatch)
     f.write_bytes(b"b" * 10)
     monkeypatch.setattr(file_hashes, "_now_ns", lambda: time.time_ns() + 10 * 10**9)
     assert file_hashes.sha256_of(f) == rundir.sha256_file(f)
+
+
+def _hub_cache_with(root, repo_id: str, model_dir, commit: str) -> None:
+    """A hub cache (huggingface_hub's layout) whose `main` points at `commit`, holding a copy
+    of `model_dir`: what `snapshot_download` leaves behind, read here without the network."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_model_is_named_by_the_commit_its_revision_points_to(tiny_llama_dir, tmp_path, write_recipe,
+                                                                   monkeypatch, capsys):
+    """`main` moves when the hub repository is updated: the stages made from the old commit
+    go stale, with the commit named; a pinned commit is its own identity."""
+    from qlora_pipeline.models import hub_commit
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    old, new = "a" * 40, "b" * 40
+    _hub_cache_with(hub, "someorg/tiny-llama", tiny_llama_dir, old)
+    assert hub_commit("someorg/tiny-llama", None) == old
+    assert hub_commit("someorg/tiny-llama", new) == new  # a pinned commit, downloaded or not
+    assert hub_commit("someorg/absent", None) == "not downloaded"
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tmp_path, tmp_path, model={"source": "someorg/tiny-llama"},
+                                      tracking={"enabled": False}))
+    assert cli("run", str(recipe), "--only", "data") == 0
+    assert cli("run", str(recipe), "--only", "base") == 0
+    capsys.readouterr()
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"\bbase\s+skip", capsys.readouterr().out)
+
+    _hub_cache_with(hub, "someorg/tiny-llama", tiny_llama_dir, new)  # the repository moved on
+    assert cli("plan", str(recipe)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\bdata\s+run\s+.*settings changed: .*weights\.commit", out), out
+    assert re.search(r"\bbase\s+run\s+.*settings changed: .*weights\.commit", out), out
