@@ -82,12 +82,18 @@ def main() -> None:
                                make_transform(family, settings(entries["awq"]), search_dir, torch.bfloat16),
                                quiet, lambda i, m: None)
         search_seconds = time.time() - t0
-        awq_own_search = tmp / "per-method-awq-ckpt"  # where per-method awq keeps its search files
+        folder = {"per-method": "per-method", "float": "float", "awq's search": "awq-own-search"}
+
+        def checkpoint_dir(design: str, method: str) -> Path:
+            """Where a design's quantization keeps its per-layer files (and AWQ its search)."""
+            return tmp / f"{folder[design]}-{entries[method].name}-ckpt"
+
+        awq_own_search = checkpoint_dir("per-method", "awq")  # the per-method AWQ's own search files
         designs = [("per-method", "awq"), ("per-method", "awq+gptq"), ("float", "awq"), ("float", "awq+gptq"),
                    ("awq's search", "awq+gptq")]
         for design, method in designs:
             entry = entries[method]
-            ckpt, out = tmp / f"{design.replace(chr(39), '')}-{entry.name}-ckpt", tmp / f"{design}-{entry.name}"
+            ckpt, out = checkpoint_dir(design, method), tmp / f"{folder[design]}-{entry.name}"
             ckpt.mkdir()
             out.mkdir()
             t0 = time.time()
