@@ -86,7 +86,7 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
 def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None,
             from_stage: Optional[str] = None, only: Optional[str] = None):
     from qlora_pipeline import rundir
-    from qlora_pipeline.models import ensure_local, is_hub_source
+    from qlora_pipeline.models import is_hub_source, resolve_model
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
     from qlora_pipeline.runner import Runner, selection_problem
@@ -104,7 +104,7 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
     if problem:
         raise InputError(problem)
     if with_tracking and is_hub_source(recipe.model):  # `run`: fetch the model, then plan with its commit
-        ensure_local(recipe.model)
+        resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
         specs = build_stages(recipe)
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks

@@ -57,7 +57,7 @@ def source_identity(model_cfg) -> dict:
     its id, revision and the commit that revision points to in the local hub cache
     (`hub_commit`): a branch such as `main` moves when the repository is updated, a commit
     does not, and git commits name their content. `pipeline run` downloads the model before
-    planning (`ensure_local`), so the commit is known when its fingerprints are made."""
+    planning (`resolve_model`), so the commit is known when its fingerprints are made."""
     from qlora_pipeline.file_hashes import sha256_files, sha256_of
 
     src = model_cfg.source
@@ -94,12 +94,6 @@ def hub_commit(repo_id: str, revision) -> str:
     if isinstance(found, str) and _COMMIT.fullmatch(Path(found).parent.name):
         return Path(found).parent.name
     return "not downloaded"
-
-
-def ensure_local(model_cfg) -> Path:
-    """The model's local directory, a hub model downloaded into the hub cache first if it is
-    not there yet (`run` calls it before planning, so the commit is in the fingerprints)."""
-    return resolve_model(model_cfg)
 
 
 def _conversion_key(gguf: Path) -> str:
