@@ -56,10 +56,11 @@ def sha256_files(paths: list[Path]) -> dict[Path, str]:
     from qlora_pipeline.rundir import sha256_file, write_json_atomic
 
     memo_path = _memo_path()
-    memo = _load(memo_path) if any(p.stat().st_size >= MEMO_MIN_BYTES for p in paths) else {}
+    small = {p for p in paths if p.stat().st_size < MEMO_MIN_BYTES}
+    memo = _load(memo_path) if len(small) < len(set(paths)) else {}
     out, added = {}, False
     for path in paths:
-        if path.stat().st_size < MEMO_MIN_BYTES:
+        if path in small:
             out[path] = sha256_file(path)
             continue
         key, ctime_ns = _identity(path)

@@ -368,9 +368,8 @@ def test_an_upgraded_library_makes_the_stages_that_import_it_stale(tmp_path, mon
                                       "import torch.nn\nfrom qlora_pipeline.graph import StageResult")
     _module_runner(tmp_path, uses_torch).run()
     assert _module_runner(tmp_path, uses_torch).plan()[0].action == "skip"
-    installed = codehash.installed_version("torch")
-    monkeypatch.setattr(codehash, "installed_version",
-                        lambda dist: "99.0" if dist == "torch" else installed)
+    installed, real = codehash.installed_version("torch"), codehash.installed_version
+    monkeypatch.setattr(codehash, "installed_version", lambda dist: "99.0" if dist == "torch" else real(dist))
     planned = _module_runner(tmp_path, uses_torch).plan()
     assert planned[0].action == "run"
     assert planned[0].reason == f"code changed: library torch {installed} -> 99.0"
