@@ -83,9 +83,12 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...]):
     return cfg, raw
 
 
-def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Optional[str] = None,
+def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional[str] = None,
             from_stage: Optional[str] = None, only: Optional[str] = None):
+    """The Runner of `recipe` in its run directory, for `run` (`for_run`: it may write there,
+    fetches what hub sources stand for now, and tracks) or for `plan` (reads only)."""
     from qlora_pipeline import rundir
+    from qlora_pipeline.data_identity import resolve_hub_dataset
     from qlora_pipeline.models import is_hub_source, resolve_model
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
@@ -95,7 +98,7 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
 
     # `~` as the shell would: unexpanded, a run.dir of ~/runs made a folder named '~' here.
     directory = Path(run_dir).expanduser() if run_dir else Path(recipe.run.dir).expanduser() / recipe.run.name
-    problem = rundir.location_problem(directory, probe=with_tracking)  # only `run` tracks, and only it may write
+    problem = rundir.location_problem(directory, probe=for_run)  # only `run` may write
     if problem:
         raise InputError(f"run directory: {problem}; {rundir.RUN_DIR_HINT}")
     check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
@@ -103,12 +106,17 @@ def _runner(recipe, run_dir: Optional[str], with_tracking: bool, recipe_name: Op
     problem = selection_problem([s.name for s in specs], from_stage, only)  # before the tracker makes a store
     if problem:
         raise InputError(problem)
-    if with_tracking and is_hub_source(recipe.model):  # `run`: fetch the model, then plan with its commit
-        resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
-        specs = build_stages(recipe)
+    if for_run:  # what the hub's sources are now, then plan with their commits (`plan` reads the caches only)
+        hub_data = [s for s in (recipe.data.domain, recipe.data.general) if s is not None and s.hub is not None]
+        for source in hub_data:
+            resolve_hub_dataset(source.hub, source.revision)  # one small request; offline, the last run's answer
+        if is_hub_source(recipe.model):
+            resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
+        if hub_data or is_hub_source(recipe.model):
+            specs = build_stages(recipe)
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
-    if with_tracking and recipe.tracking.enabled and is_main:
+    if for_run and recipe.tracking.enabled and is_main:
         from qlora_pipeline.tracking import Tracker, parent_run_name
 
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
@@ -209,7 +217,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     if run_problems(cfg):
         raise RecipeError(run_problems(cfg), source=recipe)
     _check_cache(cfg)
-    runner = _runner(cfg, run_dir, with_tracking=True, recipe_name=Path(recipe).stem, from_stage=from_stage, only=only)
+    runner = _runner(cfg, run_dir, for_run=True, recipe_name=Path(recipe).stem, from_stage=from_stage, only=only)
     logger.info("run directory: %s", runner.run_dir)
     logger.info("stage cache: %s", _cache_place(runner))
     t0 = time.time()
@@ -266,7 +274,7 @@ def compare(run_dirs, markdown, metrics) -> None:
 def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Show the stage graph and, per stage, whether `run` would run or skip it, and why."""
     cfg, _ = _load_checked(recipe, sets)
-    runner = _runner(cfg, run_dir, with_tracking=False)
+    runner = _runner(cfg, run_dir, for_run=False)
     click.echo(f"run directory: {runner.run_dir}")
     click.echo(f"stage cache: {_cache_place(runner)}")
     _print_plan(runner.plan(from_stage, only, force))

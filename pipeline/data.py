@@ -128,13 +128,14 @@ def _json_problem(files: list[str], key: str) -> str | None:
     return None
 
 
-def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str | None = None) -> list[str]:
+def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str | None = None,
+                   revision: str | None = None) -> list[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo, config, split=split)
+        ds = datasets.load_dataset(repo, config, split=split, revision=revision)
     except Exception as exc:
-        what = f"'{repo}'" + (f" config '{config}'" if config else "")
+        what = f"'{repo}'" + (f" config '{config}'" if config else "") + (f" at {revision}" if revision else "")
         raise DataError(f"{key}.hub: cannot load {what} split '{split}' ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}); check the id and network, or use a local path") from None
     if text_field not in ds.column_names:
@@ -142,8 +143,9 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
     return [t for t in ds[text_field] if isinstance(t, str)]
 
 
-def load_documents(source, key: str, max_chars: int | None = None) -> list[str]:
-    """The non-empty documents of a `DataSource`, in source order, in `canonical` form.
+def load_documents(source, key: str, max_chars: int | None = None, revision: str | None = None) -> list[str]:
+    """The non-empty documents of a `DataSource`, in source order, in `canonical` form; a hub
+    dataset at `revision` (the commit its fingerprint names), else at the recipe's.
 
     Raises:
         DataError: unreadable source or no text at all (message names `key`).
@@ -155,7 +157,8 @@ def load_documents(source, key: str, max_chars: int | None = None) -> list[str]:
     elif source.path is not None:
         docs = _local_documents(Path(source.path).expanduser(), source.text_field, key)
     else:
-        docs = _hub_documents(source.hub, source.split, source.text_field, key, source.config)
+        docs = _hub_documents(source.hub, source.split, source.text_field, key, source.config,
+                              revision or source.revision)
     docs = [canonical(d) for d in docs if d.strip()]
     if not docs:
         field = "" if source.builtin else f" (for JSON, parquet and hub data: no record has text under " \

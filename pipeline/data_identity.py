@@ -11,12 +11,15 @@ the Python interpreter, are named with its version. Torch-free: `plan` computes 
 Cost: reading the local corpus (about 1 s per GB here) at the first `validate`/`plan`/`run`
 after a file changed; the hashes of files of 1 MiB and more are remembered under their
 identity on disk (`file_hashes`, as for model files), smaller ones are read every time.
-Hub datasets are named by id, config and split only: their content is not known without
-the network (pin a revision by exporting the data to local files when that matters).
+A hub dataset is named by id, config, split, revision and the commit the revision stood for
+when `pipeline run` last asked the hub (`hub_dataset_commit`): a branch such as `main` moves
+when the dataset is updated, a commit does not, and the data stage loads that very commit, so
+the tokens are those of the text the fingerprint names.
 """
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
@@ -32,7 +35,7 @@ def local_files(path: Path) -> list[Path]:
 
 def content_identity(source) -> dict:
     """{what the text of a `DataSource` is}: file hashes (relative paths), the interpreter's
-    version for a built-in corpus, or nothing more than the recipe says for a hub dataset."""
+    version for a built-in corpus, or a hub dataset's commit (`hub_dataset_commit`)."""
     from qlora_pipeline.file_hashes import sha256_files
 
     if source.builtin is not None:
@@ -43,4 +46,74 @@ def content_identity(source) -> dict:
         hashes = sha256_files(local_files(root))
         return {"files": {(p.name if p == root else p.relative_to(root).as_posix()): digest
                           for p, digest in hashes.items()}}
-    return {}
+    return {"commit": hub_dataset_commit(source.hub, source.revision)}
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+REFS_FILE = "hub_dataset_refs.json"
+NOT_RESOLVED = "not resolved"
+
+
+def _refs_path() -> Path:
+    from qlora_pipeline.models import cache_root
+
+    return cache_root() / REFS_FILE
+
+
+def _ref_key(repo: str, revision) -> str:
+    return f"{repo}@{revision or 'main'}"
+
+
+def hub_dataset_commit(repo: str, revision) -> str:
+    """The commit hub dataset `repo` at `revision` (default main) stands for, without the
+    network: a pinned commit is itself; a branch or tag, the commit `pipeline run` last found it
+    at (`resolve_hub_dataset`); NOT_RESOLVED when no run asked the hub for it here."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    from qlora_pipeline.rundir import read_json
+
+    commit = (read_json(_refs_path()) or {}).get(_ref_key(repo, revision))
+    return commit if isinstance(commit, str) and COMMIT.fullmatch(commit) else NOT_RESOLVED
+
+
+def resolve_hub_dataset(repo: str, revision) -> str:
+    """Ask the hub which commit `revision` (default main) of dataset `repo` is at now, and
+    remember it for `hub_dataset_commit`; `pipeline run` calls it before planning, as it
+    downloads a hub model first. Offline (HF_HUB_OFFLINE, no network, an unknown id) the
+    commit remembered from an earlier run stands, if any; the data stage then reports what is
+    wrong when it loads the dataset."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        commit = HfApi().dataset_info(repo, revision=revision or "main").sha
+    except Exception:  # offline, a network error, a gated or unknown dataset: not known now
+        commit = None
+    if not (isinstance(commit, str) and COMMIT.fullmatch(commit)):
+        return hub_dataset_commit(repo, revision)
+    _remember(repo, revision, commit)
+    return commit
+
+
+def _remember(repo: str, revision, commit: str) -> None:
+    from qlora_pipeline.rundir import read_json, write_json_atomic
+
+    path = _refs_path()
+    refs = read_json(path) or {}
+    if refs.get(_ref_key(repo, revision)) == commit:
+        return
+    refs[_ref_key(repo, revision)] = commit
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, refs)
+    except OSError:  # an unwritable cache folder: the data stage still loads the commit it was given
+        pass
+
+
+def load_revision(source, identity: dict):
+    """The revision the data stage passes to `datasets.load_dataset` for hub source `source`
+    whose fingerprint part is `identity`: the commit named there when one is, so the text
+    loaded is the text fingerprinted; else the recipe's revision."""
+    commit = identity.get("commit")
+    return commit if isinstance(commit, str) and COMMIT.fullmatch(commit) else source.revision

@@ -124,8 +124,9 @@ def network_sources(recipe) -> list[str]:
     for key, source in (("data.domain", recipe.data.domain), ("data.general", recipe.data.general)):
         if source is not None and source.hub is not None:
             config = f", config {source.config}" if source.config else ""
-            lines.append(f"{key}.hub: hub dataset {source.hub}{config}, split {source.split} (downloaded by the data "
-                         "stage)")
+            rev = f", revision {source.revision}" if source.revision else ""
+            lines.append(f"{key}.hub: hub dataset {source.hub}{config}{rev}, split {source.split} (downloaded by the "
+                         "data stage)")
     return lines
 
 

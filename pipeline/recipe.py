@@ -86,6 +86,8 @@ class DataSource(_Section):
     hub: Optional[str] = Field(None, description="a hub dataset id (needs network)")
     config: Optional[str] = Field(None, description="configuration (subset) of a hub dataset, for datasets that "
                                   "have several (e.g. Salesforce/wikitext: wikitext-103-raw-v1)")
+    revision: Optional[str] = Field(None, description="branch, tag or 40-character commit of a hub dataset "
+                                    "(default: main); a commit pins the text")
     split: str = Field("train", description="split of a hub dataset")
     text_field: str = Field("text", description="column holding the text in JSON/JSONL/parquet/hub data")
 
@@ -96,6 +98,8 @@ class DataSource(_Section):
             raise ValueError(f"give exactly one of builtin, path, hub (got {', '.join(given) or 'none'})")
         if self.config is not None and self.hub is None:
             raise ValueError("config names a configuration of a hub dataset; it needs hub")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision names a version of a hub dataset; it needs hub")
         if self.path is not None:
             path = Path(self.path).expanduser()
             if not path.exists():

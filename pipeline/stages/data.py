@@ -22,6 +22,7 @@ from dataclasses import replace
 from safetensors.torch import save_file
 
 from qlora_pipeline import data
+from qlora_pipeline.data_identity import load_revision
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.models import resolve_model
@@ -37,7 +38,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = DataConfig.model_validate(ctx.config["data"])
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(ModelConfig.model_validate(ctx.config["model"])))
-    docs = data.load_documents(cfg.domain, "data.domain")
+    docs = data.load_documents(cfg.domain, "data.domain", revision=_revision(ctx, cfg, "domain"))
     by_document = data.split_documents(docs, cfg.holdout_every, cfg.valid_every)
     _require_documents(by_document, len(docs), cfg)
     general_docs = None
@@ -45,7 +46,8 @@ def run(ctx: StageContext) -> StageResult:
         # The documents general_eval's tokens come from (all that are read: a few more than
         # its first general_max_tokens tokens need), held out from train and valid like the
         # test split, so the forgetting figure is on text no stage has seen.
-        general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6)
+        general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6,
+                                           revision=_revision(ctx, cfg, "general"))
         by_document = replace(by_document, general_eval=general_docs)
     splits, report = data.decontaminate(by_document, cfg.decontaminate)
     _require_clean(splits, report, cfg)
@@ -56,7 +58,7 @@ def run(ctx: StageContext) -> StageResult:
         streams["general_eval"] = data.tokenize_documents(tokenizer, general_docs, max_tokens=cfg.general_max_tokens)
         train_tokens = ctx.config.get("general_train_tokens")
         if train_tokens:
-            general_train = _general_train(tokenizer, cfg, train_tokens, splits.eval)
+            general_train = _general_train(tokenizer, cfg, train_tokens, splits.eval, _revision(ctx, cfg, "general"))
             streams["general_train"] = data.tokenize_documents(tokenizer, general_train.docs, max_tokens=train_tokens)
     for name, key in (("domain_eval", "data.domain"), ("domain_valid", "data.domain"), ("domain_train", "data.domain"),
                       ("general_eval", "data.general"), ("general_train", "data.general_train_tokens")):
@@ -82,7 +84,16 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics)
 
 
-def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str]) -> data.GeneralTrain:
+def _revision(ctx: StageContext, cfg: DataConfig, key: str):
+    """The revision a hub source `key` ("domain", "general") is loaded at: the commit in the
+    stage's settings (`data_identity`), so the tokens are of the text the fingerprint names."""
+    source = getattr(cfg, key)
+    if source is None or source.hub is None:
+        return None
+    return load_revision(source, ctx.config.get("content", {}).get(key, {}))
+
+
+def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str], revision=None) -> data.GeneralTrain:
     """The general train split (calibration only), distinct from general_eval and free of the
     domain test split's paragraphs."""
     # More documents for it: the built-in python-stdlib corpus is read up to a character budget,
@@ -90,7 +101,8 @@ def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str]) ->
     # of thousands of characters: 2M more leave room after them); other sources read all their
     # documents either way. Only about train_tokens x 6 characters of them are tokenized.
     docs = data.load_documents(cfg.general, "data.general",
-                               max_chars=(cfg.general_max_tokens + train_tokens) * 6 + 2_000_000)
+                               max_chars=(cfg.general_max_tokens + train_tokens) * 6 + 2_000_000,
+                               revision=revision)
     split = data.general_train_split(tokenizer, docs, cfg.general_max_tokens, train_tokens * 6, domain_eval,
                                      cfg.decontaminate.min_chars)
     if not split.docs:

@@ -168,3 +168,77 @@ def test_a_hub_model_is_named_by_the_commit_its_revision_points_to(tiny_llama_di
     out = capsys.readouterr().out
     assert re.search(r"\bdata\s+run\s+.*settings changed: .*weights\.commit", out), out
     assert re.search(r"\bbase\s+run\s+.*settings changed: .*weights\.commit", out), out
+
+
+def test_a_hub_dataset_is_named_and_loaded_by_the_commit_its_revision_points_to(tiny_llama_dir, tmp_path,
+                                                                                write_recipe, monkeypatch, capsys):
+    """`main` of a hub dataset moves when the dataset is updated: `run` asks the hub which
+    commit it is at (the network call is the one thing replaced here), loads that commit, and
+    the data stage made from the old one is stale; offline, the commit found last stands; a
+    pinned commit is its own identity. `plan` reads what the last run found and asks nobody."""
+    import datasets
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from qlora_pipeline.data import python_docs
+    from qlora_pipeline.data_identity import NOT_RESOLVED, hub_dataset_commit
+
+    monkeypatch.setenv("QLP_CACHE", str(tmp_path / "cache"))
+    old, new = "a" * 40, "b" * 40
+    texts = {old: python_docs(), new: python_docs()[1:]}  # the update drops a document
+    hub = {"main": old}
+    loaded = []
+
+    def dataset_info(self, repo_id, revision=None, **kwargs):
+        if hub is None:
+            raise OfflineModeIsEnabled("offline")
+        return type("Info", (), {"sha": hub[revision]})()
+
+    def load_dataset(path, name=None, split=None, revision=None, **kwargs):
+        loaded.append(revision)
+        return datasets.Dataset.from_dict({"text": texts[revision]})
+
+    monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert hub_dataset_commit("someorg/corpus", None) == NOT_RESOLVED
+    assert hub_dataset_commit("someorg/corpus", new) == new
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"hub": "someorg/corpus"}},
+                                      tracking={"enabled": False}))
+    assert cli("run", str(recipe), "--only", "data") == 0
+    assert loaded == [old] and hub_dataset_commit("someorg/corpus", None) == old
+    tokens = (tmp_path / "runs" / "tiny" / "data" / "output" / "tokens.safetensors").read_bytes()
+
+    hub["main"] = new  # the dataset is updated on the hub
+    capsys.readouterr()
+    assert cli("plan", str(recipe)) == 0
+    assert re.search(r"\bdata\s+skip", capsys.readouterr().out), "plan asks nobody: the last run's commit"
+    assert cli("run", str(recipe), "--only", "data") == 0
+    assert re.search(r"settings changed: content\.domain\.commit", capsys.readouterr().out)
+    assert loaded == [old, new]
+    assert (tmp_path / "runs" / "tiny" / "data" / "output" / "tokens.safetensors").read_bytes() != tokens
+
+    hub = None  # offline: the commit found last stands, nothing is loaded again
+    assert cli("run", str(recipe), "--only", "data") == 0
+    assert loaded == [old, new]
+
+    pinned = write_recipe(tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"hub": "someorg/corpus",
+                                                                                 "revision": old}},
+                                      tracking={"enabled": False}))
+    capsys.readouterr()
+    assert cli("plan", str(pinned)) == 0
+    assert re.search(r"\bdata\s+run\s+.*settings changed: .*content\.domain\.commit", capsys.readouterr().out)
+    assert cli("run", str(pinned), "--only", "data") == 0
+    assert loaded == [old, new, old]
+    assert (tmp_path / "runs" / "tiny" / "data" / "output" / "tokens.safetensors").read_bytes() == tokens
+
+
+def test_revision_is_for_hub_datasets_only(tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    from qlora_pipeline.recipe import DataSource
+
+    with pytest.raises(ValidationError, match="revision names a version of a hub dataset; it needs hub"):
+        DataSource(builtin="python-docs", revision="main")
