@@ -57,6 +57,19 @@ OUTPUT_LIBRARIES = {
     "bitsandbytes": ("bitsandbytes",),
     "matplotlib": ("matplotlib",),
 }
+# The other runtime dependencies (pyproject.toml), each with why its version cannot change a
+# stage's output bytes. A test checks that every dependency is in exactly one of the two
+# tables, so a new one must be classified before it lands.
+NO_OUTPUT_LIBRARIES = {
+    "mlflow": "tracking: records what the stages did",
+    "huggingface_hub": "downloads; a hub model or dataset is named by commit in the fingerprints",
+    "gguf": "read by transformers once, converting a GGUF into a cached folder keyed by its content and "
+            "models.CONVERTER_VERSION",
+    "pydantic": "recipe parsing: the parsed settings are fingerprinted themselves",
+    "pyyaml": "recipe parsing, as pydantic",
+    "click": "the command line",
+    "tqdm": "progress bars",
+}
 LIBRARY_KEY = "library "  # key prefix of a library in a stage's code table: "library torch"
 
 

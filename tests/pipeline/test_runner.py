@@ -393,6 +393,23 @@ def test_library_versions_follow_the_imports_of_a_stage_s_code():
     assert library_versions("qlora_pipeline.stages.report") == {"library matplotlib": installed_version("matplotlib")}
 
 
+def test_every_dependency_is_classified_as_shaping_outputs_or_not():
+    """A library added to pyproject.toml must be put in OUTPUT_LIBRARIES (its version counts as
+    code) or NO_OUTPUT_LIBRARIES (with the reason it cannot change an output), never neither."""
+    import re
+    import tomllib
+
+    from qlora_pipeline.codehash import NO_OUTPUT_LIBRARIES, OUTPUT_LIBRARIES, ROOT
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("-", "_") for d in declared}
+    shaping = {dist for dists in OUTPUT_LIBRARIES.values() for dist in dists}
+    assert not shaping & set(NO_OUTPUT_LIBRARIES), "in both tables"
+    unclassified = names - shaping - set(NO_OUTPUT_LIBRARIES)
+    assert not unclassified, f"classify in pipeline/codehash.py: {sorted(unclassified)}"
+    assert all(reason for reason in NO_OUTPUT_LIBRARIES.values())
+
+
 # ----------------------------------------------------------------------------- a full disk
 
 
