@@ -234,6 +234,9 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
         logger.info("tracking: %s (open it with `pipeline ui`)", runner.tracker.uri)
     from qlora_pipeline.stages.report import gate_failures
 
+    for name, reasons in gate_failures(runner.run_dir, baselines=True).items():
+        click.echo(f"quality gate: baseline {name} fails it, as a baseline may (not counted): {'; '.join(reasons)}",
+                   err=True)
     failed = gate_failures(runner.run_dir)
     if failed:
         for name, reasons in failed.items():

@@ -57,6 +57,9 @@ def _read_report(run_dir: Path) -> dict:
         raise InputError(f"{path} has no \"artifacts\" table of per-artifact metrics; {repair}")
     if not isinstance(report.get("gate", {}), dict):
         raise InputError(f"{path}: \"gate\" is not a table of per-artifact verdicts; {repair}")
+    baselines = report.get("gate_baselines", [])
+    if not isinstance(baselines, list) or not all(isinstance(n, str) for n in baselines):
+        raise InputError(f"{path}: \"gate_baselines\" is not a list of artifact names; {repair}")
     return report
 
 
@@ -72,11 +75,12 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     rows = []
     for d, report, settings in runs:
         gate = report.get("gate", {})
+        baselines = set(report.get("gate_baselines", []))
         for name, m in report["artifacts"].items():
             row = {"run": d.name, "artifact": name, **{k: m.get(k) for k in columns}}
             row.update({k: settings.get(k, "–") for k in differing})
             if name in gate:
-                row["gate"] = "FAILED" if gate[name] else "passed"
+                row["gate"] = ("FAILED" if gate[name] else "passed") + (" (baseline)" if name in baselines else "")
             rows.append(row)
     extra = differing + (["gate"] if any("gate" in r for r in rows) else [])
     return rows, columns + extra

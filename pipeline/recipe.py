@@ -300,6 +300,10 @@ class QuantizeEntry(_Section):
     calibration_source: Optional[CalibrationSource] = Field(
         None, description="calibrated methods: domain or general train text for this entry's calibration windows; "
         "null: calibration.source")
+    baseline: bool = Field(
+        False, description="a reference entry (e.g. round-to-nearest, to show what calibration buys): evaluated "
+        "and judged by evaluate.gate like the others, marked as a baseline in the report; its failing the gate "
+        "does not fail the run")
     adapter_on_quantized_base: bool = Field(
         False, description="also quantize the original base model with this entry's method, settings and "
         "calibration windows and evaluate it with the float adapter on top, unmerged: artifact '<name>+adapter', "

@@ -241,6 +241,7 @@ def relevant_settings(entry) -> dict:
     method = METHODS[entry.method]
     settings = entry.model_dump(mode="json")
     settings.pop("adapter_on_quantized_base", None)  # which stages exist, not what one writes
+    settings.pop("baseline", None)  # how the report counts the verdict, not what the stage writes
     if not entry.dynamic:  # absent, as before the setting existed: the same work keeps its fingerprint
         settings.pop("dynamic", None)
     if not method.calibrated:

@@ -92,16 +92,26 @@ def metrics_path(run_dir: Path) -> Path:
     return run_dir / "report" / rundir.OUTPUT / METRICS_FILE
 
 
-def gate_failures(run_dir: Path) -> dict[str, list[str]]:
-    """The failed artifacts of a finished run's report (what `pipeline run` exits non-zero on)."""
+def gate_failures(run_dir: Path, baselines: bool = False) -> dict[str, list[str]]:
+    """The failed artifacts of a finished run's report: those `pipeline run` exits non-zero on,
+    or (`baselines`) the failing baseline entries (`quantize[].baseline`), which it only reports."""
     path = metrics_path(run_dir)
     if not path.exists():
         return {}
-    gate = json.loads(path.read_text()).get("gate", {})
-    return {name: reasons for name, reasons in gate.items() if reasons}
+    report = json.loads(path.read_text())
+    marked = set(report.get("gate_baselines", []))
+    return {name: reasons for name, reasons in report.get("gate", {}).items()
+            if reasons and (name in marked) == baselines}
 
 
-def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: bool) -> list[str]:
+def gate_cell(reasons: list[str], baseline: bool) -> str:
+    """An artifact's verdict as the report's and `compare`'s tables show it."""
+    verdict = "**FAILED**" if reasons else "passed"
+    return f"{verdict} (baseline)" if baseline else verdict
+
+
+def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: bool,
+           baselines: frozenset[str] = frozenset()) -> list[str]:
     reference, merged = artifacts.get("base"), artifacts.get("merged")
 
     def delta(m: dict, ref: dict | None, skip: bool) -> str:
@@ -123,7 +133,7 @@ def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: 
                + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |"
                + "".join(f" {own_delta(m, k)} |" for k in kv))
         if gate_on:
-            row += " – |" if name not in verdicts else (" **FAILED** |" if verdicts[name] else " passed |")
+            row += " – |" if name not in verdicts else f" {gate_cell(verdicts[name], name in baselines)} |"
         lines.append(row)
     return lines
 
@@ -274,6 +284,7 @@ def run(ctx: StageContext) -> StageResult:
     gate = ctx.config.get("gate", {})
     gate_on = any(v is not None for v in gate.values())
     verdicts = gate_verdicts(artifacts, gate) if gate_on else {}
+    baselines = frozenset(ctx.config.get("gate_baselines", ())) & set(verdicts)
 
     any_m = next(iter(artifacts.values()))
     lines = [
@@ -283,14 +294,19 @@ def run(ctx: StageContext) -> StageResult:
         "Quantized artifacts are evaluated from their packed checkpoints. Throughput is batch 1 on "
         f"{any_m['device']} ({any_m['dtype']}); peak memory is above the process's level before loading.",
         "",
-        *_table(artifacts, verdicts, gate_on),
+        *_table(artifacts, verdicts, gate_on, baselines),
         "",
         f"Evaluated on {any_m['device']} in {any_m['dtype']}; {int(any_m['domain_tokens'])} domain tokens"
         + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else "."),
     ]
-    failed = {n: r for n, r in verdicts.items() if r}
+    failed = {n: r for n, r in verdicts.items() if r and n not in baselines}
+    failed_baselines = {n: r for n, r in verdicts.items() if r and n in baselines}
     if failed:
         lines += ["", "## Quality gate: failed", ""] + [f"- **{n}**: {'; '.join(r)}" for n, r in failed.items()]
+    if failed_baselines:
+        lines += ["", "## Quality gate: baselines that fail it", "",
+                  "Reference entries (`quantize[].baseline`): judged like the others, not counted against the run.",
+                  ""] + [f"- **{n}** (baseline): {'; '.join(r)}" for n, r in failed_baselines.items()]
     comparison = adapter_comparison(artifacts)
     if comparison:
         lines += ["", "## Adapter vs merge", "",
@@ -320,15 +336,17 @@ def run(ctx: StageContext) -> StageResult:
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += _generations(artifacts)
     (ctx.output_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
-    (ctx.output_dir / METRICS_FILE).write_text(json.dumps({"artifacts": artifacts, "gate": verdicts,
-                                                           "memory_plan": plan, "adapter_vs_merge": comparison},
-                                                          indent=2))
+    report = {"artifacts": artifacts, "gate": verdicts, "memory_plan": plan, "adapter_vs_merge": comparison}
+    if baselines:
+        report["gate_baselines"] = sorted(baselines)
+    (ctx.output_dir / METRICS_FILE).write_text(json.dumps(report, indent=2))
 
     flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     flat.update({f"{name}.gate_passed": float(not reasons) for name, reasons in verdicts.items()})
     for p in [ctx.output_dir / REPORT_FILE, ctx.output_dir / METRICS_FILE, *plots]:
         ctx.metrics.log_artifact(p)
-    if failed:
-        ctx.metrics.set_tags({f"gate.{n}": "failed" for n in failed})
+    if failed or failed_baselines:
+        ctx.metrics.set_tags({**{f"gate.{n}": "failed" for n in failed},
+                              **{f"gate.{n}": "failed (baseline)" for n in failed_baselines}})
     return StageResult(metrics=flat, info={"gate_failed": sorted(failed)}, parent_metrics=flat)

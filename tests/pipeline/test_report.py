@@ -106,3 +106,24 @@ def test_mlflow_has_the_same_metric_names_on_both_parent_runs(two_runs):
     for name in ("g32", "bad"):
         assert {"merged.domain_ppl", "rtn.domain_ppl", "rtn.size_bytes"} <= set(parents[name].data.metrics)
     assert parents["bad"].data.metrics["rtn-2bit.gate_passed"] == 0.0
+
+
+def test_a_baseline_that_fails_the_gate_is_reported_and_does_not_fail_the_run(two_runs, capsys):
+    """`quantize[].baseline`: the same verdict, marked as a baseline, exit 0; only the report
+    re-runs (the setting changes no quantized or evaluated output)."""
+    tmp, _ = two_runs
+    run_dir = tmp / "runs" / "bad"
+    manifests = {s: (run_dir / s / "manifest.json").read_bytes() for s in ("quantize-rtn-2bit", "evaluate-rtn-2bit")}
+    capsys.readouterr()
+    assert cli("run", str(tmp / "bad.yaml"), "--set", "quantize.1.baseline=true") == 0
+    err = capsys.readouterr().err
+    assert "quality gate: baseline rtn-2bit fails it" in err and "quality gate failed" not in err
+    assert {s: (run_dir / s / "manifest.json").read_bytes() for s in manifests} == manifests
+    report = json.loads((run_dir / "report" / "output" / "metrics.json").read_text())
+    assert report["gate"]["rtn-2bit"] and report["gate_baselines"] == ["rtn-2bit"]
+    text = (run_dir / "report" / "output" / "report.md").read_text()
+    assert "| **FAILED** (baseline) |" in text and "## Quality gate: baselines that fail it" in text
+    assert "## Quality gate: failed" not in text
+    assert cli("compare", str(run_dir)) == 0
+    assert "FAILED (baseline)" in capsys.readouterr().out
+    assert cli("run", str(tmp / "bad.yaml")) == 1  # no longer a baseline: the run fails again
