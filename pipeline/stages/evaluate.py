@@ -12,6 +12,9 @@ per-layer scales calibrated on domain_train windows (never the test split).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import statistics
@@ -37,9 +40,33 @@ METRICS_FILE = "metrics.json"  # one artifact's measurements, what the report re
 
 
 
+def release_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+    What earlier stages of the process freed stays resident otherwise, and an evaluation that
+    reuses it grows the resident set less than one that does not: measured on the default
+    recipe, the same GPTQ artifact evaluated twice in one process read 736 and 697 MB without
+    this, 1,012 and 1,012 MB with it."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA's peak allocated bytes, or on the CPU the peak resident set
-    size above the level at entry, sampled every 5 ms (the process also holds torch itself)."""
+    size above the level at entry, sampled every 5 ms (the process also holds torch itself),
+    the heap that earlier work freed handed back first (`release_freed_heap`), so the figure
+    is what the block itself needs, whatever ran before it in the process."""
 
     def __init__(self, device: str):
         self.device, self.peak = device, 0
@@ -54,6 +81,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:
+            release_freed_heap()
             self._start = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
