@@ -110,9 +110,10 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
         hub_data = [s for s in (recipe.data.domain, recipe.data.general) if s is not None and s.hub is not None]
         for source in hub_data:
             resolve_hub_dataset(source.hub, source.revision)  # one small request; offline, the last run's answer
-        if is_hub_source(recipe.model):
+        hub_model = is_hub_source(recipe.model)
+        if hub_model:
             resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
-        if hub_data or is_hub_source(recipe.model):
+        if hub_data or hub_model:
             specs = build_stages(recipe)
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks

@@ -12,7 +12,7 @@ from pathlib import Path
 from qlora_pipeline import rundir
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.recipe import flatten_settings
-from qlora_pipeline.stages.report import COLUMNS, format_cell, metrics_path
+from qlora_pipeline.stages.report import COLUMNS, format_cell, gate_cell, metrics_path
 
 DEFAULT_COLUMNS = tuple(key for key in COLUMNS if key != "load_seconds")
 
@@ -80,7 +80,7 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
             row = {"run": d.name, "artifact": name, **{k: m.get(k) for k in columns}}
             row.update({k: settings.get(k, "–") for k in differing})
             if name in gate:
-                row["gate"] = ("FAILED" if gate[name] else "passed") + (" (baseline)" if name in baselines else "")
+                row["gate"] = gate_cell(gate[name], name in baselines, bold=False)
             rows.append(row)
     extra = differing + (["gate"] if any("gate" in r for r in rows) else [])
     return rows, columns + extra

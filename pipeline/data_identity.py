@@ -19,9 +19,9 @@ the tokens are those of the text the fingerprint names.
 from __future__ import annotations
 
 import platform
-import re
 from pathlib import Path
 
+from qlora_pipeline.models import COMMIT
 from qlora_pipeline.recipe import LOCAL_DATA_SUFFIXES
 
 
@@ -49,7 +49,6 @@ def content_identity(source) -> dict:
     return {"commit": hub_dataset_commit(source.hub, source.revision)}
 
 
-COMMIT = re.compile(r"[0-9a-f]{40}")
 REFS_FILE = "hub_dataset_refs.json"
 NOT_RESOLVED = "not resolved"
 
@@ -68,10 +67,10 @@ def hub_dataset_commit(repo: str, revision) -> str:
     """The commit hub dataset `repo` at `revision` (default main) stands for, without the
     network: a pinned commit is itself; a branch or tag, the commit `pipeline run` last found it
     at (`resolve_hub_dataset`); NOT_RESOLVED when no run asked the hub for it here."""
-    if revision and COMMIT.fullmatch(revision):
-        return revision
     from qlora_pipeline.rundir import read_json
 
+    if revision and COMMIT.fullmatch(revision):
+        return revision
     commit = (read_json(_refs_path()) or {}).get(_ref_key(repo, revision))
     return commit if isinstance(commit, str) and COMMIT.fullmatch(commit) else NOT_RESOLVED
 

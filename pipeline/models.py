@@ -77,13 +77,13 @@ def source_identity(model_cfg) -> dict:
     return {"hub": src, "revision": model_cfg.revision, "commit": hub_commit(src, model_cfg.revision)}
 
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit id (hub models and datasets)
 
 
 def hub_commit(repo_id: str, revision) -> str:
     """The commit `revision` (default: main) of hub model `repo_id` resolves to in the local
     hub cache, read without the network; "not downloaded" when the cache does not hold it."""
-    if revision and _COMMIT.fullmatch(revision):
+    if revision and COMMIT.fullmatch(revision):
         return revision
     from huggingface_hub import try_to_load_from_cache
 
@@ -91,7 +91,7 @@ def hub_commit(repo_id: str, revision) -> str:
         found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except Exception:  # an id the cache layout cannot hold, an unreadable cache: not known here
         found = None
-    if isinstance(found, str) and _COMMIT.fullmatch(Path(found).parent.name):
+    if isinstance(found, str) and COMMIT.fullmatch(Path(found).parent.name):
         return Path(found).parent.name
     return "not downloaded"
 

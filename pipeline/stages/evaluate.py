@@ -43,9 +43,8 @@ METRICS_FILE = "metrics.json"  # one artifact's measurements, what the report re
 def release_freed_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
     What earlier stages of the process freed stays resident otherwise, and an evaluation that
-    reuses it grows the resident set less than one that does not: measured on the default
-    recipe, the same GPTQ artifact evaluated twice in one process read 736 and 697 MB without
-    this, 1,012 and 1,012 MB with it."""
+    reuses it grows the resident set less than one that does not (`scripts/bench_peak_memory.py`:
+    the same evaluation repeated in one process reads less the second time without this)."""
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

@@ -104,9 +104,9 @@ def gate_failures(run_dir: Path, baselines: bool = False) -> dict[str, list[str]
             if reasons and (name in marked) == baselines}
 
 
-def gate_cell(reasons: list[str], baseline: bool) -> str:
-    """An artifact's verdict as the report's and `compare`'s tables show it."""
-    verdict = "**FAILED**" if reasons else "passed"
+def gate_cell(reasons: list[str], baseline: bool, bold: bool = True) -> str:
+    """An artifact's verdict as the report's (`bold`) and `compare`'s tables show it."""
+    verdict = ("**FAILED**" if bold else "FAILED") if reasons else "passed"
     return f"{verdict} (baseline)" if baseline else verdict
 
 
