@@ -59,16 +59,22 @@ def dequantized_cache(enabled: bool) -> Iterator[None]:
 def inference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight for the torch path. Without a kernel (on the CPU), inference
     unpacks each layer once and keeps the float weight, so decoding does not re-unpack every
-    layer per token; the values are exactly the packed checkpoint's. Under autograd (training),
-    inside `dequantized_cache(False)`, and for layers past the budget of `_keep_budget` nothing
-    is kept: memory stays at the packed size."""
-    if torch.is_grad_enabled() or not _keep_dequantized:
-        return layer.dequantized_weight(dtype)
+    layer per token; the values are exactly the packed checkpoint's. Under autograd, inside
+    `dequantized_cache(False)`, and for layers past the budget of `_keep_budget` nothing new is
+    kept (a weight training keeps, `training_weights`, is used): memory stays at the packed size."""
+    return kept_weight(layer, dtype, keep=not torch.is_grad_enabled() and _keep_dequantized)
+
+
+def kept_weight(layer: nn.Module, dtype: torch.dtype, keep: bool = True) -> torch.Tensor:
+    """`layer.dequantized_weight(dtype)`, from the layer's kept copy when it has one; `keep`:
+    keep the copy made here, while the kept bytes stay within `_keep_budget`."""
     key = (dtype, layer.weight_key())
     cached = getattr(layer, "_dequantized", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     weight = layer.dequantized_weight(dtype)
+    if not keep:
+        return weight
     if cached is not None:  # a stale entry (another dtype or device): give its bytes back
         cached[2]()  # runs _release once
         del layer._dequantized
@@ -77,6 +83,36 @@ def inference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         _kept_bytes[kind] = _kept_bytes.get(kind, 0) + nbytes
         layer._dequantized = (key, weight, weakref.finalize(layer, _release, kind, nbytes))
     return weight
+
+
+_keep_for_training = False
+
+
+def fits_kept(layers: list[nn.Module], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the dequantized weights of all `layers` fit `_keep_budget` together, beside what
+    is kept already."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = sum(m.out_features * m.in_features * itemsize for m in layers)
+    return _kept_bytes.get(device.type, 0) + total <= _keep_budget(device)
+
+
+@contextlib.contextmanager
+def training_weights(enabled: bool) -> Iterator[None]:
+    """Within the block, an NF4 layer on the torch path (no kernel: the CPU) keeps its
+    dequantized weight between training steps instead of dequantizing it twice per step
+    (forward and input gradient): the same values (`LinearNF4.dequantized_weight`), about
+    half of a CPU step's time saved (README "GPTQ against its floor" has the measurement).
+    The train stage turns it on only when the whole model's weights fit the budget."""
+    global _keep_for_training
+    before, _keep_for_training = _keep_for_training, enabled
+    try:
+        yield
+    finally:
+        _keep_for_training = before
+
+
+def keep_for_training() -> bool:
+    return _keep_for_training
 
 
 class LinearInt4(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import qlora_kernels as kernels
-from qlora_kernels.int4_linear import inference_weight
+from qlora_kernels.int4_linear import inference_weight, keep_for_training, kept_weight
 from qlora_quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
@@ -21,18 +21,25 @@ class _NF4Matmul(torch.autograd.Function):
 
     Saving only a reference to the layer (not the dequantized W) keeps the activation memory
     of QLoRA training at the size of the NF4 weights; the weight itself gets no gradient.
+    On the torch path inside `training_weights(True)` the dequantized W is kept on the layer
+    between calls: the twins' arithmetic on the same values, so the same results.
     """
 
     @staticmethod
     @kernels.custom_fwd
     def forward(ctx, x: torch.Tensor, layer: "LinearNF4") -> torch.Tensor:
         ctx.layer = layer
+        if keep_for_training() and not kernels.use_triton(x):
+            return x @ kept_weight(layer, x.dtype).t()  # = reference.nf4_matmul
         return kernels.nf4_matmul(x, layer.nf4())
 
     @staticmethod
     @kernels.custom_bwd
     def backward(ctx, grad_out: torch.Tensor):
-        return kernels.nf4_matmul_grad_input(grad_out, ctx.layer.nf4()), None
+        layer = ctx.layer
+        if keep_for_training() and not kernels.use_triton(grad_out):
+            return grad_out @ kept_weight(layer, grad_out.dtype), None  # = reference.nf4_matmul_grad_input
+        return kernels.nf4_matmul_grad_input(grad_out, layer.nf4()), None
 
 
 class LinearNF4(nn.Module):

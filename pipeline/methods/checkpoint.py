@@ -8,6 +8,8 @@ head untouched (norms carry AWQ's folded scales), tokenizer, `config.json` with 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -15,10 +17,11 @@ import torch
 
 from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.dtypes import quantize_dtype_name
+from qlora_pipeline.errors import StageError
 from qlora_pipeline.layerwise.checkpoints import copy_tokenizer, read_config, read_tensors, weight_map
 from qlora_pipeline.layerwise.engine import quantize_sequentially
 from qlora_pipeline.layerwise.families import family_for
-from qlora_pipeline.layerwise.shards import REST_SHARD, assemble_shards, save_atomic, valid_shard
+from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, assemble_shards, save_atomic, valid_shard
 from qlora_pipeline.methods import METHODS, dynamic
 
 LAYER_METRICS_LOG = "layer_metrics.jsonl"  # in the checkpoint directory, a line per finished layer
@@ -87,6 +90,43 @@ def quantize_layers(merged_dir: Path, calibration_ids: Optional[torch.Tensor], e
         # collects them in one pass for its metrics and rounds to nearest
         solve=method.hessian_passes)
     return n_layers
+
+
+def checkpoint_from_layers(layers_dir: Path, merged_dir: Path, entry, dtype: torch.dtype, checkpoint_dir: Path,
+                           output_dir: Path, on_layer: Callable[[int, dict[str, float]], None]) -> Quantized:
+    """The checkpoint `quantize_checkpoint` would write, from layers another stage has already
+    quantized the same way: `layers_dir` holds every layer's shard and the metrics log (an
+    awq-search stage quantizes as `awq` does, `publish_layers`). They are linked into
+    `checkpoint_dir` and assembled; nothing is computed again."""
+    n_layers = int(read_config(merged_dir)["num_hidden_layers"])
+    missing = [SHARD.format(i) for i in range(n_layers) if not valid_shard(layers_dir / SHARD.format(i))]
+    if missing:
+        raise StageError(f"{layers_dir}: {len(missing)} of {n_layers} quantized layers missing or damaged "
+                         f"({missing[0]}, ...); rerun the stage that wrote them with --force")
+    for name in [SHARD.format(i) for i in range(n_layers)] + [LAYER_METRICS_LOG]:
+        target = checkpoint_dir / name
+        if target.exists():
+            target.unlink()
+        link_or_copy(layers_dir / name, target)
+    for row in _read_layer_metrics(checkpoint_dir / LAYER_METRICS_LOG):
+        on_layer(row["layer"], {k: v for k, v in row.items() if k != "layer"})
+    return assemble_checkpoint(merged_dir, entry, dtype, checkpoint_dir, output_dir, n_layers)
+
+
+def publish_layers(checkpoint_dir: Path, n_layers: int, layers_dir: Path) -> None:
+    """Put the finished layer shards and metrics log of `checkpoint_dir` in `layers_dir` (a stage
+    output), for `checkpoint_from_layers`: hard links where they can be."""
+    layers_dir.mkdir(parents=True, exist_ok=True)
+    for name in [SHARD.format(i) for i in range(n_layers)] + [LAYER_METRICS_LOG]:
+        link_or_copy(checkpoint_dir / name, layers_dir / name)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no bytes written), a copy across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def assemble_checkpoint(merged_dir: Path, entry, dtype: torch.dtype, checkpoint_dir: Path, output_dir: Path,

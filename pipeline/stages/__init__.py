@@ -55,6 +55,15 @@ def adapter_identity(path: str) -> dict[str, str]:
     return {p.name: digest for p, digest in sha256_files(sorted(p for p in root.iterdir() if p.is_file())).items()}
 
 
+def _publishes_layers(entries, search_names: dict[str, str], search: str) -> dict:
+    """`{"publish_layers": True}` when an `awq` entry applies `search`: the search stage quantizes
+    as `awq` does, so it hands over its layers and that entry only assembles them. Absent
+    otherwise (an `awq+gptq`-only search keeps its settings, and no layers are kept for nobody)."""
+    if any(search_names.get(q.name) == search and q.method == "awq" for q in entries):
+        return {"publish_layers": True}
+    return {}
+
+
 def _shared_storage(entries, search_names: dict[str, str], search: str) -> str:
     """Where a shared search keeps its activations: the storage its entries agree on, else auto."""
     storages = {q.activations.storage for q in entries if search_names.get(q.name) == search}
@@ -192,7 +201,8 @@ def build_stages(recipe) -> list[StageSpec]:
                         {"search": settings, "dtype": recipe.model.dtype,
                          "device": resolve_device(engines[name]["device"]),
                          "compute_dtype": engines[name]["compute_dtype"],
-                         "activations_dtype": engines[name]["activations_dtype"]},
+                         "activations_dtype": engines[name]["activations_dtype"],
+                         **_publishes_layers(entries, search_names, name)},
                         runtime={"activations_storage": _shared_storage(entries, search_names, name)},
                         code=methods.METHODS["awq"].code_modules())  # the search quantizes as awq does
               for name, settings in searches.items()]
@@ -203,7 +213,8 @@ def build_stages(recipe) -> list[StageSpec]:
     specs += [StageSpec(name, _stage("awq_search"), (methods.calibration_stage_name(settings["calibration_source"]),),
                         {"search": settings, "dtype": recipe.model.dtype, **model,
                          "device": resolve_device(q.device), "compute_dtype": q.compute_dtype,
-                         "activations_dtype": q.activations.dtype},
+                         "activations_dtype": q.activations.dtype,
+                         **_publishes_layers(onto_base, base_search_names, name)},
                         runtime={"activations_storage": q.activations.storage},
                         code=methods.METHODS["awq"].code_modules())
               for name, (settings, q) in base_searches.items()]

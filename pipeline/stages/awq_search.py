@@ -9,13 +9,11 @@ own 4-bit grid). That is the design measured best on `domain_valid` for both met
 for `awq+gptq` it was better than a search on the float model, and a recipe with both entries
 now searches once. Output, per decoder layer, `awq-XXXXX.safetensors` (the scales of each
 scaling group and the clip values of each clipped linear; the search's losses in the
-metadata), and `search.json` (the settings).
+metadata), `search.json` (the settings) and, where an `awq` entry applies it, `awq-layers/`.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 from safetensors.torch import load_file
 
@@ -24,12 +22,16 @@ from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.layerwise.awq_search import SEARCH_FILE
 from qlora_pipeline.methods import calibration_stage_name
-from qlora_pipeline.methods.checkpoint import quantize_layers
+from qlora_pipeline.methods.checkpoint import link_or_copy, publish_layers, quantize_layers
 from qlora_pipeline.models import quantize_source
 from qlora_pipeline.recipe import QuantizeEntry
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
 SETTINGS_FILE = "search.json"
+# With `publish_layers` (set where an `awq` entry applies the search): the layers as the search
+# quantized them (AWQ alone's: its scales, clipping and round-to-nearest), with their metrics
+# log; the `awq` entry assembles its checkpoint from them instead of quantizing again.
+LAYERS_DIR = "awq-layers"
 AWQ_OPTIONS = ("duo_scaling", "clip", "search_windows")
 
 
@@ -58,11 +60,9 @@ def run(ctx: StageContext) -> StageResult:
     n_layers = quantize_layers(merged_dir, calibration, search_entry(ctx), DTYPES[ctx.config["dtype"]],
                                ctx.checkpoint_dir, ctx.progress,
                                lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i), device=device)
-    for i in range(n_layers):
-        name = SEARCH_FILE.format(i)
-        try:  # the finished layers as they are: a hard link, a copy across file systems
-            os.link(ctx.checkpoint_dir / name, ctx.output_dir / name)
-        except OSError:
-            shutil.copyfile(ctx.checkpoint_dir / name, ctx.output_dir / name)
+    for i in range(n_layers):  # the finished layers as they are
+        link_or_copy(ctx.checkpoint_dir / SEARCH_FILE.format(i), ctx.output_dir / SEARCH_FILE.format(i))
+    if ctx.config.get("publish_layers"):  # an `awq` entry applies this search: its layers are these
+        publish_layers(ctx.checkpoint_dir, n_layers, ctx.output_dir / LAYERS_DIR)
     (ctx.output_dir / SETTINGS_FILE).write_text(json.dumps(s, indent=2, sort_keys=True))
     return StageResult(metrics={"layers": float(n_layers)})

@@ -17,9 +17,10 @@ from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.layerwise.checkpoints import read_config
 from qlora_pipeline.methods import METHODS, calibration_stage_name, check_shapes
-from qlora_pipeline.methods.checkpoint import quantize_checkpoint
+from qlora_pipeline.methods.checkpoint import checkpoint_from_layers, quantize_checkpoint
 from qlora_pipeline.models import quantize_source
 from qlora_pipeline.recipe import QuantizeEntry
+from qlora_pipeline.stages.awq_search import LAYERS_DIR
 from qlora_pipeline.stages.calibrate import CALIBRATION_FILE
 
 LAYER_METRICS_FILE = "layer_metrics.json"  # per-layer quantization errors (the report plots them)
@@ -47,8 +48,13 @@ def run(ctx: StageContext) -> StageResult:
     device = ctx.config["device"]  # resolved by the stage registry, part of the fingerprint
     if device == "cuda":
         require_cuda(f"quantize entry '{entry.name}'", "its device")
-    done = quantize_checkpoint(merged_dir, calibration, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
-                               ctx.output_dir, ctx.progress, on_layer, search_dir, device=device)
+    layers = search_dir / LAYERS_DIR if search_dir is not None and entry.method == "awq" else None
+    if layers is not None and layers.is_dir():  # the search quantized as this entry does: assemble its layers
+        done = checkpoint_from_layers(layers, merged_dir, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
+                                      ctx.output_dir, on_layer)
+    else:
+        done = quantize_checkpoint(merged_dir, calibration, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
+                                   ctx.output_dir, ctx.progress, on_layer, search_dir, device=device)
     (ctx.output_dir / LAYER_METRICS_FILE).write_text(json.dumps(done.layer_metrics))
     # No timings in the output (the same work gives the same bytes): the stage's seconds are
     # in its manifest, where evaluation reads them.

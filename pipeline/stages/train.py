@@ -37,7 +37,8 @@ from qlora_pipeline.rundir import fsync_dir, fsync_tree
 from qlora_pipeline.safe_state import load_state, save_state
 from qlora_pipeline.scoring import summed_nll
 from qlora_pipeline.stages.data import TOKENS_FILE
-from qlora_kernels.int4_linear import dequantized_cache
+from qlora_kernels.int4_linear import dequantized_cache, fits_kept, training_weights
+from qlora_kernels.nf4_linear import LinearNF4
 
 logger = logging.getLogger(__name__)
 TRAIN_LOG_FILE = "train_log.json"  # loss per step and validation loss per eval interval (the report plots it)
@@ -222,45 +223,54 @@ def run(ctx: StageContext) -> StageResult:
                        accelerator.num_processes)
     tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation * accelerator.num_processes * seq_len
 
-    bar = ctx.progress(range(start_step, cfg.steps), desc="train", unit="step", total=cfg.steps, initial=start_step,
-                       disable=None if accelerator.is_main_process else True)
-    for step in bar:
-        t0 = time.time()
-        step_loss = 0.0
-        for micro in range(cfg.gradient_accumulation):
-            batch = train_windows[order.indices(step, micro, accelerator.process_index)].to(device)
-            with accelerator.no_sync(ddp_model) if micro < cfg.gradient_accumulation - 1 else contextlib.nullcontext():
-                loss = ddp_model(input_ids=batch, labels=batch).loss
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(ctx.checkpoint_dir)
-                    raise StageError(
-                        f"non-finite training loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
-                        f"({last.name if last else 'none'}) is kept. Lower train.learning_rate or check the data."
-                    )
-                accelerator.backward(loss / cfg.gradient_accumulation)
-            step_loss += loss.item() / cfg.gradient_accumulation
-        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.num_processes > 1:
-            step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
-        # Timings go to MLflow only: the stage's output files hold what was computed, so the
-        # same work gives the same bytes.
-        record = {"step": step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": float(grad_norm)}
-        speed = {"tokens_per_second": tokens_per_step / max(time.time() - t0, 1e-9)}
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
-            record["eval_loss"] = eval_loss(model, eval_windows, cfg.micro_batch_size, device)
-        history.append(record)
-        if accelerator.is_main_process:
-            ctx.metrics.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **speed}, step=step + 1)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-            if (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.steps:
-                save_checkpoint(ctx.checkpoint_dir, step + 1, model, optimizer, scheduler, history,
-                                order.position(step + 1), cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+    # On the CPU (no kernel), keep each NF4 layer's dequantized weight between steps when all of
+    # them fit the budget together (SmolLM2-135M: 0.4 GB in float32; not an 8B's 28 GB): the
+    # same values, so the same training, with no dequantization per step.
+    nf4_layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    keep_weights = device == "cpu" and bool(nf4_layers) and fits_kept(nf4_layers, dtype, torch.device(device))
+    with training_weights(keep_weights):
+        bar = ctx.progress(range(start_step, cfg.steps), desc="train", unit="step", total=cfg.steps, initial=start_step,
+                           disable=None if accelerator.is_main_process else True)
+        for step in bar:
+            t0 = time.time()
+            step_loss = 0.0
+            for micro in range(cfg.gradient_accumulation):
+                batch = train_windows[order.indices(step, micro, accelerator.process_index)].to(device)
+                last_micro = micro == cfg.gradient_accumulation - 1
+                with contextlib.nullcontext() if last_micro else accelerator.no_sync(ddp_model):
+                    loss = ddp_model(input_ids=batch, labels=batch).loss
+                    if not torch.isfinite(loss):
+                        last = latest_checkpoint(ctx.checkpoint_dir)
+                        raise StageError(
+                            f"non-finite training loss ({loss.item()}) at step {step + 1}; the last good "
+                            f"checkpoint ({last.name if last else 'none'}) is kept. Lower train.learning_rate or "
+                            "check the data."
+                        )
+                    accelerator.backward(loss / cfg.gradient_accumulation)
+                step_loss += loss.item() / cfg.gradient_accumulation
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.num_processes > 1:
+                step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
+            # Timings go to MLflow only: the stage's output files hold what was computed, so the
+            # same work gives the same bytes.
+            record = {"step": step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": float(grad_norm)}
+            speed = {"tokens_per_second": tokens_per_step / max(time.time() - t0, 1e-9)}
+            if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+                record["eval_loss"] = eval_loss(model, eval_windows, cfg.micro_batch_size, device)
+            history.append(record)
+            if accelerator.is_main_process:
+                ctx.metrics.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **speed}, step=step + 1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+                if (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.steps:
+                    save_checkpoint(ctx.checkpoint_dir, step + 1, model, optimizer, scheduler, history,
+                                    order.position(step + 1), cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
 
     metrics = {"final_loss": history[-1]["loss"], "steps": float(cfg.steps), "tokens_seen": float(cfg.steps * tokens_per_step)}
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]

@@ -262,3 +262,50 @@ def test_awq_applying_the_search_stage_gives_the_bytes_of_searching_as_it_quanti
     assert written == sorted(p.name for p in (tmp_path / "applied").iterdir()) and "model.safetensors" in " ".join(written)
     for name in written:
         assert (tmp_path / "in-place" / name).read_bytes() == (tmp_path / "applied" / name).read_bytes(), name
+
+
+def test_awq_entry_assembles_the_layers_its_search_stage_quantized(tiny_llama_dir, tmp_path, write_recipe,
+                                                                     monkeypatch):
+    """The search stage quantizes as `awq` does; where an `awq` entry applies it, the stage hands
+    over those layers and the entry only assembles them (no calibration forward of its own): the
+    checkpoint and metrics the entry's own pass over the layers gives, byte for byte. A search
+    only `awq+gptq` entries apply keeps no layers."""
+    import qlora_pipeline.stages.quantize as quantize_stage
+    from qlora_pipeline.methods.checkpoint import quantize_checkpoint
+    from qlora_pipeline.recipe import QuantizeEntry, load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    monkeypatch.chdir(tmp_path)
+    adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
+    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "h", adapter, AWQ))
+    for stage in ("data", "base", "merge", "calibrate", "awq-search-w4g32"):
+        assert cli("run", str(path), "--only", stage) == 0
+    run_dir = tmp_path / "runs" / "h"
+    search = run_dir / "awq-search-w4g32" / "output"
+    assert (search / "awq-layers" / "layer-00000.safetensors").is_file()
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("the awq entry quantized its layers again")
+
+    monkeypatch.setattr(quantize_stage, "quantize_checkpoint", no_quantizing)
+    assert cli("run", str(path), "--only", "quantize-awq") == 0
+    monkeypatch.undo()
+
+    entry = QuantizeEntry.model_validate({**AWQ[0], "compute_dtype": "float32"})
+    calibration = load_file(str(run_dir / "calibrate" / "output" / "calibration.safetensors"))["input_ids"]
+    for d in ("ckpt", "own"):
+        (tmp_path / d).mkdir()
+    quantize_checkpoint(run_dir / "merge" / "output", calibration, entry, torch.bfloat16, tmp_path / "ckpt",
+                        tmp_path / "own", lambda it, **kw: it, lambda i, m: None, search_dir=search)
+    staged = run_dir / "quantize-awq" / "output"
+    own = {p.name for p in (tmp_path / "own").iterdir()}
+    assert own <= {p.name for p in staged.iterdir()} and "model.safetensors" in " ".join(own)
+    for name in own:
+        assert (staged / name).read_bytes() == (tmp_path / "own" / name).read_bytes(), name
+    own_metrics = [json.loads(line) for line in (tmp_path / "ckpt" / "layer_metrics.jsonl").read_text().splitlines()]
+    staged_metrics = json.loads((staged / "layer_metrics.json").read_text())
+    assert staged_metrics == own_metrics and "down_proj.output_rel_err" in staged_metrics[0]
+
+    only_gptq = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "g", adapter, AWQ[1:]), "g.yaml")
+    specs = {s.name: s for s in build_stages(load_recipe(only_gptq)[0])}
+    assert "publish_layers" not in specs["awq-search-w4g32"].config

@@ -175,3 +175,36 @@ def test_inference_keeps_dequantized_weights_within_a_byte_budget(monkeypatch):
         gc.collect()
         b(x)
         assert hasattr(b, "_dequantized")  # a's bytes were given back
+
+
+def test_training_with_kept_weights_gives_the_same_gradients(monkeypatch):
+    """`training_weights(True)` (the CPU train stage, when the model's weights fit) dequantizes
+    each NF4 layer once instead of twice per step: the same outputs and input gradients, bit
+    for bit, and no dequantization after the first step."""
+    from qlora_kernels.int4_linear import training_weights
+    from qlora_quant import nf4
+
+    torch.manual_seed(0)
+    layers = [LinearNF4.from_linear(torch.nn.Linear(128, 96), blocksize=64),
+              LinearNF4.from_linear(torch.nn.Linear(96, 128), blocksize=64)]
+    x = torch.randn(2, 7, 128)
+
+    def step():
+        xi = x.clone().requires_grad_(True)
+        y = layers[1](torch.nn.functional.silu(layers[0](xi)))
+        (y.square().sum()).backward()
+        return y.detach(), xi.grad
+
+    calls = []
+    real = nf4.dequantize_nf4
+    monkeypatch.setattr("qlora_kernels.nf4_linear.dequantize_nf4",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    y_plain, g_plain = step()
+    with training_weights(True):
+        y_kept, g_kept = step()
+        first = len(calls)
+        y_again, g_again = step()
+    assert torch.equal(y_plain, y_kept) and torch.equal(g_plain, g_kept)
+    assert torch.equal(y_again, y_plain) and torch.equal(g_again, g_plain)
+    assert len(calls) == first  # the second step dequantized nothing
+    assert all(hasattr(layer, "_dequantized") for layer in layers)
