@@ -97,18 +97,29 @@ def fits_kept(layers: list[nn.Module], dtype: torch.dtype, device: torch.device)
 
 
 @contextlib.contextmanager
-def training_weights(enabled: bool) -> Iterator[None]:
+def training_weights(layers: list[nn.Module]) -> Iterator[None]:
     """Within the block, an NF4 layer on the torch path (no kernel: the CPU) keeps its
     dequantized weight between training steps instead of dequantizing it twice per step
-    (forward and input gradient): the same values (`LinearNF4.dequantized_weight`), about
-    half of a CPU step's time saved (README "GPTQ against its floor" has the measurement).
-    The train stage turns it on only when the whole model's weights fit the budget."""
+    (forward and input gradient): the same values (`LinearNF4.dequantized_weight`), so the same
+    training (scripts/bench_train_step.py: 1.29x per SmolLM2 step). On if `layers` (the model's
+    NF4 layers; the train stage passes them only when they fit the budget together); their
+    kept weights are dropped when the block ends, so the stage's process does not carry them on."""
     global _keep_for_training
-    before, _keep_for_training = _keep_for_training, enabled
+    before, _keep_for_training = _keep_for_training, bool(layers)
     try:
         yield
     finally:
         _keep_for_training = before
+        forget_kept(layers)
+
+
+def forget_kept(layers: list[nn.Module]) -> None:
+    """Drop the kept dequantized weights of `layers`, their bytes back in the budget."""
+    for layer in layers:
+        cached = getattr(layer, "_dequantized", None)
+        if cached is not None:
+            cached[2]()  # runs _release once
+            del layer._dequantized
 
 
 def keep_for_training() -> bool:

@@ -21,7 +21,7 @@ class _NF4Matmul(torch.autograd.Function):
 
     Saving only a reference to the layer (not the dequantized W) keeps the activation memory
     of QLoRA training at the size of the NF4 weights; the weight itself gets no gradient.
-    On the torch path inside `training_weights(True)` the dequantized W is kept on the layer
+    On the torch path inside `training_weights(layers)` the dequantized W is kept on the layer
     between calls: the twins' arithmetic on the same values, so the same results.
     """
 

@@ -228,7 +228,7 @@ def run(ctx: StageContext) -> StageResult:
     # same values, so the same training, with no dequantization per step.
     nf4_layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
     keep_weights = device == "cpu" and bool(nf4_layers) and fits_kept(nf4_layers, dtype, torch.device(device))
-    with training_weights(keep_weights):
+    with training_weights(nf4_layers if keep_weights else []):
         bar = ctx.progress(range(start_step, cfg.steps), desc="train", unit="step", total=cfg.steps, initial=start_step,
                            disable=None if accelerator.is_main_process else True)
         for step in bar:
@@ -284,5 +284,6 @@ def run(ctx: StageContext) -> StageResult:
             "history": history, "optimizer": optimizer_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
             "processes": accelerator.num_processes, "target_modules": targets,
         }, indent=1))
+    accelerator.free_memory()  # its references to the model and optimizer: the next stage may run in this process
     return StageResult(metrics=metrics, info={"optimizer": optimizer_name, "processes": accelerator.num_processes})
 

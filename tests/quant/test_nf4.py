@@ -178,7 +178,7 @@ def test_inference_keeps_dequantized_weights_within_a_byte_budget(monkeypatch):
 
 
 def test_training_with_kept_weights_gives_the_same_gradients(monkeypatch):
-    """`training_weights(True)` (the CPU train stage, when the model's weights fit) dequantizes
+    """`training_weights(layers)` (the CPU train stage, when the model's weights fit) dequantizes
     each NF4 layer once instead of twice per step: the same outputs and input gradients, bit
     for bit, and no dequantization after the first step."""
     from qlora_kernels.int4_linear import training_weights
@@ -200,11 +200,12 @@ def test_training_with_kept_weights_gives_the_same_gradients(monkeypatch):
     monkeypatch.setattr("qlora_kernels.nf4_linear.dequantize_nf4",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     y_plain, g_plain = step()
-    with training_weights(True):
+    with training_weights(layers):
         y_kept, g_kept = step()
         first = len(calls)
         y_again, g_again = step()
+        assert all(hasattr(layer, "_dequantized") for layer in layers)
     assert torch.equal(y_plain, y_kept) and torch.equal(g_plain, g_kept)
     assert torch.equal(y_again, y_plain) and torch.equal(g_again, g_plain)
     assert len(calls) == first  # the second step dequantized nothing
-    assert all(hasattr(layer, "_dequantized") for layer in layers)
+    assert not any(hasattr(layer, "_dequantized") for layer in layers)  # dropped when the block ends
