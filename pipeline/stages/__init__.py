@@ -58,7 +58,7 @@ def adapter_identity(path: str) -> dict[str, str]:
 def _publishes_layers(entries, search_names: dict[str, str], search: str) -> dict:
     """`{"publish_layers": True}` when an `awq` entry applies `search`: the search stage quantizes
     as `awq` does, so it hands over its layers and that entry only assembles them. Absent
-    otherwise (an `awq+gptq`-only search keeps its settings, and no layers are kept for nobody)."""
+    otherwise: a search only `awq+gptq` entries apply publishes nothing (GPTQ quantizes anew)."""
     if any(search_names.get(q.name) == search and q.method == "awq" for q in entries):
         return {"publish_layers": True}
     return {}
