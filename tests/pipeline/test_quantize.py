@@ -309,3 +309,21 @@ def test_awq_entry_assembles_the_layers_its_search_stage_quantized(tiny_llama_di
     only_gptq = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "g", adapter, AWQ[1:]), "g.yaml")
     specs = {s.name: s for s in build_stages(load_recipe(only_gptq)[0])}
     assert "publish_layers" not in specs["awq-search-w4g32"].config
+
+
+def test_assembling_from_missing_layers_names_the_stage_to_rerun(tiny_llama_dir, tmp_path):
+    from qlora_pipeline.errors import StageError
+    from qlora_pipeline.methods.checkpoint import checkpoint_from_layers
+    from qlora_pipeline.recipe import QuantizeEntry
+
+    layers = tmp_path / "awq-layers"
+    layers.mkdir()
+    (layers / "layer-00000.safetensors").write_bytes(b"not a shard")
+    for d in ("ckpt", "out"):
+        (tmp_path / d).mkdir()
+    entry = QuantizeEntry.model_validate(AWQ[0])
+    n = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(StageError, match=rf"{n} of {n} quantized layers missing or damaged \(layer-00000"):
+        checkpoint_from_layers(layers, tiny_llama_dir, entry, torch.bfloat16, tmp_path / "ckpt", tmp_path / "out",
+                               lambda i, m: None)
+    assert not list((tmp_path / "out").iterdir())
