@@ -42,6 +42,9 @@ class Method:
     # A search whose per-layer result the method applies, done once in its own stage for every
     # entry with the same search settings (`search_settings`): "awq" or None.
     search: Optional[str] = None
+    # The search stage quantizes every layer exactly as this method does, so it publishes those
+    # layers and this method's stage only assembles them (`methods.checkpoint.checkpoint_from_layers`).
+    assembles_search_layers: bool = False
     # A method of one bit width and settings of its own (its options), e.g. NF4: it reads none of COMMON_SETTINGS.
     fixed_bits: Optional[int] = None
     # Takes per-module bits and group sizes (`dynamic`, qlora_pipeline.methods.dynamic). AWQ's
@@ -89,7 +92,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # better than on the float model, and for AWQ+GPTQ as good as either other design; so one
     # search stage of that kind serves both methods (with the same AWQ settings).
     Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",),
-           search="awq"),
+           search="awq", assembles_search_layers=True),
     Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
     # NF4 of the merged model, as the base stage writes it: 4-bit, block size from the entry's nf4 section.
     Method("nf4", "qlora_pipeline.methods.nf4", "bnb-nf4", calibrated=False, hessian_passes=False, options=("nf4",),

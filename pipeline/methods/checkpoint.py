@@ -103,7 +103,7 @@ def checkpoint_from_layers(layers_dir: Path, merged_dir: Path, entry, dtype: tor
     if missing:
         raise StageError(f"{layers_dir}: {len(missing)} of {n_layers} quantized layers missing or damaged "
                          f"({missing[0]}, ...); rerun the stage that wrote them with --force")
-    for name in [SHARD.format(i) for i in range(n_layers)] + [LAYER_METRICS_LOG]:
+    for name in _layer_files(n_layers):
         target = checkpoint_dir / name
         if target.exists():
             target.unlink()
@@ -117,8 +117,13 @@ def publish_layers(checkpoint_dir: Path, n_layers: int, layers_dir: Path) -> Non
     """Put the finished layer shards and metrics log of `checkpoint_dir` in `layers_dir` (a stage
     output), for `checkpoint_from_layers`: hard links where they can be."""
     layers_dir.mkdir(parents=True, exist_ok=True)
-    for name in [SHARD.format(i) for i in range(n_layers)] + [LAYER_METRICS_LOG]:
+    for name in _layer_files(n_layers):
         link_or_copy(checkpoint_dir / name, layers_dir / name)
+
+
+def _layer_files(n_layers: int) -> list[str]:
+    """What a finished layer-by-layer quantization leaves: a shard per layer and the metrics log."""
+    return [SHARD.format(i) for i in range(n_layers)] + [LAYER_METRICS_LOG]
 
 
 def link_or_copy(source: Path, target: Path) -> None:

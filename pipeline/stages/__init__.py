@@ -59,7 +59,7 @@ def _publishes_layers(entries, search_names: dict[str, str], search: str) -> dic
     """`{"publish_layers": True}` when an `awq` entry applies `search`: the search stage quantizes
     as `awq` does, so it hands over its layers and that entry only assembles them. Absent
     otherwise: a search only `awq+gptq` entries apply publishes nothing (GPTQ quantizes anew)."""
-    if any(search_names.get(q.name) == search and q.method == "awq" for q in entries):
+    if any(search_names.get(q.name) == search and methods.METHODS[q.method].assembles_search_layers for q in entries):
         return {"publish_layers": True}
     return {}
 

@@ -48,7 +48,8 @@ def run(ctx: StageContext) -> StageResult:
     device = ctx.config["device"]  # resolved by the stage registry, part of the fingerprint
     if device == "cuda":
         require_cuda(f"quantize entry '{entry.name}'", "its device")
-    layers = search_dir / LAYERS_DIR if search_dir is not None and entry.method == "awq" else None
+    assembles = search_dir is not None and METHODS[entry.method].assembles_search_layers
+    layers = search_dir / LAYERS_DIR if assembles else None
     if layers is not None and layers.is_dir():  # the search quantized as this entry does: assemble its layers
         done = checkpoint_from_layers(layers, merged_dir, entry, DTYPES[ctx.config["dtype"]], ctx.checkpoint_dir,
                                       ctx.output_dir, on_layer)
