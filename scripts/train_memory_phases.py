@@ -9,8 +9,15 @@ File-backed pages are the checkpoint's tensors that stay memory-mapped (the NF4 
 count in RSS once touched, but the kernel can drop and re-read them (clean page cache), unlike
 anonymous memory. A sampler thread records the highest RSS and the phase it fell in. The
 LoRA, gradient-checkpointing, optimizer and compute-dtype settings are the run directory's own
-(its run.json's recipe), applied by the train stage's own code; only the batch (one window of
---seq-len tokens) is this script's.
+(its run.json's recipe), applied by the train stage's own code, and so is the batch: the
+recipe's micro-batch of train.seq_len tokens (random ids: memory does not depend on them) unless
+--batch / --seq-len say otherwise. As in the stage, on the CPU the NF4 layers keep their
+dequantized weights between steps when they fit the budget (`kernels.int4_linear.fits_kept`).
+
+Besides RSS, it adds up what autograd saves for the backward during each forward (unique
+storages, by kind: the LM head's logits-sized tensors, the LoRA branches, the rest), and with
+--eval-windows N measures the stage's in-loop validation (`eval_loss` on N windows of the
+recipe's data.seq_len) after the steps.
 """
 from __future__ import annotations
 
@@ -36,13 +43,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", type=Path, help="an NF4 base: <run dir>/base/output")
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the recipe's train.seq_len)")
+    ap.add_argument("--batch", type=int, default=None, help="windows per step (default: train.micro_batch_size)")
+    ap.add_argument("--eval-windows", type=int, default=0, help="then the in-loop validation on this many windows")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/train_memory_phases.json"))
     args = ap.parse_args()
 
     from qlora_pipeline.layerwise.checkpoints import load_nf4_model
     from qlora_pipeline.recipe import LoraConfig, TrainConfig
-    from qlora_pipeline.stages.train import make_optimizer, train_device_dtype, trainable_model
+    from qlora_kernels.int4_linear import fits_kept, training_weights
+    from qlora_pipeline.stages.train import eval_loss, make_optimizer, train_device_dtype, trainable_model
+    from qlora_kernels.nf4_linear import LinearNF4
 
     run_json = args.base.resolve().parents[1] / "run.json"
     if not run_json.is_file():
@@ -51,6 +62,8 @@ def main() -> None:
     lora = LoraConfig.model_validate(recipe["lora"])
     train = TrainConfig.model_validate(recipe["train"])
     device, dtype = train_device_dtype(train, recipe["nf4"]["compute_dtype"])
+    seq_len = args.seq_len or train.seq_len or recipe["data"]["seq_len"]
+    batch_size = args.batch or train.micro_batch_size
 
     peak = {"gib": 0.0, "phase": "start"}
     phase = ["start"]
@@ -80,20 +93,59 @@ def main() -> None:
     model, targets = trainable_model(model, lora, train)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, _ = make_optimizer(trainable, train, device)
-    batch = torch.randint(0, min(49152, model.config.vocab_size), (1, args.seq_len),
+    batch = torch.randint(0, min(49152, model.config.vocab_size), (batch_size, seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)
+    nf4_layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    keep = device == "cpu" and bool(nf4_layers) and fits_kept(nf4_layers, dtype, torch.device(device))
+    vocab = model.config.vocab_size
+    saved_rows = []
+
+    def saved_by_kind() -> tuple[dict, object]:
+        seen, kinds = set(), {"lm head (vocab-wide)": 0, "lora branches": 0, "rest": 0}
+        where = ["rest"]
+
+        def pack(t: torch.Tensor):
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            if key not in seen:
+                seen.add(key)
+                kind = "lm head (vocab-wide)" if t.dim() and t.shape[-1] == vocab else where[0]
+                kinds[kind] += t.untyped_storage().nbytes()
+            return t
+
+        return kinds, (pack, where)
+
     mark("attach lora", "forward 1")
-    for step in range(1, args.steps + 1):
-        loss = model(input_ids=batch, labels=batch).loss
-        mark(f"forward {step}", f"backward {step}")
-        loss.backward()
-        mark(f"backward {step}", f"optimizer {step}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mark(f"optimizer {step}", f"forward {step + 1}")
+    with training_weights(nf4_layers if keep else []):
+        for step in range(1, args.steps + 1):
+            kinds, (pack, where) = saved_by_kind()
+            lora_hooks = [m.register_forward_pre_hook(lambda *_: where.__setitem__(0, "lora branches"))
+                          for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+            lora_hooks += [m.register_forward_hook(lambda *_: where.__setitem__(0, "rest"))
+                           for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=batch, labels=batch).loss
+            for h in lora_hooks:
+                h.remove()
+            saved_rows.append({"step": step, **{k: round(v / GIB, 3) for k, v in kinds.items()},
+                               "total": round(sum(kinds.values()) / GIB, 3)})
+            print(f"saved for backward, step {step}: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in kinds.items())
+                  + f" GiB; total {sum(kinds.values()) / GIB:.3f} GiB", flush=True)
+            mark(f"forward {step}", f"backward {step}")
+            loss.backward()
+            del loss
+            mark(f"backward {step}", f"optimizer {step}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            mark(f"optimizer {step}", f"forward {step + 1}" if step < args.steps else "eval")
+        if args.eval_windows:
+            windows = torch.randint(0, min(49152, vocab), (args.eval_windows, recipe["data"]["seq_len"]),
+                                    generator=torch.Generator().manual_seed(1))
+            eval_loss(model, windows, train.micro_batch_size, device)
+            mark(f"eval ({args.eval_windows} x {recipe['data']['seq_len']})", "end")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "train_memory_phases", "base": str(args.base),
-                                    "layers": model.config.num_hidden_layers, "seq_len": args.seq_len,
+                                    "layers": model.config.num_hidden_layers, "seq_len": seq_len,
+                                    "batch": batch_size, "kept_weights": keep, "saved_for_backward_gib": saved_rows,
                                     "dtype": str(dtype).replace("torch.", ""), "lora": lora.model_dump(),
                                     "target_modules": targets, "gradient_checkpointing": train.gradient_checkpointing,
                                     "trainable_parameters": sum(p.numel() for p in trainable),
