@@ -15,7 +15,7 @@ recipe's micro-batch of train.seq_len tokens (random ids: memory does not depend
 dequantized weights between steps when they fit the budget (`kernels.int4_linear.fits_kept`).
 
 Besides RSS, it adds up what autograd saves for the backward during each forward (unique
-storages, by kind: the LM head's logits-sized tensors, the LoRA branches, the rest), and with
+storages: the LM head's vocabulary-wide tensors, and the rest), and with
 --eval-windows N measures the stage's in-loop validation (`eval_loss` on N windows of the
 recipe's data.seq_len) after the steps.
 """
@@ -27,6 +27,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -95,37 +96,32 @@ def main() -> None:
     optimizer, _ = make_optimizer(trainable, train, device)
     batch = torch.randint(0, min(49152, model.config.vocab_size), (batch_size, seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)
+    # The train stage's rule for keeping the dequantized weights (pipeline/stages/train.py, `run`).
     nf4_layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
     keep = device == "cpu" and bool(nf4_layers) and fits_kept(nf4_layers, dtype, torch.device(device))
     vocab = model.config.vocab_size
     saved_rows = []
 
-    def saved_by_kind() -> tuple[dict, object]:
-        seen, kinds = set(), {"lm head (vocab-wide)": 0, "lora branches": 0, "rest": 0}
-        where = ["rest"]
+    def saved_tally() -> tuple[dict, Callable]:
+        """Bytes autograd saves for the backward, unique storages, split into the LM head's
+        vocabulary-wide tensors (logits, log-probabilities) and the rest."""
+        seen, kinds = set(), {"lm head (vocab-wide)": 0, "rest": 0}
 
-        def pack(t: torch.Tensor):
+        def pack(t: torch.Tensor) -> torch.Tensor:
             key = (t.untyped_storage().data_ptr(), t.device.type)
             if key not in seen:
                 seen.add(key)
-                kind = "lm head (vocab-wide)" if t.dim() and t.shape[-1] == vocab else where[0]
-                kinds[kind] += t.untyped_storage().nbytes()
+                kinds["lm head (vocab-wide)" if t.dim() and t.shape[-1] == vocab else "rest"] += t.untyped_storage().nbytes()
             return t
 
-        return kinds, (pack, where)
+        return kinds, pack
 
     mark("attach lora", "forward 1")
     with training_weights(nf4_layers if keep else []):
         for step in range(1, args.steps + 1):
-            kinds, (pack, where) = saved_by_kind()
-            lora_hooks = [m.register_forward_pre_hook(lambda *_: where.__setitem__(0, "lora branches"))
-                          for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
-            lora_hooks += [m.register_forward_hook(lambda *_: where.__setitem__(0, "rest"))
-                           for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+            kinds, pack = saved_tally()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = model(input_ids=batch, labels=batch).loss
-            for h in lora_hooks:
-                h.remove()
             saved_rows.append({"step": step, **{k: round(v / GIB, 3) for k, v in kinds.items()},
                                "total": round(sum(kinds.values()) / GIB, 3)})
             print(f"saved for backward, step {step}: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in kinds.items())
