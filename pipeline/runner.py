@@ -130,7 +130,10 @@ class Ranks:
     """The processes of an `accelerate launch` / torchrun launch (one process when not launched so).
 
     Only the main process takes the lock, writes manifests and talks to MLflow; the others
-    wait at a barrier while it runs a stage, and join in for `distributed` stages.
+    wait while it runs a stage, and join in for `distributed` stages. What happens to a stage
+    is decided by the main process alone and sent to the others (`agree`): a rank that read
+    the stage's files itself could find them mid-change (a stage the main process has just
+    restored from the cache reads as done) and fall out of step with the main process.
     """
 
     def __init__(self):
@@ -153,6 +156,17 @@ class Ranks:
     def barrier(self) -> None:
         if self._state is not None:
             self._state.wait_for_everyone()
+
+    def agree(self, value=None):
+        """The main process's `value`, on every rank (the others pass nothing); a collective
+        call: each rank waits here until the main process has sent it."""
+        if self._state is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def selection_problem(stage_names: list[str], from_stage: Optional[str], only: Optional[str]) -> Optional[str]:
@@ -450,8 +464,8 @@ class Runner:
                             logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
                             p.outcome = "skipped"
                             continue
-                        ranks.barrier()  # upstream published: every rank decides from the same files
                         fp, action, reason = self.decide(p)
+                        ranks.agree(action)  # the other ranks wait for this decision, not their own
                         if action == "skip":
                             logger.info("%-22s skip  (%s)", p.spec.name, reason)
                             p.action, p.reason, p.outcome = "skip", reason, "skipped"
@@ -495,16 +509,18 @@ class Runner:
 
     def _follow(self, planned: list[PlannedStage], ranks: Ranks) -> None:
         """A non-main rank: wait while the main process runs each stage; join distributed ones
-        (unless the main process restored it from the stage cache instead of running it)."""
+        (unless the main process restored it from the stage cache instead of running it).
+
+        Settled stages are the same on every rank (each planned from the same files, before
+        anything was written); every other decision is the main process's (`Ranks.agree`).
+        """
         for p in planned:
             if p.settled:
                 continue
-            ranks.barrier()  # upstream published
-            fp, action, _ = self.decide(p)
-            if action == "skip":
+            if ranks.agree() == "skip":
                 continue
-            ranks.barrier()  # the main process has prepared the stage's directories (or restored it)
-            if p.spec.distributed and self._running(p.spec, fp):
+            how = ranks.agree()  # "running" once its directories are ready, or "restored"
+            if p.spec.distributed and how == "running":
                 sdir = self.stage_dir(p.spec.name)
                 scratch = sdir / f"output.rank{ranks.rank}"
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -565,7 +581,7 @@ class Runner:
             raise StageError(f"stage {spec.name}: cannot write {where} ({exc.strerror or exc}); "
                              f"{rundir.RUN_DIR_HINT}") from exc
         if ranks is not None:
-            ranks.barrier()  # directories ready: the other ranks may start (or keep waiting)
+            ranks.agree("running")  # directories ready: distributed stages start on every rank
         inputs = {d: self.stage_dir(d) / rundir.OUTPUT for d in spec.deps}
         metric_logger = self.tracker.logger_for(child_id) if self.tracker else _NullLogger()
         ctx = StageContext(
@@ -737,13 +753,8 @@ class Runner:
         p.action, p.outcome, p.seconds = "cache", "cached", time.time() - t0
         logger.info("%-22s done  in %.1fs (from the stage cache)", spec.name, p.seconds)
         if ranks is not None:
-            ranks.barrier()  # "prepared": the other ranks find the stage restored, not running
+            ranks.agree("restored")  # the other ranks do not join: nothing runs
         return True
-
-    def _running(self, spec: StageSpec, fp: Optional[str]) -> bool:
-        """Whether the main process is running `spec` at `fp` (not restoring it from the cache)."""
-        state = rundir.read_json(self.stage_dir(spec.name) / rundir.STATE) or {}
-        return state.get("status") == "running" and state.get("fingerprint") == fp
 
 
 def _checkpoint_fingerprint(ckpt: Path) -> Optional[str]:

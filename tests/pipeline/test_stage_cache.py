@@ -315,6 +315,12 @@ def train(ctx):  # every rank runs it; rank 0 writes the output
         (ctx.output_dir / "t.txt").write_text((ctx.inputs["data"] / "d.txt").read_text() + "t")
     return StageResult()
 
+if len(sys.argv) > 2 and rank == "1":  # rank 1 lags after every synchronisation point
+    import time
+    from qlora_pipeline.runner import Ranks
+    barrier = Ranks.barrier
+    Ranks.barrier = lambda self: (barrier(self), time.sleep(float(sys.argv[2])))
+
 specs = [StageSpec("data", data, (), {}), StageSpec("train", train, ("data",), {}, distributed=True)]
 for name in ("one", "two"):
     note("run " + name)
@@ -322,13 +328,19 @@ for name in ("one", "two"):
 '''
 
 
-def test_two_processes_only_rank_0_stores_and_no_rank_reruns_a_cached_distributed_stage(tmp_path):
+@pytest.mark.parametrize("lag", [None, "0.5"], ids=["in-step", "rank-1-lagging"])
+def test_two_processes_only_rank_0_stores_and_no_rank_reruns_a_cached_distributed_stage(tmp_path, lag):
+    """Every rank follows the main process's decisions: a rank that reaches a stage late (here
+    0.5 s after each synchronisation point, by which time the main process has restored
+    `train` from the cache and marked it done) neither decides differently nor drops out of
+    step (it used to skip the stage's barriers and leave the main process waiting on a closed
+    connection)."""
     script = tmp_path / "ranks.py"
     script.write_text(DISTRIBUTED)
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     proc = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(script), str(tmp_path)],
+         "--dynamo_backend", "no", str(script), str(tmp_path), *([lag] if lag else [])],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
