@@ -43,7 +43,7 @@ def returned_cache(output):
 HEAD_CHUNK_POSITIONS = 1024
 
 
-def _body_and_head(model):
+def body_and_head(model):
     """(decoder body, output head) when the model's logits are exactly head(body's last hidden
     state), as in every family `qlora_pipeline.layerwise.families` knows (Llama, Mistral, Qwen2);
     else None (the whole forward's logits are used)."""
@@ -70,7 +70,7 @@ def _window_nll(model, batch: torch.Tensor, kv_cache=None) -> float:
     """Summed next-token NLL of the windows `batch` [B, L]; the forward runs with `kv_cache` when
     one is given."""
     targets = batch[:, 1:].reshape(-1)
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     if parts is None:
         logits = model(input_ids=batch, **_kv_arguments(model, kv_cache)).logits
         return torch.nn.functional.cross_entropy(

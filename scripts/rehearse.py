@@ -446,8 +446,10 @@ def gpu_estimate(stage: str, shape: Shape, recipe: dict) -> dict:
         saved     L*B*T*d*2                                (one bf16 hidden per layer: checkpointing)
         layer     2*B*T*(50d + 6dkv + 13f)                 (one layer recomputed + its backward: fp32
                   LoRA inputs and dropout masks, bf16 q/k/v/o/gate/up/act, fp32 norm inputs; x2)
-        logits    B*T*V*14                                 (bf16 logits, fp32 copy, fp32 log-softmax,
-                  fp32 gradient: transformers' ForCausalLMLoss)
+        logits    C*V*8 + B*(T-1)*d*2                      (next_token_loss: the frozen head and the
+                  loss over C = min(B*(T-1), CHUNK_POSITIONS) positions at a time: bf16 head
+                  output, its fp32 copy and logsumexp's fp32 temporary, or the fp32 softmax and its
+                  bf16 cast, 8 bytes a logit at most; the hidden states' gradient kept for the backward)
         dequant   d*f*2                                    (M = B*T >= 1024: one linear dequantized
                   for cuBLAS at a time)
     * evaluate-* (batch B x T, dtype w):
@@ -483,7 +485,9 @@ def gpu_estimate(stage: str, shape: Shape, recipe: dict) -> dict:
             parts["one_layer_recompute_and_backward"] = 2 * B * T * (50 * d + 6 * dkv + 13 * f)
         else:
             parts["all_layers_activations"] = L * B * T * (50 * d + 6 * dkv + 13 * f)
-        parts["logits_loss_and_grad"] = B * T * V * 14
+        from qlora_pipeline.next_token_loss import CHUNK_POSITIONS
+
+        parts["logits_loss_and_grad"] = min(B * (T - 1), CHUNK_POSITIONS) * V * 8 + B * (T - 1) * d * 2
         parts["dequantized_linear"] = d * f * 2 if B * T >= 1024 else 0
     elif stage.startswith("evaluate-"):
         artifact = stage[len("evaluate-"):]

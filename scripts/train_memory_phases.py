@@ -3,7 +3,7 @@ file-backed pages, and the high-water mark after each phase of what `train` does
 base, attach LoRA, a forward, a backward, an optimizer step), on a run directory's NF4 base.
 
     python scripts/train_memory_phases.py RUN_DIR/base/output [--steps 1] [--seq-len 256]
-        [--out benchmarks/train_memory_phases.json]
+        [--transformers-loss] [--out benchmarks/train_memory_phases.json]
 
 File-backed pages are the checkpoint's tensors that stay memory-mapped (the NF4 weights): they
 count in RSS once touched, but the kernel can drop and re-read them (clean page cache), unlike
@@ -47,12 +47,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the recipe's train.seq_len)")
     ap.add_argument("--batch", type=int, default=None, help="windows per step (default: train.micro_batch_size)")
     ap.add_argument("--eval-windows", type=int, default=0, help="then the in-loop validation on this many windows")
+    ap.add_argument("--transformers-loss", action="store_true",
+                    help="the loss as transformers computes it (every logit of the batch at once), not the "
+                         "stage's chunked one (next_token_loss): the before of a before/after")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/train_memory_phases.json"))
     args = ap.parse_args()
 
     from qlora_pipeline.layerwise.checkpoints import load_nf4_model
     from qlora_pipeline.recipe import LoraConfig, TrainConfig
     from qlora_kernels.int4_linear import fits_kept, training_weights
+    from qlora_pipeline.next_token_loss import next_token_loss
     from qlora_pipeline.stages.train import eval_loss, make_optimizer, train_device_dtype, trainable_model
     from qlora_kernels.nf4_linear import LinearNF4
 
@@ -121,7 +125,8 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             kinds, pack = saved_tally()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = (model(input_ids=batch, labels=batch).loss if args.transformers_loss
+                        else next_token_loss(model, model, batch))
             saved_rows.append({"step": step, **{k: round(v / GIB, 3) for k, v in kinds.items()},
                                "total": round(sum(kinds.values()) / GIB, 3)})
             print(f"saved for backward, step {step}: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in kinds.items())
@@ -142,6 +147,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"benchmark": "train_memory_phases", "base": str(args.base),
                                     "layers": model.config.num_hidden_layers, "seq_len": seq_len,
                                     "batch": batch_size, "kept_weights": keep, "saved_for_backward_gib": saved_rows,
+                                    "loss": "transformers" if args.transformers_loss else "chunked (next_token_loss)",
                                     "dtype": str(dtype).replace("torch.", ""), "lora": lora.model_dump(),
                                     "target_modules": targets, "gradient_checkpointing": train.gradient_checkpointing,
                                     "trainable_parameters": sum(p.numel() for p in trainable),

@@ -32,6 +32,7 @@ from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.lora import attach_lora
 from qlora_pipeline.models import is_hub_source, resolve_model
+from qlora_pipeline.next_token_loss import next_token_loss
 from qlora_pipeline.recipe import LoraConfig, ModelConfig, TrainConfig
 from qlora_pipeline.rundir import fsync_dir, fsync_tree
 from qlora_pipeline.safe_state import load_state, save_state
@@ -238,7 +239,7 @@ def run(ctx: StageContext) -> StageResult:
                 batch = train_windows[order.indices(step, micro, accelerator.process_index)].to(device)
                 last_micro = micro == cfg.gradient_accumulation - 1
                 with contextlib.nullcontext() if last_micro else accelerator.no_sync(ddp_model):
-                    loss = ddp_model(input_ids=batch, labels=batch).loss
+                    loss = next_token_loss(ddp_model, model, batch)
                     if not torch.isfinite(loss):
                         last = latest_checkpoint(ctx.checkpoint_dir)
                         raise StageError(

@@ -39,9 +39,9 @@ def test_a_model_that_post_processes_its_logits_is_scored_on_its_whole_forward(t
     """Soft-capped logits (Gemma 2's final_logit_softcapping) are not head(hidden): no chunking."""
     model = load_hf_model(tiny_llama_dir, torch.float32, "cpu")
     windows = torch.randint(0, model.config.vocab_size, (2, 17))
-    assert scoring._body_and_head(model) is not None
+    assert scoring.body_and_head(model) is not None
     model.config.final_logit_softcapping = 30.0
-    assert scoring._body_and_head(model) is None
+    assert scoring.body_and_head(model) is None
     calls = []
     model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs.get("use_cache")), with_kwargs=True)
     nll, _ = scoring.summed_nll(model, windows, 2, "cpu")
