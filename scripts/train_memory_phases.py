@@ -7,7 +7,9 @@ base, attach LoRA, a forward, a backward, an optimizer step), on a run directory
 
 File-backed pages are the checkpoint's tensors that stay memory-mapped (the NF4 weights): they
 count in RSS once touched, but the kernel can drop and re-read them (clean page cache), unlike
-anonymous memory. A sampler thread records the highest RSS and the phase it fell in. The
+anonymous memory. A sampler thread records the highest RSS and the phase it fell in. glibc
+keeps freed blocks for reuse, so RSS also counts what the heap kept; with
+MALLOC_MMAP_THRESHOLD_=131072 in the environment RSS follows the live tensors (recorded). The
 LoRA, gradient-checkpointing, optimizer and compute-dtype settings are the run directory's own
 (its run.json's recipe), applied by the train stage's own code, and so is the batch: the
 recipe's micro-batch of train.seq_len tokens (random ids: memory does not depend on them) unless
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import threading
 import time
@@ -148,6 +151,7 @@ def main() -> None:
                                     "layers": model.config.num_hidden_layers, "seq_len": seq_len,
                                     "batch": batch_size, "kept_weights": keep, "saved_for_backward_gib": saved_rows,
                                     "loss": "transformers" if args.transformers_loss else "chunked (next_token_loss)",
+                                    "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                                     "dtype": str(dtype).replace("torch.", ""), "lora": lora.model_dump(),
                                     "target_modules": targets, "gradient_checkpointing": train.gradient_checkpointing,
                                     "trainable_parameters": sum(p.numel() for p in trainable),
