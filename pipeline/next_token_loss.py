@@ -6,9 +6,9 @@ gradient: about 14 bytes per logit, 3.4 GiB for one 2,048-token window of Llama-
 vocabulary, a third of what training the 8B needs on a GPU (docs/rehearsal.md). Under LoRA the
 head is frozen, so the only gradient the loss has to give is the hidden states'. Here it is
 computed in the forward, a chunk of positions at a time: d(summed NLL)/d(logits) = softmax -
-one-hot, times the head's weight. Autograd keeps only that B x T x d gradient, and the backward costs the same one matmul
-over the head as before. The numbers are the same loss and gradient up to float rounding
-order.
+one-hot, times the head's weight. Autograd keeps only that B x T x d gradient, and the
+backward costs the same one matmul over the head as before. The numbers are the same loss and
+gradient up to float rounding order.
 
 The chunk is smaller than evaluation's (`scoring.HEAD_CHUNK_POSITIONS`, 1,024): the loss runs at
 the end of the forward, when everything autograd saves for the backward is alive, so its
