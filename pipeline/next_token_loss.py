@@ -53,7 +53,7 @@ class _FrozenHeadNLL(torch.autograd.Function):
                 grad[start:stop] = probs.to(weight.dtype) @ weight
             del logits
         ctx.n = n
-        ctx.save_for_backward(grad if want_grad else None)
+        ctx.save_for_backward(grad)
         return total / n
 
     @staticmethod
@@ -62,11 +62,15 @@ class _FrozenHeadNLL(torch.autograd.Function):
         return grad * (grad_loss / ctx.n), None, None, None, None
 
 
+def _unwrapped(model):
+    """The transformers model inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def frozen_head(model) -> Optional[torch.nn.Linear]:
     """The head of `model` (a transformers causal LM, or a PEFT model around one) when the loss
     may take the chunked path: a plain linear map whose weights are not trained."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parts = body_and_head(inner)
+    parts = body_and_head(_unwrapped(model))
     if parts is None:
         return None
     head = parts[1]
@@ -78,7 +82,7 @@ def frozen_head(model) -> Optional[torch.nn.Linear]:
 @contextmanager
 def _hidden_states_out(model):
     """While inside, `model`'s forward returns its last hidden states where the logits were."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     head = inner.get_output_embeddings()
     inner.set_output_embeddings(torch.nn.Identity())
     try:

@@ -14,7 +14,7 @@ LoRA, gradient-checkpointing, optimizer and compute-dtype settings are the run d
 (its run.json's recipe), applied by the train stage's own code, and so is the batch: the
 recipe's micro-batch of train.seq_len tokens (random ids: memory does not depend on them) unless
 --batch / --seq-len say otherwise. As in the stage, on the CPU the NF4 layers keep their
-dequantized weights between steps when they fit the budget (`kernels.int4_linear.fits_kept`).
+dequantized weights between steps when they fit the budget (`train.kept_layers`).
 
 Besides RSS, it adds up what autograd saves for the backward during each forward (unique
 storages: the LM head's vocabulary-wide tensors, and the rest), and with
@@ -58,10 +58,9 @@ def main() -> None:
 
     from qlora_pipeline.layerwise.checkpoints import load_nf4_model
     from qlora_pipeline.recipe import LoraConfig, TrainConfig
-    from qlora_kernels.int4_linear import fits_kept, training_weights
+    from qlora_kernels.int4_linear import training_weights
     from qlora_pipeline.next_token_loss import next_token_loss
-    from qlora_pipeline.stages.train import eval_loss, make_optimizer, train_device_dtype, trainable_model
-    from qlora_kernels.nf4_linear import LinearNF4
+    from qlora_pipeline.stages.train import eval_loss, kept_layers, make_optimizer, train_device_dtype, trainable_model
 
     run_json = args.base.resolve().parents[1] / "run.json"
     if not run_json.is_file():
@@ -103,9 +102,7 @@ def main() -> None:
     optimizer, _ = make_optimizer(trainable, train, device)
     batch = torch.randint(0, min(49152, model.config.vocab_size), (batch_size, seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)
-    # The train stage's rule for keeping the dequantized weights (pipeline/stages/train.py, `run`).
-    nf4_layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
-    keep = device == "cpu" and bool(nf4_layers) and fits_kept(nf4_layers, dtype, torch.device(device))
+    kept = kept_layers(model, device, dtype)  # the train stage's rule
     vocab = model.config.vocab_size
     saved_rows = []
 
@@ -124,7 +121,7 @@ def main() -> None:
         return kinds, pack
 
     mark("attach lora", "forward 1")
-    with training_weights(nf4_layers if keep else []):
+    with training_weights(kept):
         for step in range(1, args.steps + 1):
             kinds, pack = saved_tally()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -149,7 +146,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "train_memory_phases", "base": str(args.base),
                                     "layers": model.config.num_hidden_layers, "seq_len": seq_len,
-                                    "batch": batch_size, "kept_weights": keep, "saved_for_backward_gib": saved_rows,
+                                    "batch": batch_size, "kept_weights": bool(kept), "saved_for_backward_gib": saved_rows,
                                     "loss": "transformers" if args.transformers_loss else "chunked (next_token_loss)",
                                     "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                                     "dtype": str(dtype).replace("torch.", ""), "lora": lora.model_dump(),

@@ -172,6 +172,15 @@ def eval_loss(model, windows: torch.Tensor, batch_size: int, device: str) -> flo
     return total / count
 
 
+def kept_layers(model, device: str, dtype: torch.dtype) -> list:
+    """The NF4 layers whose dequantized weights stay between training steps: on the CPU (no
+    kernel), all of them when they fit the budget together (SmolLM2-135M: 0.4 GB in float32;
+    not an 8B's 28 GB), else none. The same values, so the same training, with no
+    dequantization per step. Shared with scripts/train_memory_phases.py."""
+    layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    return layers if device == "cpu" and layers and fits_kept(layers, dtype, torch.device(device)) else []
+
+
 def trainable_model(base, lora: LoraConfig, cfg: TrainConfig):
     """The NF4 `base` with fresh LoRA adapters on the recipe's targets, gradient checkpointing as
     the recipe says, in training mode: (model, target module names). Shared with
@@ -224,12 +233,7 @@ def run(ctx: StageContext) -> StageResult:
                        accelerator.num_processes)
     tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation * accelerator.num_processes * seq_len
 
-    # On the CPU (no kernel), keep each NF4 layer's dequantized weight between steps when all of
-    # them fit the budget together (SmolLM2-135M: 0.4 GB in float32; not an 8B's 28 GB): the
-    # same values, so the same training, with no dequantization per step.
-    nf4_layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
-    keep_weights = device == "cpu" and bool(nf4_layers) and fits_kept(nf4_layers, dtype, torch.device(device))
-    with training_weights(nf4_layers if keep_weights else []):
+    with training_weights(kept_layers(model, device, dtype)):
         bar = ctx.progress(range(start_step, cfg.steps), desc="train", unit="step", total=cfg.steps, initial=start_step,
                            disable=None if accelerator.is_main_process else True)
         for step in bar:
