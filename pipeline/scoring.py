@@ -66,39 +66,53 @@ def _kv_arguments(forward_owner, kv_cache) -> dict:
     return {cache_argument(forward_owner): kv_cache, "use_cache": True}
 
 
-def _window_nll(model, batch: torch.Tensor, kv_cache=None) -> float:
-    """Summed next-token NLL of the windows `batch` [B, L]; the forward runs with `kv_cache` when
-    one is given."""
+def _window_nll(model, batch: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    """Next-token NLL of each window of `batch` [B, L], summed over its L - 1 predicted tokens
+    (float64 [B]); the forward runs with `kv_cache` when one is given."""
     targets = batch[:, 1:].reshape(-1)
     parts = body_and_head(model)
     if parts is None:
         logits = model(input_ids=batch, **_kv_arguments(model, kv_cache)).logits
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
-    body, head = parts
-    hidden = body(input_ids=batch, **_kv_arguments(body, kv_cache)).last_hidden_state[:, :-1]
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    total = 0.0
-    for start in range(0, hidden.shape[0], HEAD_CHUNK_POSITIONS):
-        stop = start + HEAD_CHUNK_POSITIONS
-        logits = head(hidden[start:stop]).float()
-        total += torch.nn.functional.cross_entropy(logits, targets[start:stop], reduction="sum").item()
-    return total
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="none")
+    else:
+        body, head = parts
+        hidden = body(input_ids=batch, **_kv_arguments(body, kv_cache)).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        losses = torch.cat([
+            torch.nn.functional.cross_entropy(head(hidden[start : start + HEAD_CHUNK_POSITIONS]).float(),
+                                              targets[start : start + HEAD_CHUNK_POSITIONS], reduction="none")
+            for start in range(0, hidden.shape[0], HEAD_CHUNK_POSITIONS)])
+    return losses.double().view(batch.shape[0], -1).sum(dim=1).cpu()
 
 
 @torch.no_grad()
-def summed_nll(model, windows: torch.Tensor, batch_size: int, device: str,
-               progress: Optional[Callable] = None, desc: str = "",
-               cache: Optional[Callable[[], Any]] = None) -> tuple[float, int]:
-    """(sum of next-token NLL, number of predicted tokens) over `windows` [n, L]; `cache()`, if
-    given, makes the (empty) KV cache each batch's forward runs with."""
-    total_nll, total_tokens = 0.0, 0
+def window_nlls(model, windows: torch.Tensor, batch_size: int, device: str,
+                progress: Optional[Callable] = None, desc: str = "",
+                cache: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+    """Each window's summed next-token NLL (float64 [n]) over `windows` [n, L]: what a
+    perplexity is made of, and what a paired comparison of two models on the same windows
+    needs (`qlora_pipeline.paired`). `cache()`, if given, makes the (empty) KV cache each
+    batch's forward runs with."""
+    parts = []
     starts = range(0, windows.shape[0], batch_size)
     for start in (progress(starts, desc=desc, unit="batch") if progress else starts):
         batch = windows[start : start + batch_size].to(device)
-        total_nll += _window_nll(model, batch, None if cache is None else cache())
-        total_tokens += batch[:, 1:].numel()
-    return total_nll, total_tokens
+        parts.append(_window_nll(model, batch, None if cache is None else cache()))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def summed_nll(model, windows: torch.Tensor, batch_size: int, device: str,
+               progress: Optional[Callable] = None, desc: str = "",
+               cache: Optional[Callable[[], Any]] = None) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) over `windows` [n, L]."""
+    nlls = window_nlls(model, windows, batch_size, device, progress, desc, cache)
+    return float(nlls.sum()), windows.shape[0] * (windows.shape[1] - 1)
+
+
+def perplexity_of(nlls: torch.Tensor, window_length: int) -> float:
+    """The perplexity of windows of `window_length` tokens whose summed NLLs are `nlls`."""
+    return math.exp(float(nlls.sum()) / (nlls.numel() * (window_length - 1)))
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progress: Callable, desc: str,

@@ -32,7 +32,7 @@ from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.methods import METHODS
 from qlora_pipeline.models import resolve_model
 from qlora_pipeline.recipe import EvaluateConfig, ModelConfig
-from qlora_pipeline.scoring import cache_argument, eval_device_dtype, perplexity, returned_cache
+from qlora_pipeline.scoring import cache_argument, eval_device_dtype, perplexity_of, returned_cache, window_nlls
 from qlora_pipeline.stages.data import TOKENS_FILE
 from qlora_pipeline.stages.quantize import SUMMARY_FILE as QUANTIZATION_SUMMARY
 
@@ -144,6 +144,16 @@ def generations(model, tokenizer, prompts: list[str], max_new_tokens: int, devic
     return out
 
 
+def _scored(metrics: dict, split: str, model, windows: torch.Tensor, cfg: EvaluateConfig, device: str,
+            progress: Callable, artifact: str) -> list[float]:
+    """Score `windows` of `split`: its perplexity and predicted tokens into `metrics`; each
+    window's summed NLL returned."""
+    nlls = window_nlls(model, windows, cfg.batch_size, device, progress, f"{artifact}: {split} ppl")
+    metrics[f"{split}_ppl"] = perplexity_of(nlls, windows.shape[1])
+    metrics[f"{split}_tokens"] = windows.shape[0] * (windows.shape[1] - 1)
+    return nlls.tolist()
+
+
 def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str], tuple[object, Path]]):
     """A stage function evaluating `artifact`; `loader(ctx, dtype, device)` returns (model, its
     directory) or (model, its directory, more files of the artifact: an unmerged adapter's)."""
@@ -175,9 +185,10 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
             if searched:
                 metrics["search_seconds"] = search_seconds
         domain = data.windows(streams["domain_eval"], seq_len, cfg.max_domain_windows)
-        metrics["domain_ppl"], metrics["domain_tokens"] = perplexity(
-            model, domain, cfg.batch_size, device, ctx.progress, f"{artifact}: domain ppl")
+        # Each window's NLL is kept (float64 sums, a few hundred bytes): the report's paired
+        # intervals compare two artifacts window by window (`qlora_pipeline.paired`).
         extra = {"kv_shape": memory_plan.attention(read_config(artifact_dir))._asdict()}
+        extra["domain_window_nll"] = _scored(metrics, "domain", model, domain, cfg, device, ctx.progress, artifact)
         if cfg.kv_fp8:
             from qlora_pipeline.kv_fp8 import fp8_kv_perplexities
 
@@ -187,8 +198,8 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
             metrics.update(fp8)
         if "general_eval" in streams:
             general = data.windows(streams["general_eval"], seq_len, cfg.max_general_windows)
-            metrics["general_ppl"], metrics["general_tokens"] = perplexity(
-                model, general, cfg.batch_size, device, ctx.progress, f"{artifact}: general ppl")
+            extra["general_window_nll"] = _scored(metrics, "general", model, general, cfg, device, ctx.progress,
+                                                  artifact)
         if cfg.speed:
             metrics.update(throughput(model, domain[:1], cfg.decode_tokens, device))
         texts = []

@@ -8,6 +8,10 @@ size, the training loss curve, the per-layer quantization error of each quantize
 `<artifact>.<metric>` (the same names in every run, so MLflow's compare view lines them up),
 on this stage's run and on the pipeline's parent run.
 
+Every change of perplexity between two artifacts comes with a 95% interval where both kept
+their per-window NLLs (`qlora_pipeline.paired`), and every two quantized artifacts are compared
+that way, so the report says when its text cannot tell two methods apart.
+
 The gate: a quantized artifact whose perplexity increase over the merged model exceeds
 `evaluate.gate` is marked failed here and in MLflow; `pipeline run` finishes the other stages
 and then exits non-zero (see `gate_failures`).
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from qlora_pipeline import memory_plan, rundir
 from qlora_pipeline.graph import StageContext, StageResult
+from qlora_pipeline.paired import PairedChange, paired_change
 
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"  # the artifacts' metrics and the gate's verdicts (`compare` and MLflow read it)
@@ -49,6 +54,67 @@ def increase(m: dict, ref: dict | None, key: str) -> float | None:
     if ref is None or key not in m or key not in ref:
         return None
     return 100 * (m[key] / ref[key] - 1)
+
+
+def paired(m: dict, ref: dict | None, split: str = "domain") -> PairedChange | None:
+    """`m`'s perplexity on `split` over `ref`'s, window by window, with its 95% interval; None
+    when either lacks per-window NLLs (an evaluation from before they were kept) or the two were
+    not scored on the same windows."""
+    key, tokens = f"{split}_window_nll", f"{split}_tokens"
+    if ref is None or key not in m or key not in ref or m.get(tokens) != ref.get(tokens) or not m[key]:
+        return None
+    return paired_change(m[key], ref[key], int(m[tokens]) // len(m[key]))
+
+
+def change_cell(m: dict, ref: dict | None, split: str = "domain") -> str:
+    """A perplexity change in percent, with the half-width of its 95% interval where known."""
+    inc = increase(m, ref, f"{split}_ppl")
+    if inc is None:
+        return "–"
+    pc = paired(m, ref, split)
+    if pc is None:
+        return f"{inc:+.2f}%"
+    # exp() makes a wide interval lopsided; then both ends are shown
+    if abs((pc.high - pc.percent) - (pc.percent - pc.low)) <= 0.1 * pc.half_width:
+        return f"{inc:+.2f}% ±{pc.half_width:.2f}"
+    return f"{inc:+.2f}% [{pc.low:+.2f}, {pc.high:+.2f}]"
+
+
+def pairwise(artifacts: dict[str, dict]) -> list[dict]:
+    """Every two quantized artifacts compared window by window on each split, the one with the
+    lower domain perplexity first: whether the evaluation text tells them apart at all."""
+    quantized = sorted((n for n in artifacts if n not in FIXED and "domain_ppl" in artifacts[n]),
+                       key=lambda n: artifacts[n]["domain_ppl"])
+    rows = []
+    for i, a in enumerate(quantized):
+        for b in quantized[i + 1:]:
+            row = {"artifact": a, "against": b}
+            for split in ("domain", "general"):
+                pc = paired(artifacts[a], artifacts[b], split)
+                if pc is not None:
+                    row[split] = pc._asdict()
+            if len(row) > 2:
+                rows.append(row)
+    return rows
+
+
+def _pairwise_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Quantized artifacts against each other", "",
+             "Perplexity of the first over the second, window by window on the same windows, with a 95% "
+             "interval from the spread of the per-window differences (windows taken as independent: a lower "
+             "bound on the uncertainty). An interval that holds 0 means this text does not tell the two apart.",
+             "", "| artifact | against | domain | general |", "|---|---|---|---|"]
+
+    def cell(pc: dict | None) -> str:
+        if pc is None:
+            return "–"
+        verdict = "" if pc["low"] > 0 or pc["high"] < 0 else " (not told apart)"
+        return f"{pc['percent']:+.2f}% [{pc['low']:+.2f}, {pc['high']:+.2f}]{verdict}"
+
+    return lines + [f"| {r['artifact']} | {r['against']} | {cell(r.get('domain'))} | {cell(r.get('general'))} |"
+                    for r in rows]
 
 
 def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]]:
@@ -115,8 +181,7 @@ def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: 
     reference, merged = artifacts.get("base"), artifacts.get("merged")
 
     def delta(m: dict, ref: dict | None, skip: bool) -> str:
-        inc = None if skip else increase(m, ref, "domain_ppl")
-        return "–" if inc is None else f"{inc:+.2f}%"
+        return "–" if skip else change_cell(m, ref)
 
     def own_delta(m: dict, key: str) -> str:
         inc = increase({"domain_ppl": m[key]}, m, "domain_ppl") if key in m else None
@@ -297,7 +362,9 @@ def run(ctx: StageContext) -> StageResult:
         *_table(artifacts, verdicts, gate_on, baselines),
         "",
         f"Evaluated on {any_m['device']} in {any_m['dtype']}; {int(any_m['domain_tokens'])} domain tokens"
-        + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else "."),
+        + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else ".")
+        + (" ± after a change: the half-width of its 95% interval, from the per-window differences "
+           "(the next section says how); an interval shown by its ends is lopsided." if any("domain_window_nll" in m for m in artifacts.values()) else ""),
     ]
     failed = {n: r for n, r in verdicts.items() if r and n not in baselines}
     failed_baselines = {n: r for n, r in verdicts.items() if r and n in baselines}
@@ -307,6 +374,8 @@ def run(ctx: StageContext) -> StageResult:
         lines += ["", "## Quality gate: baselines that fail it", "",
                   "Reference entries (`quantize[].baseline`): judged like the others, not counted against the run.",
                   ""] + [f"- **{n}** (baseline): {'; '.join(r)}" for n, r in failed_baselines.items()]
+    between = pairwise(artifacts)
+    lines += _pairwise_lines(between)
     comparison = adapter_comparison(artifacts)
     if comparison:
         lines += ["", "## Adapter vs merge", "",
@@ -318,9 +387,10 @@ def run(ctx: StageContext) -> StageResult:
                   "| unmerged | merged | domain ppl (unmerged) | domain ppl (merged) | domain difference "
                   "| general difference | size (MB): unmerged / merged |", "|---|---|---|---|---|---|---|"]
         for row in comparison:
-            general = "–" if row["general_difference"] is None else f"{row['general_difference']:+.2f}%"
+            unmerged, merged = artifacts[row["unmerged"]], artifacts[row["merged"]]
             lines.append(f"| {row['unmerged']} | {row['merged']} | {row['unmerged_domain_ppl']:.3f} | "
-                         f"{row['merged_domain_ppl']:.3f} | {row['domain_difference']:+.2f}% | {general} | "
+                         f"{row['merged_domain_ppl']:.3f} | {change_cell(unmerged, merged)} | "
+                         f"{change_cell(unmerged, merged, 'general')} | "
                          f"{row['unmerged_size_bytes'] / 1e6:.1f} / {row['merged_size_bytes'] / 1e6:.1f} |")
     deploy = ctx.config["deploy"]
     plan = memory_rows(artifacts, deploy)
@@ -336,7 +406,8 @@ def run(ctx: StageContext) -> StageResult:
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += _generations(artifacts)
     (ctx.output_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
-    report = {"artifacts": artifacts, "gate": verdicts, "memory_plan": plan, "adapter_vs_merge": comparison}
+    report = {"artifacts": artifacts, "gate": verdicts, "memory_plan": plan, "adapter_vs_merge": comparison,
+              "pairwise": between}
     if baselines:
         report["gate_baselines"] = sorted(baselines)
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(report, indent=2))

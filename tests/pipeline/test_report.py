@@ -127,3 +127,37 @@ def test_a_baseline_that_fails_the_gate_is_reported_and_does_not_fail_the_run(tw
     assert cli("compare", str(run_dir)) == 0
     assert "FAILED (baseline)" in capsys.readouterr().out
     assert cli("run", str(tmp / "bad.yaml")) == 1  # no longer a baseline: the run fails again
+
+
+def test_the_report_says_when_two_quantized_artifacts_differ_beyond_the_windows_spread(two_runs):
+    """Real SmolLM2: 2-bit round-to-nearest against 4-bit, window by window: far apart, the
+    interval well clear of 0; each artifact's per-window NLLs give its perplexity."""
+    import math
+
+    tmp, _ = two_runs
+    out = tmp / "runs" / "bad" / "report" / "output"
+    report = json.loads((out / "metrics.json").read_text())
+    for m in report["artifacts"].values():
+        assert len(m["domain_window_nll"]) == m["domain_tokens"] // 127 and len(m["general_window_nll"]) > 1
+        assert math.isclose(math.exp(sum(m["domain_window_nll"]) / m["domain_tokens"]), m["domain_ppl"], rel_tol=1e-12)
+    (row,) = report["pairwise"]
+    assert (row["artifact"], row["against"]) == ("rtn", "rtn-2bit")
+    assert row["domain"]["high"] < 0 and row["general"]["high"] < 0
+    merged, rtn = report["artifacts"]["merged"], report["artifacts"]["rtn"]
+    assert row["domain"]["low"] < 100 * (rtn["domain_ppl"] / report["artifacts"]["rtn-2bit"]["domain_ppl"] - 1) < row["domain"]["high"]
+    text = (out / "report.md").read_text()
+    increase = 100 * (rtn["domain_ppl"] / merged["domain_ppl"] - 1)
+    assert (f"| {increase:+.2f}% ±" in text or f"| {increase:+.2f}% [" in text)
+    assert "## Quantized artifacts against each other" in text and "(not told apart)" not in text
+
+
+def test_a_change_cell_shows_its_interval_by_half_width_or_by_its_ends_when_lopsided():
+    from qlora_pipeline.stages.report import change_cell
+
+    ref = {"domain_ppl": 10.0, "domain_tokens": 300, "domain_window_nll": [700.0, 690.0, 710.0]}
+    near = {"domain_ppl": 10.1, "domain_tokens": 300, "domain_window_nll": [703.0, 692.0, 714.0]}
+    far = {"domain_ppl": 40.0, "domain_tokens": 300, "domain_window_nll": [1100.0, 900.0, 1200.0]}
+    assert change_cell(near, ref).startswith("+1.00% ±")
+    assert change_cell(far, ref).startswith("+300.00% [")
+    assert change_cell({"domain_ppl": 11.0}, ref) == "+10.00%"  # no per-window NLLs: no interval
+    assert change_cell({**near, "domain_tokens": 200, "domain_window_nll": [1.0, 2.0]}, ref) == "+1.00%"

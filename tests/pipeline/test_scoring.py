@@ -35,6 +35,19 @@ def test_chunked_head_gives_the_whole_forwards_nll_and_bounds_the_logits(tiny_ll
     assert math.isclose(nll, reference, rel_tol=1e-6), (nll, reference)
 
 
+def test_each_windows_nll_is_its_own_forwards_even_when_head_chunks_cross_windows(tiny_llama_dir, monkeypatch):
+    """The per-window sums the report's paired intervals use: window i's entry is the NLL of
+    window i alone, though the head's chunks of positions straddle window boundaries."""
+    model = load_hf_model(tiny_llama_dir, torch.float32, "cpu")
+    windows = torch.randint(0, model.config.vocab_size, (5, 33))
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_POSITIONS", 20)
+    nlls = scoring.window_nlls(model, windows, 2, "cpu")
+    assert nlls.dtype == torch.float64 and nlls.shape == (5,)
+    for i in range(5):
+        assert math.isclose(float(nlls[i]), _whole_logits_nll(model, windows[i : i + 1]), rel_tol=1e-6)
+    assert math.isclose(scoring.perplexity_of(nlls, 33), math.exp(float(nlls.sum()) / (5 * 32)))
+
+
 def test_a_model_that_post_processes_its_logits_is_scored_on_its_whole_forward(tiny_llama_dir, monkeypatch):
     """Soft-capped logits (Gemma 2's final_logit_softcapping) are not head(hidden): no chunking."""
     model = load_hf_model(tiny_llama_dir, torch.float32, "cpu")
