@@ -152,10 +152,11 @@ def _read_json(path: Path) -> dict:
 def _print_summary(planned, seconds: float, report: Path) -> None:
     """The end of a run: per stage what happened and how long it took, the total, the report."""
     width = max(len(p.spec.name) for p in planned)
-    click.echo("stage summary:")
+    click.echo("stage summary (peak RSS: this process's high-water mark once the stage had run):")
     for p in planned:
         took = f"{p.seconds:8.1f} s" if p.outcome in ("ran", "resumed", "cached") else " " * 10
-        click.echo(f"  {p.spec.name:<{width}}  {p.outcome or 'skipped':<8} {took}  {p.reason}")
+        peak = f"{p.peak_rss_bytes / 2**30:6.2f} GiB" if p.peak_rss_bytes else " " * 10
+        click.echo(f"  {p.spec.name:<{width}}  {p.outcome or 'skipped':<8} {took}  {peak}  {p.reason}")
     ran = sum(p.outcome in ("ran", "resumed") for p in planned)
     cached = sum(p.outcome == "cached" for p in planned)
     click.echo(f"{ran} stage(s) ran, {cached} from the stage cache, {len(planned) - ran - cached} skipped, "

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,12 +58,24 @@ class PlannedStage:
     forced: bool = False
     outcome: str = ""  # after `run`: ran | skipped | resumed | cached, and seconds
     seconds: float = 0.0
+    peak_rss_bytes: int = 0  # after `run`: the process's resident-set high-water mark once the stage ran
     basis: str = ""  # under a "from cache" reason: why the stage is not up to date
 
     @property
     def settled(self) -> bool:
         """Skipped whatever happens upstream: nothing it depends on changes before its turn."""
         return self.action == "skip" and not self.waits_on
+
+
+def process_peak_rss() -> int:
+    """This process's resident-set high-water mark so far, in bytes (0 where the OS does not say).
+    The stage after which it rises is the one that set the peak of a whole run in one process."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def _from_cache(key: str, reason: str) -> str:
@@ -636,6 +649,7 @@ class Runner:
                 raise StageError(f"stage {spec.name}: {err}; free some space and rerun the same command to resume") from exc
             raise StageError(f"stage {spec.name} failed: {err}") from exc
         p.seconds = seconds
+        p.peak_rss_bytes = process_peak_rss()
         p.outcome = "resumed" if resumed else "ran"
         logger.info("%-22s done  in %.1fs", spec.name, seconds)
         return result

@@ -391,9 +391,14 @@ def test_changing_train_steps_reuses_everything_before_training(tiny_llama_dir, 
     assert all(plan[s][0] == "run" for s in REDONE)
 
     assert cli("run", recipe, "--run-dir", str(two), "--set", "train.steps=3") == 0
-    summary = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.split("stage summary:\n")[1]
-               .splitlines()[:-1]}
+    lines = capsys.readouterr().out.split("stage summary")[1].splitlines()[1:-1]
+    summary = {line.split()[0]: line.split()[1] for line in lines}
     assert summary == {**{s: "cached" for s in REUSED}, **{s: "ran" for s in REDONE}}
+    # The process's peak RSS once each stage ran: a high-water mark, so never falling down the list
+    peaks = [float(line.split()[4]) for line in lines if line.split()[1] == "ran"]
+    assert len(peaks) == len(REDONE) and peaks[0] > 0.1 and peaks == sorted(peaks)
+    assert all(line.split()[5] == "GiB" for line in lines if line.split()[1] == "ran")
+    assert all("GiB" not in line for line in lines if line.split()[1] == "cached")
     for stage in REUSED:
         manifest = json.loads((two / stage / "manifest.json").read_text())
         assert manifest["cache"]["source"] == str((one / stage).resolve())
