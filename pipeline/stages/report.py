@@ -415,6 +415,12 @@ def run(ctx: StageContext) -> StageResult:
     flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     flat.update({f"{name}.gate_passed": float(not reasons) for name, reasons in verdicts.items()})
+    for name, m in artifacts.items():  # each change over the merged model with its 95% interval, in percent
+        for split in ("domain", "general"):
+            pc = None if name in FIXED else paired(m, artifacts.get("merged"), split)
+            if pc is not None:
+                flat.update({f"{name}.{split}_vs_merged": pc.percent, f"{name}.{split}_vs_merged_low": pc.low,
+                             f"{name}.{split}_vs_merged_high": pc.high})
     for p in [ctx.output_dir / REPORT_FILE, ctx.output_dir / METRICS_FILE, *plots]:
         ctx.metrics.log_artifact(p)
     if failed or failed_baselines:

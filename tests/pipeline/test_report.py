@@ -106,6 +106,10 @@ def test_mlflow_has_the_same_metric_names_on_both_parent_runs(two_runs):
     for name in ("g32", "bad"):
         assert {"merged.domain_ppl", "rtn.domain_ppl", "rtn.size_bytes"} <= set(parents[name].data.metrics)
     assert parents["bad"].data.metrics["rtn-2bit.gate_passed"] == 0.0
+    # each quantized artifact's change over merged, with the ends of its 95% interval
+    metrics = parents["bad"].data.metrics
+    assert metrics["rtn.domain_vs_merged_low"] < metrics["rtn.domain_vs_merged"] < metrics["rtn.domain_vs_merged_high"]
+    assert "merged.domain_vs_merged" not in metrics
 
 
 def test_a_baseline_that_fails_the_gate_is_reported_and_does_not_fail_the_run(two_runs, capsys):
