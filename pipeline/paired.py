@@ -43,7 +43,8 @@ class PairedChange(NamedTuple):
 
     @property
     def half_width(self) -> float:
-        """Half the interval's width, in percentage points (the interval is near symmetric at these sizes)."""
+        """Half the interval's width, in percentage points (exp() makes a wide interval lopsided:
+        the report shows both ends then)."""
         return (self.high - self.low) / 2
 
     @property

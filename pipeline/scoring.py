@@ -118,5 +118,5 @@ def perplexity_of(nlls: torch.Tensor, window_length: int) -> float:
 def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progress: Callable, desc: str,
                cache: Optional[Callable[[], Any]] = None) -> tuple[float, int]:
     """(perplexity, number of predicted tokens) over `windows` [n, L]."""
-    nll, tokens = summed_nll(model, windows, batch_size, device, progress, desc, cache)
-    return math.exp(nll / tokens), tokens
+    nlls = window_nlls(model, windows, batch_size, device, progress, desc, cache)
+    return perplexity_of(nlls, windows.shape[1]), windows.shape[0] * (windows.shape[1] - 1)

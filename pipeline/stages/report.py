@@ -92,7 +92,7 @@ def pairwise(artifacts: dict[str, dict]) -> list[dict]:
             for split in ("domain", "general"):
                 pc = paired(artifacts[a], artifacts[b], split)
                 if pc is not None:
-                    row[split] = pc._asdict()
+                    row[split] = {**pc._asdict(), "told_apart": pc.excludes_zero}
             if len(row) > 2:
                 rows.append(row)
     return rows
@@ -110,7 +110,7 @@ def _pairwise_lines(rows: list[dict]) -> list[str]:
     def cell(pc: dict | None) -> str:
         if pc is None:
             return "–"
-        verdict = "" if pc["low"] > 0 or pc["high"] < 0 else " (not told apart)"
+        verdict = "" if pc["told_apart"] else " (not told apart)"
         return f"{pc['percent']:+.2f}% [{pc['low']:+.2f}, {pc['high']:+.2f}]{verdict}"
 
     return lines + [f"| {r['artifact']} | {r['against']} | {cell(r.get('domain'))} | {cell(r.get('general'))} |"

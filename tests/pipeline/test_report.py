@@ -147,6 +147,7 @@ def test_the_report_says_when_two_quantized_artifacts_differ_beyond_the_windows_
     (row,) = report["pairwise"]
     assert (row["artifact"], row["against"]) == ("rtn", "rtn-2bit")
     assert row["domain"]["high"] < 0 and row["general"]["high"] < 0
+    assert row["domain"]["told_apart"] and row["general"]["told_apart"]
     merged, rtn = report["artifacts"]["merged"], report["artifacts"]["rtn"]
     assert row["domain"]["low"] < 100 * (rtn["domain_ppl"] / report["artifacts"]["rtn-2bit"]["domain_ppl"] - 1) < row["domain"]["high"]
     text = (out / "report.md").read_text()
