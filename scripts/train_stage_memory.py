@@ -87,17 +87,21 @@ def main() -> None:
         if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "glibc default"
     label = args.label or allocator
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    record = {"label": label, "allocator": allocator, "code": commit, "seconds": round(seconds, 1),
+    record = {"label": label, "allocator": allocator, "overrides": args.overrides, "code": commit,
+              "seconds": round(seconds, 1),
               "peak_rss_gib": round(sampler.peak[peak_label], 3), "peak_during": peak_label,
               "peak_by_part_gib": {k: round(v, 3) for k, v in sampler.peak.items()},
               "loadavg_at_end": os.getloadavg()}
     print(f"{label}: peak RSS {record['peak_rss_gib']:.2f} GiB during {peak_label}; by part: "
           + ", ".join(f"{k} {v:.2f}" for k, v in record["peak_by_part_gib"].items()) + f"; {seconds:.0f} s")
-    runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    runs = earlier["runs"]
+    for r in runs:  # records of the file's first layout share one top-level "overrides"
+        r.setdefault("overrides", earlier.get("overrides", []))
     runs = [r for r in runs if r["label"] != label] + [record]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "train_stage_memory", "recipe": args.recipe,
-                                    "overrides": args.overrides, "runs": runs}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"benchmark": "train_stage_memory", "recipe": args.recipe, "runs": runs},
+                                   indent=1) + "\n")
     print(f"written {args.out}")
 
 
