@@ -5,12 +5,12 @@
 
 Each ARTIFACT_DIR is a stage output that the evaluate stage can load: a `quantize-<name>`
 stage's output (loaded as it ships, through its method's loader) or a plain HF checkpoint (a
-`merge` output). All are scored, in the evaluation's device and dtype (`evaluate.dtype: auto`),
-on the same `domain_valid` windows of RUN_DIR's `data` stage (data.seq_len tokens each; never
-the test split), and every artifact after the first is compared with the first: the change in
-perplexity with its 95% interval from the window-by-window differences (`qlora_pipeline.paired`,
-as the report computes it); `--pair I J` also compares artifact I with artifact J (0-based, in
-the order given). Prints a table; `--out` also writes it as JSON.
+`merge` output). All are scored on the device and in the dtype that the evaluation's `auto`
+settings pick, 4 windows a batch as the default recipe evaluates, on the same `domain_valid`
+windows of RUN_DIR's `data` stage (data.seq_len tokens each; never the test split), and every
+artifact after the first is compared with the first: the change in perplexity with its 95%
+interval from the window-by-window differences (`qlora_pipeline.paired`, as the report computes
+it); `--pair I J` also compares artifact I with artifact J (0-based, in the order given). Prints a table; `--out` also writes it as JSON.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def main() -> None:
     seq_len = int(manifest["config"]["data"]["seq_len"])  # the windows the evaluate stage scores
     streams = load_file(str(args.run_dir / "data" / "output" / TOKENS_FILE))
     valid = windows(streams["domain_valid"], seq_len, args.windows)
-    device, dtype = "cpu", resolve_dtype("auto", "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as `evaluate.device: auto`
+    dtype = resolve_dtype("auto", device)
     rows = []
     for artifact in args.artifacts:
         summary = artifact / SUMMARY_FILE
@@ -80,7 +81,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"benchmark": "compare_on_valid", "run_dir": str(args.run_dir),
-                                        "windows": list(valid.shape), "dtype": str(dtype), "rows": rows, "pairs": pairs,
+                                        "windows": list(valid.shape), "device": device, "dtype": str(dtype), "rows": rows, "pairs": pairs,
                                         "threads": torch.get_num_threads(), "machine": platform.machine(),
                                         "torch": torch.__version__}, indent=1) + "\n")
         print(f"written {args.out}")
