@@ -10,7 +10,8 @@ settings pick, 4 windows a batch as the default recipe evaluates, on the same `d
 windows of RUN_DIR's `data` stage (data.seq_len tokens each; never the test split), and every
 artifact after the first is compared with the first: the change in perplexity with its 95%
 interval from the window-by-window differences (`qlora_pipeline.paired`, as the report computes
-it); `--pair I J` also compares artifact I with artifact J (0-based, in the order given). Prints a table; `--out` also writes it as JSON.
+it); `--pair I J` also compares artifact I with artifact J (0-based, in the order given).
+Prints a table; `--out` also writes it as JSON.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"benchmark": "compare_on_valid", "run_dir": str(args.run_dir),
-                                        "windows": list(valid.shape), "device": device, "dtype": str(dtype), "rows": rows, "pairs": pairs,
+                                        "windows": list(valid.shape), "device": device, "dtype": str(dtype),
+                                        "rows": rows, "pairs": pairs,
                                         "threads": torch.get_num_threads(), "machine": platform.machine(),
                                         "torch": torch.__version__}, indent=1) + "\n")
         print(f"written {args.out}")
