@@ -21,7 +21,7 @@ REDUCED = [  # the default recipe, with less calibration and evaluation work
     "quantize=[{name: rtn-w4g64, method: rtn, bits: 4, group_size: 64, baseline: true},"
     " {name: gptq-w4g64, method: gptq, bits: 4, group_size: 64, desc_act: true, static_groups: true},"
     # 2 of the search's 8 windows: half the search's time (160 against 320 s), AWQ 11.73% over
-    # merged against 11.76% with 8 (README "The default suite's real model")
+    # merged against 11.76% with 8 on this reduced run (README, "What the demo produces")
     " {name: awq-w4g64, method: awq, bits: 4, group_size: 64, awq: {search_windows: 2}}]",
     "evaluate.max_general_windows=4",
     "evaluate.speed=false",
