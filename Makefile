@@ -21,8 +21,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/pipeline run recipes/smollm2_domain.yaml
 
+# One pytest-xdist worker per core (at most 4), each test file whole in one worker and the
+# longest files first (tests/conftest.py: the order, and each worker's share of the threads).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow

@@ -7,10 +7,43 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on its share
+# of the cores, and so do the pipeline processes its tests start (they inherit the
+# environment): OpenMP threads of two workers on one core stall each other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(THREADS)
+
+import torch  # noqa: E402  (after the thread count is in the environment)
+import yaml  # noqa: E402
+
+if WORKERS > 1:
+    torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The files that take longest, started first, so that the workers of `--dist loadfile` finish
+# together (each file runs in one worker: its module-scoped fixtures run once).
+LONGEST_FIRST = ("pipeline/test_real_model.py", "pipeline/test_run_integrity.py", "pipeline/test_quantize.py",
+                 "pipeline/test_train_merge.py", "pipeline/test_report.py")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4: past that, each worker's share of the
+    threads shrinks, and the real-model test's pipeline run, in one worker, takes longer than
+    all the other tests together."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.path.relative_to(REPO / "tests").as_posix() if item.path.is_relative_to(REPO / "tests") else ""
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
