@@ -11,9 +11,10 @@ import pytest
 # Under pytest-xdist (`make test` runs one worker per core) each worker computes on its share
 # of the cores, and so do the pipeline processes its tests start (they inherit the
 # environment): OpenMP threads of two workers on one core stall each other.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    THREADS = max(1, CORES // WORKERS)
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(THREADS)
 
@@ -35,7 +36,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core, at most 4: past that, each worker's share of the
     threads shrinks, and the real-model test's pipeline run, in one worker, takes longer than
     all the other tests together."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return max(1, min(4, CORES))
 
 
 def pytest_collection_modifyitems(items):

@@ -166,3 +166,11 @@ def test_a_quantize_stage_hashes_the_method_modules_it_imports_by_name(tmp_path)
     assert {"pipeline/methods/awq.py", "pipeline/methods/awq_format.py", "quant/awq.py"} <= set(awq)
     assert "pipeline/methods/gptq.py" not in awq
     assert "pipeline/layerwise/checkpoints.py" in runner.code(specs["evaluate-awq-w4g64"])
+
+
+def test_the_suite_order_names_files_that_exist():
+    """`make test` starts these files first; a renamed one would silently lose its place."""
+    from conftest import LONGEST_FIRST
+
+    tests = Path(__file__).resolve().parent
+    assert [name for name in LONGEST_FIRST if not (tests / name).is_file()] == []
