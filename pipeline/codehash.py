@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 # Import name -> folder, as pyproject.toml's package-dir installs them (a test checks they agree).
-PACKAGE_FOLDERS = {"qlora_pipeline": "pipeline", "qlora_quant": "quant", "qlora_kernels": "kernels"}
+PACKAGE_FOLDERS = {"qlora_pipeline": "pipeline", "qlora_quant": "quant", "qlora_kernels": "qlora_kernels"}
 # The stage framework itself: how stages are described and which errors they raise, not
 # what any stage computes. Changing them re-runs nothing.
 FRAMEWORK_MODULES = frozenset({"qlora_pipeline.graph", "qlora_pipeline.errors"})

@@ -168,7 +168,7 @@ def _dequantize_consecutive(codes: torch.Tensor, zeros_t: torch.Tensor, scales_t
     the bits do not depend on the layout; both work on contiguous [out, in] rows. The
     transposed gathers they replaced were 3.1-9.1x slower on the CPU (scripts/bench_dequantize.py,
     benchmarks/dequantize_cpu.json),
-    where an int4 layer dequantizes at every call once past the kept budget (kernels/int4_linear.py)."""
+    where an int4 layer dequantizes at every call once past the kept budget (qlora_kernels/int4_linear.py)."""
     out_f, in_f = codes.shape
     groups = scales_t.shape[1]
     w = codes.reshape(out_f, groups, in_f // groups).float() - zeros_t.unsqueeze(2)

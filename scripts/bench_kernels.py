@@ -25,7 +25,7 @@ Protocol:
     overhead (tens of us) does not hide a microsecond kernel. The median over --reps
     repetitions, per call. Targets are judged on the CUDA-graph times of both sides.
   - Before timing, every kernel's output is checked against its plain-torch twin
-    (kernels/reference.py) on the same packed weights: relative Frobenius error at most 1e-2
+    (qlora_kernels/reference.py) on the same packed weights: relative Frobenius error at most 1e-2
     in bf16; a failed check fails the row whatever its speed.
   - Bandwidth: the bytes a kernel must move (packed weight, scales and zeros, activations in
     and out, bytes as docs/kernels.md#physical-limits counts them) over its time, divided by
@@ -36,7 +36,7 @@ Protocol:
     M = 4 has none of its own); M >= 128 >= 0.95x; act-order at M = 1 at most 5% slower than
     plain (>= 0.952x); NF4 forward + backward >= 1.0x dequantize + cuBLAS at every M and
     >= 0.9x bf16 from M = 4096. Rows without a target are for information (e.g. the
-    W4A16 crossover to dequantize + cuBLAS, `kernels/triton_kernels.py` *_CUBLAS_MIN_M).
+    W4A16 crossover to dequantize + cuBLAS, `qlora_kernels/triton_kernels.py` *_CUBLAS_MIN_M).
     A row passes when the measured value is at least its target: no tolerance for noise.
   - Weights are random packed words and scales (speed does not depend on the values;
     correctness is checked separately against the twins).
@@ -72,7 +72,7 @@ MS = (1, 4, 16, 128, 1024, 4096)
 GROUP = 128
 NF4_BLOCK = 64
 LARGE = 4096 * 14336  # "4096x14336 and larger" in the targets
-# kernels/triton_kernels.py GEMV_MAX_M (not imported here: --dry-run runs without the kernels);
+# qlora_kernels/triton_kernels.py GEMV_MAX_M (not imported here: --dry-run runs without the kernels);
 # up to this M the W4A16 and NF4 forward wrappers take the GEMV, and the rows below also time
 # the split-K kernel they replaced ("split-K (GEMV off)", no target), for the crossover
 GEMV_MAX_M = 16
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
         "triton": triton.__version__, "copy_bytes_per_second": measured["copy_bytes_per_second"],
         "l2_bytes": measured["l2_bytes"], "reps": args.reps,
         "protocol": "median per call under CUDA graphs (eager in us_eager); weights rotated over copies > 2x L2; "
-                    "outputs checked against kernels/reference.py (relative Frobenius error <= 1e-2)",
+                    "outputs checked against qlora_kernels/reference.py (relative Frobenius error <= 1e-2)",
         "rows": rows}, indent=1))
     print(f"written: {out}")
     return 0

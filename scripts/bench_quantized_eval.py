@@ -67,7 +67,7 @@ def main() -> None:
 
     code_dir = Path(qlora_pipeline.__file__).resolve().parent.parent
     git = lambda *a: subprocess.run(["git", "-C", str(code_dir), *a], capture_output=True, text=True).stdout  # noqa: E731
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "kernels", "quant").strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "qlora_kernels", "quant").strip()
     commit = git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if dirty else "")
     row = {"label": args.label, "code": commit, "code_dir": str(code_dir), "entry": args.entry,
            "dtype": args.dtype, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

@@ -45,7 +45,7 @@ if ! $PY -c "import qlora_kernels" 2>/dev/null; then
     root=$(mktemp -d)
     ln -s "$REPO/pipeline" "$root/qlora_pipeline"
     ln -s "$REPO/quant" "$root/qlora_quant"
-    ln -s "$REPO/kernels" "$root/qlora_kernels"
+    ln -s "$REPO/qlora_kernels" "$root/qlora_kernels"
     export PYTHONPATH="$root:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

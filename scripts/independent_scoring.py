@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
-OUR_PACKAGES = ("qlora", "pipeline", "kernels", "quant")
+# The installed names and the folders they come from (`kernels` is Hugging Face's kernel hub,
+# which transformers imports: not ours).
+OUR_PACKAGES = {"qlora_pipeline", "qlora_quant", "qlora_kernels", "pipeline", "quant"}
 
 
 @torch.no_grad()
@@ -38,7 +40,7 @@ def perplexity(model, windows: torch.Tensor, batch: int) -> tuple[float, int]:
 
 
 def our_modules() -> list[str]:
-    return sorted(m for m in sys.modules if m.startswith(OUR_PACKAGES))
+    return sorted(m for m in sys.modules if m.split(".")[0] in OUR_PACKAGES)
 
 
 class Evaluation(NamedTuple):

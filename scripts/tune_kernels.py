@@ -1,6 +1,6 @@
 """Launch-configuration sweep of the W4A16 small-M path and NF4 dequantize on a CUDA device.
 
-The wrappers in kernels/triton_kernels.py choose their tiles with `_w4a16_config`, their
+The wrappers in qlora_kernels/triton_kernels.py choose their tiles with `_w4a16_config`, their
 split-K with `_split_k` and NF4 dequantize's blocks per program with `_nf4_dequantize_rows`
 and `NF4_DEQUANTIZE_WARPS`. This script swaps those choices for each candidate in turn and
 times the wrapper itself under scripts/bench_kernels.py's protocol (weights rotated over
@@ -54,7 +54,7 @@ GEMV_MAX_ACC = 128  # float32 partial sums per thread; bigger tiles would spill 
 
 
 def _gemv_acc(kind: str, bm: int, bn: int, bk: int) -> int:
-    """Partial sums a GEMV program keeps (kernels/triton_kernels.py: GPTQ [BM, BK/8, BN], AWQ
+    """Partial sums a GEMV program keeps (qlora_kernels/triton_kernels.py: GPTQ [BM, BK/8, BN], AWQ
     [BM, BK, BN], NF4 [BM, BN, BK/2])."""
     return bm * bn * {"gptq": bk // 8, "awq": bk, "nf4": bk // 2}[kind]
 
@@ -218,7 +218,7 @@ def dry_run(bench, shapes) -> None:
     print(f"w4a16 split-K (GEMV off), gptq and awq, M = 1, 16: {len(TILES)} tiles, then the best two x waves {WAVES}")
     for kind in GEMV_KINDS:
         for M in GEMV_MS:
-            bm = 1 if M <= 1 else 4 if M <= 4 else 16  # kernels/triton_kernels.py _gemv_bm
+            bm = 1 if M <= 1 else 4 if M <= 4 else 16  # qlora_kernels/triton_kernels.py _gemv_bm
             print(f"gemv {kind} M = {M}: {len(gemv_candidates(kind, M, bm))} tiles (BN {GEMV_BN} x BK "
                   f"{[bk for bk in GEMV_BK if kind != 'nf4' or bk <= 64]} x warps {GEMV_WARPS}, at most "
                   f"{GEMV_MAX_ACC} partial sums per thread), "

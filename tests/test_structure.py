@@ -44,7 +44,7 @@ def test_packages_import_only_the_layers_below_them(package):
 def test_no_file_imports_the_bare_folder_names():
     bare = {"pipeline", "quant", "kernels"}
     offenders = []
-    for path in [*REPO.glob("pipeline/**/*.py"), *REPO.glob("quant/*.py"), *REPO.glob("kernels/*.py"),
+    for path in [*REPO.glob("pipeline/**/*.py"), *REPO.glob("quant/*.py"), *REPO.glob("qlora_kernels/*.py"),
                  *REPO.glob("scripts/*.py"), *REPO.glob("tests/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -74,6 +74,17 @@ def test_our_code_does_not_answer_the_ecosystems_import_names(tmp_path):
     for line in out.splitlines():
         name, origin = line.split(" ", 1)
         assert origin == "None" or not origin.startswith(str(REPO)), line
+
+
+def test_the_repository_root_on_sys_path_does_not_answer_import_kernels():
+    """`python -m`, `python -c` and pytest's workers put the working directory on sys.path;
+    run in the repository, `import kernels` must still not find a folder of ours (transformers
+    imports Hugging Face's `kernels`; a folder of that name here answered it and broke
+    loading a model)."""
+    script = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)"
+    origin = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert origin == "None" or not origin.startswith(str(REPO / "kernels")), origin
 
 
 def test_plan_prints_no_kernels_community_warning(tmp_path):

@@ -26,6 +26,7 @@ import torch, bitsandbytes as bnb
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+OURS = {"qlora_pipeline", "qlora_quant", "qlora_kernels", "pipeline", "quant"}  # `kernels`: Hugging Face's
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, device_map="cpu").eval()
 with torch.no_grad():
     logits = model(input_ids=load_file(sys.argv[2])["windows"]).logits.float()
@@ -37,7 +38,7 @@ state = bnb.functional.QuantState.from_dict({k[len(name) + 1:]: v for k, v in te
 save_file({"logits": logits.contiguous(), "down_proj": bnb.functional.dequantize_4bit(tensors[name], state).float()},
           sys.argv[3])
 print(json.dumps({"linear4bit": isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit),
-                  "ours": sorted(m for m in sys.modules if m.startswith(("qlora", "pipeline", "kernels", "quant")))}))
+                  "ours": sorted(m for m in sys.modules if m.split(".")[0] in OURS)}))
 """
 
 

@@ -1,7 +1,7 @@
 """`LinearInt4`: a linear layer loaded from a packed int4 checkpoint, computed as it ships.
 
 Two layouts: GPTQ (2/3/4/8-bit, act-order via `g_idx`, v1 or v2 zeros) and AWQ GEMM (4-bit,
-consecutive groups, true zeros). On CUDA the Triton W4A16 kernels of `kernels/` compute
+consecutive groups, true zeros). On CUDA the Triton W4A16 kernels of `qlora_kernels/` compute
 straight from the packed words (act-order GPTQ permuted once, at the first call); elsewhere
 (and for 2/3/8-bit GPTQ) the weight is unpacked and dequantized, then multiplied; at
 inference that float weight is kept after the first call (see `inference_weight`).

@@ -1,7 +1,7 @@
 """Low-bit kernels with plain-torch twins, and the dispatcher between them.
 
-Every function below runs the Triton kernel (`kernels/triton_kernels.py`) when its tensors are
-on CUDA and Triton is importable, else the plain-torch twin (`kernels/reference.py`) of the
+Every function below runs the Triton kernel (`qlora_kernels/triton_kernels.py`) when its tensors are
+on CUDA and Triton is importable, else the plain-torch twin (`qlora_kernels/reference.py`) of the
 same signature. `QLP_KERNELS=torch` forces the twins (to compare, or to work around a kernel);
 `QLP_KERNELS=triton` forces the kernels on any device (on the CPU with TRITON_INTERPRET=1:
 how the tests run them end to end without a GPU).
