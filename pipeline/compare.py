@@ -2,7 +2,9 @@
 
 Reads each run's `report/output/metrics.json` (what the `report` stage wrote), so it compares
 finished runs whatever recipes they came from: two recipes differing in `merge.into` or in
-group size line up row by row. Settings that differ between the runs are shown as columns.
+group size line up row by row. Settings that differ between the runs are shown as columns, and so
+is where each artifact was evaluated when that differs (`qlora_pipeline.environment`: another
+processor or library version moves perplexities in the last digits).
 """
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import json
 from pathlib import Path
 
 from qlora_pipeline import rundir
+from qlora_pipeline.environment import describe
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.recipe import flatten_settings
 from qlora_pipeline.stages.report import COLUMNS, format_cell, gate_cell, metrics_path
 
 DEFAULT_COLUMNS = tuple(key for key in COLUMNS if key != "load_seconds")
+PLACE = "computed on"
 
 
 SETTING_STAGES = ("train", "merge", "calibrate")  # whose settings tell runs apart (quantize entries are rows)
@@ -81,8 +85,11 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
             row.update({k: settings.get(k, "–") for k in differing})
             if name in gate:
                 row["gate"] = gate_cell(gate[name], name in baselines, bold=False)
+            env = m.get("environment")
+            row[PLACE] = describe(env) if isinstance(env, dict) else "not recorded"
             rows.append(row)
     extra = differing + (["gate"] if any("gate" in r for r in rows) else [])
+    extra += [PLACE] if len({r[PLACE] for r in rows}) > 1 else []
     return rows, columns + extra
 
 

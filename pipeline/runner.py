@@ -38,6 +38,7 @@ from qlora_pipeline.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 CKPT_FINGERPRINT = ".fingerprint"
+CHANGED_WHILE_RUNNING = "changed while the stage ran"  # in a manifest's code table: matches no code
 
 
 @dataclass
@@ -214,13 +215,29 @@ class Runner:
         return self.run_dir / name
 
     def code(self, spec: StageSpec) -> dict[str, str]:
+        """The code table of `spec` as it was when this runner first planned (`plan` takes every
+        stage's before anything runs): the code the process imported, whatever is edited later."""
         if spec.name not in self._code:
-            files = {**code_files(spec.fn), **library_versions(spec.fn)}
-            for module in spec.code:
-                files.update(code_files(module))
-                files.update(library_versions(module))
-            self._code[spec.name] = dict(sorted(files.items()))
+            self._code[spec.name] = self._read_code(spec)
         return self._code[spec.name]
+
+    @staticmethod
+    def _read_code(spec: StageSpec) -> dict[str, str]:
+        files = {**code_files(spec.fn), **library_versions(spec.fn)}
+        for module in spec.code:
+            files.update(code_files(module))
+            files.update(library_versions(module))
+        return dict(sorted(files.items()))
+
+    def code_changed_while_running(self, spec: StageSpec) -> dict[str, str]:
+        """The stage's code table with every entry that differs on disk now from `code(spec)`
+        marked as changed; {} when nothing changed. A stage whose source was edited while it ran
+        (an editor, a `git checkout`) may have run either version (a module imported before the
+        edit, another imported after it), so its record must match neither."""
+        before, now = self.code(spec), self._read_code(spec)
+        if before == now:
+            return {}
+        return {**before, **{k: CHANGED_WHILE_RUNNING for k in set(before) | set(now) if before.get(k) != now.get(k)}}
 
     def manifest(self, name: str) -> Optional[dict]:
         """Stage `name`'s manifest when it is a well-formed record (`runinfo.record_problem`),
@@ -322,6 +339,8 @@ class Runner:
         if problem:
             raise InputError(problem)
         check_records(self.run_dir)  # a damaged record is refused, never guessed at
+        for spec in self.specs:  # the code as it is now, before any stage runs (`code`)
+            self.code(spec)
         forced: set[str] = set()
         if from_stage:
             forced = downstream_of(self.specs, from_stage)
@@ -669,18 +688,27 @@ class Runner:
     def _publish(self, spec: StageSpec, fp: str, result: StageResult, seconds: float, started: str,
                  child_id: Optional[str], parent_id: Optional[str]) -> None:
         metrics = {**result.metrics, "stage_seconds": round(seconds, 3)}
-        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info)
+        edited = self.code_changed_while_running(spec)
+        if edited:
+            # Published (downstream stages read it by content), but recorded under a fingerprint
+            # no code has, so the next run runs it again, and never offered to the stage cache.
+            files = [k for k, v in edited.items() if v == CHANGED_WHILE_RUNNING]
+            logger.warning("%s: its code changed while it ran (%s); it runs again next time", spec.name,
+                           ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else ""))
+            fp = fingerprint(spec, edited, self.input_digests(spec))
+        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info, code=edited or None)
         self._track(child_id, parent_id, metrics, result.parent_metrics,
                     {"output_dir": str(out.resolve()), "fingerprint": fp})
         cache = self._cache_for(spec)
-        if cache is not None:  # only the main process publishes: other ranks never store
+        if cache is not None and not edited:  # only the main process publishes: other ranks never store
             cache.store(fp, out, {
                 "stage": spec.name, "files": manifest["files"], "metrics": metrics, "info": result.info,
                 "parent_metrics": result.parent_metrics, "source": str(self.stage_dir(spec.name).resolve()),
             })
 
     def _record(self, spec: StageSpec, fp: str, started: str, child_id: Optional[str], metrics: dict, info: dict,
-                files: Optional[dict] = None, extra: Optional[dict] = None) -> tuple[Path, dict]:
+                files: Optional[dict] = None, extra: Optional[dict] = None,
+                code: Optional[dict] = None) -> tuple[Path, dict]:
         """Swap `output.partial/` into place and write the stage's manifest (its file table:
         `files`, else hashed now) and its state (done). Returns (output dir, manifest)."""
         sdir = self.stage_dir(spec.name)
@@ -692,7 +720,7 @@ class Runner:
             "stage": spec.name,
             "fingerprint": fp,
             "config": spec.config,
-            "code": self.code(spec),
+            "code": self.code(spec) if code is None else code,
             "inputs": {d: v for d, v in self.input_digests(spec).items()},
             "files": rundir.describe_files(out) if files is None else files,
             "metrics": metrics,

@@ -8,7 +8,8 @@ CPU: peak resident memory above what the process held before loading), prefill a
 throughput at batch 1 on the evaluation device, and greedy generations of the recipe's prompts;
 for the report's memory plan, the checkpoint's tensor bytes and its KV-cache shape. With
 `evaluate.kv_fp8`, the domain perplexity with an fp8 KV cache (`qlora_pipeline.kv_fp8`), its
-per-layer scales calibrated on domain_train windows (never the test split).
+per-layer scales calibrated on domain_train windows (never the test split). Where it was computed
+(processor, threads, library versions: `qlora_pipeline.environment`) is recorded beside the figures.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_pipeline import data, memory_plan, rundir
+from qlora_pipeline.environment import compute_environment
 from qlora_pipeline.layerwise.checkpoints import dir_size, load_hf_model, load_nf4_model, read_config
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.methods import METHODS
@@ -212,7 +214,9 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
         metrics["peak_memory_bytes"] = memory.peak
         metrics = {k: float(v) for k, v in metrics.items()}
         result = {"artifact": artifact, "device": device, "dtype": str(dtype).replace("torch.", ""), **metrics,
-                  **extra, "generations": texts}
+                  **extra, "generations": texts,
+                  "environment": compute_environment(device, torch.get_num_threads(),
+                                                     torch.cuda.get_device_name() if device == "cuda" else None)}
         (ctx.output_dir / METRICS_FILE).write_text(json.dumps(result, indent=2))
         return StageResult(metrics=metrics, info={"artifact_dir": str(artifact_dir)})
 

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from qlora_pipeline import memory_plan, rundir
+from qlora_pipeline.environment import describe
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.paired import PairedChange, paired_change
 
@@ -203,6 +204,22 @@ def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: 
     return lines
 
 
+def environment_lines(artifacts: dict[str, dict]) -> list[str]:
+    """Where the figures were computed: one line when every artifact was evaluated in the same
+    place, else each place with its artifacts and a warning, since the same weights evaluate to
+    slightly different perplexities on another processor or library version."""
+    places: dict[str, list[str]] = {}
+    for name, m in artifacts.items():
+        env = m.get("environment")
+        places.setdefault(describe(env) if env else "not recorded (evaluated by an earlier version)", []).append(name)
+    if len(places) == 1:
+        return [f"Evaluations computed on {next(iter(places))}."]
+    return (["**Artifacts evaluated in different places**: the same weights give perplexities a few parts in "
+             "10,000 apart on another processor or library version, so compare the rows below "
+             "across places with that in mind.", ""]
+            + [f"- {place}: {', '.join(names)}" for place, names in places.items()])
+
+
 def _generations(artifacts: dict[str, dict]) -> list[str]:
     prompts = next((m.get("generations") for m in artifacts.values() if m.get("generations")), None)
     if not prompts:
@@ -365,6 +382,8 @@ def run(ctx: StageContext) -> StageResult:
         + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else ".")
         + (" ± after a change: the half-width of its 95% interval, from the per-window differences "
            "(the next section says how); an interval shown by its ends is lopsided." if any("domain_window_nll" in m for m in artifacts.values()) else ""),
+        "",
+        *environment_lines(artifacts),
     ]
     failed = {n: r for n, r in verdicts.items() if r and n not in baselines}
     failed_baselines = {n: r for n, r in verdicts.items() if r and n in baselines}

@@ -53,6 +53,8 @@ def test_every_artifact_has_speed_memory_and_the_same_generations(two_runs):
         assert [g["prompt"] for g in m["generations"]] == PROMPTS
     text = (tmp / "runs" / "g32" / "report" / "output" / "report.md").read_text()
     assert "decode tok/s" in text and "## Generations (greedy)" in text and "`def fibonacci(n):`" in text
+    places = {json.dumps(m["environment"], sort_keys=True) for m in report.values()}
+    assert len(places) == 1 and "\nEvaluations computed on cpu: " in text and "different places" not in text
 
 
 def test_report_plots_are_pngs(two_runs):

@@ -361,6 +361,74 @@ def test_code_change_makes_a_stage_stale_and_names_the_file(tmp_path):
     assert planned[0].action == "run" and planned[0].reason == f"code changed: {tmp_path / 'stagemod.py'}"
 
 
+EDITING_STAGE = '''
+from pathlib import Path
+
+from qlora_pipeline.graph import StageResult
+
+
+def first(ctx):
+    # What an editor or a `git checkout` does while a long run goes on: the next stage's source changes.
+    later = Path(ctx.config["later"])
+    later.write_text(later.read_text().replace("FACTOR = 2", "FACTOR = 3"))
+    (ctx.output_dir / "a.txt").write_text("a")
+    return StageResult()
+'''
+
+EDITED_STAGE = '''
+from qlora_pipeline.graph import StageResult
+
+
+def second(ctx):
+    (ctx.output_dir / "b.txt").write_text("b=" + str(FACTOR))
+    return StageResult()
+
+
+FACTOR = 2
+'''
+
+
+def _import(path, source=None):
+    import importlib.util
+
+    if source is not None:
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_edited_during_a_run_leaves_no_stage_up_to_date_or_cached_for_it(tmp_path):
+    """A stage runs the code the process imported when the run started. A source file edited
+    while the run goes on must not be recorded as the code of what ran: the next run finds the
+    stage stale, and the stage cache keeps nothing under the edited code's fingerprint."""
+    from qlora_pipeline.stagecache import StageCache
+
+    later = tmp_path / "later.py"
+    first, second = _import(tmp_path / "editing.py", EDITING_STAGE), _import(later, EDITED_STAGE)
+    cache = StageCache(tmp_path / "cache")
+    specs = lambda second: [StageSpec("first", first.first, (), {"later": str(later)}),
+                            StageSpec("second", second.second, ("first",), {})]
+    Runner(tmp_path / "run", specs(second), cache=cache).run()
+    assert (tmp_path / "run" / "second" / "output" / "b.txt").read_text() == "b=2"  # the code imported at start
+    assert "FACTOR = 3" in later.read_text()
+    cached = {p.name for p in (tmp_path / "cache").iterdir()}
+
+    planned = {p.spec.name: p for p in Runner(tmp_path / "run", specs(_import(later)), cache=cache).plan()}
+    assert planned["first"].action == "skip"
+    assert planned["second"].action == "run" and planned["second"].reason == f"code changed: {later}"
+    # In a fresh run directory, nothing comes from the cache for the edited code either.
+    fresh = {p.spec.name: p for p in Runner(tmp_path / "fresh", specs(_import(later)), cache=cache).plan()}
+    assert fresh["first"].action == "cache" and fresh["second"].action == "run"
+    assert len(cached) == 1  # `first` only: which version of its code `second` ran is not known
+
+    # With the source left alone from the start of a run to the end, the edited code is recorded.
+    Runner(tmp_path / "run", specs(_import(later)), cache=cache).run()
+    assert (tmp_path / "run" / "second" / "output" / "b.txt").read_text() == "b=3"
+    assert Runner(tmp_path / "run", specs(_import(later)), cache=cache).plan()[1].action == "skip"
+
+
 def test_an_upgraded_library_makes_the_stages_that_import_it_stale(tmp_path, monkeypatch):
     from qlora_pipeline import codehash
 

@@ -1,0 +1,77 @@
+"""Where the figures were computed: the processor and its bf16 path, threads, library versions;
+said in the report and by `pipeline compare` when artifacts were evaluated in different places."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from qlora_pipeline.compare import PLACE, compare_runs
+from qlora_pipeline.environment import compute_environment, cpu_description, describe
+from qlora_pipeline.stages.report import environment_lines
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx2 {flags}
+
+processor\t: 1
+model name\t: a second core that must not be read
+flags\t\t: fpu
+"""
+
+
+@pytest.mark.parametrize("flags, path", [("avx512f avx512_bf16 amx_bf16 amx_tile", "AMX"),
+                                          ("avx512f avx512_bf16", "AVX-512 BF16"),
+                                          ("avx512f", "no native bf16")])
+def test_the_cpu_is_named_with_its_bf16_path(flags, path, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(flags=flags))
+    assert cpu_description(cpuinfo) == f"Intel(R) Xeon(R) Platinum 8480+ ({path})"
+
+
+def test_a_machine_without_cpuinfo_still_gets_a_name(tmp_path):
+    name = cpu_description(tmp_path / "absent")
+    assert name.endswith("(no native bf16)") and len(name) > len(" (no native bf16)")
+
+
+def test_this_process_environment_and_its_line():
+    env = compute_environment("cpu", torch.get_num_threads())
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    assert env["threads"] == str(torch.get_num_threads()) and env["device"] == "cpu"
+    assert compute_environment("cuda", 8, "NVIDIA H200")["processor"] == "NVIDIA H200"
+    line = describe(env)
+    assert line.startswith(f"cpu: {env['processor']}, {env['threads']} threads; torch ")
+    assert f"transformers {env['transformers']}" in line
+
+
+AMX = {"device": "cpu", "processor": "Xeon (AMX)", "threads": "2", "torch": "2.13.0", "transformers": "5.25.0"}
+AVX = {**AMX, "processor": "EPYC (AVX-512 BF16)"}
+
+
+def test_the_report_says_where_once_or_warns_when_places_differ():
+    same = environment_lines({"base": {"environment": AMX}, "merged": {"environment": AMX}})
+    assert same == ["Evaluations computed on cpu: Xeon (AMX), 2 threads; torch 2.13.0, transformers 5.25.0."]
+    mixed = environment_lines({"base": {"environment": AMX}, "merged": {"environment": AVX},
+                               "gptq": {"environment": AMX}, "old": {}})
+    assert mixed[0].startswith("**Artifacts evaluated in different places**")
+    assert "- cpu: Xeon (AMX), 2 threads; torch 2.13.0, transformers 5.25.0: base, gptq" in mixed
+    assert "- cpu: EPYC (AVX-512 BF16), 2 threads; torch 2.13.0, transformers 5.25.0: merged" in mixed
+    assert any(line.startswith("- not recorded") and line.endswith(": old") for line in mixed)
+
+
+def _report(tmp_path, name, env):
+    out = tmp_path / name / "report" / "output"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"artifacts": {"merged": {"domain_ppl": 10.0, "environment": env}}}))
+    return tmp_path / name
+
+
+def test_compare_shows_the_place_only_when_it_differs(tmp_path):
+    a, b, c = _report(tmp_path, "a", AMX), _report(tmp_path, "b", AMX), _report(tmp_path, "c", AVX)
+    rows, columns = compare_runs([a, b])
+    assert PLACE not in columns
+    rows, columns = compare_runs([a, c])
+    assert PLACE in columns and [r[PLACE] for r in rows] == [describe(AMX), describe(AVX)]
