@@ -192,3 +192,28 @@ def test_the_suite_order_names_files_that_exist():
     (longest_first,) = [ast.literal_eval(node.value) for node in module.body if isinstance(node, ast.Assign)
                         and any(isinstance(t, ast.Name) and t.id == "LONGEST_FIRST" for t in node.targets)]
     assert longest_first and [name for name in longest_first if not (tests / name).is_file()] == []
+
+
+def _requirement_name(spec: str) -> str:
+    """The distribution name of a requirement ("triton>=3.0; platform..." -> "triton"), normalized."""
+    import re
+
+    return re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_every_dependency_is_pinned_in_the_constraints_set_up_installs_with():
+    """`make setup` installs with constraints.txt so that a fresh set-up computes the README's
+    figures; a dependency added to pyproject.toml and not pinned there would float."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {_requirement_name(d) for d in project["dependencies"] + project["optional-dependencies"]["test"]}
+    wanted.discard("torch")  # the Makefile's TORCH chooses it (a CPU or a CUDA build)
+    pinned = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pinned[_requirement_name(name)] = version
+    assert not wanted - set(pinned), f"pin in constraints.txt (make constraints): {sorted(wanted - set(pinned))}"
+    assert "torch" not in pinned
+    makefile = (REPO / "Makefile").read_text()
+    assert "CONSTRAINTS ?= constraints.txt" in makefile and "-c $(CONSTRAINTS)" in makefile
