@@ -10,10 +10,10 @@ Torch-free: the report, `compare` and `status` read these records without loadin
 from __future__ import annotations
 
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
+from qlora_pipeline.codehash import installed_version
 from qlora_pipeline.dtypes import CPUINFO
 
 # /proc/cpuinfo flag -> what the report calls the CPU's bf16 path, best first
@@ -46,20 +46,13 @@ def cpu_description(cpuinfo: Path = CPUINFO) -> str:
     return f"{name} ({path})"
 
 
-def _version(dist: str) -> str:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def compute_environment(device: str, threads: int, gpu_name: Optional[str] = None) -> dict[str, str]:
     """Where a stage computing on `device` ("cpu" or "cuda") with `threads` CPU threads runs:
     {"device", "processor", "threads", and a version per library of LIBRARIES}. On CUDA the
     processor is the GPU, `gpu_name`."""
     processor = (gpu_name or "unknown GPU") if device == "cuda" else cpu_description()
     env = {"device": device, "processor": processor, "threads": str(threads)}
-    env.update({lib: _version(lib) for lib in LIBRARIES})
+    env.update({lib: installed_version(lib) for lib in LIBRARIES})
     return env
 
 
