@@ -49,7 +49,9 @@ def quantize_dtype_name(setting: str) -> str:
     float32 forwards (both evaluated in bf16) AWQ+GPTQ's general-text perplexity moved 1.3%
     (AWQ's domain one 0.4%), over the 0.5% bound this project set for the change (README "CPU
     bf16"; GPTQ's results are that sensitive to any change of summation order, which the bound
-    does not forgive)."""
+    does not forgive). AWQ's search forwards in bf16 (the capture and the scale grid's block
+    losses) made the default recipe's search 1.5x faster (243 s against 367) and AWQ 0.9%,
+    AWQ+GPTQ 1.3% worse on `domain_valid`, both clear of zero."""
     return "float32" if setting == "auto" else setting
 
 

@@ -291,8 +291,8 @@ class QuantizeEntry(_Section):
     true_sequential: bool = True
     mse: bool = False
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="dtype of the calibration forward passes (autocast on the entry's device); weights, "
-        "Hessians and the solve stay float32; auto: float32")
+        "auto", description="dtype of the calibration forward passes, AWQ's search forwards included (autocast on "
+        "the entry's device); weights, Hessians, AWQ's statistics and the solve stay float32; auto: float32")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the layer engine computes (layer weights, Hessians, the GPTQ/AWQ solve, the "
         "forwards): auto: cuda when present, else cpu; cuda requested on a machine without one is an error")

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from qlora_pipeline.compute import compute_context
 from qlora_pipeline.errors import StageError
 from qlora_pipeline.layerwise.families import Family, ScalingGroup
 from qlora_pipeline.layerwise.shards import save_atomic, valid_shard
@@ -57,6 +58,10 @@ class GroupInput:
     row_chunks: list = field(default_factory=list)
 
     def add(self, x: torch.Tensor, keep: int) -> None:
+        with torch.autocast(x.device.type, enabled=False):  # the statistics in float32, whatever the forward's dtype
+            self._add(x, keep)
+
+    def _add(self, x: torch.Tensor, keep: int) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.abs_sum is None:
             self.abs_sum = torch.zeros(flat.shape[1], device=flat.device)
@@ -109,7 +114,8 @@ def _needs_samples(layer: nn.Module, g: ScalingGroup) -> bool:
     return not (g.inspect in g.linears and len(g.linears) == 1)
 
 
-def capture(layer: nn.Module, groups: list[ScalingGroup], hidden, kw: _Kwargs, search_windows: int) -> list[GroupInput]:
+def capture(layer: nn.Module, groups: list[ScalingGroup], hidden, kw: _Kwargs, search_windows: int,
+            compute_dtype: torch.dtype = torch.float32) -> list[GroupInput]:
     """One forward of the float layer over every calibration window (`hidden`: the engine's
     `Activations`, chunks handed over on the layer's device), recording each group's input
     (raw samples only for the groups that will be searched with a block forward)."""
@@ -124,7 +130,9 @@ def capture(layer: nn.Module, groups: list[ScalingGroup], hidden, kw: _Kwargs, s
         handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(hook))
     try:
         for _, batch in hidden.batches():
-            layer(batch, attention_mask=None, position_ids=kw.position_ids, position_embeddings=kw.position_embeddings)
+            with compute_context(compute_dtype, batch.device.type):
+                layer(batch, attention_mask=None, position_ids=kw.position_ids,
+                      position_embeddings=kw.position_embeddings)
             taken += batch.shape[0]
     finally:
         for h in handles:
@@ -132,7 +140,13 @@ def capture(layer: nn.Module, groups: list[ScalingGroup], hidden, kw: _Kwargs, s
     return inputs
 
 
-def _run_block(module: nn.Module, is_attention: bool, x: torch.Tensor, kw: _Kwargs) -> torch.Tensor:
+def _run_block(module: nn.Module, is_attention: bool, x: torch.Tensor, kw: _Kwargs,
+               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    with compute_context(compute_dtype, x.device.type):
+        return _block_forward(module, is_attention, x, kw)
+
+
+def _block_forward(module: nn.Module, is_attention: bool, x: torch.Tensor, kw: _Kwargs) -> torch.Tensor:
     if is_attention:
         return module(hidden_states=x, attention_mask=None, position_ids=kw.position_ids,
                       position_embeddings=kw.position_embeddings)[0]
@@ -140,10 +154,10 @@ def _run_block(module: nn.Module, is_attention: bool, x: torch.Tensor, kw: _Kwar
 
 
 def _block_loss(module: nn.Module, is_attention: bool, samples: torch.Tensor, reference: list[torch.Tensor],
-                kw: _Kwargs, chunk: int) -> float:
+                kw: _Kwargs, chunk: int, compute_dtype: torch.dtype) -> float:
     total, count = 0.0, 0
     for j, s in enumerate(range(0, samples.shape[0], chunk)):
-        out = _run_block(module, is_attention, samples[s : s + chunk], kw)
+        out = _run_block(module, is_attention, samples[s : s + chunk], kw, compute_dtype)
         total += float(((out.float() - reference[j]) ** 2).sum())
         count += out.numel()
     return total / count
@@ -151,7 +165,7 @@ def _block_loss(module: nn.Module, is_attention: bool, samples: torch.Tensor, re
 
 @torch.no_grad()
 def search_layer_scales(layer: nn.Module, family: Family, all_inputs: list[GroupInput], settings: AWQSettings,
-                        kw: _Kwargs, chunk: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                        kw: _Kwargs, chunk: int, compute_dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The scales of every active group, searched on the unmodified layer. `all_inputs` holds the
     input of every group of `family.awq_groups`, active or not.
 
@@ -176,14 +190,14 @@ def search_layer_scales(layer: nn.Module, family: Family, all_inputs: list[Group
         else:
             block = layer.get_submodule(g.inspect)
             is_attention = g.inspect == family.attention
-            reference = [_run_block(block, is_attention, inp.samples[s : s + chunk], kw).float()
+            reference = [_run_block(block, is_attention, inp.samples[s : s + chunk], kw, compute_dtype).float()
                          for s in range(0, inp.samples.shape[0], chunk)]
 
             def loss_of(s, block=block, is_attention=is_attention, samples=inp.samples, reference=reference):
                 for m, W in zip(linears, originals):
                     m.weight.data = scaled_quantized(W, s, settings.bits, settings.group_size)
                 try:
-                    return _block_loss(block, is_attention, samples, reference, kw, chunk)
+                    return _block_loss(block, is_attention, samples, reference, kw, chunk, compute_dtype)
                 finally:
                     for m, W in zip(linears, originals):
                         m.weight.data = W
@@ -249,7 +263,7 @@ def apply_clip(layer: nn.Module, result: dict[str, torch.Tensor]) -> None:
 
 
 def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, dtype: torch.dtype, chunk: int = 8,
-                   search: bool = True):
+                   search: bool = True, compute_dtype: torch.dtype = torch.float32):
     """The engine's per-layer hook: search (or load the saved search from `checkpoint_dir`) and
     apply. With `search` False, `checkpoint_dir` holds a finished search (the output of an
     `awq-search` stage, read-only) and a missing layer is an error."""
@@ -268,8 +282,8 @@ def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, 
             raise StageError(f"{path}: no AWQ search result for layer {i}; rerun its awq-search stage")
         else:
             kw = _Kwargs(position_ids, position_embeddings)
-            inputs = capture(layer, list(family.awq_groups), hidden, kw, settings.search_windows)
-            result, metrics = search_layer_scales(layer, family, inputs, settings, kw, chunk)
+            inputs = capture(layer, list(family.awq_groups), hidden, kw, settings.search_windows, compute_dtype)
+            result, metrics = search_layer_scales(layer, family, inputs, settings, kw, chunk, compute_dtype)
             apply_scales(layer, groups, result, dtype)
             if settings.clip:
                 result.update(search_layer_clip(layer, family, inputs, result, settings))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from qlora_pipeline.compute import DTYPES
+from qlora_pipeline.dtypes import quantize_dtype_name
 from qlora_pipeline.layerwise.awq_search import AWQSettings, make_transform
 from qlora_quant.gptq import rtn_quantize
 
@@ -22,4 +24,5 @@ def transform(entry, family, checkpoint_dir, dtype, search_dir=None):
     search here, on the inputs the layers quantized so far produce."""
     if search_dir is not None:
         return make_transform(family, settings(entry), search_dir, dtype, search=False)
-    return make_transform(family, settings(entry), checkpoint_dir, dtype)
+    return make_transform(family, settings(entry), checkpoint_dir, dtype,
+                          compute_dtype=DTYPES[quantize_dtype_name(entry.compute_dtype)])

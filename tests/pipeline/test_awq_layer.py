@@ -116,3 +116,32 @@ def test_search_from_kept_inputs_equals_the_search_from_the_hessian(tmp_path, sm
         assert m1[key] == pytest.approx(m2[key], rel=1e-4)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert all(torch.allclose(c1[k], c2[k], rtol=1e-5) for k in c1)
+
+
+def test_the_entry_compute_dtype_reaches_the_search_forwards_and_not_its_statistics(tmp_path, smollm2_dir):
+    """`compute_dtype: bfloat16` runs the capture forward and every candidate's block forward under
+    bf16 autocast (they are calibration forwards: the setting's promise), while X^T X and the
+    channel means accumulate in float32. float32 (the default) runs every forward without autocast,
+    so its search is the one the code made before the setting reached it."""
+    model_dir = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=1)
+    runner, _ = _layer(model_dir)
+    hidden, kw = _inputs(runner, n=4)
+    acts = Activations(tuple(hidden.shape), torch.float32, torch.device("cpu"), "device", chunk=4)
+    acts.write(0, hidden)
+    settings = AWQSettings(4, 32, True, False, 4)
+    seen = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = _layer(model_dir)[1]
+        modes = seen.setdefault(dtype, set())
+        hooks = [layer.get_submodule(name).register_forward_hook(
+            lambda m, i, o, modes=modes: modes.add((torch.is_autocast_enabled("cpu"), (o[0] if isinstance(o, tuple) else o).dtype)))
+            for name in ("self_attn", "mlp")]
+        inputs = capture(layer, list(LLAMA.awq_groups), acts, kw, 4, dtype)
+        assert all(inp.xtx is None or inp.xtx.dtype == torch.float32 for inp in inputs)
+        assert all(inp.abs_sum.dtype == torch.float32 and (inp.samples is None or inp.samples.dtype == torch.float32)
+                   for inp in inputs)
+        search_layer_scales(layer, LLAMA, inputs, settings, kw, chunk=4, compute_dtype=dtype)
+        for h in hooks:
+            h.remove()
+    assert seen[torch.float32] == {(False, torch.float32)}
+    assert seen[torch.bfloat16] == {(True, torch.bfloat16)}
