@@ -17,6 +17,7 @@ valid and train, valid's out of train. Held-out documents stay whole.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import sysconfig
@@ -30,6 +31,8 @@ import torch
 from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
+
+logger = logging.getLogger(__name__)
 
 DOC_SEPARATOR = "\n\n"
 _CHUNK_DOCS = 512  # documents tokenized per call; one call for the built-in corpora
@@ -94,8 +97,19 @@ def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
         field = "text" if builder == "text" else text_field
         if field not in ds.column_names:
             raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: {', '.join(ds.column_names)}")
-        docs += [t for t in ds[field] if isinstance(t, str)]
+        docs += _texts(ds[field], key, f"{', '.join(data_files[:2])}{' ...' if len(data_files) > 2 else ''}", field)
     return docs
+
+
+def _texts(values: list, key: str, where: str, field: str) -> list[str]:
+    """The string values of a text column; records whose value is missing (null) or not a
+    string are skipped with a warning that counts them: a field that half the records spell
+    differently should not pass unnoticed."""
+    texts = [t for t in values if isinstance(t, str)]
+    if len(texts) < len(values):
+        logger.warning("%s: %d of %d records in %s have no text under '%s' (null or not a string); skipped",
+                       key, len(values) - len(texts), len(values), where, field)
+    return texts
 
 
 def _json_problem(files: list[str], key: str) -> str | None:
@@ -140,7 +154,7 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
                         f"{str(exc).splitlines()[0][:200]}); check the id and network, or use a local path") from None
     if text_field not in ds.column_names:
         raise DataError(f"{key}.text_field: column '{text_field}' not in '{repo}'; columns: {', '.join(ds.column_names)}")
-    return [t for t in ds[text_field] if isinstance(t, str)]
+    return _texts(ds[text_field], key, f"'{repo}'", text_field)
 
 
 def load_documents(source, key: str, max_chars: int | None = None, revision: str | None = None) -> list[str]:

@@ -68,6 +68,19 @@ def test_missing_text_field_names_the_key(tmp_path):
         data.load_documents(DataSource(path=str(f)), "data.domain")
 
 
+def test_records_without_text_are_skipped_with_a_warning_that_counts_them(tmp_path, caplog):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in ({"text": "kept"}, {"txt": "typo"}, {"text": None}, {"text": "too"})))
+    with caplog.at_level("WARNING", logger="qlora_pipeline.data"):
+        assert data.load_documents(DataSource(path=str(f)), "data.domain") == ["kept", "too"]
+    assert f"data.domain: 2 of 4 records in {f} have no text under 'text'" in caplog.text
+    caplog.clear()
+    f.write_text(json.dumps({"text": "all fine"}) + "\n")
+    with caplog.at_level("WARNING", logger="qlora_pipeline.data"):
+        data.load_documents(DataSource(path=str(f)), "data.domain")
+    assert caplog.text == ""
+
+
 def test_a_bad_line_in_json_lines_is_named_by_file_and_line(tmp_path):
     # Preflight reads the first record only; `datasets` then said "An error occurred while
     # generating the dataset" about the folder's first file, whichever was broken.
