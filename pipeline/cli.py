@@ -153,6 +153,8 @@ def _print_summary(planned, seconds: float, report: Path) -> None:
     """The end of a run: per stage what happened and how long it took, the total, the report."""
     width = max(len(p.spec.name) for p in planned)
     click.echo("stage summary (peak RSS: this process's high-water mark once the stage had run):")
+    # The last column is the plan's reason, which for a stage that ran says why it had to.
+    click.echo(f"  {'stage':<{width}}  {'outcome':<8} {'seconds':>10}  {'peak RSS':>10}  why it ran / was skipped")
     for p in planned:
         took = f"{p.seconds:8.1f} s" if p.outcome in ("ran", "resumed", "cached") else " " * 10
         peak = f"{p.peak_rss_bytes / 2**30:6.2f} GiB" if p.peak_rss_bytes else " " * 10

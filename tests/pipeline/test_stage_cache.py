@@ -391,7 +391,8 @@ def test_changing_train_steps_reuses_everything_before_training(tiny_llama_dir, 
     assert all(plan[s][0] == "run" for s in REDONE)
 
     assert cli("run", recipe, "--run-dir", str(two), "--set", "train.steps=3") == 0
-    lines = capsys.readouterr().out.split("stage summary")[1].splitlines()[1:-1]
+    header, *lines = capsys.readouterr().out.split("stage summary")[1].splitlines()[1:-1]
+    assert header.split()[:5] == ["stage", "outcome", "seconds", "peak", "RSS"]
     summary = {line.split()[0]: line.split()[1] for line in lines}
     assert summary == {**{s: "cached" for s in REUSED}, **{s: "ran" for s in REDONE}}
     # The process's peak RSS once each stage ran: a high-water mark, so never falling down the list
