@@ -174,12 +174,29 @@ def load_documents(source, key: str, max_chars: int | None = None, revision: str
         docs = _hub_documents(source.hub, source.split, source.text_field, key, source.config,
                               revision or source.revision)
     docs = [canonical(d) for d in docs if d.strip()]
+    if source.document_chars is not None:
+        docs = [piece for d in docs for piece in split_long_document(d, source.document_chars)]
     if not docs:
         field = "" if source.builtin else f" (for JSON, parquet and hub data: no record has text under " \
                                            f"'{source.text_field}')"
         raise DataError(f"{key}: the source holds no text: every document is empty or whitespace{field}; give a "
                         "source with text, or set its text_field")
     return docs
+
+
+def split_long_document(text: str, min_chars: int) -> list[str]:
+    """`text` cut into consecutive pieces of at least `min_chars` characters, each ending at the
+    first paragraph break (blank line) after that many; in text without blank lines, at the
+    first line break. The breaks at the cuts are dropped; the last piece holds what is left
+    (it may be shorter). Text with no break after `min_chars` stays one piece."""
+    breaks = list(_BLANK_LINE.finditer(text)) or list(re.finditer(r"\n", text))
+    pieces, start = [], 0
+    for m in breaks:
+        if m.start() - start >= min_chars:
+            pieces.append(text[start : m.start()])
+            start = m.end()
+    pieces.append(text[start:])
+    return [p for p in pieces if p.strip()]
 
 
 @dataclass(frozen=True)

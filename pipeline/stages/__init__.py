@@ -123,6 +123,9 @@ def build_stages(recipe) -> list[StageSpec]:
     # The general train split is prepared only when something calibrates on it: only then is its
     # size part of the data stage's settings.
     data_config = {**model, "data": recipe.data.model_dump(mode="json", exclude={"general_train_tokens"})}
+    for source in ("domain", "general"):  # unset, as before the setting existed: the same work keeps its fingerprint
+        if (data_config["data"].get(source) or {}).get("document_chars", 0) is None:
+            del data_config["data"][source]["document_chars"]
     # The text itself, not only where it is: a corpus edited in place re-runs `data` (and, if its
     # tokens change, everything after it), and the stage cache never serves another text's tokens.
     data_config["content"] = {key: content_identity(source) for key, source in

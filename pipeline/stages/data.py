@@ -121,10 +121,13 @@ def _require_documents(splits: data.Splits, total: int, cfg) -> None:
     document 0)."""
     if not splits.valid:
         raise DataError(f"data.holdout_every: only {total} document(s); with holdout_every={cfg.holdout_every} "
-                        "none is left for validation and training (documents identical to a test document are dropped)")
+                        "none is left for validation and training (documents identical to a test document are dropped); "
+                        "give more documents (a folder of files, JSON Lines records) or cut long ones into several with "
+                        "data.domain.document_chars (e.g. 4000)")
     if not splits.train:
         raise DataError(f"data.valid_every: of {total} document(s), none is left for training (holdout_every="
-                        f"{cfg.holdout_every}, valid_every={cfg.valid_every}); add documents or raise these")
+                        f"{cfg.holdout_every}, valid_every={cfg.valid_every}); add documents, cut long ones with "
+                        "data.domain.document_chars, or raise these")
 
 
 def _require_clean(splits: data.Splits, report: data.Decontamination, cfg) -> None:

@@ -293,6 +293,37 @@ def test_python_stdlib_leaves_out_pydoc_data():
     assert len(files) > 500 and not any("pydoc_data" in p.parts for p in files)
 
 
+def test_a_long_document_is_cut_at_paragraph_breaks_after_document_chars():
+    paras = [f"paragraph {i} " + "word " * (5 + i % 7) for i in range(40)]
+    text = "\n\n".join(paras)
+    pieces = data.split_long_document(text, 200)
+    assert len(pieces) > 5 and all(len(p) >= 200 for p in pieces[:-1])
+    assert "\n\n".join(pieces) == text  # consecutive, nothing lost but the breaks at the cuts
+    for p in pieces[:-1]:  # each ends at the first paragraph break after 200 characters
+        assert len(p.rsplit("\n\n", 1)[0]) < 200 if "\n\n" in p else True
+    lines = text.replace("\n\n", "\n")  # no blank lines: cut at line breaks
+    assert "\n".join(data.split_long_document(lines, 200)) == lines and len(data.split_long_document(lines, 200)) > 5
+    assert data.split_long_document("short\n\ntext", 200) == ["short\n\ntext"]
+    assert data.split_long_document("x" * 500, 200) == ["x" * 500]  # no break to cut at
+
+
+def test_one_big_file_becomes_many_documents_with_document_chars(tmp_path):
+    import pydoc_data.topics
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(pydoc_data.topics.topics.values()))
+    assert len(data.load_documents(DataSource(path=str(book)), "data.domain")) == 1
+    docs = data.load_documents(DataSource(path=str(book), document_chars=4000), "data.domain")
+    assert len(docs) > 50 and all(len(d) >= 4000 for d in docs[:-1])
+    from qlora_pipeline.recipe import DataConfig
+    from qlora_pipeline.stages.data import _require_documents
+
+    cfg = DataConfig()
+    _require_documents(data.split_documents(docs, cfg.holdout_every, cfg.valid_every), len(docs), cfg)
+    with pytest.raises(DataError, match=r"only 1 document\(s\).*data.domain.document_chars"):
+        _require_documents(data.split_documents(docs[:1], cfg.holdout_every, cfg.valid_every), 1, cfg)
+
+
 def test_an_empty_split_is_a_data_error_naming_the_key():
     from qlora_pipeline.recipe import DataConfig
     from qlora_pipeline.stages.data import _require_clean, _require_documents
@@ -457,3 +488,20 @@ def test_a_training_document_that_is_part_of_a_held_out_paragraph_is_cut():
     left = data.Decontamination(report.after, report.after, {}, {}, {"eval_in_train": 1})
     with pytest.raises(DataError, match=r"eval_in_train: 1 training passage\(s\) inside held-out text"):
         _require_clean(splits, left, DecontaminateConfig())
+
+
+def test_document_chars_enters_the_data_fingerprint_only_when_set():
+    """Unset (the default), the data stage's settings are what they were before the setting
+    existed; set, it is part of them (other documents, other splits)."""
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_domain.yaml"
+
+    def data_settings(*overrides):
+        (spec,) = [s for s in build_stages(load_recipe(recipe, list(overrides))[0]) if s.name == "data"]
+        return spec.config["data"]
+
+    plain = data_settings()
+    assert "document_chars" not in plain["domain"] and "document_chars" not in plain["general"]
+    assert data_settings("data.domain.document_chars=4000")["domain"]["document_chars"] == 4000
