@@ -6,7 +6,10 @@ separate: the search result (one scale vector per scaling group, one clip tensor
 linear) is written to `awq-XXXXX.safetensors` before it is applied, so a stage killed after
 the search resumes by applying the saved result, not by searching again.
 
-The layer keeps computing in float32; the norms that absorb 1/s are rounded to the checkpoint
+The layer's weights stay float32, and so do the statistics (X^T X, channel means) and the clip
+search; its forwards (the capture and every candidate's block) run in the entry's compute dtype
+(autocast; float32 by default: bf16 made the search 1.5x faster and its results clearly worse,
+README "Where AWQ searches"). The norms that absorb 1/s are rounded to the checkpoint
 dtype as soon as they are folded, so every later step (clip search, GPTQ, the next layer's
 inputs) sees the values the checkpoint will hold.
 """
@@ -165,7 +168,8 @@ def _block_loss(module: nn.Module, is_attention: bool, samples: torch.Tensor, re
 
 @torch.no_grad()
 def search_layer_scales(layer: nn.Module, family: Family, all_inputs: list[GroupInput], settings: AWQSettings,
-                        kw: _Kwargs, chunk: int, compute_dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                        kw: _Kwargs, chunk: int, compute_dtype: torch.dtype = torch.float32
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The scales of every active group, searched on the unmodified layer. `all_inputs` holds the
     input of every group of `family.awq_groups`, active or not.
 
