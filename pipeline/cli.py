@@ -64,23 +64,60 @@ def _load(recipe_path: str, sets: tuple[str, ...]):
     return load_recipe(recipe_path, list(sets))
 
 
-def _load_checked(recipe_path: str, sets: tuple[str, ...]):
+def _load_checked(recipe_path: str, sets: tuple[str, ...], convert_model: bool = False):
     """The validated recipe whose local inputs (model, adapter, data files) passed preflight.
 
     Runs before any Runner or Tracker exists: bad input leaves no run directory, lock or
-    MLflow run behind.
+    MLflow run behind. `convert_model` (for `run`): a built-in or GGUF model not converted
+    yet is converted first, so that the checks against its config (LoRA targets, group
+    sizes, context, an adapter's shapes) run before the first stage, not when a stage
+    minutes later meets the problem.
     """
     from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.preflight import preflight
     from qlora_pipeline.stages import build_stages
 
     cfg, raw = _load(recipe_path, sets)
+    if convert_model:
+        _convert_local_model(cfg)
     preflight(cfg, source=recipe_path)
     try:
         build_stages(cfg)  # its checks against the model's config (group sizes, context), torch-free
     except RecipeError as exc:  # named after the recipe file, as every other recipe problem
         raise RecipeError(exc.problems, source=recipe_path) from None
     return cfg, raw
+
+
+def _convert_local_model(recipe) -> None:
+    """Convert the recipe's built-in or GGUF model once (cached) when it is readable; a source
+    that is not is left to preflight, which names what is wrong with it."""
+    from qlora_pipeline.models import cached_config, is_local_gguf_source, resolve_model
+    from qlora_pipeline.preflight import check_model_source
+
+    if is_local_gguf_source(recipe.model) and not check_model_source(recipe.model.source):
+        try:
+            if cached_config(recipe.model) is not None:
+                return
+        except InputError:
+            pass  # a damaged conversion: resolve_model says what to do
+        resolve_model(recipe.model)
+
+
+def _unchecked_model_note(recipe) -> Optional[str]:
+    """For `validate`/`plan`: the checks that need the model's config.json and could not run
+    because the model is not on disk yet (a built-in or GGUF model not converted, a hub model
+    not downloaded); `run` makes it local and checks before its first stage."""
+    from qlora_pipeline.models import cached_config, is_hub_source
+
+    try:
+        if cached_config(recipe.model) is not None:
+            return None
+    except InputError:
+        return None  # reported by preflight
+    made = "downloaded" if is_hub_source(recipe.model) else "converted"
+    return (f"not checked yet: {recipe.model.source} is not {made} yet, so lora.target_modules, the quantize "
+            f"entries' group sizes, the windows against the model's context and merge.adapter are checked when "
+            f"`pipeline run` has {made} it, before its first stage")
 
 
 def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional[str] = None,
@@ -217,7 +254,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.preflight import run_problems
 
-    cfg, _ = _load_checked(recipe, sets)
+    cfg, _ = _load_checked(recipe, sets, convert_model=True)
     if run_problems(cfg):
         raise RecipeError(run_problems(cfg), source=recipe)
     _check_cache(cfg)
@@ -282,6 +319,9 @@ def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Show the stage graph and, per stage, whether `run` would run or skip it, and why."""
     cfg, _ = _load_checked(recipe, sets)
     runner = _runner(cfg, run_dir, for_run=False)
+    note = _unchecked_model_note(cfg)
+    if note:
+        click.echo(note)
     click.echo(f"run directory: {runner.run_dir}")
     click.echo(f"stage cache: {_cache_place(runner)}")
     _print_plan(runner.plan(from_stage, only, force))
@@ -297,18 +337,63 @@ def status(run_dir: str, verify: bool) -> None:
     from qlora_pipeline.stagecache import open_cache
     from qlora_pipeline.stages import build_stages
 
+    from qlora_pipeline.errors import RecipeError
+
     path = Path(run_dir)
-    recipe = read_run_recipe(path)
-    holder = read_lock_holder(path)  # before printing: a damaged lock is reported alone
-    check_records(path)
-    runner = Runner(path, build_stages(recipe), verify_inputs=recipe.run.verify_inputs,
-                    cache=open_cache(recipe.run.cache))
+    try:
+        recipe = read_run_recipe(path)
+        holder = read_lock_holder(path)  # before printing: a damaged lock is reported alone
+        check_records(path)
+        specs = build_stages(recipe)
+    except RecipeError as exc:
+        if not all(_names_a_missing_input(p) for p in exc.problems):
+            raise
+        # The recorded recipe names inputs that are gone or moved (a corpus cleaned up, a run
+        # copied to another machine): without them nothing can be judged up to date, but what
+        # the run directory holds can still be told.
+        _print_recorded_status(path, exc.problems, verify)
+        return
+    runner = Runner(path, specs, verify_inputs=recipe.run.verify_inputs, cache=open_cache(recipe.run.cache))
     names = {"missing": "pending"}
     width = max(len(s.name) for s in runner.specs)
     for p in runner.plan(full_verify=verify):
         click.echo(f"  {p.spec.name:<{width}}  {names.get(p.status, p.status):<8}  {p.reason}")
     if holder:
         click.echo(f"lock held by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
+
+
+def _names_a_missing_input(problem: str) -> bool:
+    """A recipe problem that says a path it names is not there (any other problem means the
+    record itself is wrong, which `status` reports as such)."""
+    return " does not exist" in problem or "(no adapter_config.json)" in problem
+
+
+def _print_recorded_status(path: Path, problems: list[str], verify: bool) -> None:
+    """`status` of a run whose recorded recipe no longer validates: each stage as its manifest
+    records it (outputs checked against the manifest's sizes, and hashes with `verify`), not
+    judged against inputs that cannot be read."""
+    from qlora_pipeline import rundir
+
+    click.echo(f"{path / 'run.json'}: the recipe this run was made with does not validate here:")
+    for problem in problems:
+        click.echo(f"  - {problem}")
+    click.echo("so whether its stages are up to date with their inputs cannot be checked (put the inputs back, "
+               "or run a recipe that names where they are now); what the run directory records:")
+    stages = (rundir.read_json(path / "run.json") or {}).get("stages")
+    if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
+        stages = sorted(p.parent.name for p in path.glob(f"*/{rundir.MANIFEST}"))
+    width = max([len(s) for s in stages] + [5])
+    for name in stages:
+        sdir = path / name
+        manifest = rundir.read_json(sdir / rundir.MANIFEST)
+        if manifest is not None and rundir.good_file_table(manifest.get("files")):
+            found = rundir.verify_files(sdir / rundir.OUTPUT, manifest["files"], full=verify)
+            line = f"corrupt   {found[0]}" if found else f"done      finished {manifest.get('finished', '?')}"
+        elif (sdir / rundir.CHECKPOINTS).is_dir():
+            line = "partial   checkpoints of an interrupted run"
+        else:
+            line = "pending"
+        click.echo(f"  {name:<{width}}  {line}")
 
 
 @cli.command()
@@ -322,6 +407,9 @@ def validate(recipe: str, sets) -> None:
     cfg, _ = _load_checked(recipe, sets)
     stages = [s.name for s in build_stages(cfg)]
     click.echo(f"{recipe}: ok ({len(stages)} stages: {', '.join(stages)})")
+    note = _unchecked_model_note(cfg)
+    if note:
+        click.echo(note)
     for line in network_sources(cfg):
         click.echo(f"needs the network: {line}")
     for line in run_problems(cfg):
@@ -353,9 +441,11 @@ class _MemoryCommand(_ListOptionsCommand):
 
 @cli.command(cls=_MemoryCommand)
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--bits", type=int, default=16, show_default=True,
-              help="Bits of the decoder linears (16: plain bf16; 2-8: packed, with fp16 scales and zeros per group).")
-@click.option("--group-size", type=int, default=128, show_default=True, help="Columns per quantization group (-1: one per row).")
+@click.option("--bits", type=int, default=None,
+              help="Bits of the decoder linears (16: plain bf16; 2-8: packed, with fp16 scales and zeros per group); "
+              "default: the checkpoint's quantization_config (a GPTQ or AWQ checkpoint's bits), else 16.")
+@click.option("--group-size", type=int, default=None, help="Columns per quantization group (-1: one per row); "
+              "default: the checkpoint's quantization_config, else 128.")
 @click.option("--context", "contexts", type=click.IntRange(min=1), multiple=True,
               help="Tokens per sequence, one or more values (default: the recipe's deploy.contexts default).")
 @click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True,
@@ -365,14 +455,13 @@ class _MemoryCommand(_ListOptionsCommand):
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="GPU memory in GiB (default: deploy.gpu_memory_gb's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, gpu_memory_gb, as_json: bool) -> None:
+def memory(path: str, bits: Optional[int], group_size: Optional[int], contexts, batches, kv_dtypes, gpu_memory_gb,
+           as_json: bool) -> None:
     """Weights + KV cache of the model whose config.json is PATH (or is in the directory PATH), for
     each context, batch and KV dtype, against one GPU; no weights are read. PATH comes first."""
     from qlora_pipeline import memory_plan
     from qlora_pipeline.recipe import DeployConfig
 
-    if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
-        raise InputError(f"--bits {bits} --group-size {group_size}: give bits 2-8 (or 16) and a group size >= 1 or -1")
     if gpu_memory_gb is not None and not math.isfinite(gpu_memory_gb):
         raise InputError(f"--gpu-memory-gb {gpu_memory_gb}: give a finite number of GiB")
     config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
@@ -380,6 +469,12 @@ def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, 
         config = json.loads(config_path.read_text())
         if not isinstance(config, dict):
             raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        stored_bits, stored_group = _stored_quantization(config)
+        bits = stored_bits if bits is None else bits
+        group_size = stored_group if group_size is None else group_size
+        if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
+            raise InputError(f"--bits {bits} --group-size {group_size}: give bits 2-8 (or 16) and a group size >= 1 "
+                             "or -1")
         att = memory_plan.attention(config)
         weights = memory_plan.estimated_weight_bytes(config, bits, group_size)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -394,6 +489,8 @@ def memory(path: str, bits: int, group_size: int, contexts, batches, kv_dtypes, 
         click.echo(json.dumps(rows, indent=2))
         return
     kind = "bf16" if bits >= 16 else f"{bits}-bit, group {group_size}"
+    if "quantization_config" in config and (bits, group_size) != (stored_bits, stored_group):
+        kind += f"; the checkpoint itself is stored at {stored_bits} bits, group {stored_group}"
     click.echo(f"{config_path}: {att.layers} layers, {att.kv_heads} KV heads x {att.head_dim}; weights ({kind}) "
                f"{weights / memory_plan.GIB:.2f} GiB; KV cache per token: "
                + ", ".join(f"{d} {att.kv_bytes_per_token(d)} bytes" for d in dict.fromkeys(r["kv_dtype"] for r in rows)))
@@ -438,6 +535,9 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
         # MLflow would create an empty store there (or retry for minutes where it cannot).
         raise InputError(f"no MLflow store at {store}: `pipeline run` creates it; run a recipe first, or give the "
                          "store the runs use (--recipe RECIPE, or --uri)")
+    busy = None if uri.startswith(("http://", "https://")) else _port_problem(host, port)
+    if busy:  # before anything starts: another server on it would answer our URL with its own store's runs
+        raise InputError(busy)
     name = experiment or tracking.experiment
     experiment_id, view = find_experiment(uri, name)
     if experiment_id is None:
@@ -476,6 +576,39 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_group(proc)
+
+
+def _stored_quantization(config: dict) -> tuple[int, int]:
+    """(bits, group size) of the decoder linears as a checkpoint stores them: a GPTQ or AWQ
+    checkpoint's quantization_config says; a plain one is bf16 (16, and 128 for a 4-bit estimate)."""
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and isinstance(quant.get("bits"), int):
+        group = quant.get("group_size", 128)
+        return quant["bits"], group if isinstance(group, int) else 128
+    return 16, 128
+
+
+def _port_problem(host: str, port: int) -> Optional[str]:
+    """Why the UI cannot listen on host:port (None: it can), found by binding it for a moment.
+    The server would fail to bind after we printed its URL, while whatever holds the port (another
+    `pipeline ui` on another store, say) answered that URL."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"--host {host}: cannot listen there ({exc.strerror or exc}); give an address of this machine"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"--port {port}: something already listens on {host}:{port} (another `pipeline ui`?); " \
+                       "stop it, or choose another port with --port"
+            return f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})"
+    return None
 
 
 def _stop_group(proc) -> None:

@@ -51,6 +51,9 @@ def _recipe_settings(run_dir: Path) -> dict[str, str]:
 def _read_report(run_dir: Path) -> dict:
     """A run's report/output/metrics.json, checked for the shape the table reads."""
     path = metrics_path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: {'is not a folder' if run_dir.exists() else 'does not exist'}; give run "
+                         "directories (runs/<recipe name>, or where run.dir put them)")
     if not path.is_file():
         raise InputError(f"{run_dir}: no report (expected {path}); run the pipeline to its report stage first")
     # `pipeline run` sees the altered file against the report's manifest and writes it again.
@@ -75,13 +78,16 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
         runs.append((d, _read_report(d), _recipe_settings(d)))
     keys = set().union(*(s.keys() for _, _, s in runs))
     differing = sorted(k for k in keys if len({s.get(k) for _, _, s in runs}) > 1)
+    if columns:
+        _check_metrics(columns, [report for _, report, _ in runs])
     columns = list(columns or DEFAULT_COLUMNS)
+    labels = _run_labels([d for d, _, _ in runs])
     rows = []
-    for d, report, settings in runs:
+    for (d, report, settings), label in zip(runs, labels):
         gate = report.get("gate", {})
         baselines = set(report.get("gate_baselines", []))
         for name, m in report["artifacts"].items():
-            row = {"run": d.name, "artifact": name, **{k: m.get(k) for k in columns}}
+            row = {"run": label, "artifact": name, **{k: m.get(k) for k in columns}}
             row.update({k: settings.get(k, "–") for k in differing})
             if name in gate:
                 row["gate"] = gate_cell(gate[name], name in baselines, bold=False)
@@ -91,6 +97,24 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     extra = differing + (["gate"] if any("gate" in r for r in rows) else [])
     extra += [PLACE] if len({r[PLACE] for r in rows}) > 1 else []
     return rows, columns + extra
+
+
+def _run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's name in the table: its folder's name, or, where two runs share it (the same
+    recipe run in two places), the path as given, so that their rows can be told apart."""
+    names = [d.name for d in run_dirs]
+    return [str(d) if names.count(d.name) > 1 else d.name for d in run_dirs]
+
+
+def _check_metrics(columns: list[str], reports: list[dict]) -> None:
+    """A requested metric that no artifact of any run has (a typo) is named, with the keys there are."""
+    present = {k for report in reports for m in report["artifacts"].values() for k in m}
+    unknown = [c for c in columns if c not in present]
+    if unknown:
+        known = sorted({k for report in reports for m in report["artifacts"].values() for k, v in m.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        raise InputError(f"--metric {', '.join(unknown)}: no artifact of these runs has it; metrics there: "
+                         f"{', '.join(known)}")
 
 
 def render(rows: list[dict], columns: list[str], markdown: bool) -> str:

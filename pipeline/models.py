@@ -104,6 +104,12 @@ def _conversion_key(gguf: Path) -> str:
     return hashlib.sha256(f"{sha256_of(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
 
 
+def is_local_gguf_source(model_cfg) -> bool:
+    """A source that is converted from GGUF before use: the built-in model or a local .gguf file."""
+    src = model_cfg.source
+    return src.startswith("builtin:") or Path(src).expanduser().is_file()
+
+
 def is_hub_source(model_cfg) -> bool:
     """A source that names a hub model (not builtin, not a local file or folder)."""
     src = model_cfg.source

@@ -465,13 +465,16 @@ class Recipe(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
-    @model_validator(mode="after")
-    def _unique_quantize_names(self) -> "Recipe":
-        names = [q.name for q in self.quantize]
+    @field_validator("quantize")
+    @classmethod
+    def _unique_quantize_names(cls, entries: list[QuantizeEntry]) -> list[QuantizeEntry]:
+        names = [q.name for q in entries]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"quantize names must be unique; repeated: {', '.join(dupes)}")
-        return self
+        if dupes:  # by entry index, as every other problem of an entry is named
+            where = "; ".join(f"'{n}' at {', '.join(f'quantize.{i}.name' for i, m in enumerate(names) if m == n)}"
+                              for n in dupes)
+            raise ValueError(f"names must be unique (each names its stage and artifact); repeated: {where}")
+        return entries
 
     @model_validator(mode="after")
     def _general_calibration_has_text(self) -> "Recipe":
@@ -646,8 +649,12 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
             if part.startswith("-") and part[1:].isdigit():  # a negative index
                 raise fail(f"{where} has {len(node)} item(s): indices 0 to {len(node) - 1}, counted from the first")
             if not part.isdigit():
-                raise fail(f"{where} is a list; address an item by its index, e.g. {where}.0"
-                           + ("." + ".".join(parts[i:]) if parts[i:] else ""))
+                # `quantize.bits` (no index) or `quantize.x.bits` (a placeholder for one): the index goes
+                # where the placeholder is, or before the key.
+                placeholder = not last and (len(part) == 1 or part.lower() in ("idx", "index") or part[0] in "<{[")
+                rest = ".".join(parts[i + 1:] if placeholder else parts[i:])
+                raise fail(f"{where} is a list; address an item by its index, e.g. {where}.0.{rest}, or every item "
+                           f"with '*': {where}.*.{rest}")
             if int(part) >= len(node):
                 raise fail(f"{where} has {len(node)} item(s), so there is no index {part}; "
                            f"set the whole list instead: --set '{where}=[...]'")

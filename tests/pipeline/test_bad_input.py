@@ -327,7 +327,9 @@ def test_windows_longer_than_the_models_context_are_refused(command, tiny_llama_
 SET_CASES = {
     "through a string": ("model.source.x=1", "--set model.source.x: model.source is a string"),
     "through a list item's string": ("quantize.0.name.x=1", "--set quantize.0.name.x: quantize.0.name is a string"),
-    "list needs an index": ("quantize.name=x", "--set quantize.name: quantize is a list; address an item by its index"),
+    "list needs an index": ("quantize.name=x", "--set quantize.name: quantize is a list; address an item by its index, "
+                                             "e.g. quantize.0.name, or every item with '*': quantize.*.name"),
+    "an index placeholder": ("quantize.x.bits=4", "e.g. quantize.0.bits, or every item with '*': quantize.*.bits"),
     "star through a list item's string": ("quantize.*.name.x=1", "--set quantize.0.name.x: quantize.0.name is a string"),
     "star on an absent list": ("evaluate.prompts.*=hi", "evaluate.prompts is a list not given in this recipe"),
     "index out of range": ("quantize.5.bits=8", "--set quantize.5.bits: quantize has 1 item(s), so there is no index 5"),
@@ -486,6 +488,56 @@ def test_status_with_an_invalid_recorded_recipe(run_dir, capsys):
     (run_dir / "run.json").write_text(json.dumps(record))
     err = status_refused(capsys, run_dir)
     assert "2 problems" in err and "nf4.blocksize" in err and "lora.rank: unknown key" in err
+
+
+def test_status_of_a_run_whose_corpus_moved_tells_what_the_run_directory_records(run_dir, tmp_path, capsys):
+    """A corpus cleaned up or a run copied elsewhere: status was refused ("path ... does not
+    exist"), so a finished run could not be inspected. It shows each stage as recorded, its
+    outputs checked against the manifest, and says why nothing is judged against inputs."""
+    from qlora_pipeline import rundir
+
+    record = json.loads((run_dir / "run.json").read_text())
+    record["recipe"]["data"]["domain"] = {"path": str(tmp_path / "corpus-moved-away")}
+    record["stages"] = ["data", "base", "train"]
+    (run_dir / "run.json").write_text(json.dumps(record))
+    for stage in ("data", "base"):
+        (run_dir / stage / "output").mkdir(parents=True)
+        (run_dir / stage / "output" / "tokens.bin").write_bytes(b"0123456789")
+        files = rundir.describe_files(run_dir / stage / "output")
+        (run_dir / stage / "manifest.json").write_text(json.dumps({"files": files, "finished": "then"}))
+    (run_dir / "base" / "output" / "tokens.bin").write_bytes(b"01234")  # truncated since
+    (run_dir / "train" / "checkpoints").mkdir(parents=True)
+    assert cli("status", str(run_dir)) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert f"data.domain: path '{tmp_path / 'corpus-moved-away'}' does not exist" in out
+    assert "cannot be checked" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and not line.startswith("  -")}
+    assert "done" in lines["data"] and "finished then" in lines["data"]
+    assert "corrupt" in lines["base"] and "truncated or altered" in lines["base"]
+    assert "partial" in lines["train"]
+
+
+def test_validate_says_what_waits_for_the_conversion_and_run_converts_before_any_stage(
+        smollm2_dir, in_tmp, write_recipe, capsys, monkeypatch):
+    """A built-in model not converted yet: `validate` said ok without checking LoRA targets or
+    group sizes against it, and `run` trained a typo'd target silently, or failed at quantize
+    minutes later. Now `validate` says what it could not check, and `run` converts first."""
+    from qlora_pipeline import models
+
+    monkeypatch.setenv("QLP_CACHE", str(in_tmp / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out: shutil.copytree(smollm2_dir, out))
+    recipe = tiny_recipe(smollm2_dir, in_tmp, model={"source": "builtin:smollm2-135m"},
+                         lora={"target_modules": ["q_proj", "v_prj"]}, tracking={"enabled": False})
+    path = str(write_recipe(recipe))
+    assert cli("validate", path) == 0
+    out = capsys.readouterr().out
+    assert "not checked yet: builtin:smollm2-135m is not converted yet" in out and "lora.target_modules" in out
+    err = refused(capsys, in_tmp, "run", path)
+    assert "lora.target_modules: 'v_prj' matches no linear of the model" in err
+    assert len(list((in_tmp / "cache" / "models").glob("smollm2-135m-*/config.json"))) == 1, "converted once"
+    err = refused(capsys, in_tmp, "validate", path)  # converted now: validate checks it too
+    assert "'v_prj' matches no linear" in err
 
 
 def test_status_when_the_recorded_model_config_is_not_json(model_copy, run_dir, capsys):

@@ -93,6 +93,19 @@ def test_memory_command(llama3_8b, capsys):
     assert "not a usable model config.json" in capsys.readouterr().err
 
 
+def test_memory_counts_a_quantized_checkpoint_as_it_is_stored(llama3_8b, tmp_path, capsys):
+    """A GPTQ checkpoint's config.json was counted as bf16 (its quantization_config ignored)."""
+    config = {**json.loads(llama3_8b.read_text()), "quantization_config": {"quant_method": "gptq", "bits": 4,
+                                                                           "group_size": 64}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert cli("memory", str(path), "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["weights_bytes"] == memory_plan.estimated_weight_bytes(config, 4, 64)
+    assert cli("memory", str(path), "--bits", "8") == 0
+    assert "weights (8-bit, group 64; the checkpoint itself is stored at 4 bits, group 64)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bits", "4", "--group-size", "0"], "--bits 4 --group-size 0: give bits 2-8 (or 16)"),
     (["--bits", "12"], "--bits 12 --group-size 128: give bits 2-8 (or 16)"),

@@ -56,7 +56,9 @@ BAD = {
     "bad blocksize": ({"nf4": {"blocksize": 48}}, "nf4.blocksize"),
     "group size 0": ({"quantize": [{"name": "q", "method": "gptq", "group_size": 0}]}, "quantize.0.group_size"),
     "unknown method": ({"quantize": [{"name": "q", "method": "gguf"}]}, "quantize.0.method"),
-    "duplicate quantize names": ({"quantize": [{"name": "q", "method": "rtn"}, {"name": "q", "method": "gptq"}]}, "repeated: q"),
+    "duplicate quantize names": ({"quantize": [{"name": "q", "method": "rtn"}, {"name": "q", "method": "gptq"}]},
+                                 "quantize: names must be unique (each names its stage and artifact); repeated: 'q' at "
+                                 "quantize.0.name, quantize.1.name"),
     "missing model path": ({"model": {"source": "./no/such/model"}}, "model.source: path './no/such/model' does not exist"),
     "missing data path": ({"data": {"domain": {"path": "/no/such/file.txt"}}}, "data.domain: path '/no/such/file.txt' does not exist"),
     "two data sources": ({"data": {"domain": {"builtin": "python-docs", "hub": "x/y"}}}, "data.domain: give exactly one"),

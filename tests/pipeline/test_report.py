@@ -3,6 +3,7 @@ report's plots, `pipeline compare`, and the same figures in the MLflow store."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,7 +94,25 @@ def test_compare_lines_up_two_runs(two_runs, capsys, tmp_path):
     assert len(lines) == 4 + 5 and "domain ppl" in out and "FAILED" in out
     assert md.read_text().startswith("| run | artifact | domain ppl")
     assert cli("compare", str(tmp_path / "nothing")) == 2
+    assert f"{tmp_path / 'nothing'}: does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli("compare", str(tmp_path / "empty")) == 2
     assert "no report" in capsys.readouterr().err
+    # A metric no artifact has (a typo) is named, not shown as a column of dashes.
+    assert cli("compare", str(tmp / "runs" / "g32"), "--metric", "domian_ppl") == 2
+    err = capsys.readouterr().err
+    assert "--metric domian_ppl: no artifact of these runs has it" in err and "domain_ppl" in err
+
+
+def test_compare_tells_apart_two_runs_of_the_same_name(two_runs, capsys, tmp_path):
+    """The same recipe run in two places: both rows were labelled with the folder's name."""
+    import shutil
+
+    tmp, _ = two_runs
+    copy = Path(shutil.copytree(tmp / "runs" / "g32", tmp_path / "elsewhere" / "g32"))
+    assert cli("compare", str(tmp / "runs" / "g32"), str(copy), "--metric", "domain_ppl") == 0
+    out = capsys.readouterr().out
+    assert f"{tmp / 'runs' / 'g32'}  " in out and f"{copy}  " in out
 
 
 def test_mlflow_has_the_same_metric_names_on_both_parent_runs(two_runs):

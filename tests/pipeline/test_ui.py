@@ -177,6 +177,26 @@ def test_ui_without_a_store_says_so_and_creates_none(where, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ui_on_a_port_in_use_is_refused_before_any_server_starts(tmp_path, monkeypatch, capsys):
+    """Another `pipeline ui` (on another store) on the port: it printed our store's URL, which
+    the other server answered with its own runs, and exited 0 when its server could not bind."""
+    import socket
+    import subprocess
+
+    (tmp_path / "mlflow.db").touch()  # a store file: what is judged here is the port
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("a server started"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert cli("ui", "--uri", store, "--port", str(port)) == 2
+    out, err = capsys.readouterr()
+    assert f"--port {port}: something already listens on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert "runs:" not in out and started == []
+
+
 def test_find_experiment_tags_the_experiment_and_reports_the_view(tmp_path, store):
     runner = finished_run(tmp_path, store, "found")
     client = MlflowClient(store)
