@@ -242,9 +242,41 @@ def check_model_dir(path: Path, key: str) -> list[str]:
         problems.append(f"{key}: {path} holds a '{config['model_type']}' model, which is not supported yet; "
                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only Llama-style "
                         "models)")
-    problems += check_weights(path, key)
+    weight_problems = check_weights(path, key)
+    problems += weight_problems
+    if config is not None and not weight_problems:
+        problems += check_config_matches_weights(path, config, key)
     problems += check_tokenizer(path, key)
     return problems
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_config_matches_weights(path: Path, config: dict, key: str) -> list[str]:
+    """A config.json that does not describe its weights (edited, or copied from another size of
+    the model): the embedding's shape against vocab_size x hidden_size, the layers the weights
+    hold against num_hidden_layers. transformers' own refusal comes in the first evaluation, as
+    "ignore_mismatched_sizes ... look at the above report" with no report. Headers only."""
+    index = path / "model.safetensors.index.json"
+    files = sorted({str(f) for f in (read_json_object(index, key)[0] or {}).get("weight_map", {}).values()}) \
+        if index.exists() else ["model.safetensors"]
+    shapes: dict[str, list] = {}
+    for name in files:
+        table, _ = read_safetensors_header(path / name, key)
+        shapes.update({t: meta.get("shape") for t, meta in (table or {}).items() if isinstance(meta, dict)})
+    fix = f"{path / 'config.json'} does not describe the weights beside it; use the config.json saved with them"
+    embedding = next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
+    expected = [config.get("vocab_size"), config.get("hidden_size")]
+    if embedding is not None and all(isinstance(v, int) for v in expected) and list(embedding) != expected:
+        return [f"{key}: the embedding is {embedding[0]} x {embedding[1]} and config.json says vocab_size x "
+                f"hidden_size = {expected[0]} x {expected[1]}; {fix}"]
+    layers = {int(m[1]) for name in shapes for m in [LAYER_INDEX.search(name)] if m}
+    stated = config.get("num_hidden_layers")
+    if layers and isinstance(stated, int) and max(layers) + 1 != stated:
+        return [f"{key}: the weights hold {max(layers) + 1} decoder layers and config.json says num_hidden_layers = "
+                f"{stated}; {fix}"]
+    return []
 
 
 # What AutoTokenizer can build a tokenizer from: a fast tokenizer's tokenizer.json, a

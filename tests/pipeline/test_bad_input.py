@@ -107,6 +107,20 @@ def test_config_json_without_model_type(model_copy, in_tmp, write_recipe, capsys
     assert "model.source:" in err and "has no 'model_type'" in err
 
 
+@pytest.mark.parametrize("change, expected", [
+    ({"hidden_size": 128}, "the embedding is {vocab} x 64 and config.json says vocab_size x hidden_size = {vocab} x 128"),
+    ({"num_hidden_layers": 5}, "the weights hold 3 decoder layers and config.json says num_hidden_layers = 5"),
+])
+def test_a_config_that_does_not_describe_its_weights_is_refused(change, expected, model_copy, in_tmp, write_recipe,
+                                                                capsys):
+    """It passed `validate` and `base`, then the first evaluation failed (exit 1) with
+    transformers' "ignore_mismatched_sizes ... look at the above report" and no report."""
+    config = json.loads((model_copy / "config.json").read_text())
+    (model_copy / "config.json").write_text(json.dumps({**config, **change}))
+    err = refused(capsys, in_tmp, "validate", recipe_file(write_recipe, in_tmp, model_copy))
+    assert expected.format(vocab=config["vocab_size"]) in err and "use the config.json saved with them" in err
+
+
 def test_an_unsupported_model_type_is_refused_before_a_run(model_copy, in_tmp, write_recipe, capsys):
     # Without quantize entries nothing else reads the family: it failed minutes into `base`.
     config = json.loads((model_copy / "config.json").read_text())
