@@ -173,7 +173,9 @@ def check_shapes(entry, config: dict, key: str) -> None:
         where = f"{key}.dynamic['{dkey}']" if dkey is not None else key
         if group != -1 and n % group:
             common = [d for d in divisors_hint(n, bits) if all(m % d == 0 for m in in_features.values())]
-            raise InputError(f"{where}.group_size: {group} does not divide the model's {size} {n}"
+            default = dkey is None and "group_size" not in entry.model_fields_set  # a value the user never wrote
+            raise InputError(f"{where}.group_size: {group}{' (the default)' if default else ''} does not divide the "
+                             f"model's {size} {n}"
                              f"{f' ({name})' if dkey is not None else ''}; group sizes that work: "
                              f"{', '.join(map(str, common[:12]))} or -1")
         pf = values_per_word_run(bits)

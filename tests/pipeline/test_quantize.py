@@ -129,6 +129,11 @@ def test_group_size_that_does_not_divide_is_a_recipe_error(tiny_llama_dir, tmp_p
     err = capsys.readouterr().err
     assert "quantize.0.group_size: 48 does not divide the model's hidden_size 64" in err and "32" in err
     assert not (tmp_path / "runs").exists()  # found while planning: nothing written
+    # An entry that leaves group_size out gets the default (128, wider than this model): say so.
+    path = write_recipe(quant_recipe(tiny_llama_dir, tmp_path, "bad", adapter, [{"name": "g", "method": "rtn"}]))
+    assert cli("validate", str(path)) == 2
+    assert "quantize.0.group_size: 128 (the default) does not divide the model's hidden_size 64" in \
+        capsys.readouterr().err
 
 
 AWQ = [
