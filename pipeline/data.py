@@ -21,8 +21,10 @@ import logging
 import random
 import re
 import sysconfig
+import tempfile
 import unicodedata
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,8 +76,6 @@ def python_stdlib(max_chars: int, seed: int = 0) -> list[str]:
 
 
 def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
-    import datasets
-
     files = local_files(path)  # the files the data stage's fingerprint hashes
     groups: dict[str, list[str]] = {}
     for f in files:
@@ -87,18 +87,57 @@ def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
             groups.setdefault("parquet", []).append(str(f))
     docs: list[str] = []
     for builder, data_files in groups.items():
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        field = "text" if builder == "text" else text_field
+        docs += _texts(_read_column(builder, data_files, field, key), key,
+                       f"{', '.join(data_files[:2])}{' ...' if len(data_files) > 2 else ''}", field)
+    return docs
+
+
+def _read_column(builder: str, data_files: list[str], field: str, key: str) -> list:
+    """Column `field` of local files read with `datasets`' `builder`, as a list.
+
+    Read through a cache of its own, gone afterwards: `datasets` knows a local file in its
+    cache by path and mtime, so a file edited in place with its mtime kept (`touch -r`,
+    `cp -p`, `rsync -t`) would be read as the text it held before, although the data stage's
+    fingerprint (the content) re-ran the stage; and the user's cache would keep a copy of
+    every corpus. The column is copied out before the cache goes: `ds[field]` may be a
+    lazy view of the cache's Arrow files."""
+    import datasets
+
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    with tempfile.TemporaryDirectory(prefix="qlp-datasets-", ignore_cleanup_errors=True) as cache, _quiet_datasets():
         try:
-            ds = datasets.load_dataset(builder, data_files=data_files, split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache, **kwargs)
         except Exception as exc:
             found = _json_problem(data_files, key) if builder == "json" else None
-            raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from None
-        field = "text" if builder == "text" else text_field
+            raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({_reason(exc)})") from None
         if field not in ds.column_names:
-            raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: {', '.join(ds.column_names)}")
-        docs += _texts(ds[field], key, f"{', '.join(data_files[:2])}{' ...' if len(data_files) > 2 else ''}", field)
-    return docs
+            raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: "
+                            f"{', '.join(ds.column_names)}")
+        values = list(ds[field])
+        del ds  # its memory-mapped files are in the cache about to be removed
+    return values
+
+
+@contextmanager
+def _quiet_datasets():
+    """`datasets` (and pyarrow through it) logs its own errors ("Failed to load JSON ...")
+    before it raises; the DataError raised here says what is wrong, by file and line, once."""
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's type and first line of message (200 characters at most), for an error
+    message; the type alone when the message is empty (`datasets` raises a bare
+    StopIteration for an empty JSON Lines file)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def _texts(values: list, key: str, where: str, field: str) -> list[str]:
@@ -114,20 +153,26 @@ def _texts(values: list, key: str, where: str, field: str) -> list[str]:
 
 def _json_problem(files: list[str], key: str) -> str | None:
     """The first line that is not JSON in JSON Lines files (or a .json file that does not parse),
-    by file and line: `datasets` says only that generating the dataset failed."""
+    by file and line, or the first file without a record: `datasets` says only that
+    generating the dataset failed, or nothing at all."""
     for name in files:
         f = Path(name)
         try:
             text = f.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             return f"{key}.path: cannot read {f} ({exc}); fix it or remove it"
+        empty = f"{key}.path: {f} holds no JSON record (it is empty); remove it or fill it"
         if f.suffix == ".json":
             try:
-                json.loads(text)
+                content = json.loads(text)
             except json.JSONDecodeError as exc:
                 return (f"{key}.path: {f} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
                         "fix it or remove it")
+            if content in ([], {}):
+                return empty
             continue
+        if not text.strip():  # `datasets` raises a bare StopIteration
+            return empty
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -150,8 +195,8 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
         ds = datasets.load_dataset(repo, config, split=split, revision=revision)
     except Exception as exc:
         what = f"'{repo}'" + (f" config '{config}'" if config else "") + (f" at {revision}" if revision else "")
-        raise DataError(f"{key}.hub: cannot load {what} split '{split}' ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); check the id and network, or use a local path") from None
+        raise DataError(f"{key}.hub: cannot load {what} split '{split}' ({_reason(exc)}); check the id and "
+                        "network, or use a local path") from None
     if text_field not in ds.column_names:
         raise DataError(f"{key}.text_field: column '{text_field}' not in '{repo}'; columns: {', '.join(ds.column_names)}")
     return _texts(ds[text_field], key, f"'{repo}'", text_field)
@@ -186,17 +231,43 @@ def load_documents(source, key: str, max_chars: int | None = None, revision: str
 
 def split_long_document(text: str, min_chars: int) -> list[str]:
     """`text` cut into consecutive pieces of at least `min_chars` characters, each ending at the
-    first paragraph break (blank line) after that many; in text without blank lines, at the
-    first line break. The breaks at the cuts are dropped; the last piece holds what is left
-    (it may be shorter). Text with no break after `min_chars` stays one piece."""
-    breaks = list(_BLANK_LINE.finditer(text)) or list(re.finditer(r"\n", text))
+    first paragraph break (blank line) after that many; where there is none within
+    2 * `min_chars` characters of the piece's start (text without blank lines, or with only
+    one after a title), at the first line break after `min_chars`. The breaks at the cuts
+    are dropped; the last piece holds what is left (it may be shorter). Text with no break
+    after `min_chars` stays one piece."""
+    cuts = _Breaks(text)
     pieces, start = [], 0
-    for m in breaks:
-        if m.start() - start >= min_chars:
-            pieces.append(text[start : m.start()])
-            start = m.end()
+    while (cut := cuts.next_cut(start, min_chars)) is not None:
+        pieces.append(text[start : cut[0]])
+        start = cut[1]
     pieces.append(text[start:])
     return [p for p in pieces if p.strip()]
+
+
+class _Breaks:
+    """The paragraph breaks and line breaks of a text, and where `split_long_document` cuts."""
+
+    def __init__(self, text: str):
+        self.paragraphs = [m.span() for m in _BLANK_LINE.finditer(text)]
+        self.paragraph_starts = [a for a, _ in self.paragraphs]
+        self.lines = [m.start() for m in re.finditer("\n", text)]
+
+    def next_cut(self, start: int, min_chars: int) -> tuple[int, int] | None:
+        """(start, end) of the break that ends the piece starting at `start`, or None."""
+        after = start + min_chars
+        i = bisect_left(self.paragraph_starts, after)
+        if i < len(self.paragraphs) and self.paragraph_starts[i] <= start + 2 * min_chars:
+            return self.paragraphs[i]
+        for j in range(bisect_left(self.lines, after), len(self.lines)):
+            line = self.lines[j]
+            k = bisect_right(self.paragraph_starts, line) - 1  # the paragraph break at or before it
+            if k >= 0 and self.paragraph_starts[k] == line:
+                return self.paragraphs[k]  # a line break that starts a paragraph break: cut at all of it
+            if k >= 0 and line < self.paragraphs[k][1]:
+                continue  # inside a paragraph break begun before `after`: a cut would leave a blank line
+            return line, line + 1
+        return None
 
 
 @dataclass(frozen=True)
@@ -224,8 +295,8 @@ def split_documents(docs: list[str], holdout_every: int, valid_every: int) -> Sp
     rest = [d for i, d in enumerate(docs) if i % holdout_every != 0]
     eval_texts = set(held)
     valid = [d for j, d in enumerate(rest) if j % valid_every == 0 and d not in eval_texts]
-    valid_texts = set(valid)
-    train = [d for j, d in enumerate(rest) if j % valid_every != 0 and d not in eval_texts | valid_texts]
+    held_texts = eval_texts | set(valid)  # once: per document it cost a copy of both sets
+    train = [d for j, d in enumerate(rest) if j % valid_every != 0 and d not in held_texts]
     return Splits(train=train, valid=valid, eval=held)
 
 
@@ -234,6 +305,8 @@ def split_documents(docs: list[str], holdout_every: int, valid_every: int) -> Sp
 # whitespace one space, stripped). "Held-out paragraph p appears in side S" means p is a
 # substring of S's normalized text, documents joined as the token stream joins them, so a
 # match inside a larger paragraph, across a paragraph break, or across two documents counts.
+# A paragraph of several lines is also searched for by its runs of lines (`_line_runs`): text
+# without blank lines is one paragraph, and a copy of part of it must be found as well.
 
 _BLANK_LINE = re.compile(r"\n\s*\n")
 _WORD = re.compile(r"\S+")
@@ -248,25 +321,37 @@ _CLEANING_ORDER = ("eval_in_valid", "general_eval_in_valid", "eval_in_train", "g
 _SPLIT_NAMES = ("train", "valid", "eval", "general_eval")
 
 
+BOM = "\ufeff"
+# Python's str.lower() makes a capital sigma final (ς) or not (σ) by the letters around it, so
+# the same word would fold differently at the end of a paragraph than inside a longer one.
+_SIGMAS = str.maketrans({"ς": "σ"})
+
+
 def canonical(text: str) -> str:
-    """`text` in NFC Unicode form with `\\n` line endings. The same words in NFD (macOS file
-    names, some editors) or with CRLF or lone-CR line endings (a lone CR is no blank line to
-    `_BLANK_LINE`) would otherwise be different text to every comparison below, and a
-    held-out paragraph would survive in a training document that only differs so. Documents
-    are read in this form (`load_documents`), and every comparison applies it again, so a
-    caller passing other text is not fooled either."""
+    """`text` in NFC Unicode form with `\\n` line endings and without byte order marks
+    (U+FEFF). The same words in NFD (macOS file names, some editors), with CRLF or lone-CR
+    line endings (a lone CR is no blank line to `_BLANK_LINE`), or behind the BOM a Windows
+    editor writes at the start of a file (or that concatenated files carry inside the text)
+    would otherwise be different text to every comparison below, and a held-out paragraph
+    would survive in a training document that only differs so. Documents are read in this
+    form (`load_documents`), and every comparison applies it again, so a caller passing
+    other text is not fooled either."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text if text.isascii() else unicodedata.normalize("NFC", text)
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFC", text.replace(BOM, ""))
 
 
 def fold_case(text: str) -> str:
-    """`text` in lower case, character for character: a character whose lower case is longer
-    than one character (Turkish dotted I) keeps its case, so every position still maps to
-    the original text's (what `_NormalizedSide.locate` relies on)."""
+    """`text` in lower case, character for character and whatever surrounds each character:
+    a held-out paragraph is folded on its own, the training text it hides in as a whole, and
+    both must fold a copy alike. So every sigma (Σ, σ, ς) becomes σ, and a character whose
+    lower case is longer than one character (Turkish dotted I) keeps its case, so every
+    position still maps to the original text's (what `_NormalizedSide.locate` relies on)."""
     low = text.lower()
-    if len(low) == len(text):  # lower() never shortens a character: every one mapped to one
-        return low
-    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+    if len(low) != len(text):  # some character's lower case is longer: fold one by one
+        low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+    return low.translate(_SIGMAS) if not low.isascii() else low
 
 
 def normalize(text: str) -> str:
@@ -276,46 +361,102 @@ def normalize(text: str) -> str:
     return " ".join(_WORD.findall(fold_case(text)))
 
 
-def paragraphs(text: str, min_chars: int) -> list[str]:
-    """The normalized passages of `text` that are checked, in order: every paragraph with at
-    least `min_chars` characters, and each run of shorter paragraphs between them joined (one
-    space between them, as the normalized text of a training side joins paragraphs) into
-    pieces of at least `min_chars` characters (`_pieces`).
+@dataclass(frozen=True)
+class Passage:
+    """A checked passage of a text (`checked_passages`): `text` normalized, and `runs`, the
+    (start, end) in `text` of its runs of consecutive lines (`_line_runs`), when it is a
+    paragraph of several lines."""
+
+    text: str
+    runs: tuple[tuple[int, int], ...] = ()
+
+    def run_texts(self) -> list[str]:
+        return [self.text[a:b] for a, b in self.runs]
+
+
+def checked_passages(text: str, min_chars: int) -> list[Passage]:
+    """The passages of `text` that are checked, in order: every paragraph with at least
+    `min_chars` characters, and each run of shorter paragraphs between them joined (one space
+    between them, as the normalized text of a training side joins paragraphs) into pieces of
+    at least `min_chars` characters (`_pieces`). A paragraph of several lines carries its
+    runs of consecutive lines of at least `min_chars` characters too (`_line_runs`).
 
     A lone short paragraph (a heading, "Changed in version 3.x.") recurs legitimately and is
     not checked; but a held-out document made only of short paragraphs (verse, a list, code
-    between blank lines) copied into a training document must be found like any other text.
+    between blank lines) copied into a training document must be found like any other text,
+    and so must part of a paragraph without blank lines (one sentence per line, a log, code,
+    a whole file without a blank line) copied into a longer one.
     """
-    out: list[str] = []
+    out: list[Passage] = []
     run: list[str] = []  # consecutive paragraphs shorter than min_chars
-    for p in map(normalize, _BLANK_LINE.split(canonical(text))):
+    for raw in _BLANK_LINE.split(canonical(text)):
+        p = normalize(raw)
         if not p:
             continue
         if len(p) < min_chars:
             run.append(p)
             continue
-        out += _pieces(run, min_chars)
+        out += [Passage(piece) for piece in _pieces(run, min_chars)]
         run = []
-        out.append(p)
-    return out + _pieces(run, min_chars)
+        out.append(Passage(p, _line_runs(raw, p, min_chars)))
+    return out + [Passage(piece) for piece in _pieces(run, min_chars)]
+
+
+def paragraphs(text: str, min_chars: int) -> list[str]:
+    """The normalized text of every checked passage of `text` (`checked_passages`): the unit
+    `overlap` counts."""
+    return [p.text for p in checked_passages(text, min_chars)]
+
+
+def searched(text: str, min_chars: int) -> list[str]:
+    """What is searched for of `text`: its checked passages and their runs of lines."""
+    return [needle for p in checked_passages(text, min_chars) for needle in (p.text, *p.run_texts())]
+
+
+def _line_runs(raw: str, whole: str, min_chars: int) -> tuple[tuple[int, int], ...]:
+    """(start, end) in `whole` (paragraph `raw`, normalized) of its lines grouped as `_pieces`
+    groups short paragraphs: consecutive runs of at least `min_chars` characters, the last
+    reaching back. A copy of some of the lines holds the runs between its first and last
+    line whole, however it wraps them: only less than two runs' worth at either edge of a
+    copy can stay unfound. None (empty) for a paragraph of one line, or of one run."""
+    lines = [line for line in map(normalize, raw.split("\n")) if line]
+    starts, pos = [], 0  # where each line starts in whole (normalized lines join with one space)
+    for line in lines:
+        starts.append(pos)
+        pos += len(line) + 1
+    runs = tuple((starts[a], starts[b - 1] + len(lines[b - 1])) for a, b in _piece_bounds(lines, min_chars))
+    return () if runs == ((0, len(whole)),) else runs
 
 
 def _pieces(run: list[str], min_chars: int) -> list[str]:
     """A run of short paragraphs, joined, in consecutive pieces of at least `min_chars`
-    characters; the remainder after the last one becomes a piece of its own by reaching back
-    into the run (overlapping the one before), so that every part of the run is in a piece
-    that a copy of that part can hold. A run shorter than `min_chars` in all gives none."""
-    pieces, start = [], 0
+    characters (`_piece_bounds`). A run shorter than `min_chars` in all gives none."""
+    return [" ".join(run[a:b]) for a, b in _piece_bounds(run, min_chars)]
+
+
+def _piece_bounds(run: list[str], min_chars: int) -> list[tuple[int, int]]:
+    """[a, b) of the items of `run` in each consecutive piece whose items, joined with one
+    space, have at least `min_chars` characters; the remainder after the last one becomes a
+    piece of its own by reaching back into the run (overlapping the one before), so that
+    every part of the run is in a piece that a copy of that part can hold."""
+    ends = [0]  # ends[i]: characters in run[:i], for the length of any joined stretch at once
+    for item in run:
+        ends.append(ends[-1] + len(item))
+
+    def joined(a: int, b: int) -> int:
+        return ends[b] - ends[a] + (b - a - 1)
+
+    bounds, start = [], 0
     for end in range(1, len(run) + 1):
-        if len(" ".join(run[start:end])) >= min_chars:
-            pieces.append(" ".join(run[start:end]))
+        if joined(start, end) >= min_chars:
+            bounds.append((start, end))
             start = end
-    if pieces and start < len(run):
+    if bounds and start < len(run):
         back = start
-        while len(" ".join(run[back:])) < min_chars:
+        while joined(back, len(run)) < min_chars:
             back -= 1
-        pieces.append(" ".join(run[back:]))
-    return pieces
+        bounds.append((back, len(run)))
+    return bounds
 
 
 def _paragraph_spans(text: str) -> list[tuple[int, int]]:
@@ -415,8 +556,9 @@ class _NormalizedSide:
 
 @dataclass(frozen=True)
 class Overlap:
-    """Held-out paragraphs (>= min_chars) found in the training side, and their characters;
-    `fraction` is those characters over all the held-out side's checked characters."""
+    """Held-out paragraphs (checked passages: `paragraphs`) found in the training side, whole
+    or some of their runs of lines, and the characters found of them; `fraction` is those
+    characters over all the held-out side's checked characters."""
 
     paragraphs: int
     chars: int
@@ -434,13 +576,26 @@ class Overlap:
 
 def overlap(held: list[str], side: list[str], min_chars: int) -> Overlap:
     """How much of `held` appears verbatim in `side`: every held-out paragraph of at least
-    `min_chars` characters (repeats counted each time) that is a substring of `side`'s
-    normalized text."""
+    `min_chars` characters (repeats counted each time) that is, or some of whose runs of
+    lines are, a substring of `side`'s normalized text; of a paragraph found in part, the
+    characters of the runs found count."""
     view = _NormalizedSide(side)
-    checked = [p for d in held for p in paragraphs(d, min_chars)]
-    present = {view.text[a:b] for a, b in view.find_all(set(checked))}
-    found = [p for p in checked if p in present]
-    return Overlap(len(found), sum(map(len, found)), len(checked), sum(map(len, checked)))
+    checked = [p for d in held for p in checked_passages(d, min_chars)]
+    present = {view.text[a:b] for a, b in view.find_all({t for p in checked for t in (p.text, *p.run_texts())})}
+    found = [n for n in (_chars_found(p, present) for p in checked) if n]
+    return Overlap(len(found), sum(found), len(checked), sum(len(p.text) for p in checked))
+
+
+def _chars_found(passage: Passage, present: set[str]) -> int:
+    """How many characters of `passage` are in `present`: all when it is, else those of its
+    runs of lines that are (runs overlap at a paragraph's end: counted once)."""
+    if passage.text in present:
+        return len(passage.text)
+    covered: set[int] = set()
+    for a, b in passage.runs:
+        if passage.text[a:b] in present:
+            covered.update(range(a, b))
+    return len(covered)
 
 
 def measure_overlap(splits: Splits, min_chars: int) -> dict[str, Overlap]:
@@ -470,19 +625,19 @@ def _cut(docs: list[str], spans: dict[int, list[tuple[int, int]]]) -> list[str]:
 
 
 def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[list[str], int]:
-    """`side` with every occurrence of a held-out paragraph (>= min_chars) cut out, repeated
-    until none is left (a cut can, in principle, join text into a new occurrence), and the
-    characters removed (of the normalized text). Only the matched text goes, not the rest of
-    its paragraph.
+    """`side` with every occurrence of a held-out paragraph (>= min_chars), or of one of its
+    runs of lines (`searched`), cut out, repeated until none is left (a cut can, in principle,
+    join text into a new occurrence), and the characters removed (of the normalized text).
+    Only the matched text goes, not the rest of its paragraph.
 
-    Also cut: every passage of `side` (`paragraphs`) that lies inside the held-out text
+    Also cut: every passage of `side` (`searched`) that lies inside the held-out text
     (`inside_held`): a training document that is part of a held-out paragraph holds no whole
     held-out paragraph, but all of its text is held out.
 
     Cost: about one pass over the training side's words, and one over the held-out side's, per
     round (`find_all`).
     """
-    needles = {p for d in held for p in paragraphs(d, min_chars)}
+    needles = {p for d in held for p in searched(d, min_chars)}
     held_view = _NormalizedSide(held)
     removed = 0
     while True:
@@ -498,8 +653,9 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
 
 
 def inside_held(held_view: "_NormalizedSide", side: list[str], min_chars: int) -> set[str]:
-    """The passages of `side` (`paragraphs`) that are substrings of the held-out text."""
-    passages = {p for d in side for p in paragraphs(d, min_chars)}
+    """The passages of `side` (`searched`: runs of lines too) that are substrings of the
+    held-out text."""
+    passages = {p for d in side for p in searched(d, min_chars)}
     return {held_view.text[a:b] for a, b in held_view.find_all(passages)}
 
 

@@ -92,9 +92,10 @@ class DataSource(_Section):
     text_field: str = Field("text", description="column holding the text in JSON/JSONL/parquet/hub data")
     document_chars: Optional[int] = Field(
         None, ge=1, description="split every document longer than this into consecutive documents of at least "
-        "this many characters, each ending at a paragraph break (a blank line; a line break in text without "
-        "blank lines): for text that is one or a few big files (a book, a manual), which the split by document "
-        "cannot divide. null: a text file, a JSON/parquet record or a hub row is one document")
+        "this many characters, each ending at the first paragraph break (a blank line) after that many, or at the "
+        "first line break after that many where no paragraph break comes within twice that many: for text that "
+        "is one or a few big files (a book, a manual), which the split by document cannot divide. null: a text "
+        "file, a JSON/parquet record or a hub row is one document")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "DataSource":

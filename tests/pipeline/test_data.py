@@ -105,6 +105,60 @@ def test_whitespace_only_source_is_empty(tmp_path):
         data.load_documents(DataSource(path=str(f)), "data.general")
 
 
+def test_an_empty_json_lines_file_is_a_data_error_naming_it(tmp_path):
+    """`datasets` raises a bare StopIteration for it, whose message is empty: the error said
+    only "IndexError" (exit 1)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("a document of text")
+    empty = corpus / "empty.jsonl"
+    for content in ("", "\n  \n"):
+        empty.write_text(content)
+        with pytest.raises(DataError, match=re.escape(f"data.domain.path: {empty} holds no JSON record")):
+            data.load_documents(DataSource(path=str(corpus)), "data.domain")
+    assert data._reason(StopIteration()) == "StopIteration"
+    assert data._reason(ValueError("first line\nsecond")) == "ValueError: first line"
+
+
+def test_a_corpus_file_rewritten_with_its_mtime_kept_is_read_anew(tmp_path):
+    """`datasets` knows a local file in its cache by path and mtime: the data stage re-ran
+    (its fingerprint hashes content) but read the text the file held before."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    f = corpus / "doc.txt"
+    (corpus / "rows.jsonl").write_text(json.dumps({"text": "a record"}) + "\n")
+    f.write_text("the first version of the text")
+    assert data.load_documents(DataSource(path=str(corpus)), "data.domain") == ["the first version of the text",
+                                                                                "a record"]
+    st = f.stat()
+    f.write_text("the other version of the text")  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert data.load_documents(DataSource(path=str(corpus)), "data.domain")[0] == "the other version of the text"
+
+
+def test_a_corpus_is_read_without_writing_to_the_users_datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    user_cache = tmp_path / "user_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", user_cache)
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps({"text": "a record"}) + "\n")
+    assert data.load_documents(DataSource(path=str(f)), "data.domain") == ["a record"]
+    assert not user_cache.exists() or not any(user_cache.iterdir())
+
+
+def test_a_bad_json_lines_file_is_reported_once_without_the_librarys_log_lines(tmp_path, capfd, caplog):
+    """`datasets` logged "Failed to load JSON ... JSON parse error" (twice) before our message."""
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        data.load_documents(DataSource(path=str(f)), "data.domain")
+    assert not [r for r in caplog.records if r.name.startswith("datasets")]
+    err = capfd.readouterr().err
+    assert "Failed to load JSON" not in err and "JSON parse error" not in err
+
+
 # ---------------------------------------------------------------- decontamination
 # The checks below re-derive paragraphs with their own code, not pipeline.data's.
 
@@ -256,7 +310,7 @@ def test_a_match_inside_longer_words_and_a_paragraph_of_few_long_words_are_found
 def test_the_word_index_finds_what_a_plain_search_finds():
     splits = data.split_documents(data.python_docs(), 5, 5)
     view = data._NormalizedSide(splits.train)
-    needles = {p for d in splits.eval + splits.valid for p in data.paragraphs(d, 80)}
+    needles = {p for d in splits.eval + splits.valid for p in data.searched(d, 80)}
     assert sorted(view.find_all(needles)) == sorted(o for n in needles for o in view.occurrences(n))
 
 
@@ -305,6 +359,31 @@ def test_a_long_document_is_cut_at_paragraph_breaks_after_document_chars():
     assert "\n".join(data.split_long_document(lines, 200)) == lines and len(data.split_long_document(lines, 200)) > 5
     assert data.split_long_document("short\n\ntext", 200) == ["short\n\ntext"]
     assert data.split_long_document("x" * 500, 200) == ["x" * 500]  # no break to cut at
+
+
+def test_a_book_whose_only_blank_line_follows_its_title_is_cut_at_line_breaks():
+    """One blank line, after the title, was enough to stop the cuts at line breaks: the book
+    stayed one document and the error then recommended document_chars, already in use."""
+    lines = [f"Sentence {i} of the book, on a line of its own, says something." for i in range(600)]
+    book = "TITLE OF THE BOOK\n\n" + "\n".join(lines)
+    pieces = data.split_long_document(book, 1000)
+    assert len(pieces) > 20 and all(1000 <= len(p) < 1100 for p in pieces[:-1])
+    assert "\n".join(pieces) == book  # the blank line is inside the first piece: no cut there
+    # A paragraph break within twice document_chars is still where a piece ends.
+    text = "\n".join(lines[:20]) + "\n\n" + "\n".join(lines[20:])
+    assert data.split_long_document(text, 1000)[0] == "\n".join(lines[:20])  # 1,300 characters
+
+
+def test_splitting_many_documents_takes_linear_time():
+    """The held-out texts' union was built again for every training document: 80,000
+    documents took 52 s."""
+    import time
+
+    docs = [f"record {i}" for i in range(40_000)]
+    start = time.perf_counter()
+    splits = data.split_documents(docs, 5, 5)
+    assert time.perf_counter() - start < 1.0  # 9 s before
+    assert (len(splits.eval), len(splits.valid), len(splits.train)) == (8000, 6400, 25600)
 
 
 def test_one_big_file_becomes_many_documents_with_document_chars(tmp_path):
@@ -447,6 +526,72 @@ def test_a_held_out_document_of_short_paragraphs_is_found_inside_a_training_docu
     assert _flat(_long("x")) in text and _flat(_long("y")) in text and _flat(_long("t")) in text
     # A lone short paragraph (a heading) is still not checked: it recurs legitimately.
     assert data.paragraphs("Changed in version 3.5.\n\n" + _long("p"), 80) == [_flat(_long("p")).lower()]
+
+
+def test_a_byte_order_mark_does_not_hide_a_held_out_paragraph():
+    """A file saved with a BOM starts with U+FEFF, which is no whitespace: the held-out
+    document's first paragraph began with it and its copy in a training paragraph was not
+    found."""
+    held = _long("bom")
+    assert data.canonical("\ufeff" + held) == held
+    train = [f"Training words before it. {held} And training words after it.", _long("t")]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=["\ufeff" + held, _long("e")])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.before["eval_in_train"].paragraphs == 1 and report.clean
+    assert clean.train == ["Training words before it.\n\nAnd training words after it.", _long("t")]
+
+
+def test_case_folding_does_not_depend_on_the_text_around():
+    """A held-out paragraph is folded alone, the training text it is copied into as a whole:
+    a Greek capital sigma at a word's end folded to ς in one and σ in the other (whenever the
+    training text held a Turkish dotted I, whose lower case is two characters)."""
+    greek = ("Η ΕΙΣΑΓΩΓΗ ΤΟΥ ΝΟΜΟΣ ΚΑΙ Ο ΚΟΣΜΟΣ ΤΗΣ ΠΟΛΗΣ: ΠΕΡΙΛΗΨΗ ΤΗΣ ΜΕΛΕΤΗΣ ΓΙΑ ΤΟΥΣ ΦΟΙΤΗΤΕΣ ΚΑΙ "
+             "ΤΟΥΣ ΚΑΘΗΓΗΤΕΣ ΤΟΥ ΤΜΗΜΑΤΟΣ ΙΣΤΟΡΙΑΣ.")
+    for a, b in (("ΝΟΜΟΣ", " İ"), ("ΟΔΟΣ", " και"), ("İ", "ΟΔΟΣ"), ("οδος", " ΟΔΟΣ")):
+        assert data.fold_case(a + b) == data.fold_case(a) + data.fold_case(b), (a, b)
+    assert data.fold_case("ΣΣ ς σ") == "σσ σ σ"
+    for held, train in ((greek, f"Some training text about İstanbul here.\n\n{greek}"),  # the copy was missed
+                        (f"{greek} İstanbul.", f"{_long('t')}\n\n{greek} İstanbul.")):  # the stage refused
+        splits = data.Splits(train=[train], valid=[_long("v")], eval=[held])
+        clean, report = data.decontaminate(splits, DecontaminateConfig())
+        assert report.before["eval_in_train"].paragraphs == 1 and report.clean
+        assert "ΚΟΣΜΟΣ" not in " ".join(clean.train)
+
+
+def _lines(tag: str, n: int) -> list[str]:
+    """n distinct lines of a text without blank lines, each under 80 characters."""
+    return [f"Line {i} of the {tag} text says one short thing about {tag} {i}." for i in range(n)]
+
+
+def test_part_of_a_held_out_paragraph_of_many_lines_is_found_inside_a_training_paragraph():
+    """A held-out text without blank lines is one paragraph: a copy of 16 of its 30 lines,
+    re-wrapped inside a training paragraph, held no whole held-out paragraph and stayed. Its
+    runs of lines are checked too: all but less than two runs at either edge is cut."""
+    held = _lines("held", 30)
+    own = _lines("own", 6)
+    copied = " ".join(held[7:23])  # wrapped otherwise: one line
+    train = ["\n".join(own[:3]) + "\n" + copied + "\n" + "\n".join(own[3:]), _long("t")]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=["\n".join(held), _long("e")])
+    before = data.measure_overlap(splits, 80)["eval_in_train"]
+    assert before.paragraphs == 1 and 0 < before.chars < len(_flat(" ".join(held))) and before.checked_paragraphs == 2
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean
+    text = _flat(" ".join(clean.train))
+    assert not any(_flat(" ".join(held[i:i + 4])) in text for i in range(len(held) - 3))
+    assert all(line in text for line in own) and _flat(_long("t")) in text
+
+
+def test_a_training_paragraph_of_many_lines_whose_part_lies_inside_held_out_text_is_cut_there():
+    """The other way round: the held-out text holds some lines of a training paragraph (in
+    one long line), so no training passage whole is held-out text, but those lines are."""
+    lines = _lines("train", 30)
+    held = " ".join(["Held-out words before the copy."] + lines[8:22] + ["And held-out words after it."])
+    splits = data.Splits(train=["\n".join(lines), _long("t")], valid=[_long("v")], eval=[held, _long("e")])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and report.inside_after["eval_in_train"] == 0
+    text = _flat(" ".join(clean.train))
+    assert not any(_flat(" ".join(lines[i:i + 4])) in text for i in range(8, 19))
+    assert all(line in text for line in lines[:7] + lines[23:])
 
 
 def test_every_tokenizer_file_of_a_local_model_is_part_of_the_data_stage_settings(tiny_llama_dir, tmp_path):
