@@ -332,6 +332,7 @@ def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
 @click.option("--verify", is_flag=True, help="Re-hash every output file against its manifest.")
 def status(run_dir: str, verify: bool) -> None:
     """Per stage of RUN_DIR: done, partial (resume point), failed (error), stale or pending."""
+    from qlora_pipeline.rundir import describe_lock
     from qlora_pipeline.runinfo import check_records, read_lock_holder, read_run_recipe
     from qlora_pipeline.runner import Runner, selection_problem
     from qlora_pipeline.stagecache import open_cache
@@ -359,7 +360,7 @@ def status(run_dir: str, verify: bool) -> None:
     for p in runner.plan(full_verify=verify):
         click.echo(f"  {p.spec.name:<{width}}  {names.get(p.status, p.status):<8}  {p.reason}")
     if holder:
-        click.echo(f"lock held by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
+        click.echo(describe_lock(holder))  # a dead holder's lock is stale: the next run takes it over
 
 
 def _names_a_missing_input(problem: str) -> bool:

@@ -213,6 +213,54 @@ def verify_files(root: Path, files: dict[str, dict], full: bool = False, memo: O
     return problems
 
 
+# ----------------------------------------------------------------------------- sealed checkpoints
+
+CHECKPOINT_RECORD = "complete"  # in a checkpoint folder: the size and sha256 of each of its files
+
+
+def seal_checkpoint(folder: Path, **fields: Any) -> None:
+    """Record the size and sha256 of every file in `folder` (a stage's checkpoint), written
+    last: a checkpoint without a valid record is incomplete, and one whose files no longer
+    match it is damaged (a disk error, a copy cut short), so a resume never loads from it."""
+    files = {rel: {"size": meta["size"], "sha256": meta["sha256"]} for rel, meta in describe_files(folder).items()
+             if rel != CHECKPOINT_RECORD}
+    write_json_atomic(folder / CHECKPOINT_RECORD, {**fields, "files": files})
+
+
+def is_sealed(folder: Path) -> bool:
+    """Whether `folder` is a checkpoint with a record of its files (good or not)."""
+    return folder.is_dir() and (folder / CHECKPOINT_RECORD).is_file()
+
+
+def checkpoint_problems(folder: Path, full: bool = True, required: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with the sealed checkpoint `folder` (empty: its files are as written, and
+    the `required` ones among them). Sizes are always checked; hashes when `full` (a plan
+    checks sizes, a resume hashes)."""
+    record = read_json(folder / CHECKPOINT_RECORD)
+    if record is None or not good_file_table(record.get("files")):
+        return [f"{folder / CHECKPOINT_RECORD}: no valid record of its files (an incomplete checkpoint)"]
+    problems = [f"{folder / name}: not in its checkpoint record" for name in required if name not in record["files"]]
+    for rel, meta in record["files"].items():
+        try:
+            problem = _checkpoint_file_problem(folder / rel, meta, full)
+        except OSError as exc:  # removed meanwhile (another rank discarding it), unreadable
+            problem = f"{folder / rel}: unreadable ({exc.strerror or exc})"
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _checkpoint_file_problem(path: Path, meta: dict, full: bool) -> Optional[str]:
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != meta["size"]:
+        return f"{path}: size {size} bytes, its checkpoint record says {meta['size']} (truncated or altered)"
+    if full and sha256_file(path) != meta["sha256"]:
+        return f"{path}: sha256 differs from its checkpoint record (altered)"
+    return None
+
+
 def publish_output(stage_dir: Path) -> Path:
     """Swap `output.partial/` into place as `output/` after fsyncing it.
 
@@ -245,6 +293,8 @@ def _process_start_time(pid: int) -> Optional[str]:
 
 
 def _alive(pid: int, start: Optional[str]) -> bool:
+    if pid <= 0:  # no process: os.kill(0 or -1, 0) signals a whole group and succeeds
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -255,11 +305,36 @@ def _alive(pid: int, start: Optional[str]) -> bool:
     return start is None or now is None or now == start
 
 
+def holder_pid(holder: dict) -> Optional[int]:
+    """The pid a lock's holder records, when a process can have it (None: a damaged lock;
+    os.getpid() is never 0 or negative, and os.kill(-1, 0) would "find" a live process)."""
+    pid = holder.get("pid")
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+
+
+def lock_is_stale(holder: dict) -> bool:
+    """Whether a lock with this holder is held by no live process: its pid is damaged, or the
+    process died on this host (another host's processes cannot be checked from here)."""
+    pid = holder_pid(holder)
+    if pid is None:
+        return True
+    return holder.get("host") == socket.gethostname() and not _alive(pid, holder.get("proc_start"))
+
+
+def describe_lock(holder: dict) -> str:
+    """One line for `status` about the lock held by `holder`: live, or stale (a run takes it over)."""
+    who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+    if lock_is_stale(holder):
+        return f"stale lock left by {who} (no such process is running); the next run takes it over"
+    return f"lock held by {who}"
+
+
 @dataclass
 class RunLock:
     """An exclusive lock on a run directory, held by one process (pid, host, start time).
 
-    A lock left by a dead process on this host is recognised as stale and taken over.
+    A lock left by a dead process on this host, or with a pid no process has, is recognised as
+    stale and taken over.
     """
 
     path: Path
@@ -277,19 +352,19 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                self._refuse_a_non_file()
                 holder = read_json(self.path)
                 if holder is None:
                     # Written by a process that died between create and write, or garbage.
-                    age = time.time() - self.path.stat().st_mtime
-                    if age < 5:
+                    if self._age() < 5:
                         time.sleep(0.2)
                         continue
                     self.path.unlink(missing_ok=True)
                     continue
-                same_host = holder.get("host") == socket.gethostname()
-                if same_host and not _alive(int(holder.get("pid", -1)), holder.get("proc_start")):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                if lock_is_stale(holder):
+                    self.path.unlink(missing_ok=True)  # its process is gone, or never was
                     continue
+                same_host = holder.get("host") == socket.gethostname()
                 raise RunLockedError(
                     f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on "
                     f"{holder.get('host')} since {holder.get('started')}; wait for it to finish"
@@ -307,7 +382,24 @@ class RunLock:
                 raise write_refused(self.path, exc) from None
             self.held = True
             return
-        raise RunLockedError(f"could not take the lock {self.path}; try again")
+        raise RunLockedError(f"could not take the lock {self.path}: it was (re)written moments ago with no readable "
+                             "holder, as by another pipeline starting; rerun in a few seconds, or delete it if no "
+                             f"pipeline process is running in {self.path.parent}")
+
+    def _refuse_a_non_file(self) -> None:
+        """A lock that is a folder (or anything but a file) is never taken over, nor made by the
+        pipeline: only its removal by hand helps, so say that rather than 'try again'."""
+        if self.path.exists() and not self.path.is_file():
+            kind = "a folder" if self.path.is_dir() else "not a regular file"
+            raise InputError(f"the lock {self.path} is {kind}, not a lock file the pipeline wrote; remove it "
+                             f"(rm -r '{self.path}') and rerun")
+
+    def _age(self) -> float:
+        """Seconds since the lock file was last written (0 when it is gone: retry at once)."""
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def release(self) -> None:
         if self.held:

@@ -38,7 +38,9 @@ def read_run_recipe(run_dir: Path):
     try:
         record = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{run_json} is unreadable ({_describe(exc)}); {rewrite}") from None
+        # `run` refuses an unreadable run.json too (`check_records`): only deleting it helps.
+        raise InputError(f"{run_json} is unreadable ({_describe(exc)}); delete it, then "
+                         f"{rewrite.replace('rewrites', 'writes a new one')}") from None
     if not isinstance(record, dict):  # the runner cannot update it in place: it must go first
         raise InputError(f"{run_json} holds a JSON {type(record).__name__}, not an object; delete it, then "
                          f"{rewrite.replace('rewrites', 'writes a new one')}")

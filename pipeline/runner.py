@@ -8,7 +8,7 @@ actually changed: an upstream rebuild that reproduces the same bytes leaves it u
 Before a stage runs, the upstream files it reads are hashed against their manifests
 (`verify_inputs`); an altered file makes its stage rebuild first, so no stage computes on
 altered bytes. An interrupted stage keeps its `checkpoints/` and resumes from them when its
-fingerprint is unchanged. A stage whose fingerprint has an entry in the stage cache
+fingerprint is unchanged, unless forced (`--force`, `--from`): then it starts over. A stage whose fingerprint has an entry in the stage cache
 (`stagecache`, shared by run directories) takes its output from there instead of running.
 """
 from __future__ import annotations
@@ -299,10 +299,7 @@ class Runner:
             return "running", f"running in pid {state['pid']} since {state.get('started')}"
         ckpt = sdir / rundir.CHECKPOINTS
         if fp is not None and _checkpoint_fingerprint(ckpt) == fp:
-            n = sum(1 for p in ckpt.iterdir() if p.name != CKPT_FINGERPRINT)
-            if n == 0:
-                return "partial", "interrupted before its first checkpoint; restarts"
-            return "partial", f"interrupted; resumes from {n} checkpoint file(s)"
+            return "partial", _resume_description(ckpt, full_verify)
         return "missing", self._unbuilt_reason(sdir)
 
     def _rel(self, problem: str) -> str:
@@ -319,14 +316,17 @@ class Runner:
             files = changed_files(manifest["code"], self.code(spec))
             if files:
                 parts.append(f"code changed: {', '.join(files[:4])}" + (f" (+{len(files) - 4} more)" if len(files) > 4 else ""))
-        recorded = manifest.get("inputs", {})
-        moved = [d for d in spec.deps if digests.get(d) is not None and recorded.get(d) != digests[d]]
-        if moved:
-            parts.append(f"input changed: {', '.join(moved)}")
+        parts += _input_changes(spec, manifest, digests)
         missing = [d for d in spec.deps if digests.get(d) is None]
         if missing:
             parts.append(f"input not built yet: {', '.join(missing)}")
-        return "; ".join(parts) or "made by an earlier version of the pipeline"
+        if parts:
+            return "; ".join(parts)
+        if "code" in manifest and "inputs" in manifest:
+            # Settings, code and inputs as recorded all match: only the fingerprint differs.
+            return ("its manifest's fingerprint does not match the settings, code and inputs it records "
+                    "(the manifest was edited, or made by an earlier version of the pipeline)")
+        return "made by an earlier version of the pipeline"
 
     def plan(self, from_stage: Optional[str] = None, only: Optional[str] = None, force: bool = False,
              full_verify: bool = False) -> list[PlannedStage]:
@@ -516,17 +516,23 @@ class Runner:
         except InputError:
             # Bad input found while running: leave the run directory as it was before. (The
             # refused stage has already put its own folder back and deleted its new MLflow run.)
-            if created_folders:
+            # Stages that finished before the refusal are kept, in a run directory this command
+            # made too: removing it would throw away their work (training, say) for a problem
+            # found later, which a rerun after the fix resumes from.
+            finished = [p.spec.name for p in planned if p.outcome in ("ran", "resumed", "cached")]
+            if finished:
+                logger.warning("kept in %s: %d stage(s) finished before the refusal (%s); fix the problem and "
+                               "rerun to go on from them", self.run_dir, len(finished), ", ".join(finished))
+            elif created_folders:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 rundir.remove_empty_folders(created_folders[:-1])  # the parents made for it, e.g. runs/
                 for run_id in created_runs if self.tracker else ():
                     self.tracker.delete(run_id)
                 if self.tracker:
                     self.tracker.discard_new_store()  # a store made for this run only: it goes too
-            elif not any(p.outcome in ("ran", "resumed", "cached") for p in planned):
+            else:
                 # Nothing of this command is kept: its MLflow runs (a new parent) and run.json go
-                # back too. Stages that finished before the refusal stay, with their runs and the
-                # run.json that describes them.
+                # back too.
                 for run_id in created_runs if self.tracker else ():
                     self.tracker.delete(run_id)
                 try:
@@ -583,9 +589,14 @@ class Runner:
         try:
             sdir.mkdir(parents=True, exist_ok=True)
             ours = ckpt.exists() and _checkpoint_fingerprint(ckpt) == fp
-            resumed = ours and any(p.name != CKPT_FINGERPRINT for p in ckpt.iterdir())
+            resumed = ours and not p.forced and any(c.name != CKPT_FINGERPRINT for c in ckpt.iterdir())
             if ckpt.exists() and not ours:
                 shutil.rmtree(ckpt)  # progress of a different configuration: not ours to resume
+            elif ckpt.exists() and p.forced:
+                # --force / --from start the stage over: its own checkpoints (training steps,
+                # quantized layers, AWQ searches) may be what the user distrusts.
+                logger.info("%-22s forced: its checkpoints are discarded, it starts over", spec.name)
+                shutil.rmtree(ckpt)
             ckpt_existed = ckpt.exists()
             ckpt.mkdir(exist_ok=True)
             rundir.write_bytes_atomic(fp_file, fp.encode())
@@ -712,6 +723,7 @@ class Runner:
         """Swap `output.partial/` into place and write the stage's manifest (its file table:
         `files`, else hashed now) and its state (done). Returns (output dir, manifest)."""
         sdir = self.stage_dir(spec.name)
+        self._warn_about_added_files(spec.name)
         # Drop the old manifest first so no manifest ever points at a half-swapped output.
         (sdir / rundir.MANIFEST).unlink(missing_ok=True)
         rundir.fsync_dir(sdir)
@@ -736,6 +748,22 @@ class Runner:
         })
         shutil.rmtree(sdir / rundir.CHECKPOINTS, ignore_errors=True)
         return out, manifest
+
+    def _warn_about_added_files(self, name: str) -> None:
+        """Name the files someone put in stage `name`'s output folder, which publishing its new
+        output is about to delete: they were never the stage's (not in its manifest), but they
+        may be the user's only copy."""
+        manifest = self.manifest(name)
+        out = self.stage_dir(name) / rundir.OUTPUT
+        if manifest is None or not out.is_dir():
+            return
+        added = [path for path in sorted(out.rglob("*"))
+                 if path.is_file() and path.relative_to(out).as_posix() not in manifest["files"]]
+        if added:
+            shown = ", ".join(self._rel(str(path)) for path in added[:6]) + (
+                f" (+{len(added) - 6} more)" if len(added) > 6 else "")
+            logger.warning("%s: removing %d file(s) not made by the stage from its output folder: %s", name,
+                           len(added), shown)
 
     def _track(self, child_id: Optional[str], parent_id: Optional[str], metrics: dict, parent_metrics: dict,
                tags: dict[str, str]) -> None:
@@ -797,6 +825,44 @@ class Runner:
         if ranks is not None:
             ranks.agree("restored")  # the other ranks do not join: nothing runs
         return True
+
+
+def _input_changes(spec: StageSpec, manifest: dict, digests: dict[str, Optional[str]]) -> list[str]:
+    """How the stage's inputs differ from those its manifest records: changed content, and
+    upstream stages that became or stopped being inputs (a quantize entry removed, say)."""
+    if "inputs" not in manifest:  # an older manifest: only content changes can be told
+        moved = [d for d in spec.deps if digests.get(d) is not None]
+        return [f"input changed: {', '.join(moved)}"] if moved else []
+    recorded = manifest["inputs"]
+    parts = []
+    moved = [d for d in spec.deps if d in recorded and digests.get(d) is not None and recorded[d] != digests[d]]
+    if moved:
+        parts.append(f"input changed: {', '.join(moved)}")
+    added = [f"{d} now an input" for d in spec.deps if d not in recorded]
+    dropped = [f"{d} no longer an input" for d in sorted(recorded) if d not in spec.deps]
+    if added or dropped:
+        parts.append(f"inputs changed: {', '.join(added + dropped)}")
+    return parts
+
+
+def _resume_description(ckpt: Path, full: bool) -> str:
+    """What an interrupted stage resumes from. Checkpoints sealed with a record of their files
+    (`rundir.seal_checkpoint`) are checked against it, sizes only unless `full`, so a damaged
+    one is not promised; other progress files are counted."""
+    entries = [c for c in ckpt.iterdir() if c.name != CKPT_FINGERPRINT]
+    if not entries:
+        return "interrupted before its first checkpoint; restarts"
+    sealed = sorted(c for c in entries if rundir.is_sealed(c))
+    if not sealed:
+        return f"interrupted; resumes from {len(entries)} checkpoint file(s)"
+    damaged = {c.name: problems[0] for c in sealed if (problems := rundir.checkpoint_problems(c, full=full))}
+    intact = [c.name for c in sealed if c.name not in damaged]
+    if not intact:
+        first = next(iter(damaged.values())).replace(str(ckpt.parent.parent) + os.sep, "", 1)
+        return f"interrupted; no intact checkpoint ({len(damaged)} damaged, e.g. {first}); restarts"
+    skipped = [name for name in damaged if name > intact[-1]]
+    return f"interrupted; resumes from checkpoint {intact[-1]}" + (
+        f" ({', '.join(skipped)} damaged: skipped)" if skipped else "")
 
 
 def _checkpoint_fingerprint(ckpt: Path) -> Optional[str]:

@@ -3,8 +3,10 @@ the eval loss every `eval_interval` steps is on the validation split (`domain_va
 
 Deterministic and resumable: the batch of every step is a pure function of (seed, step), and
 every `save_interval` steps a checkpoint holds the adapter, optimizer, scheduler and RNG
-states, written atomically. After a crash the same command continues from the last
-checkpoint and ends with the adapter an uninterrupted run would have produced.
+states, written atomically and sealed with the size and sha256 of its files. After a crash the
+same command continues from the newest checkpoint whose files still match that record (newer,
+damaged ones are reported and removed) and ends with the adapter an uninterrupted run would
+have produced.
 
 Runs under `accelerate launch` (DDP): each rank takes its own micro-batches of the same
 global step; only the main process writes checkpoints and outputs.
@@ -34,7 +36,7 @@ from qlora_pipeline.lora import attach_lora
 from qlora_pipeline.models import is_hub_source, resolve_model
 from qlora_pipeline.next_token_loss import next_token_loss
 from qlora_pipeline.recipe import LoraConfig, ModelConfig, TrainConfig
-from qlora_pipeline.rundir import fsync_dir, fsync_tree
+from qlora_pipeline.rundir import checkpoint_problems, fsync_dir, fsync_tree, is_sealed, seal_checkpoint
 from qlora_pipeline.safe_state import load_state, save_state
 from qlora_pipeline.scoring import summed_nll
 from qlora_pipeline.stages.data import TOKENS_FILE
@@ -45,8 +47,8 @@ logger = logging.getLogger(__name__)
 TRAIN_LOG_FILE = "train_log.json"  # loss per step and validation loss per eval interval (the report plots it)
 
 STEP_DIR = "step-{:07d}"
-COMPLETE = "complete"
 TRAINER_STATE = "trainer"  # optimizer, scheduler, RNG: trainer.json + trainer.safetensors
+CHECKPOINT_FILES = ("adapter.safetensors", f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors")
 
 
 def train_device_dtype(cfg, nf4_compute_dtype: str) -> tuple[str, torch.dtype]:
@@ -121,24 +123,46 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, hist
     save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
     save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                 "step": step, "history": history, "position": position}, tmp, TRAINER_STATE)
-    (tmp / COMPLETE).write_text(str(step))
+    seal_checkpoint(tmp, step=step)  # last: the record of its files makes it a checkpoint
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_dir(ckpt_dir)
-    for old in sorted(p for p in ckpt_dir.glob("step-*") if _is_checkpoint(p))[:-keep]:
+    for old in _sealed_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _is_checkpoint(path: Path) -> bool:
-    """A finished checkpoint of this format (a `trainer.pt` pickle from elsewhere is not one)."""
-    return all((path / f).is_file() for f in (COMPLETE, "adapter.safetensors", f"{TRAINER_STATE}.json",
-                                               f"{TRAINER_STATE}.safetensors"))
+def _sealed_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The step folders with a record of their files, oldest first (a `trainer.pt` pickle or a
+    folder left by an older version has none: never loaded)."""
+    return sorted(p for p in ckpt_dir.glob("step-*") if is_sealed(p))
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if _is_checkpoint(p))
+    """The newest sealed checkpoint, its files unchecked (for messages; a resume uses `resume_point`)."""
+    done = _sealed_checkpoints(ckpt_dir)
     return done[-1] if done else None
+
+
+def resume_point(ckpt_dir: Path, discard: bool = True) -> Path | None:
+    """The newest checkpoint whose files hash to its record; None: training starts over.
+
+    Newer ones that are damaged (a file cut short or altered on disk) or incomplete are
+    reported and, when `discard` (the main process), removed: loading one would fail with a
+    bare library error, or worse, resume silently from altered weights.
+    """
+    candidates = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), reverse=True)
+    for folder in candidates:
+        problems = checkpoint_problems(folder, required=CHECKPOINT_FILES)
+        if not problems:
+            return folder
+        logger.warning("train: checkpoint %s is damaged or incomplete (%s); %s", folder.name, "; ".join(problems[:3]),
+                       "removed, trying an older one" if discard else "skipped")
+        if discard:
+            shutil.rmtree(folder, ignore_errors=True)
+    if candidates:
+        logger.warning("train: no intact checkpoint in %s; training starts over from step 0", ckpt_dir)
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
@@ -224,7 +248,7 @@ def run(ctx: StageContext) -> StageResult:
     scheduler = make_scheduler(optimizer, cfg)
 
     start_step, history = 0, []
-    resume_from = latest_checkpoint(ctx.checkpoint_dir)
+    resume_from = resume_point(ctx.checkpoint_dir, discard=accelerator.is_main_process)
     if resume_from is not None:
         start_step, history = load_checkpoint(resume_from, model, optimizer, scheduler)
         logger.info("train: resuming after step %d from %s", start_step, resume_from.name)

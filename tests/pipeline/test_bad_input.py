@@ -485,7 +485,7 @@ def test_status_of_an_intact_run_dir(run_dir, capsys):
 
 
 @pytest.mark.parametrize("content,expected", [
-    ("{not json", "is unreadable (not valid JSON: line 1"),
+    ("{not json", "is unreadable (not valid JSON: line 1"),  # then "delete it", as `run` says (it cannot read it either)
     ('{"mlflow_parent_run_id": null}', 'holds no recipe'),
     ("[1, 2]", 'holds a JSON list, not an object; delete it'),
 ])
@@ -493,6 +493,8 @@ def test_status_with_a_damaged_run_json(content, expected, run_dir, capsys):
     (run_dir / "run.json").write_text(content)
     err = status_refused(capsys, run_dir)
     assert f"{run_dir / 'run.json'} {expected}" in err and "pipeline run" in err
+    if content.startswith("{not"):
+        assert "delete it, then running the recipe again" in err
 
 
 def test_status_with_an_invalid_recorded_recipe(run_dir, capsys):

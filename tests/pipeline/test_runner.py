@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 
 from qlora_pipeline.errors import InputError, RunLockedError, StageError
 from qlora_pipeline.graph import StageResult, StageSpec
-from qlora_pipeline.rundir import RunLock
+from qlora_pipeline.rundir import RunLock, describe_lock, lock_is_stale
 from qlora_pipeline.runner import Runner
 
 
@@ -111,6 +113,20 @@ def test_from_only_force(toy):
         toy.runner().plan(only="z")
 
 
+@pytest.mark.parametrize("selection", [{"force": True}, {"only": "b", "force": True}, {"from_stage": "b"}])
+def test_force_starts_an_interrupted_stage_over_instead_of_resuming(toy, selection):
+    """--force (and --from) re-run a stage from scratch: its checkpoints may be what is wrong
+    (a damaged training checkpoint made every forced run resume and fail the same way)."""
+    toy.crash_b_at = 3
+    with pytest.raises(StageError, match="simulated crash"):
+        toy.runner().run()
+    toy.crash_b_at = None
+    toy.b_steps_done.clear()
+    planned = toy.runner().run(**selection)
+    assert toy.b_steps_done == [0, 1, 2, 3, 4]
+    assert planned[1].outcome == "ran"
+
+
 def test_only_refuses_when_upstream_is_not_done(tmp_path):
     toy = Toy(tmp_path)
     with pytest.raises(InputError, match="upstream stage"):
@@ -177,6 +193,37 @@ def test_a_file_added_to_a_published_output_makes_its_stage_rebuild(toy):
     toy.calls.clear()
     toy.runner().run()
     assert toy.calls == ["a"] and not (toy.run_dir / "a" / "output" / "planted.txt").exists()
+
+
+def test_removing_a_file_added_to_an_output_is_logged_naming_it(toy, caplog):
+    toy.runner().run()
+    (toy.run_dir / "a" / "output" / "planted.txt").write_text("the user's notes")
+    with caplog.at_level(logging.WARNING, logger="qlora_pipeline.runner"):
+        toy.runner().run()
+    assert "a: removing 1 file(s) not made by the stage from its output folder: a/output/planted.txt" in caplog.text
+
+
+def test_a_stage_whose_inputs_lost_one_says_so(toy):
+    """A quantize entry removed from the recipe: the report no longer reads it."""
+    def specs(c_deps):
+        return [StageSpec("a", toy.a, (), {"value": 1}), StageSpec("b", toy.b, ("a",), {"value": 1}),
+                StageSpec("c", toy.c, c_deps, {"value": 1})]
+
+    Runner(toy.run_dir, specs(("a", "b"))).run()
+    planned = Runner(toy.run_dir, specs(("b",))).plan()
+    assert planned[2].status == "stale" and planned[2].reason == "inputs changed: a no longer an input"
+    Runner(toy.run_dir, specs(("b",))).run()
+    assert Runner(toy.run_dir, specs(("a", "b"))).plan()[2].reason == "inputs changed: a now an input"
+
+
+def test_a_hand_edited_manifest_fingerprint_is_named_as_the_reason(toy):
+    toy.runner().run()
+    path = toy.run_dir / "b" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["fingerprint"] = "0" * 20
+    path.write_text(json.dumps(manifest))
+    reason = toy.runner().plan()[1].reason
+    assert reason.startswith("its manifest's fingerprint does not match the settings, code and inputs it records")
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -258,6 +305,38 @@ def test_lock_blocks_a_live_process_and_takes_over_a_dead_one(tmp_path):
     with RunLock(lock_path):
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     assert not lock_path.exists()
+
+
+@pytest.mark.parametrize("pid", [-1, 0, True])
+def test_a_lock_with_a_pid_no_process_has_is_stale_and_taken_over(tmp_path, pid):
+    """os.kill(-1, 0) and os.kill(0, 0) succeed (they signal process groups): such a lock must
+    not read as held by a live process forever."""
+    lock_path = tmp_path / "run" / ".lock"
+    lock_path.parent.mkdir()
+    lock_path.write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    with RunLock(lock_path):
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert lock_is_stale({"pid": pid, "host": socket.gethostname()})
+
+
+def test_status_line_of_a_lock_says_whether_it_is_stale():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    line = describe_lock({"pid": dead.pid, "host": socket.gethostname(), "started": "then"})
+    assert line.startswith(f"stale lock left by pid {dead.pid} on {socket.gethostname()} since then")
+    assert "the next run takes it over" in line
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}
+    assert describe_lock(live) == f"lock held by pid {os.getpid()} on {socket.gethostname()} since now"
+    assert describe_lock({**live, "host": "elsewhere"}).startswith("lock held by")  # cannot be checked
+
+
+def test_a_lock_that_is_a_folder_is_refused_saying_to_remove_it(tmp_path):
+    lock_path = tmp_path / "run" / ".lock"
+    lock_path.mkdir(parents=True)
+    with pytest.raises(InputError, match=r"\.lock is a folder, not a lock file .*; remove it \(rm -r ") as err:
+        RunLock(lock_path).acquire()
+    assert "try again" not in str(err.value)
+    assert lock_path.is_dir()  # never removed for the user: it is not ours
 
 
 def test_a_second_runner_in_the_same_dir_is_refused(toy):
@@ -527,7 +606,7 @@ def test_disk_full_fails_cleanly_and_resumes(small_disk, tmp_path):
     assert not any(".tmp" in p.name for p in (small_disk / "run").rglob("*"))
 
 
-def test_bad_input_found_by_a_stage_leaves_no_run_directory(tmp_path):
+def test_bad_input_found_by_a_stage_leaves_no_run_directory(tmp_path, caplog):
     def a(ctx):
         (ctx.output_dir / "a.txt").write_text("a")
         return StageResult()
@@ -535,11 +614,24 @@ def test_bad_input_found_by_a_stage_leaves_no_run_directory(tmp_path):
     def b(ctx):
         raise InputError("data.domain: unreadable")
 
-    runner = Runner(tmp_path / "run", [StageSpec("a", a, (), {}), StageSpec("b", b, ("a",), {})])
+    # Refused by the first stage: the run directory this command made goes.
+    first = Runner(tmp_path / "run", [StageSpec("b", b, (), {})])
     with pytest.raises(InputError):
-        runner.run()
+        first.run()
     assert not (tmp_path / "run").exists()
+    # Refused after a stage finished: that stage's work is kept (it was removed with the run
+    # directory this command had made: hours of training lost to a problem found later).
+    runner = Runner(tmp_path / "run", [StageSpec("a", a, (), {}), StageSpec("b", b, ("a",), {})])
+    with caplog.at_level(logging.WARNING, logger="qlora_pipeline.runner"), pytest.raises(InputError):
+        runner.run()
+    assert (tmp_path / "run" / "a" / "output" / "a.txt").read_text() == "a"
+    assert not (tmp_path / "run" / "b" / "output").exists()
+    assert "1 stage(s) finished before the refusal (a)" in caplog.text
+    assert [p.status for p in runner.plan()] == ["done", "missing"]
     # An existing run directory keeps what it had; the failing stage leaves nothing behind.
+    import shutil
+
+    shutil.rmtree(tmp_path / "run")
     ok = Runner(tmp_path / "run", [StageSpec("a", a, (), {})])
     ok.run()
     before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*"))

@@ -80,6 +80,47 @@ def test_kill_9_during_training_resumes_to_the_same_adapter(trained, tiny_llama_
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-6, msg=k)
 
 
+def kill_after_checkpoints(path: Path, cwd: Path, ckpt: Path, count: int) -> list[Path]:
+    """Start a run, kill -9 it once `count` checkpoints are sealed; the sealed ones, oldest first."""
+    proc = pipeline_proc(path, cwd)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(ckpt.glob("step-*/complete"))) < count:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return sorted(p.parent for p in ckpt.glob("step-*/complete"))
+
+
+@pytest.mark.parametrize("damage", ["flip a weight byte", "truncate"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_still_matches(trained, tiny_llama_dir, tmp_path,
+                                                                             write_recipe, damage):
+    """A bit flipped in the newest checkpoint's weights used to resume silently from altered
+    weights (a truncated one failed every run with a bare SafetensorError): the run now names
+    the file, resumes from the intact checkpoint before it and still ends with the adapter of
+    an uninterrupted run."""
+    path = write_recipe(recipe_for(tiny_llama_dir, tmp_path, "damaged"))
+    ckpt = tmp_path / "runs" / "damaged" / "train" / "checkpoints"
+    sealed = kill_after_checkpoints(path, tmp_path, ckpt, 2)
+    assert len(sealed) >= 2 and sealed[-1].name != "step-0000012", "the kill should land mid-training"
+    weights = sealed[-1] / "adapter.safetensors"
+    if damage == "truncate":
+        os.truncate(weights, 100)
+    else:
+        data = bytearray(weights.read_bytes())
+        data[len(data) - 8] ^= 0x40  # in the tensor data, past the header
+        weights.write_bytes(data)
+    proc = pipeline_proc(path, tmp_path)
+    assert proc.wait() == 0
+    err = proc.stderr.read()
+    assert f"checkpoint {sealed[-1].name} is damaged or incomplete" in err and "adapter.safetensors" in err, err
+    assert f"resuming after step {int(sealed[-2].name.split('-')[1])}" in err, err
+    ours = load_file(str(tmp_path / "runs" / "damaged" / "train" / "output" / "adapter_model.safetensors"))
+    ref = load_file(str(trained / "train" / "output" / "adapter_model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_adapter_loads_with_plain_peft_and_merged_loads_with_plain_transformers(trained, tiny_llama_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
