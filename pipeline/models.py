@@ -186,14 +186,39 @@ def resolve_model(model_cfg) -> Path:
     return _hub_snapshot(src, model_cfg.revision)
 
 
-def quantize_source(config: dict, inputs: dict[str, Path]) -> Path:
+# A local model's place in stage settings: its path is not part of what the stage computes (its
+# files' sha256, `source_identity`, are), so a model moved or copied elsewhere is the same model to
+# every fingerprint and to the stage cache. The path itself reaches the stage as a runtime setting.
+LOCAL_MODEL = "<a local model, known by the sha256 of its files>"
+MODEL_SOURCE = "model_source"  # the runtime setting holding the recipe's model.source
+
+
+def fingerprinted_model(model_cfg) -> dict:
+    """The model settings as stage settings: a local folder or GGUF file as `LOCAL_MODEL`;
+    built-in and hub sources by name (their identity says which files or commit)."""
+    settings = model_cfg.model_dump(mode="json")
+    if not model_cfg.source.startswith("builtin:") and Path(model_cfg.source).expanduser().exists():
+        settings["source"] = LOCAL_MODEL
+    return settings
+
+
+def stage_model(config: dict, runtime: dict):
+    """The recipe's model as a stage reads it: its settings, the source from the runtime
+    settings where the fingerprinted settings hold `LOCAL_MODEL`."""
+    from qlora_pipeline.recipe import ModelConfig
+
+    settings = dict(config["model"])
+    if settings.get("source") == LOCAL_MODEL:
+        settings["source"] = runtime[MODEL_SOURCE]
+    return ModelConfig.model_validate(settings)
+
+
+def quantize_source(config: dict, inputs: dict[str, Path], runtime: dict) -> Path:
     """The float model a quantize or AWQ search stage reads: the merge's output, or, when its
     settings name the model (`adapter_on_quantized_base`: `<name>+adapter`, `...-base`), the
     original base model."""
     if "model" in config:
-        from qlora_pipeline.recipe import ModelConfig
-
-        return resolve_model(ModelConfig.model_validate(config["model"]))
+        return resolve_model(stage_model(config, runtime))
     return inputs["merge"]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qlora_pipeline.graph import StageRef, StageSpec
 from qlora_pipeline.errors import InputError, RecipeError
-from qlora_pipeline.models import cached_config, source_identity
+from qlora_pipeline.models import MODEL_SOURCE, cached_config, fingerprinted_model, source_identity
 from qlora_pipeline import methods
 from qlora_pipeline.data_identity import content_identity
 from qlora_pipeline.devices import resolve_device
@@ -104,7 +104,9 @@ def lora_target_problems(recipe, config: dict) -> list[str]:
 
 
 def build_stages(recipe) -> list[StageSpec]:
-    model = {"model": recipe.model.model_dump(mode="json"), "weights": source_identity(recipe.model)}
+    # A local model by its files' content, not its path (`fingerprinted_model`): moved or copied,
+    # it is the same model; the stages that read it get the path as a runtime setting (below).
+    model = {"model": fingerprinted_model(recipe.model), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
     # Nor does `evaluate.qlora`, which adds an evaluation and changes none.
     evaluation = {"seq_len": recipe.data.seq_len,
@@ -261,4 +263,7 @@ def build_stages(recipe) -> list[StageSpec]:
     if baselines:  # absent, as before the setting existed: a recipe without baselines keeps its fingerprint
         report_config["gate_baselines"] = sorted(baselines)
     specs.append(StageSpec("report", _stage("report"), report_deps, report_config, cacheable=False))
+    for spec in specs:  # where the model is now, for the stages that read it (not fingerprinted)
+        if "model" in spec.config:
+            spec.runtime = {**spec.runtime, MODEL_SOURCE: recipe.model.source}
     return specs

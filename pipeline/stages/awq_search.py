@@ -51,7 +51,7 @@ def search_entry(ctx: StageContext) -> QuantizeEntry:
 
 def run(ctx: StageContext) -> StageResult:
     s = ctx.config["search"]
-    merged_dir = quantize_source(ctx.config, ctx.inputs)  # the merge, or the original base (`...-base`)
+    merged_dir = quantize_source(ctx.config, ctx.inputs, ctx.runtime)  # the merge, or the original base (`...-base`)
     calibration = load_file(str(ctx.inputs[calibration_stage_name(s["calibration_source"])] / CALIBRATION_FILE))["input_ids"]
     device = ctx.config["device"]  # resolved from the entries' device by the stage registry
     if device == "cuda":

@@ -16,8 +16,8 @@ from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.layerwise.checkpoints import bnb_quantization_config, is_bnb_4bit, copy_tokenizer, read_config, read_tensors, weight_map
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
-from qlora_pipeline.models import resolve_model
-from qlora_pipeline.recipe import ModelConfig, NF4Config
+from qlora_pipeline.models import resolve_model, stage_model
+from qlora_pipeline.recipe import NF4Config
 from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from qlora_pipeline.errors import InputError
 from qlora_quant.nf4 import QUANT_STATE_KEY, quantize_nf4, serialize_nf4
@@ -34,7 +34,7 @@ def quantize_layer(tensors: dict[str, torch.Tensor], linear_weights: set[str], d
 
 
 def run(ctx: StageContext) -> StageResult:
-    model_cfg = ModelConfig.model_validate(ctx.config["model"])
+    model_cfg = stage_model(ctx.config, ctx.runtime)
     nf4_cfg = NF4Config.model_validate(ctx.config["nf4"])
     src = resolve_model(model_cfg)
     config = read_config(src, key="model.source")

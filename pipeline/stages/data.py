@@ -25,8 +25,8 @@ from qlora_pipeline import data
 from qlora_pipeline.data_identity import load_revision
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.graph import StageContext, StageResult
-from qlora_pipeline.models import resolve_model
-from qlora_pipeline.recipe import DataConfig, ModelConfig
+from qlora_pipeline.models import resolve_model, stage_model
+from qlora_pipeline.recipe import DataConfig
 
 # int64 token streams: domain_train, domain_valid, domain_eval, general_eval (, general_train)
 TOKENS_FILE = "tokens.safetensors"
@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> StageResult:
     from transformers import AutoTokenizer
 
     cfg = DataConfig.model_validate(ctx.config["data"])
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ModelConfig.model_validate(ctx.config["model"])))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(stage_model(ctx.config, ctx.runtime)))
     docs = data.load_documents(cfg.domain, "data.domain", revision=_revision(ctx, cfg, "domain"))
     by_document = data.split_documents(docs, cfg.holdout_every, cfg.valid_every)
     _require_documents(by_document, len(docs), cfg)

@@ -32,8 +32,8 @@ from qlora_pipeline.environment import compute_environment
 from qlora_pipeline.layerwise.checkpoints import dir_size, load_hf_model, load_nf4_model, read_config
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.methods import METHODS
-from qlora_pipeline.models import resolve_model
-from qlora_pipeline.recipe import EvaluateConfig, ModelConfig
+from qlora_pipeline.models import resolve_model, stage_model
+from qlora_pipeline.recipe import EvaluateConfig
 from qlora_pipeline.scoring import cache_argument, eval_device_dtype, perplexity_of, returned_cache, window_nlls
 from qlora_pipeline.stages.data import TOKENS_FILE
 from qlora_pipeline.stages.quantize import SUMMARY_FILE as QUANTIZATION_SUMMARY
@@ -224,7 +224,7 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
 
 
 def load_original_base(ctx: StageContext, dtype: torch.dtype, device: str):
-    src = resolve_model(ModelConfig.model_validate(ctx.config["model"]))
+    src = resolve_model(stage_model(ctx.config, ctx.runtime))
     return load_hf_model(src, dtype, device), src
 
 

@@ -33,8 +33,8 @@ from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.layerwise.runner import LayerwiseRunner
-from qlora_pipeline.models import resolve_model
-from qlora_pipeline.recipe import EvaluateConfig, MergeConfig, ModelConfig
+from qlora_pipeline.models import resolve_model, stage_model
+from qlora_pipeline.recipe import EvaluateConfig, MergeConfig
 from qlora_pipeline.layerwise.shards import REST_SHARD, SHARD, release_freed_memory, save_atomic, valid_shard, assemble_shards
 from qlora_pipeline.stages.data import TOKENS_FILE
 from qlora_quant.nf4 import dequantize_nf4
@@ -132,7 +132,7 @@ def merge_into(ctx: StageContext, adapter: "Adapter", family, into: str, ckpt_di
 
     original_map = None
     if into == "original":
-        src = resolve_model(ModelConfig.model_validate(ctx.config["model"]))
+        src = resolve_model(stage_model(ctx.config, ctx.runtime))
         if is_bnb_4bit(read_config(src, key="model.source")):
             raise InputError(f"merge.into: '{ctx.config['merge']['into']}' needs the base's float weights, but model.source is a "
                              "pre-quantized 4-bit checkpoint; use merge.into: dequantized")
@@ -233,7 +233,7 @@ def verify_merge(ctx: StageContext, adapter: Adapter, family, into: str = "dequa
     merged_map, base_map = weight_map(ctx.output_dir), weight_map(ctx.inputs["base"])
     config = read_config(ctx.inputs["base"])
     runner = LayerwiseRunner(config, torch.float32, family)
-    original_map = weight_map(resolve_model(ModelConfig.model_validate(ctx.config["model"]))) if into == "original" else None
+    original_map = weight_map(resolve_model(stage_model(ctx.config, ctx.runtime))) if into == "original" else None
 
     def reference_weights(prefix: str) -> dict[str, torch.Tensor]:
         if original_map is not None:

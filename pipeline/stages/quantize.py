@@ -32,7 +32,7 @@ def run(ctx: StageContext) -> StageResult:
     storage = ctx.runtime.get("activations_storage", "auto")
     entry = QuantizeEntry.model_validate(ctx.config["entry"])
     entry = entry.model_copy(update={"activations": entry.activations.model_copy(update={"storage": storage})})
-    merged_dir = quantize_source(ctx.config, ctx.inputs)
+    merged_dir = quantize_source(ctx.config, ctx.inputs, ctx.runtime)
     check_shapes(entry, read_config(merged_dir), f"quantize entry '{entry.name}'")
     calibration = None
     if METHODS[entry.method].calibrated:  # the entry's source is resolved in its stage settings

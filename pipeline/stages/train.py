@@ -33,9 +33,9 @@ from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.layerwise.families import family_for
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.lora import attach_lora
-from qlora_pipeline.models import is_hub_source, resolve_model
+from qlora_pipeline.models import is_hub_source, resolve_model, stage_model
 from qlora_pipeline.next_token_loss import next_token_loss
-from qlora_pipeline.recipe import LoraConfig, ModelConfig, TrainConfig
+from qlora_pipeline.recipe import LoraConfig, TrainConfig
 from qlora_pipeline.rundir import checkpoint_problems, fsync_dir, fsync_tree, is_sealed, seal_checkpoint
 from qlora_pipeline.safe_state import load_state, save_state
 from qlora_pipeline.scoring import summed_nll
@@ -224,7 +224,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = TrainConfig.model_validate(ctx.config["train"])
     lora = LoraConfig.model_validate(ctx.config["lora"])
-    model_cfg = ModelConfig.model_validate(ctx.config["model"])
+    model_cfg = stage_model(ctx.config, ctx.runtime)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, dtype = train_device_dtype(cfg, ctx.config["nf4_compute_dtype"])
     device = str(accelerator.device) if device == "cuda" else "cpu"

@@ -41,7 +41,9 @@ def test_stages_of_the_unmerged_artifacts(tiny_llama_dir, tmp_path, write_recipe
     assert specs["quantize-ag+adapter"].deps == ("calibrate", "awq-search-w4g32-base")
     assert specs["awq-search-w4g32-base"].deps == ("calibrate",) and "model" in specs["awq-search-w4g32-base"].config
     assert specs["quantize-ag+adapter"].config["entry"] == specs["quantize-ag"].config["entry"]
-    assert specs["quantize-ag+adapter"].config["model"]["source"] == str(tiny_llama_dir)
+    # the original base: by its files' content in the settings, by its path at run time
+    assert specs["quantize-ag+adapter"].config["weights"] == specs["base"].config["weights"]
+    assert specs["quantize-ag+adapter"].runtime["model_source"] == str(tiny_llama_dir)
     assert "model" not in specs["quantize-ag"].config and "adapter_on_quantized_base" not in specs["quantize-ag"].config["entry"]
     assert specs["evaluate-ag+adapter"].deps == ("data", "quantize-ag+adapter")
     assert "quantize-rtn+adapter" not in specs

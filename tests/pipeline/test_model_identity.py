@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 from qlora_pipeline import file_hashes, rundir
 from tests.conftest import cli, tiny_recipe
@@ -50,6 +51,33 @@ def test_a_moved_model_keeps_its_identity(tiny_llama_dir, tmp_path):
     copy = tmp_path / "elsewhere"
     shutil.copytree(tiny_llama_dir, copy)
     assert source_identity(ModelConfig(source=str(copy))) == source_identity(ModelConfig(source=str(tiny_llama_dir)))
+
+
+def test_a_moved_model_is_the_same_model_to_every_stage(tiny_llama_dir, tmp_path, write_recipe, monkeypatch, capsys):
+    """The recipe pointed at a copy of the model elsewhere: data, base and evaluate-base were
+    stale ('settings changed: model.source') and a new run directory found nothing in the stage
+    cache, although the README said a moved copy is the same model. The stages read it from its
+    new place (runtime setting), and a model that is not the same files is still another model."""
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(model, tmp_path, tracking={"enabled": False})
+    path = write_recipe(recipe)
+    for stage in ("data", "base"):
+        assert cli("run", str(path), "--only", stage) == 0
+    moved = model.rename(tmp_path / "moved-model")
+    recipe["model"]["source"] = str(moved)
+    moved_path = write_recipe(recipe, "moved.yaml")
+    capsys.readouterr()
+    assert cli("plan", str(moved_path)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\bdata\s+skip", out) and re.search(r"\bbase\s+skip", out), out
+    assert cli("run", str(moved_path), "--only", "evaluate-base") == 0  # reads the model where it is now
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "base" / "manifest.json").read_text())
+    assert str(moved) not in json.dumps(manifest["config"]) and "model" in manifest["config"]
+    # Other weights at the moved path are another model.
+    _rewrite_same_size_and_mtime(moved / "model.safetensors", flip_at=(moved / "model.safetensors").stat().st_size - 3)
+    assert cli("plan", str(moved_path)) == 0
+    assert re.search(r"\bbase\s+run\s+.*settings changed: weights", capsys.readouterr().out)
 
 
 def test_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
