@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,6 +108,18 @@ def _disk_full(exc: BaseException) -> Optional[BaseException]:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+ATOMIC_WRITE_TEMPORARY = re.compile(r"\..+\.tmp-\d+")  # `rundir.write_bytes_atomic`'s `.<name>.tmp-<pid>`
+
+
+def _remove_leftover_atomic_writes(run_dir: Path) -> None:
+    """The temporary files of atomic writes (run.json, a stage's state.json or manifest) that a
+    process killed between writing and renaming left behind. Called holding the run lock: no
+    other process writes here, so every one is a dead writer's."""
+    for path in list(run_dir.glob(".*.tmp-*")) + list(run_dir.glob("*/.*.tmp-*")):
+        if ATOMIC_WRITE_TEMPORARY.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _remove_temporaries(root: Path) -> None:
@@ -469,6 +482,7 @@ class Runner:
         created_runs: list[Optional[str]] = []
         try:
             with rundir.RunLock(self.run_dir / ".lock"):
+                _remove_leftover_atomic_writes(self.run_dir)
                 run_json = rundir.read_json(run_json_path) or {}
                 parent_id = None
                 if self.tracker:

@@ -606,6 +606,23 @@ def test_disk_full_fails_cleanly_and_resumes(small_disk, tmp_path):
     assert not any(".tmp" in p.name for p in (small_disk / "run").rglob("*"))
 
 
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_run(tmp_path):
+    """kill -9 between an atomic write and its rename left `.state.json.tmp-<pid>` in a stage
+    folder for good (found by the kill -9 soak test under load)."""
+    def a(ctx):
+        (ctx.output_dir / "a.txt").write_text("a")
+        return StageResult()
+
+    runner = Runner(tmp_path / "run", [StageSpec("a", a, (), {})])
+    runner.run()
+    leftovers = [tmp_path / "run" / "a" / ".state.json.tmp-99999", tmp_path / "run" / ".run.json.tmp-12"]
+    for path in leftovers:
+        path.write_text("{half")
+    runner.run()
+    assert not any(path.exists() for path in leftovers)
+    assert (tmp_path / "run" / "a" / "output" / "a.txt").read_text() == "a"
+
+
 def test_bad_input_found_by_a_stage_leaves_no_run_directory(tmp_path, caplog):
     def a(ctx):
         (ctx.output_dir / "a.txt").write_text("a")
