@@ -91,16 +91,11 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...], convert_model: bool =
 def _convert_local_model(recipe) -> None:
     """Convert the recipe's built-in or GGUF model once (cached) when it is readable; a source
     that is not is left to preflight, which names what is wrong with it."""
-    from qlora_pipeline.models import cached_config, is_local_gguf_source, resolve_model
+    from qlora_pipeline.models import is_local_gguf_source, resolve_model
     from qlora_pipeline.preflight import check_model_source
 
     if is_local_gguf_source(recipe.model) and not check_model_source(recipe.model.source):
-        try:
-            if cached_config(recipe.model) is not None:
-                return
-        except InputError:
-            pass  # a damaged conversion: resolve_model says what to do
-        resolve_model(recipe.model)
+        resolve_model(recipe.model)  # returns the cached conversion at once when there is one
 
 
 def _unchecked_model_note(recipe) -> Optional[str]:

@@ -197,7 +197,7 @@ def fingerprinted_model(model_cfg) -> dict:
     """The model settings as stage settings: a local folder or GGUF file as `LOCAL_MODEL`;
     built-in and hub sources by name (their identity says which files or commit)."""
     settings = model_cfg.model_dump(mode="json")
-    if not model_cfg.source.startswith("builtin:") and Path(model_cfg.source).expanduser().exists():
+    if not model_cfg.source.startswith("builtin:") and not is_hub_source(model_cfg):
         settings["source"] = LOCAL_MODEL
     return settings
 
