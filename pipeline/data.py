@@ -325,6 +325,16 @@ BOM = "\ufeff"
 # Python's str.lower() makes a capital sigma final (ς) or not (σ) by the letters around it, so
 # the same word would fold differently at the end of a paragraph than inside a longer one.
 _SIGMAS = str.maketrans({"ς": "σ"})
+_UNICODE_BREAKS = str.maketrans({BOM: None, "\u2029": "\n\n", "\u2028": "\n", "\x85": "\n"})
+# Characters that show nothing: a soft hyphen (U+00AD), zero-width space, non-joiner and joiner
+# (U+200B-U+200D), word joiner (U+2060). Compared without them (`normalize`), since a copy
+# with some slipped into its words reads the same; the documents themselves keep them (a
+# joiner carries meaning in some scripts and emoji).
+_INVISIBLE = str.maketrans({c: None for c in "\u00ad\u200b\u200c\u200d\u2060"})
+
+
+def _visible(word: str) -> str:
+    return word if word.isascii() else word.translate(_INVISIBLE)
 
 
 def canonical(text: str) -> str:
@@ -333,13 +343,15 @@ def canonical(text: str) -> str:
     line endings (a lone CR is no blank line to `_BLANK_LINE`), or behind the BOM a Windows
     editor writes at the start of a file (or that concatenated files carry inside the text)
     would otherwise be different text to every comparison below, and a held-out paragraph
-    would survive in a training document that only differs so. Documents are read in this
+    would survive in a training document that only differs so. Unicode's own breaks become
+    what they mean here: a paragraph separator (U+2029) a blank line, a line separator
+    (U+2028) or NEL (U+0085) a line break. Documents are read in this
     form (`load_documents`), and every comparison applies it again, so a caller passing
     other text is not fooled either."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():
         return text
-    return unicodedata.normalize("NFC", text.replace(BOM, ""))
+    return unicodedata.normalize("NFC", text.translate(_UNICODE_BREAKS))
 
 
 def fold_case(text: str) -> str:
@@ -357,8 +369,9 @@ def fold_case(text: str) -> str:
 def normalize(text: str) -> str:
     """Runs of whitespace become one space; leading and trailing whitespace goes; letters
     are compared in lower case (a held-out paragraph copied with its case changed, a heading
-    upper-cased, is the same text to the model)."""
-    return " ".join(_WORD.findall(fold_case(text)))
+    upper-cased, is the same text to the model); characters that show nothing go
+    (`_INVISIBLE`)."""
+    return " ".join(w for w in map(_visible, _WORD.findall(fold_case(text))) if w)
 
 
 @dataclass(frozen=True)
@@ -489,16 +502,16 @@ class _NormalizedSide:
         space: every normalized character but a space comes from one original character."""
         d = bisect_right(self.starts, q) - 1
         if d not in self._word_starts:  # built lazily: only documents with a match need it
-            words = list(_WORD.finditer(self.docs[d]))
+            words = [w for w in _WORD.finditer(self.docs[d]) if _visible(w.group())]
             norm_starts, k = [], 0
             for w in words:
                 norm_starts.append(k)
-                k += len(w.group()) + 1
-            self._word_starts[d] = (norm_starts, [w.start() for w in words])
-        norm_starts, orig_starts = self._word_starts[d]
+                k += len(_visible(w.group())) + 1
+            self._word_starts[d] = (norm_starts, words)
+        norm_starts, words = self._word_starts[d]
         r = q - self.starts[d]
         w = bisect_right(norm_starts, r) - 1
-        return d, orig_starts[w] + (r - norm_starts[w])
+        return d, words[w].start() + _original_offset(words[w].group(), r - norm_starts[w])
 
     def occurrences(self, needle: str) -> list[tuple[int, int]]:
         """(start, end) of every occurrence of `needle` in the normalized text, overlapping
@@ -552,6 +565,19 @@ class _NormalizedSide:
         spans = {d0: (p0, len(self.docs[d0])), d1: (0, p1 + 1)}
         spans.update({d: (0, len(self.docs[d])) for d in range(d0 + 1, d1)})
         return spans
+
+
+def _original_offset(word: str, visible_offset: int) -> int:
+    """Where in `word` its `visible_offset`-th visible character (`_INVISIBLE`) is."""
+    if _visible(word) == word:
+        return visible_offset
+    seen = -1
+    for i, c in enumerate(word):
+        if c.translate(_INVISIBLE):
+            seen += 1
+            if seen == visible_offset:
+                return i
+    raise ValueError(f"{word!r} has no visible character {visible_offset}")
 
 
 @dataclass(frozen=True)

@@ -538,6 +538,37 @@ def test_a_byte_order_mark_does_not_hide_a_held_out_paragraph():
     assert clean.train == ["Training words before it.\n\nAnd training words after it.", _long("t")]
 
 
+def test_held_out_text_with_invisible_characters_or_unicode_breaks_is_still_found_and_cut_exactly():
+    """A copy with soft hyphens and zero-width characters slipped into its words reads the
+    same, and is found and cut to the character (positions map back past the characters the
+    comparison drops); a held-out document whose paragraphs are separated by U+2029 (or lines
+    by U+2028 / NEL) is split into those paragraphs, so one of them copied alone is found."""
+    held = _long("hid")
+    marked = held.replace("paragraph", "para\u00adgraph").replace("thing", "th\u200bi\u200dng")
+    marked = marked.replace(" about ", " \u2060about\u200c ").replace(" one ", " \u200b one ")
+    assert marked != held and data.normalize(marked) == data.normalize(held)
+    before, after = "Training words before it on the same line.", "And training words after it."
+    splits = data.Splits(train=[f"{before} {marked} {after}", _long("t")], valid=[_long("v")], eval=[held])
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean
+    assert clean.train == [f"{before}\n\n{after}", _long("t")]
+    # The held-out side marked instead: the training copy is plain.
+    splits = data.Splits(train=[f"{before} {held} {after}", _long("t")], valid=[_long("v")], eval=[marked])
+    assert data.decontaminate(splits, DecontaminateConfig())[0].train == [f"{before}\n\n{after}", _long("t")]
+    # The documents keep their joiners: only the comparison drops them.
+    assert data.canonical(marked) == marked
+
+    for separator in ("\u2029", "\u2028\u2028", "\x85\x85", "\u2028\n"):
+        document = _long("first") + separator + _long("second")
+        assert data.paragraphs(document, 80) == [_flat(_long("first")).lower(), _flat(_long("second")).lower()], \
+            repr(separator)
+        splits = data.Splits(train=[f"{_long('t')}\n\n{_long('second')}"], valid=[_long("v")], eval=[document])
+        assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1, repr(separator)
+        assert data.decontaminate(splits, DecontaminateConfig())[0].train == [_long("t")], repr(separator)
+    assert data.canonical("a\u2028b\x85c\u2029d") == "a\nb\nc\n\nd"
+
+
 def test_case_folding_does_not_depend_on_the_text_around():
     """A held-out paragraph is folded alone, the training text it is copied into as a whole:
     a Greek capital sigma at a word's end folded to ς in one and σ in the other (whenever the
