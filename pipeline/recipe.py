@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from qlora_pipeline.errors import RecipeError
-from qlora_pipeline.methods import METHODS, format_problems
+from qlora_pipeline.methods import METHODS, format_problems, reads
 from qlora_pipeline.methods import dynamic as module_overrides
 
 BUILTIN_MODELS = ("smollm2-135m",)
@@ -644,7 +644,16 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
                 if not node:
                     raise fail(f"{where} is an empty list, so '*' sets nothing; set the whole list instead: "
                                f"--set '{where}=[...]'")
-                for k in range(len(node)):  # a problem names the item: --set quantize.2.awq.x: ...
+                items = range(len(node))
+                if parts[:i] == ["quantize"]:
+                    # Every entry that reads the key: `quantize.*.compute_dtype` means the calibrated
+                    # entries, not also a round-to-nearest one that would refuse it.
+                    items = [k for k in items if not isinstance(node[k], dict) or
+                             reads(str(node[k].get("method")), parts[i + 1])]
+                    if not items:
+                        raise fail(f"no entry of {where} reads {parts[i + 1]} (methods: "
+                                   f"{', '.join(sorted({str(q.get('method')) for q in node if isinstance(q, dict)}))})")
+                for k in items:  # a problem names the item: --set quantize.2.awq.x: ...
                     apply_override(data, parts[:i] + [str(k)] + parts[i + 1:], value)
                 return
             if part.startswith("-") and part[1:].isdigit():  # a negative index

@@ -50,6 +50,9 @@ class Method:
     # Takes per-module bits and group sizes (`dynamic`, qlora_pipeline.methods.dynamic). AWQ's
     # search chooses scales for one bit width and group size per layer, so awq and awq+gptq do not.
     module_overrides: bool = False
+    # Common settings (COMMON_SETTINGS) this method does not read: set in a recipe they would
+    # change nothing, so the recipe is refused rather than run as if they had.
+    unread: tuple[str, ...] = ()
 
     @property
     def common_settings(self) -> bool:
@@ -84,15 +87,20 @@ FORMATS = {f.name: f for f in (
 )}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False, module_overrides=True),
+    # Round-to-nearest has no calibration forwards, no Hessian and no column order.
+    Method("rtn", "qlora_pipeline.methods.rtn", "gptq", calibrated=False, module_overrides=True,
+           unread=("desc_act", "static_groups", "damp_percent", "true_sequential", "compute_dtype")),
     Method("gptq", "qlora_pipeline.methods.gptq", "gptq", calibrated=True, module_overrides=True),
     # AWQ alone uses the Hessians only for the error metrics: one capture pass per layer.
     # Where AWQ searches was measured on domain_valid (scripts/compare_awq_search.py, README "Where
     # AWQ searches"): on the inputs AWQ's own quantized layers produce, for AWQ alone 2.5 points
     # better than on the float model, and for AWQ+GPTQ as good as either other design; so one
     # search stage of that kind serves both methods (with the same AWQ settings).
+    # AWQ rounds its scaled weights to nearest in their natural column order, clipped by its own
+    # search (awq.clip) rather than an MSE grid.
     Method("awq", "qlora_pipeline.methods.awq", "awq-gemm", calibrated=True, hessian_passes=False, options=("awq",),
-           search="awq", assembles_search_layers=True),
+           search="awq", assembles_search_layers=True,
+           unread=("desc_act", "static_groups", "damp_percent", "true_sequential", "mse")),
     Method("awq+gptq", "qlora_pipeline.methods.awq_gptq", "gptq", calibrated=True, options=("awq",), search="awq"),
     # NF4 of the merged model, as the base stage writes it: 4-bit, block size from the entry's nf4 section.
     Method("nf4", "qlora_pipeline.methods.nf4", "bnb-nf4", calibrated=False, hessian_passes=False, options=("nf4",),
@@ -119,6 +127,17 @@ def format_problems(entry) -> list[str]:
     if entry.dynamic and not method.module_overrides:
         takes = ", ".join(m.name for m in METHODS.values() if m.module_overrides)
         return [f"method {method.name} takes no per-module overrides (dynamic); methods that do: {takes}"]
+    # Refused when set to something other than the default: a default written out (as the
+    # quantize stage's own config is, `relevant_settings`) changes nothing and misleads no one.
+    for section in sorted(OPTION_SECTIONS - set(method.options)):
+        if _set_away_from_default(entry, section):
+            readers = ", ".join(m.name for m in METHODS.values() if section in m.options)
+            return [f"method {method.name} does not read the {section} section (methods that do: {readers}); remove it"]
+    unread = [k for k in method.unread if _set_away_from_default(entry, k)]
+    if unread:
+        reads = ", ".join(k for k in COMMON_SETTINGS if k not in method.unread)
+        return [f"method {method.name} does not use {', '.join(unread)} (it reads {reads}); remove "
+                f"{'it' if len(unread) == 1 else 'them'}"]
     if not method.common_settings:
         unused = [k for k in COMMON_SETTINGS
                   if k in entry.model_fields_set and not (k == "bits" and entry.bits == method.fixed_bits)]
@@ -136,6 +155,25 @@ def format_problems(entry) -> list[str]:
     if entry.group_size == -1:
         problems.append("AWQ GEMM checkpoints need a group size (e.g. 128), not -1")
     return problems
+
+
+def reads(method_name: str, key: str) -> bool:
+    """Whether an entry of this method reads `key` (a setting or an options section): False
+    for a common setting it leaves unread or a section of another method's options. Unknown
+    methods and other keys: True (the schema judges them)."""
+    method = METHODS.get(method_name)
+    if method is None:
+        return True
+    if key in OPTION_SECTIONS:
+        return key in method.options
+    if key in COMMON_SETTINGS:
+        return method.common_settings and key not in method.unread
+    return True
+
+
+def _set_away_from_default(entry, field: str) -> bool:
+    return field in entry.model_fields_set and getattr(entry, field) != \
+        type(entry).model_fields[field].get_default(call_default_factory=True)
 
 
 def values_per_word_run(bits: int) -> int:

@@ -43,11 +43,37 @@ def test_overrides(write_recipe):
 
 
 
+def test_a_setting_a_method_does_not_read_is_accepted_at_its_default():
+    """Written out at its default it changes nothing (the quantize stage rebuilds its entry from
+    a config that names every setting); only a value that would be ignored is refused."""
+    from qlora_pipeline import methods
+    from qlora_pipeline.recipe import QuantizeEntry
+
+    for name in methods.METHODS:
+        entry = QuantizeEntry(name="q", method=name)
+        assert QuantizeEntry.model_validate(methods.relevant_settings(entry)) == entry
+    assert QuantizeEntry(name="r", method="rtn", desc_act=False, awq={}).desc_act is False
+
+
 def test_a_star_sets_the_key_on_every_list_item(write_recipe):
-    path = write_recipe({"quantize": [{"name": "g", "method": "gptq"}, {"name": "a", "method": "awq"}]})
+    path = write_recipe({"quantize": [{"name": "g", "method": "awq+gptq"}, {"name": "a", "method": "awq"}]})
     recipe, _ = load_recipe(path, ["quantize.*.compute_dtype=bfloat16", "quantize.*.awq.search_windows=2"])
     assert [q.compute_dtype for q in recipe.quantize] == ["bfloat16", "bfloat16"]
     assert [q.awq.search_windows for q in recipe.quantize] == [2, 2]
+
+
+def test_a_star_skips_the_entries_whose_method_does_not_read_the_key(write_recipe, capsys):
+    """`quantize.*.compute_dtype` means the entries with calibration forwards, not also a
+    round-to-nearest entry that would refuse it; a key no entry reads is refused."""
+    path = write_recipe({"quantize": [{"name": "r", "method": "rtn"}, {"name": "g", "method": "gptq"},
+                                      {"name": "a", "method": "awq"}]})
+    recipe, _ = load_recipe(path, ["quantize.*.compute_dtype=bfloat16", "quantize.*.awq.search_windows=2",
+                                   "quantize.*.desc_act=true"])
+    assert [q.compute_dtype for q in recipe.quantize] == ["auto", "bfloat16", "bfloat16"]
+    assert [q.desc_act for q in recipe.quantize] == [False, True, False]
+    assert recipe.quantize[2].awq.search_windows == 2
+    with pytest.raises(RecipeError, match=r"--set quantize\.\*\.nf4\.blocksize: no entry of quantize reads nf4"):
+        load_recipe(path, ["quantize.*.nf4.blocksize=128"])
 
 BAD = {
     "unknown top-level key": ({"modle": {}}, "modle: unknown key. Did you mean 'model'?"),
@@ -66,6 +92,13 @@ BAD = {
     "warmup over steps": ({"train": {"steps": 5, "warmup_steps": 9}}, "train: warmup_steps (9) exceeds steps (5)"),
     "lora rank 0": ({"lora": {"r": 0}}, "lora.r"),
     "awq 3-bit": ({"quantize": [{"name": "a", "method": "awq", "bits": 3}]}, "quantize.0: AWQ GEMM checkpoints are 4-bit only"),
+    "setting rtn does not read": ({"quantize": [{"name": "r", "method": "rtn", "desc_act": True, "damp_percent": 0.05}]},
+                                  "quantize.0: method rtn does not use desc_act, damp_percent (it reads bits, group_size, "
+                                  "sym, mse); remove them"),
+    "setting awq does not read": ({"quantize": [{"name": "a", "method": "awq", "mse": True}]},
+                                  "quantize.0: method awq does not use mse"),
+    "awq section on gptq": ({"quantize": [{"name": "g", "method": "gptq", "awq": {"clip": False}}]},
+                            "quantize.0: method gptq does not read the awq section (methods that do: awq, awq+gptq)"),
     "section not a mapping": ({"nf4": 5}, "nf4: must be a section of keys, not a number (5); its keys: blocksize"),
     "empty section": ({"model": None}, "model: empty section (nothing after 'model:'); give its keys or remove"),
     "true for a number": ({"train": {"steps": True}}, "train.steps: must be a number, not true"),
