@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad input (recipe, paths, data, a bus
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import math
@@ -50,12 +51,23 @@ def _setup_logging(verbose: bool) -> None:
     # transformers and huggingface_hub read these when first imported: quiet without importing
     # them here (commands like `validate` and `status` never do).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # huggingface_hub and datasets set their loggers' level from these when imported, over the
+    # setLevel above, and print through a handler of their own as well as the root's: a hub
+    # dataset that cannot be reached printed each of its 5 retries twice. Their own handler
+    # alone prints now.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).propagate = False
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # imported already (in-process callers): tell it directly
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    for library in ("huggingface_hub", "datasets"):
+        if library in sys.modules:  # imported already: the env above came too late for it
+            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
 
 
 def _load(recipe_path: str, sets: tuple[str, ...]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 import tomllib
@@ -111,6 +112,24 @@ def test_bitsandbytes_no_longer_finds_our_kernels_package(tmp_path):
                              f"_setup_logging(False); {code}"], cwd=tmp_path, capture_output=True, text=True)
     assert as_cli.returncode == 0, as_cli.stderr
     assert "kernels" not in as_cli.stdout + as_cli.stderr
+
+
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_hub_libraries_log_errors_only_and_once_under_the_cli(tmp_path, order):
+    """huggingface_hub and datasets set their loggers' level when imported and print through a
+    handler of their own besides the root's: an unreachable hub dataset printed each retry
+    warning twice. Under the CLI's logging, whether they were imported before it or after, a
+    warning of theirs prints nothing and an error prints once."""
+    emit = ("import logging; [logging.getLogger(n + '.x').warning('W-' + n) or logging.getLogger(n + '.x').error("
+            "'E-' + n) for n in ('huggingface_hub', 'datasets')]")
+    setup = "from qlora_pipeline.cli import _setup_logging; _setup_logging(False)"
+    imports = "import huggingface_hub, datasets"
+    code = "; ".join([setup, imports] if order == "after" else [imports, setup]) + "; " + emit
+    env = {k: v for k, v in os.environ.items() if not k.endswith("VERBOSITY")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert [line for line in lines if line.startswith(("W-", "E-"))] == ["E-huggingface_hub", "E-datasets"], lines
 
 
 def _stage_modules() -> list[Path]:
