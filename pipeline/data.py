@@ -858,17 +858,20 @@ class GeneralTrain:
     docs: list[str]
     eval_documents: int      # leading general documents general_eval reads from
     skipped_documents: int   # the margin after them, and documents whose exact text general_eval holds
-    removed_chars: int       # held-out text cut out (general_eval's and the domain test split's paragraphs)
+    removed_chars: int       # held-out text cut out (general_eval's, the domain test and validation splits' paragraphs)
     overlap_after: dict[str, Overlap]
 
 
 def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_max_chars: int,
-                        held_out: list[str], min_chars: int) -> GeneralTrain:
+                        held_out: list[str], min_chars: int, selected_on: list[str] = ()) -> GeneralTrain:
     """Training-side general text, distinct from general_eval (the first `eval_max_tokens`
     tokens of `docs`): the documents after those general_eval reads from, less one document of
     margin (the last eval token may reach across a document break), up to about
     `train_max_chars` characters, with every paragraph (>= min_chars) of the general_eval
-    documents and of `held_out` (the domain test split) cut out, as `decontaminate` does."""
+    documents, of `held_out` (the domain test split) and of `selected_on` (the domain
+    validation split, on which choices are made) cut out, as `decontaminate` does: a general
+    corpus can quote the domain's text (a library's sources its documentation), and text
+    calibrated on would favour the artifact calibrated on it where it is evaluated or chosen."""
     k = eval_document_count(tokenizer, docs, eval_max_tokens)
     eval_docs = docs[:k]
     eval_texts = set(eval_docs)
@@ -881,9 +884,10 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
         total += len(d)
         if total >= train_max_chars:
             break
-    train, removed = remove_contained(candidates, eval_docs + held_out, min_chars)
+    train, removed = remove_contained(candidates, eval_docs + held_out + list(selected_on), min_chars)
     after = {"general_eval_in_general_train": overlap(eval_docs, train, min_chars),
-             "domain_eval_in_general_train": overlap(held_out, train, min_chars)}
+             "domain_eval_in_general_train": overlap(held_out, train, min_chars),
+             "domain_valid_in_general_train": overlap(list(selected_on), train, min_chars)}
     return GeneralTrain(train, k, skipped, removed, after)
 
 

@@ -10,7 +10,7 @@ and (optionally) `general_eval`; every later stage cuts its windows from these, 
 artifacts are evaluated on the same tokens. When a quantize entry calibrates on general text
 (the stage's settings then hold `general_train_tokens`), also `general_train`: the general
 documents after those general_eval reads from (one document of margin), with every paragraph
-of general_eval and of the domain test split cut out (`data.general_train_split`);
+of general_eval and of the domain test and validation splits cut out (`data.general_train_split`);
 general_eval is the same tokens either way. `data.json` holds the counts and the overlap of
 each split pair before and after cleaning.
 """
@@ -58,7 +58,8 @@ def run(ctx: StageContext) -> StageResult:
         streams["general_eval"] = data.tokenize_documents(tokenizer, general_docs, max_tokens=cfg.general_max_tokens)
         train_tokens = ctx.config.get("general_train_tokens")
         if train_tokens:
-            general_train = _general_train(tokenizer, cfg, train_tokens, splits.eval, _revision(ctx, cfg, "general"))
+            general_train = _general_train(tokenizer, cfg, train_tokens, splits.eval, splits.valid,
+                                           _revision(ctx, cfg, "general"))
             streams["general_train"] = data.tokenize_documents(tokenizer, general_train.docs, max_tokens=train_tokens)
     for name, key in (("domain_eval", "data.domain"), ("domain_valid", "data.domain"), ("domain_train", "data.domain"),
                       ("general_eval", "data.general"), ("general_train", "data.general_train_tokens")):
@@ -93,9 +94,10 @@ def _revision(ctx: StageContext, cfg: DataConfig, key: str):
     return load_revision(source, ctx.config.get("content", {}).get(key, {}))
 
 
-def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str], revision=None) -> data.GeneralTrain:
+def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str], domain_valid: list[str],
+                   revision=None) -> data.GeneralTrain:
     """The general train split (calibration only), distinct from general_eval and free of the
-    domain test split's paragraphs."""
+    domain test and validation splits' paragraphs."""
     # More documents for it: the built-in python-stdlib corpus is read up to a character budget,
     # in one seeded order, so general_eval's documents stay the leading ones (a file can be tens
     # of thousands of characters: 2M more leave room after them); other sources read all their
@@ -104,7 +106,7 @@ def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str], re
                                max_chars=(cfg.general_max_tokens + train_tokens) * 6 + 2_000_000,
                                revision=revision)
     split = data.general_train_split(tokenizer, docs, cfg.general_max_tokens, train_tokens * 6, domain_eval,
-                                     cfg.decontaminate.min_chars)
+                                     cfg.decontaminate.min_chars, selected_on=domain_valid)
     if not split.docs:
         raise DataError(f"data.general: all {len(docs)} general document(s) go to general_eval (general_max_tokens="
                         f"{cfg.general_max_tokens}) or hold only its text; none is left for the general train split "

@@ -86,19 +86,23 @@ def test_general_train_split_leaves_out_general_eval_and_the_domain_test_split(s
     shared = "A paragraph of general text that the evaluation documents and a later document both hold, verbatim."
     secret = "A paragraph of the domain's test split that a general document quotes, word for word, at length."
     docs = [f"eval document {i}: " + " ".join(f"word{i}x{j}" for j in range(40)) + "\n\n" + shared for i in range(3)]
+    chosen_on = "A paragraph of the domain's validation split, which a general document quotes word for word too."
     docs += ["margin document", docs[0], f"later text\n\n{shared}\n\nkept text here", f"{secret}\n\nmore kept text",
-             "last document"]
+             f"last document\n\n{chosen_on}"]
     n = data.tokenize_documents(tokenizer, docs[:2]).numel() + 5  # general_eval reaches into the third document
     eval_tokens = data.tokenize_documents(tokenizer, docs, max_tokens=n)
     k = data.eval_document_count(tokenizer, docs, n)
     assert torch.equal(data.tokenize_documents(tokenizer, docs[:k], n), eval_tokens)
     assert data.tokenize_documents(tokenizer, docs[:k - 1], n).numel() < n
 
-    split = data.general_train_split(tokenizer, docs, n, 10_000, [f"title\n\n{secret}"], min_chars=40)
+    split = data.general_train_split(tokenizer, docs, n, 10_000, [f"title\n\n{secret}"], min_chars=40,
+                                     selected_on=[chosen_on])
     assert split.eval_documents == k == 3
     assert split.skipped_documents == 2  # the margin document and the repeated eval document
     assert split.docs == ["later text\n\nkept text here", "more kept text", "last document"]
-    assert split.removed_chars >= len(shared) + len(secret)
+    assert split.removed_chars >= len(shared) + len(secret) + len(chosen_on)
+    assert set(split.overlap_after) == {"general_eval_in_general_train", "domain_eval_in_general_train",
+                                        "domain_valid_in_general_train"}
     assert not any(o.paragraphs for o in split.overlap_after.values())
 
 
