@@ -235,7 +235,7 @@ def cli(verbose: bool) -> None:
     """Fine-tune an LLM on your domain with QLoRA and ship it quantized, from one YAML recipe.
 
     Stages: data -> base (NF4) -> train (LoRA on the NF4 base) -> merge (bf16) -> calibrate ->
-    awq-search-w<bits>g<group> (for AWQ+GPTQ entries) -> quantize-<name> (GPTQ, AWQ, AWQ+GPTQ,
+    awq-search-w<bits>g<group> (shared by AWQ and AWQ+GPTQ entries) -> quantize-<name> (GPTQ, AWQ, AWQ+GPTQ,
     round-to-nearest, ...) -> evaluate-<artifact> for every model along the way -> report. Each
     stage is checkpointed in the run directory (runs/<recipe name>/ by default) and tracked in
     MLflow; rerunning a command skips what is up to date and resumes what was interrupted.
