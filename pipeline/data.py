@@ -324,7 +324,11 @@ _SPLIT_NAMES = ("train", "valid", "eval", "general_eval")
 BOM = "\ufeff"
 # Python's str.lower() makes a capital sigma final (ς) or not (σ) by the letters around it, so
 # the same word would fold differently at the end of a paragraph than inside a longer one.
-_SIGMAS = str.maketrans({"ς": "σ"})
+# One character for one, so positions still map (`_NormalizedSide.locate`): every sigma to σ
+# (see `fold_case`), and typographic quotes, dashes and the minus sign to their ASCII forms,
+# which an editor or a converter swaps either way when text is copied.
+_ONE_FOR_ONE = str.maketrans({"ς": "σ", **dict.fromkeys("‘’‚‛′", "'"), **dict.fromkeys("“”„‟″", '"'),
+                              **dict.fromkeys("‐‑‒–—―−", "-")})
 _UNICODE_BREAKS = str.maketrans({BOM: None, "\u2029": "\n\n", "\u2028": "\n", "\x85": "\n"})
 # Characters that show nothing: a soft hyphen (U+00AD), zero-width space, non-joiner and joiner
 # (U+200B-U+200D), word joiner (U+2060). Compared without them (`normalize`), since a copy
@@ -357,13 +361,14 @@ def canonical(text: str) -> str:
 def fold_case(text: str) -> str:
     """`text` in lower case, character for character and whatever surrounds each character:
     a held-out paragraph is folded on its own, the training text it hides in as a whole, and
-    both must fold a copy alike. So every sigma (Σ, σ, ς) becomes σ, and a character whose
-    lower case is longer than one character (Turkish dotted I) keeps its case, so every
-    position still maps to the original text's (what `_NormalizedSide.locate` relies on)."""
+    both must fold a copy alike. So every sigma (Σ, σ, ς) becomes σ (and typographic quotes and
+    dashes their ASCII forms: `_ONE_FOR_ONE`), and a character whose lower case is longer than
+    one character (Turkish dotted I) keeps its case, so every position still maps to the
+    original text's (what `_NormalizedSide.locate` relies on)."""
     low = text.lower()
     if len(low) != len(text):  # some character's lower case is longer: fold one by one
         low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
-    return low.translate(_SIGMAS) if not low.isascii() else low
+    return low.translate(_ONE_FOR_ONE) if not low.isascii() else low
 
 
 def normalize(text: str) -> str:

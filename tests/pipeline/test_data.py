@@ -569,6 +569,22 @@ def test_held_out_text_with_invisible_characters_or_unicode_breaks_is_still_foun
     assert data.canonical("a\u2028b\x85c\u2029d") == "a\nb\nc\n\nd"
 
 
+def test_held_out_text_with_its_quotes_and_dashes_retyped_is_still_found_and_cut_exactly():
+    """An editor or a converter swaps straight and typographic quotes, hyphens and dashes when
+    text is copied: the copy is the same text, found and cut to the character."""
+    held = ("The parser's \"soft\" keywords - match, case and type - are reserved only in context; "
+            "see the grammar's 'soft keyword' rules, pages 3-4.")
+    typeset = ("The parser’s “soft” keywords — match, case and type — are reserved only in context; "
+               "see the grammar’s ‘soft keyword’ rules, pages 3–4.")
+    assert len(held) == len(typeset) and data.normalize(held) == data.normalize(typeset)
+    before, after = "Training words before it on the same line.", "And training words after it."
+    for train_copy, eval_copy in ((typeset, held), (held, typeset)):
+        splits = data.Splits(train=[f"{before} {train_copy} {after}", _long("t")], valid=[_long("v")], eval=[eval_copy])
+        assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1
+        clean, report = data.decontaminate(splits, DecontaminateConfig())
+        assert report.clean and clean.train == [f"{before}\n\n{after}", _long("t")]
+
+
 def test_case_folding_does_not_depend_on_the_text_around():
     """A held-out paragraph is folded alone, the training text it is copied into as a whole:
     a Greek capital sigma at a word's end folded to ς in one and σ in the other (whenever the
