@@ -32,6 +32,9 @@ def read_run_recipe(run_dir: Path):
     from qlora_pipeline.recipe import Recipe, _format_error
 
     run_json = run_dir / "run.json"
+    if not run_dir.exists():
+        raise InputError(f"{run_dir} does not exist; give a run directory `pipeline run` made (runs/<recipe name> "
+                         "by default)")
     if not run_json.is_file():
         raise InputError(f"{run_dir} is not a run directory (no run.json); runs are created by `pipeline run`")
     rewrite = f"running the recipe again (`pipeline run RECIPE --run-dir {run_dir}`) rewrites it"

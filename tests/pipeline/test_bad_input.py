@@ -469,6 +469,16 @@ def run_dir(tmp_path) -> Path:
     return d
 
 
+def test_status_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    """Not "is not a run directory (no run.json)": a mistyped path is the likelier mistake."""
+    assert cli("status", str(tmp_path / "runs" / "smolm2_domain")) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'runs' / 'smolm2_domain'} does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    assert cli("status", str(tmp_path)) == 2
+    assert "is not a run directory (no run.json)" in capsys.readouterr().err
+
+
 def status_refused(capsys, run_dir: Path) -> str:
     before = sorted(p.name for p in run_dir.rglob("*"))
     assert cli("status", str(run_dir)) == 2
