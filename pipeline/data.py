@@ -191,6 +191,8 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
                    revision: str | None = None) -> list[str]:
     import datasets
 
+    # Said first: unreachable, the hub client retries quietly for about half a minute.
+    logger.info("%s.hub: loading '%s' split '%s' from the Hugging Face Hub (or its local cache)", key, repo, split)
     try:
         ds = datasets.load_dataset(repo, config, split=split, revision=revision)
     except Exception as exc:
