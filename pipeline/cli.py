@@ -59,15 +59,14 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     for library in ("huggingface_hub", "datasets"):
         logging.getLogger(library).propagate = False
+        if library in sys.modules:  # imported already: the env above comes too late for it
+            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # imported already (in-process callers): tell it directly
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    for library in ("huggingface_hub", "datasets"):
-        if library in sys.modules:  # imported already: the env above came too late for it
-            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
 
 
 def _load(recipe_path: str, sets: tuple[str, ...]):

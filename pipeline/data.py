@@ -509,11 +509,13 @@ class _NormalizedSide:
         space: every normalized character but a space comes from one original character."""
         d = bisect_right(self.starts, q) - 1
         if d not in self._word_starts:  # built lazily: only documents with a match need it
-            words = [w for w in _WORD.finditer(self.docs[d]) if _visible(w.group())]
-            norm_starts, k = [], 0
-            for w in words:
-                norm_starts.append(k)
-                k += len(_visible(w.group())) + 1
+            words, norm_starts, k = [], [], 0
+            for w in _WORD.finditer(self.docs[d]):
+                visible = len(_visible(w.group()))
+                if visible:  # a word of invisible characters only is no word of the normalized text
+                    words.append(w)
+                    norm_starts.append(k)
+                    k += visible + 1
             self._word_starts[d] = (norm_starts, words)
         norm_starts, words = self._word_starts[d]
         r = q - self.starts[d]
@@ -870,7 +872,7 @@ class GeneralTrain:
 
 
 def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_max_chars: int,
-                        held_out: list[str], min_chars: int, selected_on: list[str] = ()) -> GeneralTrain:
+                        held_out: list[str], min_chars: int, selected_on: list[str]) -> GeneralTrain:
     """Training-side general text, distinct from general_eval (the first `eval_max_tokens`
     tokens of `docs`): the documents after those general_eval reads from, less one document of
     margin (the last eval token may reach across a document break), up to about
@@ -891,10 +893,10 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
         total += len(d)
         if total >= train_max_chars:
             break
-    train, removed = remove_contained(candidates, eval_docs + held_out + list(selected_on), min_chars)
+    train, removed = remove_contained(candidates, eval_docs + held_out + selected_on, min_chars)
     after = {"general_eval_in_general_train": overlap(eval_docs, train, min_chars),
              "domain_eval_in_general_train": overlap(held_out, train, min_chars),
-             "domain_valid_in_general_train": overlap(list(selected_on), train, min_chars)}
+             "domain_valid_in_general_train": overlap(selected_on, train, min_chars)}
     return GeneralTrain(train, k, skipped, removed, after)
 
 

@@ -203,8 +203,8 @@ _leaving_registered = False
 def _leave_process_group_at_exit() -> None:
     """Close the process group when this process ends, once per process. Left to the
     interpreter's teardown, gloo's threads are destroyed while still joinable when the other
-    rank has already gone, and the process aborts ("terminate called without an active
-    exception", exit -6) after a run that succeeded: seen about once in 50 two-rank runs under load."""
+    rank has already gone, and the process can abort ("terminate called without an active
+    exception", exit -6) after a run that succeeded (rarely, and more often under load)."""
     global _leaving_registered
     if _leaving_registered:
         return
