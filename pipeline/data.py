@@ -11,8 +11,9 @@ the test split `eval` when i % holdout_every == 0; of the rest, the j-th goes to
 j % valid_every == 0, the others to `train`. Documents nest inside each other (python-docs'
 `specialnames` holds `customization` and `attribute-access`, `compound` holds `for`, `while`,
 `else`), so a split by document alone leaves held-out text in the training side;
-`decontaminate` then cuts every held-out paragraph out of the training side: eval's out of
-valid and train, valid's out of train. Held-out documents stay whole.
+`decontaminate` then cuts every stretch of `min_chars` or more characters that the held-out
+text also holds out of the training side (`shared_text`): eval's out of valid and train,
+valid's out of train. Held-out documents stay whole.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
+from qlora_pipeline.shared_text import SharedText
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +305,9 @@ def split_documents(docs: list[str], holdout_every: int, valid_every: int) -> Sp
 
 
 # ---------------------------------------------------------------- decontamination
+# What is cut: every stretch of at least min_chars characters of the training side's normalized
+# text that the held-out side's also holds (`remove_contained`, `shared_text`). What is
+# reported besides, as earlier versions measured it (`overlap`): held-out paragraphs found.
 # A paragraph is the text between blank lines, whitespace-normalized (every run of
 # whitespace one space, stripped). "Held-out paragraph p appears in side S" means p is a
 # substring of S's normalized text, documents joined as the token stream joins them, so a
@@ -332,11 +337,25 @@ BOM = "\ufeff"
 _ONE_FOR_ONE = str.maketrans({"ς": "σ", **dict.fromkeys("‘’‚‛′", "'"), **dict.fromkeys("“”„‟″", '"'),
                               **dict.fromkeys("‐‑‒–—―−", "-")})
 _UNICODE_BREAKS = str.maketrans({BOM: None, "\u2029": "\n\n", "\u2028": "\n", "\x85": "\n"})
-# Characters that show nothing: a soft hyphen (U+00AD), zero-width space, non-joiner and joiner
-# (U+200B-U+200D), word joiner (U+2060). Compared without them (`normalize`), since a copy
+# Format characters that show nothing: the soft hyphen (U+00AD), the Arabic letter mark
+# (U+061C), the Mongolian vowel separator (U+180E), zero-width space, non-joiner and joiner and
+# the left-to-right and right-to-left marks (U+200B-U+200F), the bidirectional embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069), the word joiner and invisible
+# operators (U+2060-U+2064), the deprecated format characters (U+206A-U+206F) and the tag
+# characters (U+E0001, U+E0020-U+E007F). Compared without them (`normalize`), since a copy
 # with some slipped into its words reads the same; the documents themselves keep them (a
 # joiner carries meaning in some scripts and emoji).
-_INVISIBLE = str.maketrans({c: None for c in "\u00ad\u200b\u200c\u200d\u2060"})
+_INVISIBLE_CHARS = ("\u00ad\u061c\u180e" + "".join(map(chr, range(0x200B, 0x2010))) + "".join(map(chr, range(0x202A, 0x202F)))
+                    + "".join(map(chr, range(0x2060, 0x2065))) + "".join(map(chr, range(0x2066, 0x2070)))
+                    + "\U000e0001" + "".join(map(chr, range(0xE0020, 0xE0080))))
+_INVISIBLE = str.maketrans(dict.fromkeys(_INVISIBLE_CHARS))
+# Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, Chinese, Japanese;
+# with the CJK punctuation and fullwidth forms): a line break between two of their characters is
+# no word break, and a copy re-wrapped elsewhere breaks its lines at other characters. Where the
+# characters on both sides of a run of whitespace are of these scripts, the normalized text
+# joins them without a space (`_join`).
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3000-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+                       "\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
 
 
 def _visible(word: str) -> str:
@@ -373,12 +392,31 @@ def fold_case(text: str) -> str:
     return low.translate(_ONE_FOR_ONE) if not low.isascii() else low
 
 
+def _gap(left: str, right: str) -> str:
+    """What the normalized text puts between words (or lines, paragraphs) `left` and `right`:
+    one space, or nothing between two characters of a script without spaces (`_UNSPACED`)."""
+    if left[-1].isascii() or right[0].isascii():
+        return " "
+    return "" if _UNSPACED.match(left[-1]) and _UNSPACED.match(right[0]) else " "
+
+
+def _join(parts: list[str]) -> str:
+    """Normalized, non-empty `parts` joined as `normalize` joins words (`_gap`)."""
+    if not parts:
+        return ""
+    out = [parts[0]]
+    for left, right in zip(parts, parts[1:]):
+        out += (_gap(left, right), right)
+    return "".join(out)
+
+
 def normalize(text: str) -> str:
-    """Runs of whitespace become one space; leading and trailing whitespace goes; letters
-    are compared in lower case (a held-out paragraph copied with its case changed, a heading
-    upper-cased, is the same text to the model); characters that show nothing go
-    (`_INVISIBLE`)."""
-    return " ".join(w for w in map(_visible, _WORD.findall(fold_case(text))) if w)
+    """Runs of whitespace become one space (none between two characters of a script written
+    without spaces: `_gap`); leading and trailing whitespace goes; letters are compared in
+    lower case (a held-out paragraph copied with its case changed, a heading upper-cased, is
+    the same text to the model); characters that show nothing go (`_INVISIBLE`)."""
+    words = [w for w in map(_visible, _WORD.findall(fold_case(text))) if w]
+    return " ".join(words) if text.isascii() else _join(words)
 
 
 @dataclass(frozen=True)
@@ -440,10 +478,11 @@ def _line_runs(raw: str, whole: str, min_chars: int) -> tuple[tuple[int, int], .
     line whole, however it wraps them: only less than two runs' worth at either edge of a
     copy can stay unfound. None (empty) for a paragraph of one line, or of one run."""
     lines = [line for line in map(normalize, raw.split("\n")) if line]
-    starts, pos = [], 0  # where each line starts in whole (normalized lines join with one space)
-    for line in lines:
+    starts, pos = [], 0  # where each line starts in whole (normalized lines join as words do: `_gap`)
+    for i, line in enumerate(lines):
+        pos += len(_gap(lines[i - 1], line)) if i else 0
         starts.append(pos)
-        pos += len(line) + 1
+        pos += len(line)
     runs = tuple((starts[a], starts[b - 1] + len(lines[b - 1])) for a, b in _piece_bounds(lines, min_chars))
     return () if runs == ((0, len(whole)),) else runs
 
@@ -451,7 +490,7 @@ def _line_runs(raw: str, whole: str, min_chars: int) -> tuple[tuple[int, int], .
 def _pieces(run: list[str], min_chars: int) -> list[str]:
     """A run of short paragraphs, joined, in consecutive pieces of at least `min_chars`
     characters (`_piece_bounds`). A run shorter than `min_chars` in all gives none."""
-    return [" ".join(run[a:b]) for a, b in _piece_bounds(run, min_chars)]
+    return [_join(run[a:b]) for a, b in _piece_bounds(run, min_chars)]
 
 
 def _piece_bounds(run: list[str], min_chars: int) -> list[tuple[int, int]]:
@@ -509,13 +548,15 @@ class _NormalizedSide:
         space: every normalized character but a space comes from one original character."""
         d = bisect_right(self.starts, q) - 1
         if d not in self._word_starts:  # built lazily: only documents with a match need it
-            words, norm_starts, k = [], [], 0
+            words, norm_starts, k, last = [], [], 0, ""
             for w in _WORD.finditer(self.docs[d]):
-                visible = len(_visible(w.group()))
+                visible = _visible(fold_case(w.group()))
                 if visible:  # a word of invisible characters only is no word of the normalized text
+                    k += len(_gap(last, visible)) if last else 0
                     words.append(w)
                     norm_starts.append(k)
-                    k += visible + 1
+                    k += len(visible)
+                    last = visible
             self._word_starts[d] = (norm_starts, words)
         norm_starts, words = self._word_starts[d]
         r = q - self.starts[d]
@@ -567,7 +608,14 @@ class _NormalizedSide:
 
     def original_spans(self, start: int, end: int) -> dict[int, tuple[int, int]]:
         """The original text behind normalized [start, end), per document (a match that
-        crosses a document boundary takes the end of one and the start of the next)."""
+        crosses a document boundary takes the end of one and the start of the next). Spaces
+        at either end, which no original character stands behind, are left out."""
+        while start < end and self.text[start] == " ":
+            start += 1
+        while end > start and self.text[end - 1] == " ":
+            end -= 1
+        if start == end:
+            return {}
         (d0, p0), (d1, p1) = self.locate(start), self.locate(end - 1)
         if d0 == d1:
             return {d0: (p0, p1 + 1)}
@@ -660,25 +708,25 @@ def _cut(docs: list[str], spans: dict[int, list[tuple[int, int]]]) -> list[str]:
 
 
 def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[list[str], int]:
-    """`side` with every occurrence of a held-out paragraph (>= min_chars), or of one of its
-    runs of lines (`searched`), cut out, repeated until none is left (a cut can, in principle,
-    join text into a new occurrence), and the characters removed (of the normalized text).
-    Only the matched text goes, not the rest of its paragraph.
+    """`side` with every stretch of at least `min_chars` characters that the held-out text also
+    holds (both normalized: `shared_spans`) cut out, repeated until none is left (a cut can,
+    in principle, join text into a new one), and the characters removed (of the normalized
+    text). Only the shared text goes, not the rest of its paragraph.
 
-    Also cut: every passage of `side` (`searched`) that lies inside the held-out text
-    (`inside_held`): a training document that is part of a held-out paragraph holds no whole
-    held-out paragraph, but all of its text is held out.
+    That covers a held-out paragraph inside a training one, across a paragraph or document
+    boundary, part of one (a long one-line paragraph quoted with its last words edited, or
+    split between two training documents mid-word), and the other way round a training
+    document that is part of a held-out paragraph.
 
-    Cost: about one pass over the training side's words, and one over the held-out side's, per
-    round (`find_all`).
+    Cost: one pass of hashing over the training side per round (`shared_text`), after one
+    index of the held-out side.
     """
-    needles = {p for d in held for p in searched(d, min_chars)}
-    held_view = _NormalizedSide(held)
+    held_index = _held_index(held, min_chars)
     removed = 0
     while True:
         view = _NormalizedSide(side)
         spans: dict[int, list[tuple[int, int]]] = {}
-        for start, end in view.find_all(needles | inside_held(held_view, view.docs, min_chars)):
+        for start, end in held_index.spans(view.text):
             for d, span in view.original_spans(start, end).items():
                 spans.setdefault(d, []).append(span)
         if not spans:
@@ -687,11 +735,33 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
         removed += len(view.text) - len(_NormalizedSide(side).text)
 
 
-def inside_held(held_view: "_NormalizedSide", side: list[str], min_chars: int) -> set[str]:
-    """The passages of `side` (`searched`: runs of lines too) that are substrings of the
-    held-out text."""
-    passages = {p for d in side for p in searched(d, min_chars)}
-    return {held_view.text[a:b] for a, b in held_view.find_all(passages)}
+def _held_index(held: list[str], min_chars: int) -> SharedText:
+    """The held-out documents' normalized text, indexed (`SharedText`) with where each of
+    their lines starts; documents joined by a line break, which no normalized text holds: a
+    shared stretch ends where its held-out document does, rather than run on into the start
+    of whichever document happens to be held out next."""
+    texts, starts, pos = [], [], 0
+    for d in held:
+        lines = [line for line in map(normalize, canonical(d).split("\n")) if line]
+        if not lines:
+            continue
+        for i, line in enumerate(lines):  # joined as `normalize` joins them: `_gap`
+            pos += len(_gap(lines[i - 1], line)) if i else 0
+            starts.append(pos)
+            pos += len(line)
+        texts.append(_join(lines))
+        pos += 1  # the line break before the next document
+    return SharedText("\n".join(texts), min_chars, starts)
+
+
+def shared_chars(held: list[str], side: list[str], min_chars: int) -> int:
+    """Characters of `side`'s normalized text in stretches of at least `min_chars` characters
+    that `held`'s also holds: what `remove_contained` cuts, counted; 0 once it has."""
+    covered, end = 0, 0
+    for a, b in _held_index(held, min_chars).spans(_NormalizedSide(side).text):
+        covered += max(0, b - max(a, end))
+        end = max(end, b)
+    return covered
 
 
 def _shingles(paragraph: str, words: int) -> set[str]:
@@ -747,50 +817,62 @@ def _jaccard(a: set[str], b: set[str]) -> float:
 
 @dataclass(frozen=True)
 class Decontamination:
-    """What `decontaminate` did: overlap per pair before and after, characters cut per pair
-    (verbatim matches), and paragraphs dropped as near duplicates per pair."""
+    """What `decontaminate` did: per pair, the held-out paragraphs found before and after
+    (`overlap`), the training-side characters shared with the held-out text in stretches of
+    `min_chars` or more before and after (`shared_chars`: the criterion), characters cut
+    (verbatim stretches), and paragraphs dropped as near duplicates."""
 
     before: dict[str, Overlap]
     after: dict[str, Overlap]
     removed_chars: dict[str, int]
     near_duplicates_removed: dict[str, int]
-    # Per pair, after cleaning: training-side passages that lie inside the held-out text.
-    inside_after: dict[str, int] = field(default_factory=dict)
+    shared_before: dict[str, int] = field(default_factory=dict)
+    shared_after: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
-        return not any(o.paragraphs for o in self.after.values()) and not any(self.inside_after.values())
+        return not any(o.paragraphs for o in self.after.values()) and not any(self.shared_after.values())
 
     def as_dict(self) -> dict:
         return {"before": {k: v.as_dict() for k, v in self.before.items()},
                 "after": {k: v.as_dict() for k, v in self.after.items()},
+                "shared_chars_before": dict(self.shared_before),
+                "shared_chars_after": dict(self.shared_after),
                 "removed_chars": dict(self.removed_chars),
-                "near_duplicates_removed": dict(self.near_duplicates_removed),
-                "training_passages_inside_held_out_after": dict(self.inside_after)}
+                "near_duplicates_removed": dict(self.near_duplicates_removed)}
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics: `overlap_{before,after}_{pair}_{paragraphs,chars,fraction}`,
-        `removed_chars_{pair}`, `near_duplicates_removed_{pair}`."""
+        `shared_chars_{before,after}_{pair}`, `removed_chars_{pair}`,
+        `near_duplicates_removed_{pair}`."""
         out = {}
         for when, table in (("before", self.before), ("after", self.after)):
             for pair, o in table.items():
                 out.update({f"overlap_{when}_{pair}_paragraphs": float(o.paragraphs),
                             f"overlap_{when}_{pair}_chars": float(o.chars),
                             f"overlap_{when}_{pair}_fraction": float(o.fraction)})
+        for when, table in (("before", self.shared_before), ("after", self.shared_after)):
+            out.update({f"shared_chars_{when}_{pair}": float(n) for pair, n in table.items()})
         out.update({f"removed_chars_{k}": float(v) for k, v in self.removed_chars.items()})
         out.update({f"near_duplicates_removed_{k}": float(v) for k, v in self.near_duplicates_removed.items()})
         return out
 
 
+def _shared_per_pair(splits: Splits, min_chars: int) -> dict[str, int]:
+    return {name: shared_chars(getattr(splits, held), getattr(splits, side), min_chars) for name, held, side in PAIRS}
+
+
 def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     """Cut held-out text out of the training side of every pair (`DecontaminateConfig`):
-    eval's and general_eval's paragraphs out of valid and train, valid's out of train; with
+    every stretch of `min_chars` characters or more that eval or general_eval also holds out
+    of valid and train, that valid holds out of train (`remove_contained`); with
     `cfg.near_duplicates`, also the training-side paragraphs near-identical to a held-out
     one. Passes repeat until one changes nothing. `eval` and `general_eval` are never touched.
     """
     # In canonical form from the start, so that a pass changes a side only by cutting text.
     splits = Splits(*([canonical(d) for d in getattr(splits, name)] for name in _SPLIT_NAMES))
     before = measure_overlap(splits, cfg.min_chars)
+    shared_before = _shared_per_pair(splits, cfg.min_chars)
     removed = {name: 0 for name, _, _ in PAIRS}
     near = {name: 0 for name, _, _ in PAIRS}
     pairs = {name: (held, side) for name, held, side in PAIRS}
@@ -809,9 +891,8 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
                 removed[name] += cut
                 near[name] += dropped
                 changed = True
-    inside = {name: len(inside_held(_NormalizedSide(getattr(splits, held)), getattr(splits, side), cfg.min_chars))
-              for name, held, side in PAIRS}
-    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near, inside)
+    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near, shared_before,
+                                   _shared_per_pair(splits, cfg.min_chars))
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
@@ -867,8 +948,9 @@ class GeneralTrain:
     docs: list[str]
     eval_documents: int      # leading general documents general_eval reads from
     skipped_documents: int   # the margin after them, and documents whose exact text general_eval holds
-    removed_chars: int       # held-out text cut out (general_eval's, the domain test and validation splits' paragraphs)
+    removed_chars: int       # held-out text cut out (general_eval's, the domain test and validation splits' text)
     overlap_after: dict[str, Overlap]
+    shared_after: dict[str, int]  # characters still shared with each held-out text (`shared_chars`): 0
 
 
 def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_max_chars: int,
@@ -894,10 +976,11 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
         if total >= train_max_chars:
             break
     train, removed = remove_contained(candidates, eval_docs + held_out + selected_on, min_chars)
-    after = {"general_eval_in_general_train": overlap(eval_docs, train, min_chars),
-             "domain_eval_in_general_train": overlap(held_out, train, min_chars),
-             "domain_valid_in_general_train": overlap(selected_on, train, min_chars)}
-    return GeneralTrain(train, k, skipped, removed, after)
+    held = {"general_eval_in_general_train": eval_docs, "domain_eval_in_general_train": held_out,
+            "domain_valid_in_general_train": selected_on}
+    after = {name: overlap(docs, train, min_chars) for name, docs in held.items()}
+    shared = {name: shared_chars(docs, train, min_chars) for name, docs in held.items()}
+    return GeneralTrain(train, k, skipped, removed, after, shared)
 
 
 def windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

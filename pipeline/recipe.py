@@ -124,8 +124,9 @@ class DecontaminateConfig(_Section):
     """Held-out text removed from the training side of each split pair (see `pipeline.data`)."""
 
     min_chars: int = Field(
-        80, ge=1, description="a paragraph (text between blank lines, whitespace-normalized) counts from this many "
-        "characters; shorter ones (headings, 'Changed in version 3.x.', one-line code) recur legitimately",
+        80, ge=1, description="a stretch of training text (whitespace-normalized, lower case) that the held-out text "
+        "also holds is cut from this many characters; shorter ones (headings, 'Changed in version 3.x.', one-line "
+        "code) recur legitimately",
     )
     near_duplicates: bool = Field(
         False, description="also drop training-side paragraphs that are near-duplicates of a held-out paragraph "

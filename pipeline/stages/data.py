@@ -43,12 +43,13 @@ def run(ctx: StageContext) -> StageResult:
     _require_documents(by_document, len(docs), cfg)
     general_docs = None
     if cfg.general is not None:
-        # The documents general_eval's tokens come from (all that are read: a few more than
-        # its first general_max_tokens tokens need), held out from train and valid like the
-        # test split, so the forgetting figure is on text no stage has seen.
         general_docs = data.load_documents(cfg.general, "data.general", max_chars=cfg.general_max_tokens * 6,
                                            revision=_revision(ctx, cfg, "general"))
-        by_document = replace(by_document, general_eval=general_docs)
+        # The documents general_eval's tokens come from (its first general_max_tokens tokens),
+        # held out from train and valid like the test split, so the forgetting figure is on
+        # text no stage has seen; the general documents after them are not evaluated.
+        evaluated = data.eval_document_count(tokenizer, general_docs, cfg.general_max_tokens)
+        by_document = replace(by_document, general_eval=general_docs[:evaluated])
     splits, report = data.decontaminate(by_document, cfg.decontaminate)
     _require_clean(splits, report, cfg)
     streams = {f"domain_{name}": data.tokenize_documents(tokenizer, getattr(splits, name))
@@ -79,7 +80,8 @@ def run(ctx: StageContext) -> StageResult:
         summary["general_train"] = {
             "eval_documents": general_train.eval_documents, "train_documents": len(general_train.docs),
             "skipped_documents": general_train.skipped_documents, "removed_chars": general_train.removed_chars,
-            "overlap_after": {k: v.as_dict() for k, v in general_train.overlap_after.items()}}
+            "overlap_after": {k: v.as_dict() for k, v in general_train.overlap_after.items()},
+            "shared_chars_after": dict(general_train.shared_after)}
         metrics["general_train_documents"] = float(len(general_train.docs))
     (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return StageResult(metrics=metrics)
@@ -112,8 +114,9 @@ def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str], do
                         f"{cfg.general_max_tokens}) or hold only its text; none is left for the general train split "
                         "that calibration.source / calibration_source: general draws from; add text or lower "
                         "data.general_max_tokens")
-    if any(o.paragraphs for o in split.overlap_after.values()):
-        left = ", ".join(f"{k}: {o.paragraphs}" for k, o in split.overlap_after.items() if o.paragraphs)
+    if any(o.paragraphs for o in split.overlap_after.values()) or any(split.shared_after.values()):
+        left = ", ".join([f"{k}: {o.paragraphs} paragraph(s)" for k, o in split.overlap_after.items() if o.paragraphs]
+                         + [f"{k}: {n} shared character(s)" for k, n in split.shared_after.items() if n])
         raise DataError(f"data.general: held-out text is still in the general train split after cleaning ({left})")
     return split
 
@@ -137,7 +140,8 @@ def _require_clean(splits: data.Splits, report: data.Decontamination, cfg) -> No
     emptied by the cleaning."""
     if not report.clean:
         left = ", ".join([f"{k}: {o.paragraphs} paragraph(s)" for k, o in report.after.items() if o.paragraphs]
-                         + [f"{k}: {n} training passage(s) inside held-out text" for k, n in report.inside_after.items() if n])
+                         + [f"{k}: {n} character(s) in stretches the held-out text also holds"
+                            for k, n in report.shared_after.items() if n])
         raise DataError(f"data.domain: held-out text is still in the training side after decontamination ({left})")
     for name in ("valid", "train"):
         if not getattr(splits, name):

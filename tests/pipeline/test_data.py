@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import os
 import re
 import sysconfig
@@ -171,6 +172,17 @@ def _paragraphs(text: str, min_chars: int = 80) -> list[str]:
     return [p for p in (_flat(p) for p in re.split(r"\n\s*\n", text)) if len(p) >= min_chars]
 
 
+def _windows(docs: list[str], n: int = 80) -> set[str]:
+    """Every n-character window of each document, lower case and whitespace-normalized."""
+    flat = [_flat(d).lower() for d in docs]
+    return {f[i:i + n] for f in flat for i in range(len(f) - n + 1)}
+
+
+def _shares_window(text: str, windows: set[str], n: int = 80) -> list[str]:
+    low = text.lower()
+    return [low[i:i + n] for i in range(len(low) - n + 1) if low[i:i + n] in windows][:3]
+
+
 def _decoded_streams(stage_output: Path, tokenizer_dir: Path) -> dict[str, str]:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -196,6 +208,11 @@ def test_python_docs_held_out_text_is_nowhere_in_training_text(smollm2_dir, tmp_
     assert [p for p in held if p in flat["domain_valid"]] == []
     assert [p for p in valid if p in flat["domain_train"]] == []
     assert text["domain_eval"] == "\n\n".join(data.python_docs()[::5])  # the test documents stay whole
+    # Nor any stretch of 80 characters (lower case, whitespace-normalized) of a held-out document.
+    test_windows = _windows(data.python_docs()[::5])
+    valid_windows = _windows(text["domain_valid"].split("\n\n"))
+    assert not _shares_window(flat["domain_train"], test_windows | valid_windows)
+    assert not _shares_window(flat["domain_valid"], test_windows)
 
     stats = json.loads((out / "data.json").read_text())
     assert (stats["train_documents"], stats["valid_documents"], stats["eval_documents"]) == (49, 13, 16)
@@ -210,10 +227,19 @@ def test_python_docs_held_out_text_is_nowhere_in_training_text(smollm2_dir, tmp_
     assert metrics["overlap_after_eval_in_train_fraction"] == 0.0
 
 
+_VOCABULARY = ("argument attribute binding block buffer call class clause closure context decorator default "
+               "descriptor dictionary element encoding exception expression frame function generator handler "
+               "identifier import instance iterator keyword lambda list literal loop method module namespace "
+               "object operator package parameter pattern protocol reference scope sequence slice statement "
+               "string subclass suite target token tuple type value variable").split()
+
+
 def _long(tag: str) -> str:
-    """A distinct paragraph of well over 80 characters."""
-    return (f"The {tag} paragraph explains one thing about the {tag} statement, in more than eighty "
-            f"characters of text that no other {tag} paragraph repeats.")
+    """A distinct paragraph of well over 80 characters: 16 words drawn by a generator seeded
+    with the tag, so that two tags share no stretch of more than a few words (the
+    decontamination cuts every shared stretch of 80 characters, not only whole paragraphs)."""
+    rnd = random.Random(tag)
+    return f"The {tag} paragraph: {' '.join(rnd.choice(_VOCABULARY) for _ in range(16))}."
 
 
 def test_nested_and_spanning_held_out_text_is_cut_from_the_training_side_only(tiny_llama_dir, tmp_path, write_recipe,
@@ -326,9 +352,10 @@ def test_min_chars_decides_which_paragraphs_count():
 
 
 def test_near_duplicate_switch_removes_a_paragraph_one_word_apart():
-    held = ("When return passes control out of a try statement with a finally clause, that finally clause is "
-            "executed before really leaving the function, whatever the try block was doing at the time.")
-    near = held.replace("function", "loop")
+    held = ("The finally clause runs whenever control leaves the try statement, whether by a return, "
+            "a break or an exception raised in the block.")
+    near = held.replace("try statement", "try block")  # in the middle: no verbatim stretch of 80 characters
+    assert data.shared_chars([held], [near], 80) == 0 and data.shared_chars([held], [near], 60) > 0
     splits = data.Splits(train=[f"{_long('t')}\n\n{near}"], valid=[_long("v")], eval=[held])
     kept, report = data.decontaminate(splits, DecontaminateConfig())
     assert kept.train == splits.train and report.near_duplicates_removed["eval_in_train"] == 0
@@ -632,7 +659,8 @@ def test_a_training_paragraph_of_many_lines_whose_part_lies_inside_held_out_text
     held = " ".join(["Held-out words before the copy."] + lines[8:22] + ["And held-out words after it."])
     splits = data.Splits(train=["\n".join(lines), _long("t")], valid=[_long("v")], eval=[held, _long("e")])
     clean, report = data.decontaminate(splits, DecontaminateConfig())
-    assert report.clean and report.inside_after["eval_in_train"] == 0
+    assert report.clean and report.shared_after["eval_in_train"] == 0
+    assert report.shared_before["eval_in_train"] >= len(_flat(" ".join(lines[8:22])))
     text = _flat(" ".join(clean.train))
     assert not any(_flat(" ".join(lines[i:i + 4])) in text for i in range(8, 19))
     assert all(line in text for line in lines[:7] + lines[23:])
@@ -673,9 +701,9 @@ def test_a_training_document_that_is_part_of_a_held_out_paragraph_is_cut():
     splits = data.Splits(train=[part.replace(" ", "\n", 4), _long("t")], valid=[_long("v")], eval=held)
     clean, report = data.decontaminate(splits, DecontaminateConfig())
     assert report.clean and clean.train == [_long("t")]
-    assert all(n == 0 for n in report.as_dict()["training_passages_inside_held_out_after"].values())
-    left = data.Decontamination(report.after, report.after, {}, {}, {"eval_in_train": 1})
-    with pytest.raises(DataError, match=r"eval_in_train: 1 training passage\(s\) inside held-out text"):
+    assert all(n == 0 for n in report.as_dict()["shared_chars_after"].values())
+    left = data.Decontamination(report.after, report.after, {}, {}, {}, {"eval_in_train": 85})
+    with pytest.raises(DataError, match=r"eval_in_train: 85 character\(s\) in stretches the held-out text also holds"):
         _require_clean(splits, left, DecontaminateConfig())
 
 
@@ -694,3 +722,70 @@ def test_document_chars_enters_the_data_fingerprint_only_when_set():
     plain = data_settings()
     assert "document_chars" not in plain["domain"] and "document_chars" not in plain["general"]
     assert data_settings("data.domain.document_chars=4000")["domain"]["document_chars"] == 4000
+
+
+def test_part_of_a_long_one_line_paragraph_is_cut_wherever_it_is_copied():
+    """A held-out paragraph of one long line (a JSON Lines record, a Markdown paragraph) has no
+    smaller passage to search for: a training paragraph that quotes all of it but its last
+    word, behind words of its own, or a copy split mid-word between two training documents,
+    held no whole held-out paragraph and stayed. Every shared stretch of 80+ characters is
+    cut; the training text's own words around it stay."""
+    rnd = random.Random("one line")
+    held = " ".join(rnd.choice(_VOCABULARY) for _ in range(250)) + "."  # about 1,900 characters, one line
+    quoted = held.rsplit(" ", 1)[0]
+    own, after = "My own introduction to it, in words of my own.", "And my own last remark."
+    cut_at = held.index(" ", 900) - 3  # inside a word
+    train = [f"{own} {quoted} {after}", f"{_long('a')}\n\n{held[:cut_at]}", f"{held[cut_at:]}\n\n{_long('b')}"]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=[held, _long("e")])
+    assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 0  # no whole paragraph found
+    assert data.shared_chars(splits.eval, splits.train, 80) > 2 * len(held) - 20
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and report.shared_before["eval_in_train"] > 2 * len(held) - 20
+    assert clean.train == [f"{own}\n\n{after}", _long("a"), _long("b")]
+
+
+def test_text_of_a_script_without_spaces_re_wrapped_is_still_found():
+    """Japanese is written without spaces: a line break between two of its characters is no
+    word break, so a held-out paragraph re-wrapped at other characters in a training document
+    compared as different text when line breaks became spaces."""
+    held = ("日本語の文章は単語の間に空白を入れずに書かれるので、改行の位置が変わると別の文字列に見えてしまう。"
+            "そのため、評価用の段落が学習用の文書の中に別の幅で折り返されて入っていても、同じ文章として見つけなければならない。")
+    wrapped = "\n".join(held[i:i + 25] for i in range(0, len(held), 25))
+    assert data.normalize(wrapped) == data.normalize(held)
+    assert data.normalize("an English line\nand the next") == "an english line and the next"
+    splits = data.Splits(train=[f"{_long('t')}\n\n{wrapped}\n\n{_long('u')}"], valid=[_long("v")], eval=[held])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and clean.train == [f"{_long('t')}\n\n{_long('u')}"]
+
+
+def test_bidirectional_marks_slipped_into_a_copy_do_not_hide_it():
+    held = _long("marked")
+    marked = held.replace(" ", " \u200e", 3).replace("paragraph", "para\u202agraph\u202c")
+    assert data.normalize(marked) == data.normalize(held)
+    splits = data.Splits(train=[f"Before it. {marked} After it.", _long("t")], valid=[_long("v")], eval=[held])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and clean.train == ["Before it.\n\nAfter it.", _long("t")]
+
+
+def test_general_documents_after_those_general_eval_reads_are_not_held_out(tiny_llama_dir, tmp_path, write_recipe,
+                                                                          monkeypatch):
+    """Only the general documents general_eval's tokens come from are held out: a domain
+    training document that a later, unevaluated general document also holds stays."""
+    docs = [_long("e0"), _long("v1"), _long("t2"), _long("e3"), _long("t4"), _long("v5")]
+    domain, general = tmp_path / "domain", tmp_path / "general"
+    domain.mkdir()
+    general.mkdir()
+    for i, d in enumerate(docs):
+        (domain / f"doc{i}.txt").write_text(d)
+    (general / "a.txt").write_text(" ".join(f"word{i}" for i in range(3000)))  # general_eval's 4,000 tokens
+    (general / "b.txt").write_text(f"{_long('g')}\n\n{docs[4]}")
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"path": str(domain)}, "general": {"path": str(general)},
+                                                         "seq_len": 16, "holdout_every": 3, "valid_every": 3})
+    assert cli("run", str(write_recipe(recipe)), "--only", "data") == 0
+    out = tmp_path / "runs" / "tiny" / "data" / "output"
+    text = _decoded_streams(out, tiny_llama_dir)
+    assert text["domain_train"] == f"{docs[2]}\n\n{docs[4]}"
+    assert _long("g") not in text["general_eval"]
+    report = json.loads((out / "data.json").read_text())["decontamination"]
+    assert report["before"]["general_eval_in_train"]["checked_paragraphs"] == 1  # a.txt alone
