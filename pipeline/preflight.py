@@ -246,8 +246,36 @@ def check_model_dir(path: Path, key: str) -> list[str]:
     problems += weight_problems
     if config is not None and not weight_problems:
         problems += check_config_matches_weights(path, config, key)
-    problems += check_tokenizer(path, key)
+    if config is not None:
+        problems += check_config_shapes(config, path, key)
+    problems += check_tokenizer(path, key, config)
     return problems
+
+
+def check_config_shapes(config: dict, path: Path, key: str) -> list[str]:
+    """The sizes a Llama-style config.json must agree on, which transformers checks only when a
+    stage loads the model (its message cut off at a colon): positive integers, heads that
+    divide the hidden size, key/value heads that divide the heads."""
+    where = f"{key}: {path / 'config.json'}"
+    fix = "use the config.json saved with the weights"
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    bad = [f"{k} = {config[k]!r}" for k in sizes if k in config and not _positive_int(config[k])]
+    if "num_key_value_heads" in config and config["num_key_value_heads"] is not None \
+            and not _positive_int(config["num_key_value_heads"]):
+        bad.append(f"num_key_value_heads = {config['num_key_value_heads']!r}")
+    if bad:
+        return [f"{where} has {', '.join(bad)}, not a positive whole number; {fix}"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    if hidden and heads and not config.get("head_dim") and hidden % heads:
+        return [f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; {fix}"]
+    if heads and kv and heads % kv:
+        return [f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}; {fix}"]
+    return []
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -285,11 +313,47 @@ def check_config_matches_weights(path: Path, config: dict, key: str) -> list[str
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",), ("vocab.json", "merges.txt"))
 
 
-def check_tokenizer(path: Path, key: str) -> list[str]:
-    if any(all((path / name).is_file() for name in files) for files in TOKENIZER_FILES) or list(path.glob("*.tiktoken")):
-        return []
-    return [f"{key}: {path} has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); "
-            "copy the tokenizer files saved with the model (tokenizer.save_pretrained(...) into the same folder)"]
+# The tokenizer's JSON files that AutoTokenizer parses when they are there.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def check_tokenizer(path: Path, key: str, config: Optional[dict] = None) -> list[str]:
+    """A tokenizer AutoTokenizer can build, whose JSON files parse, and (tokenizer.json) whose
+    token ids all fit the model's embedding (`vocab_size` of `config`): a damaged file failed
+    the data stage with a bare JSONDecodeError, and a token id past the embedding an
+    evaluation with "index out of range in self"."""
+    if not (any(all((path / name).is_file() for name in files) for files in TOKENIZER_FILES)
+            or list(path.glob("*.tiktoken"))):
+        return [f"{key}: {path} has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt); "
+                "copy the tokenizer files saved with the model (tokenizer.save_pretrained(...) into the same folder)"]
+    fix = "copy the tokenizer files saved with the model again (tokenizer.save_pretrained(...))"
+    parsed = {}
+    for name in TOKENIZER_JSON:
+        if (path / name).is_file():
+            parsed[name], problem = read_json_object(path / name, key)
+            if problem:
+                return [f"{problem}; {fix}"]
+    vocab_size = (config or {}).get("vocab_size")
+    top = _largest_token_id(parsed.get("tokenizer.json"))
+    if isinstance(vocab_size, int) and top is not None and top >= vocab_size:
+        return [f"{key}: {path / 'tokenizer.json'} has token ids up to {top} but the model's vocab_size is {vocab_size} "
+                f"(config.json): the tokenizer belongs to another model; {fix}"]
+    return []
+
+
+def _largest_token_id(tokenizer: Optional[dict]) -> Optional[int]:
+    """The largest id of a tokenizer.json's vocabulary (a BPE/WordPiece map of token to id, or a
+    Unigram list whose index is the id) and added tokens; None if it has neither."""
+    if not isinstance(tokenizer, dict):
+        return None
+    ids: list[int] = []
+    vocab = (tokenizer.get("model") or {}).get("vocab") if isinstance(tokenizer.get("model"), dict) else None
+    if isinstance(vocab, dict):
+        ids += [v for v in vocab.values() if isinstance(v, int)]
+    elif isinstance(vocab, list) and vocab:
+        ids.append(len(vocab) - 1)
+    ids += [t["id"] for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    return max(ids) if ids else None
 
 
 def check_weights(path: Path, key: str) -> list[str]:

@@ -172,7 +172,8 @@ class NF4Config(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, le=4096, description="adapter rank; past a few hundred it is a full fine-tune's size "
+                   "(4096 at most: a larger one failed training with an overflow)")
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"

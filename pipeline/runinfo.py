@@ -8,6 +8,7 @@ says what is wrong with it and how to repair it; it never writes anything.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +38,17 @@ def read_run_recipe(run_dir: Path):
                          "by default)")
     if not run_json.is_file():
         raise InputError(f"{run_dir} is not a run directory (no run.json); runs are created by `pipeline run`")
-    rewrite = f"running the recipe again (`pipeline run RECIPE --run-dir {run_dir}`) rewrites it"
+    again = f"running the recipe again (`pipeline run RECIPE --run-dir {run_dir}`)"
+    rewrite, write_new = f"{again} rewrites it", f"{again} writes a new one"
     try:
         record = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         # `run` refuses an unreadable run.json too (`check_records`): only deleting it helps.
         raise InputError(f"{run_json} is unreadable ({_describe(exc)}); delete it, then "
-                         f"{rewrite.replace('rewrites', 'writes a new one')}") from None
+                         f"{write_new}") from None
     if not isinstance(record, dict):  # the runner cannot update it in place: it must go first
         raise InputError(f"{run_json} holds a JSON {type(record).__name__}, not an object; delete it, then "
-                         f"{rewrite.replace('rewrites', 'writes a new one')}")
+                         f"{write_new}")
     if not isinstance(record.get("recipe"), dict):
         raise InputError(f"{run_json} holds no recipe (expected a \"recipe\" mapping); {rewrite}")
     try:
@@ -98,12 +100,34 @@ def check_records(run_dir: Path) -> None:
     Raises:
         InputError: one line naming every damaged file and what to do.
     """
+    foreign = foreign_contents(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"{run_dir} is not a pipeline run directory: it holds {shown} but no run.json or stage "
+                         "record, and a run writes and replaces stage folders in it (data/, train/, ...); give "
+                         "--run-dir (or run.dir and run.name) a new or empty folder")
     damaged = damaged_records(run_dir)
     if damaged:
         raise InputError(f"damaged run directory {run_dir}: {'; '.join(damaged)}; delete "
                          f"{'it' if len(damaged) == 1 else 'them'} if no pipeline process is running there "
                          "(a stage whose manifest is deleted runs again; a deleted state, run.json or lock is "
                          "written anew)")
+
+
+_OWN_LEFTOVERS = re.compile(r"\.lock|\.run\.json\.tmp-\d+")  # what a run leaves before run.json exists
+
+
+def foreign_contents(run_dir: Path) -> list[str]:
+    """The names in `run_dir`, an existing folder that no run has made (no run.json, no stage
+    manifest or state: not a run directory whose run.json alone was deleted), that are not a
+    run's own: a folder of the user's files given as --run-dir, whose `data/output` or
+    `train/checkpoints` a run would replace. Empty for a missing or empty folder, or a run
+    directory."""
+    if not run_dir.is_dir() or (run_dir / "run.json").exists():
+        return []
+    if next(run_dir.glob(f"*/{MANIFEST}"), None) or next(run_dir.glob(f"*/{STATE}"), None):
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if not _OWN_LEFTOVERS.fullmatch(p.name))
 
 
 def damaged_records(run_dir: Path) -> list[str]:

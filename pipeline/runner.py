@@ -478,14 +478,17 @@ class Runner:
         "skip" or "run" (which the stage cache may still serve: `_restore`).
 
         A stage that waited on upstream stages (run or restored from the cache) is decided
-        again from their published outputs: unchanged bytes upstream leave it up to date.
+        again from their published outputs: unchanged bytes upstream leave it up to date. Its
+        own output is then hashed against its manifest (with `verify_inputs`), as planning
+        hashes the output of every skipped stage a running one reads: planning could not
+        (the stage was due to run), and a later stage may read it.
         """
         if not p.waits_on:
             return p.fingerprint, "skip" if p.action == "skip" else "run", p.basis or p.reason
         fp, digests = self.current_fingerprint(p.spec)
         if p.forced:
             return fp, "run", p.reason
-        status, reason = self.inspect(p.spec, fp, digests)
+        status, reason = self.inspect(p.spec, fp, digests, full_verify=self.verify_inputs)
         if status == "done":
             return fp, "skip", reason if p.action == "skip" else \
                 f"up to date ({', '.join(p.waits_on)} rebuilt with identical output)"

@@ -276,7 +276,7 @@ def make_transform(family: Family, settings: AWQSettings, checkpoint_dir: Path, 
         groups = active_groups(layer, family)
         path = checkpoint_dir / SEARCH_FILE.format(i)
         metrics: dict[str, float] = {}
-        if path.exists() and valid_shard(path):
+        if path.exists() and valid_shard(path, sealed=search):  # not searching: a published output
             device = next(layer.parameters()).device
             with safe_open(str(path), "pt") as st:
                 result = {k: st.get_tensor(k).to(device) for k in st.keys()}

@@ -1,10 +1,13 @@
-"""Per-layer safetensors shards: written atomically as intra-stage checkpoints, validated on
-resume, and assembled into a sharded HF checkpoint with its index."""
+"""Per-layer safetensors shards: written atomically as intra-stage checkpoints, each sealed with
+its sha256 beside it (`<shard>.sha256`) and checked against it on resume, and assembled into a
+sharded HF checkpoint with its index."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -16,12 +19,40 @@ SHARD = "layer-{:05d}.safetensors"
 REST_SHARD = "rest.safetensors"
 
 
-def valid_shard(path) -> bool:
+SEAL_SUFFIX = ".sha256"
+
+
+def _seal_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SEAL_SUFFIX)
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def valid_shard(path, sealed: bool = True) -> bool:
+    """Whether a shard can be used as it is: a safetensors file with tensors and, when
+    `sealed` (a stage's own checkpoint, written by `save_atomic`), the sha256 its seal records.
+    A byte flipped with the mtime put back left a checkpoint that parsed, and a resumed stage
+    computed every later layer from it. `sealed=False` for a shard in a stage's published
+    output, which its manifest covers."""
     try:
         with safe_open(path, "pt") as st:
-            return len(list(st.keys())) > 0
+            if not list(st.keys()):
+                return False
     except Exception:
         return False  # truncated or damaged: recompute this layer
+    if not sealed:
+        return True
+    try:
+        return _seal_path(path).read_text(encoding="ascii").strip() == _sha256(path)
+    except (OSError, UnicodeDecodeError):
+        return False  # no seal (killed between the two renames) or unreadable: recompute
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
@@ -35,6 +66,11 @@ def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    # The seal first: a shard in place always has the seal of its bytes beside it (a kill
+    # between the renames leaves the old shard, or none, with a seal it fails: recomputed).
+    seal, seal_tmp = _seal_path(path), _seal_path(tmp)
+    seal_tmp.write_text(_sha256(tmp), encoding="ascii")
+    os.replace(seal_tmp, seal)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

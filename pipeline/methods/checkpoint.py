@@ -99,7 +99,8 @@ def checkpoint_from_layers(layers_dir: Path, merged_dir: Path, entry, dtype: tor
     awq-search stage quantizes as `awq` does, `publish_layers`). They are linked into
     `checkpoint_dir` and assembled; nothing is computed again."""
     n_layers = int(read_config(merged_dir)["num_hidden_layers"])
-    missing = [SHARD.format(i) for i in range(n_layers) if not valid_shard(layers_dir / SHARD.format(i))]
+    missing = [SHARD.format(i) for i in range(n_layers)  # a published output: its manifest covers it
+               if not valid_shard(layers_dir / SHARD.format(i), sealed=False)]
     if missing:
         raise StageError(f"{layers_dir}: {len(missing)} of {n_layers} quantized layers missing or damaged "
                          f"({missing[0]}, ...); rerun the stage that wrote them with --force")

@@ -21,6 +21,7 @@ from qlora_pipeline.compute import DTYPES
 from qlora_pipeline.devices import require_cuda
 from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.layerwise.awq_search import SEARCH_FILE
+from qlora_pipeline.layerwise.shards import SHARD, valid_shard
 from qlora_pipeline.methods import calibration_stage_name
 from qlora_pipeline.methods.checkpoint import link_or_copy, publish_layers, quantize_layers
 from qlora_pipeline.models import quantize_source
@@ -49,6 +50,17 @@ def search_entry(ctx: StageContext) -> QuantizeEntry:
                      "storage": ctx.runtime.get("activations_storage", "auto")})
 
 
+def _redo_layers_without_their_search(checkpoint_dir) -> None:
+    """A resumed search restores each finished layer from its shard without searching it again,
+    so a layer whose search file is missing or fails its seal (`valid_shard`) is done again:
+    its shard goes. (Otherwise the damaged file would be published as the layer's search.)"""
+    for shard in sorted(checkpoint_dir.glob(SHARD.replace("{:05d}", "*"))):
+        search = checkpoint_dir / SEARCH_FILE.format(int(shard.name.split("-")[1].split(".")[0]))
+        if not (search.exists() and valid_shard(search)):
+            shard.unlink()
+            search.unlink(missing_ok=True)
+
+
 def run(ctx: StageContext) -> StageResult:
     s = ctx.config["search"]
     merged_dir = quantize_source(ctx.config, ctx.inputs, ctx.runtime)  # the merge, or the original base (`...-base`)
@@ -57,6 +69,7 @@ def run(ctx: StageContext) -> StageResult:
     if device == "cuda":
         require_cuda(f"stage {ctx.name}", "the device of the awq entries it serves")
     # The layers' packed shards are a by-product (and the resume point): the search files are the output.
+    _redo_layers_without_their_search(ctx.checkpoint_dir)
     n_layers = quantize_layers(merged_dir, calibration, search_entry(ctx), DTYPES[ctx.config["dtype"]],
                                ctx.checkpoint_dir, ctx.progress,
                                lambda i, metrics: ctx.metrics.log_metrics(metrics, step=i), device=device)

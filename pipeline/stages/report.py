@@ -19,6 +19,7 @@ and then exits non-zero (see `gate_failures`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from qlora_pipeline import memory_plan, rundir
@@ -129,7 +130,16 @@ def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]
         for key, limit_key, what in (("domain_ppl", "max_domain_ppl_increase", "domain"),
                                      ("general_ppl", "max_general_ppl_increase", "general")):
             limit, inc = gate.get(limit_key), increase(m, merged, key)
-            if limit is not None and inc is not None and inc > limit:
+            if limit is None:
+                continue
+            # NaN compares false with every limit: a broken artifact (or merged model) must fail.
+            broken = [(who, x[key]) for who, x in ((name, m), ("merged", merged or {}))
+                      if isinstance(x.get(key), float) and not math.isfinite(x[key])]
+            if broken:
+                who, value = broken[0]
+                reasons.append(f"{what} perplexity of {who} is {value} (not a number the gate can compare; "
+                               f"evaluate.gate.{limit_key}: {limit:g}%)")
+            elif inc is not None and inc > limit:
                 reasons.append(f"{what} perplexity {m[key]:.3f} is {inc:+.2f}% over the merged model's "
                                f"{merged[key]:.3f} (evaluate.gate.{limit_key}: {limit:g}%)")
         verdicts[name] = reasons

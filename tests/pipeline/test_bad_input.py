@@ -62,6 +62,39 @@ def test_model_dir_without_a_tokenizer(command, model_copy, in_tmp, write_recipe
     assert f"model.source: {model_copy} has no tokenizer (tokenizer.json, tokenizer.model" in err
 
 
+@pytest.mark.parametrize("damage, expected", [
+    ({"tokenizer.json": '{"version": "1.0", "trunc'}, "tokenizer.json is not valid JSON (line 1, column"),
+    ({"tokenizer.json": ""}, "tokenizer.json is not valid JSON (line 1, column 1: Expecting value)"),
+    ({"tokenizer_config.json": '{"x":'}, "tokenizer_config.json is not valid JSON"),
+    ({"config.json": {"num_attention_heads": 3, "head_dim": None}},
+     "config.json: hidden_size 64 is not divisible by num_attention_heads 3"),
+    ({"config.json": {"num_key_value_heads": 3}}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    ({"config.json": {"hidden_size": "64", "intermediate_size": 0}},
+     "has hidden_size = '64', intermediate_size = 0, not a positive whole number"),
+    ({"config.json": {"vocab_size": 1000}}, "tokenizer.json has token ids up to 49151 but the model's vocab_size is 1000"),
+], ids=["tokenizer-cut", "tokenizer-empty", "tokenizer-config", "heads", "kv-heads", "sizes", "vocab"])
+def test_a_damaged_tokenizer_or_inconsistent_config_is_refused_before_a_stage_fails(damage, expected, model_copy, in_tmp,
+                                                                                   write_recipe, capsys):
+    """They passed `validate`, then a stage failed with a bare JSONDecodeError, a transformers
+    message cut off at its colon, or "index out of range in self" in an evaluation."""
+    for name, change in damage.items():
+        path = model_copy / name
+        if isinstance(change, dict):
+            config = json.loads(path.read_text())
+            config.update(change)
+            change = json.dumps(config)
+        path.write_text(change)
+    if "vocab_size" in damage.get("config.json", {}):  # an embedding that agrees with it: only the tokenizer differs
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(model_copy / "model.safetensors"))
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = tensors[name][:1000].clone()
+        save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
+    err = refused(capsys, in_tmp, "validate", recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {model_copy}" in err and expected in err, err
+
+
 def test_a_sentencepiece_or_bpe_tokenizer_passes_preflight(model_copy):
     from qlora_pipeline.preflight import check_tokenizer
 
@@ -810,3 +843,29 @@ def test_from_and_only_together_are_refused(command, tiny_llama_dir, in_tmp, wri
     err = refused(capsys, in_tmp, command, path, "--from", "train", "--only", "merge")
     assert "--from train and --only merge cannot be combined" in err
     assert "unknown stage 'nope'" in refused(capsys, in_tmp, command, path, "--only", "nope")
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_folder_of_the_users_files_given_as_the_run_directory_is_refused_untouched(command, tiny_llama_dir, in_tmp,
+                                                                                    write_recipe, capsys):
+    """A run replaces `<stage>/output` and clears `<stage>/checkpoints`: pointed at a folder the
+    pipeline did not make, it deleted the user's files there and exited 0."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False})
+    folder = in_tmp / "mine"
+    for name in ("data/output/important.csv", "base/checkpoints/y.txt", "notes.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("precious")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert cli(command, path, "--run-dir", str(folder), *(["--only", "data"] if command == "run" else [])) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert (f"{folder} is not a pipeline run directory: it holds base/, data/, notes.txt but no run.json or stage "
+            "record") in err
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    assert (folder / "data" / "output" / "important.csv").read_text() == "precious"
+    # An empty folder, or a run directory whose run.json alone was deleted, is a run directory.
+    empty = in_tmp / "empty"
+    empty.mkdir()
+    assert cli("run", path, "--run-dir", str(empty), "--only", "data") == 0
+    (empty / "run.json").unlink()
+    assert cli("run", path, "--run-dir", str(empty), "--only", "data") == 0

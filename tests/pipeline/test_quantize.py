@@ -110,8 +110,16 @@ def test_kill_9_during_quantize_resumes_to_the_same_checkpoint(tmp_path, smollm2
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             assert 3 <= len(list(ckpt.glob(files))) < 8
+            # Bit rot in a finished layer's checkpoint, size and mtime kept: it parses, and a
+            # resume that trusted it computed every later layer from the wrong weights.
+            damaged = sorted(ckpt.glob(files))[1]
+            st, raw = damaged.stat(), bytearray(damaged.read_bytes())
+            raw[-100] ^= 0xFF
+            damaged.write_bytes(bytes(raw))
+            os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
         for s in ([killed_stage] if killed_stage != stage else []) + [stage]:
-            assert subprocess.run(cmd + [s], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL).returncode == 0
+            done = subprocess.run(cmd + [s], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
         hashes[name] = {}
         for s in {killed_stage, stage}:
             manifest = json.loads((tmp_path / "runs" / name / s / "manifest.json").read_text())

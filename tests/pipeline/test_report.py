@@ -187,3 +187,21 @@ def test_a_change_cell_shows_its_interval_by_half_width_or_by_its_ends_when_lops
     assert change_cell(far, ref).startswith("+300.00% [")
     assert change_cell({"domain_ppl": 11.0}, ref) == "+10.00%"  # no per-window NLLs: no interval
     assert change_cell({**near, "domain_tokens": 200, "domain_window_nll": [1.0, 2.0]}, ref) == "+1.00%"
+
+
+def test_a_perplexity_that_is_not_a_number_fails_the_gate():
+    """NaN compares false with every limit: an artifact whose weights broke (or a merged model
+    that did) passed the gate with '+nan%'."""
+    from qlora_pipeline.stages.report import gate_verdicts
+
+    gate = {"max_domain_ppl_increase": 20, "max_general_ppl_increase": 20}
+    good, nan = {"domain_ppl": 11.0, "general_ppl": 4.0}, float("nan")
+    verdicts = gate_verdicts({"merged": good, "gptq": {"domain_ppl": nan, "general_ppl": 4.1},
+                              "awq": {"domain_ppl": 11.5, "general_ppl": float("inf")}, "rtn": dict(good)}, gate)
+    assert verdicts["rtn"] == []
+    assert verdicts["gptq"] == ["domain perplexity of gptq is nan (not a number the gate can compare; "
+                                "evaluate.gate.max_domain_ppl_increase: 20%)"]
+    assert len(verdicts["awq"]) == 1 and "general perplexity of awq is inf" in verdicts["awq"][0]
+    broken_merged = gate_verdicts({"merged": {"domain_ppl": nan, "general_ppl": 4.0}, "rtn": dict(good)}, gate)
+    assert broken_merged["rtn"] and "perplexity of merged is nan" in broken_merged["rtn"][0]
+    assert gate_verdicts({"merged": good, "gptq": {"domain_ppl": nan, "general_ppl": 4.1}}, {}) == {"gptq": []}

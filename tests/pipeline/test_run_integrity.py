@@ -176,6 +176,29 @@ def test_altered_merge_with_its_mtime_restored_is_never_computed_on(reference, t
         assert sha256(run_dir / "quantize-rtn" / "output" / path.name) == sha256(path)
 
 
+def test_altered_merge_is_rebuilt_when_training_re_runs_to_the_same_adapter(reference, tmp_path):
+    """The merge waits on a training run whose adapter comes out byte-identical: it is then up
+    to date by its fingerprint, but its own output, altered with the mtime put back, must be
+    hashed before the quantizers read it (it was due to run when planning hashed inputs)."""
+    run_dir, recipe_path = copy_run(reference, tmp_path)
+    target = sorted((run_dir / "merge" / "output").glob("model-*.safetensors"))[-1]
+    good = target.read_bytes()
+    st = target.stat()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    target.write_bytes(bytes(bad))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = manifest_times(run_dir)
+    err = finish(start(recipe_path, tmp_path, "--set", "train.keep_checkpoints=3"))
+    after = manifest_times(run_dir)
+    assert {"train", "merge"} <= {s for s in after if after[s] != before[s]}, err
+    assert re.search(rf"merge\s+run\s+\(output altered: merge/output/{re.escape(target.name)}", err), err
+    assert target.read_bytes() == good
+    for stage in ("quantize-rtn", "quantize-gptq"):  # computed on the good bytes, or not at all
+        for path in (reference / stage / "output").glob("*.safetensors"):
+            assert sha256(run_dir / stage / "output" / path.name) == sha256(path)
+
+
 class _Payload:
     """Unpickling this creates a marker file: proof that the pickle was executed."""
 

@@ -31,3 +31,20 @@ def test_the_same_shard_has_the_same_bytes_in_fresh_processes(tmp_path):
 def test_more_than_one_metadata_key_is_refused(tmp_path):
     with pytest.raises(ValueError, match="one metadata key"):
         save_atomic({"a": torch.ones(1)}, tmp_path / "x.safetensors", metadata={"format": "pt", "metrics": "{}"})
+
+
+def test_a_shard_is_valid_only_with_the_seal_of_its_bytes(tmp_path):
+    from qlora_pipeline.layerwise.shards import valid_shard
+
+    path = tmp_path / "layer-00000.safetensors"
+    save_atomic({"w": torch.arange(64.0)}, path)
+    assert valid_shard(path) and (tmp_path / "layer-00000.safetensors.sha256").is_file()
+    assert not list(tmp_path.glob("*.tmp*"))
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0x01  # in a tensor's bytes: the header still parses
+    path.write_bytes(bytes(raw))
+    assert not valid_shard(path) and valid_shard(path, sealed=False)
+    save_atomic({"w": torch.arange(64.0)}, path)
+    assert valid_shard(path)
+    (tmp_path / "layer-00000.safetensors.sha256").unlink()
+    assert not valid_shard(path)
