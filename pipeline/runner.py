@@ -629,6 +629,8 @@ class Runner:
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             sdir.mkdir(parents=True, exist_ok=True)
+            if (ckpt.exists() or ckpt.is_symlink()) and not ckpt.is_dir():
+                rundir.remove_path(ckpt)  # a file where the checkpoints go: nothing to resume
             ours = ckpt.exists() and _checkpoint_fingerprint(ckpt) == fp
             resumed = ours and not p.forced and any(c.name != CKPT_FINGERPRINT for c in ckpt.iterdir())
             if ckpt.exists() and not ours:
@@ -641,8 +643,7 @@ class Runner:
             ckpt_existed = ckpt.exists()
             ckpt.mkdir(exist_ok=True)
             rundir.write_bytes_atomic(fp_file, fp.encode())
-            if partial.exists():
-                shutil.rmtree(partial)
+            rundir.remove_path(partial)
             partial.mkdir()
             child_id = self._child_run(spec, fp, parent_id, created_runs)
             rundir.write_json_atomic(sdir / rundir.STATE, {

@@ -869,3 +869,24 @@ def test_a_folder_of_the_users_files_given_as_the_run_directory_is_refused_untou
     assert cli("run", path, "--run-dir", str(empty), "--only", "data") == 0
     (empty / "run.json").unlink()
     assert cli("run", path, "--run-dir", str(empty), "--only", "data") == 0
+
+
+@pytest.mark.parametrize("in_the_way", ["output", "checkpoints", "output.partial", "output.old"])
+def test_a_file_where_a_stage_folder_goes_is_replaced_by_the_run(in_the_way, tiny_llama_dir, in_tmp, write_recipe,
+                                                               capsys):
+    """A file named as one of a stage folder's own folders (a copy gone wrong): the run failed
+    with NotADirectoryError (or blamed permissions), and every run after it the same way."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False})
+    assert cli("run", path, "--only", "data") == 0
+    stage = in_tmp / "runs" / "tiny" / "data"
+    tokens = (stage / "output" / "tokens.safetensors").read_bytes()
+    if in_the_way == "output":
+        shutil.rmtree(stage / "output")
+    (stage / in_the_way).write_text("x")
+    capsys.readouterr()
+    assert cli("run", path, "--only", "data", "--force") == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "NotADirectoryError" not in err
+    assert (stage / "output" / "tokens.safetensors").read_bytes() == tokens
+    assert not (stage / "output.old").exists() and not (stage / "output.partial").exists()
+    assert cli("status", str(stage.parent), "--verify") == 0
