@@ -890,3 +890,12 @@ def test_a_file_where_a_stage_folder_goes_is_replaced_by_the_run(in_the_way, tin
     assert (stage / "output" / "tokens.safetensors").read_bytes() == tokens
     assert not (stage / "output.old").exists() and not (stage / "output.partial").exists()
     assert cli("status", str(stage.parent), "--verify") == 0
+
+
+def test_an_empty_run_dir_option_is_refused_not_taken_for_the_default(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    """`--run-dir=$UNSET` ran in the recipe's run.dir/run.name as if the option were not given."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False})
+    for command in ("plan", "run"):
+        assert cli(command, path, "--run-dir=") == 2
+        assert "error: --run-dir is empty; give the run directory's path" in capsys.readouterr().err
+    assert not (in_tmp / "runs").exists()
