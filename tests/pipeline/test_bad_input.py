@@ -899,3 +899,27 @@ def test_an_empty_run_dir_option_is_refused_not_taken_for_the_default(tiny_llama
         assert cli(command, path, "--run-dir=") == 2
         assert "error: --run-dir is empty; give the run directory's path" in capsys.readouterr().err
     assert not (in_tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("shape", "model.layers.1.mlp.down_proj.weight is 64 x 100 and config.json gives 64 x 128"),
+    ("missing", "the weights have no model.layers.1.mlp.down_proj.weight, which a llama model"),
+    ("int8", "model.layers.0.self_attn.q_proj.weight is stored as I8, not a float type"),
+])
+def test_weights_that_do_not_match_their_config_are_refused_from_their_headers(change, expected, model_copy, in_tmp,
+                                                                              write_recipe, capsys):
+    """They passed `validate` and `base`, then the first evaluation failed with "mat1 and mat2
+    shapes cannot be multiplied" or a transformers message cut off at its colon."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_copy / "model.safetensors"))
+    if change == "shape":
+        tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 100, dtype=torch.bfloat16)
+    elif change == "missing":
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+    else:
+        tensors = {k: v.to(torch.int8) for k, v in tensors.items()}
+    save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
+    err = refused(capsys, in_tmp, "validate", recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {expected}" in err, err
