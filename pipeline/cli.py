@@ -140,6 +140,9 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     from qlora_pipeline.stages import build_stages
 
     # `~` as the shell would: unexpanded, a run.dir of ~/runs made a folder named '~' here.
+    if run_dir is not None and not run_dir.strip():  # `--run-dir=` (an unset shell variable): not the default
+        raise InputError("--run-dir is empty; give the run directory's path, or leave --run-dir out for the "
+                         "recipe's run.dir/run.name")
     directory = Path(run_dir).expanduser() if run_dir else Path(recipe.run.dir).expanduser() / recipe.run.name
     problem = rundir.location_problem(directory, probe=for_run)  # only `run` may write
     if problem:

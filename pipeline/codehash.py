@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import inspect
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -73,12 +74,22 @@ NO_OUTPUT_LIBRARIES = {
 LIBRARY_KEY = "library "  # key prefix of a library in a stage's code table: "library torch"
 
 
+@lru_cache(maxsize=None)
+def package_dir(top: str) -> Optional[Path]:
+    """Where project package `top` is imported from: its folder in the source tree (an editable
+    install, `pip install -e .`), or the installed one in site-packages (`pip install .`), whose
+    folder is named as the package, not as in the source tree (`qlora_pipeline`, not `pipeline`)."""
+    spec = importlib.util.find_spec(top)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]).resolve() if locations else None
+
+
 def module_path(name: str) -> Optional[Path]:
     """The source file of project module `name` (a package's `__init__.py`), or None."""
     top, *rest = name.split(".")
-    if top not in PACKAGE_FOLDERS:
+    if top not in PACKAGE_FOLDERS or package_dir(top) is None:
         return None
-    base = ROOT.joinpath(PACKAGE_FOLDERS[top], *rest)
+    base = package_dir(top).joinpath(*rest)
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -165,6 +176,13 @@ def installed_version(distribution: str) -> str:
 
 
 def _relative(path: Path) -> str:
+    """A project file as the code tables name it, by its source-tree path (`quant/gptq.py`)
+    however the package is installed, so that fingerprints and the stage cache agree between
+    an editable and a regular install of the same code."""
+    for top, folder in PACKAGE_FOLDERS.items():
+        base = package_dir(top)
+        if base is not None and path.is_relative_to(base):
+            return (Path(folder) / path.relative_to(base)).as_posix()
     try:
         return path.relative_to(ROOT).as_posix()
     except ValueError:

@@ -111,7 +111,8 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
         try:
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache, **kwargs)
         except Exception as exc:
-            found = _json_problem(data_files, key) if builder == "json" else None
+            found = _json_problem(data_files, key) if builder == "json" else \
+                _text_problem(data_files, key) if builder == "text" else None
             raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({_reason(exc)})") from None
         if field not in ds.column_names:
             raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: "
@@ -151,6 +152,34 @@ def _texts(values: list, key: str, where: str, field: str) -> list[str]:
         logger.warning("%s: %d of %d records in %s have no text under '%s' (null or not a string); skipped",
                        key, len(values) - len(texts), len(values), where, field)
     return texts
+
+
+def _text_problem(files: list[str], key: str) -> str | None:
+    """The first text file that is not UTF-8 (by file and byte offset) or holds NUL bytes:
+    `datasets` says only that generating the dataset failed, and preflight reads only the
+    start of each file."""
+    import codecs
+
+    for name in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        try:
+            with open(name, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    if b"\0" in chunk:
+                        return (f"{key}.path: {name} holds NUL bytes at byte {offset + chunk.index(0)}: not text; "
+                                "remove it from the folder, or give text files only")
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as exc:
+                        return (f"{key}.path: {name} is not UTF-8 text (byte {offset + exc.start}); convert it "
+                                "(e.g. iconv -f latin1 -t utf-8) or remove it")
+                    offset += len(chunk)
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return f"{key}.path: {name} is not UTF-8 text (it ends inside a character); convert it or remove it"
+        except OSError as exc:
+            return f"{key}.path: cannot read {name} ({exc}); fix it or remove it"
+    return None
 
 
 def _json_problem(files: list[str], key: str) -> str | None:

@@ -290,9 +290,11 @@ def check_config_matches_weights(path: Path, config: dict, key: str) -> list[str
     files = sorted({str(f) for f in (read_json_object(index, key)[0] or {}).get("weight_map", {}).values()}) \
         if index.exists() else ["model.safetensors"]
     shapes: dict[str, list] = {}
+    dtypes: dict[str, str] = {}
     for name in files:
         table, _ = read_safetensors_header(path / name, key)
         shapes.update({t: meta.get("shape") for t, meta in (table or {}).items() if isinstance(meta, dict)})
+        dtypes.update({t: meta.get("dtype") for t, meta in (table or {}).items() if isinstance(meta, dict)})
     fix = f"{path / 'config.json'} does not describe the weights beside it; use the config.json saved with them"
     embedding = next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
     expected = [config.get("vocab_size"), config.get("hidden_size")]
@@ -304,6 +306,42 @@ def check_config_matches_weights(path: Path, config: dict, key: str) -> list[str
     if layers and isinstance(stated, int) and max(layers) + 1 != stated:
         return [f"{key}: the weights hold {max(layers) + 1} decoder layers and config.json says num_hidden_layers = "
                 f"{stated}; {fix}"]
+    return _linear_problems(config, shapes, dtypes, key, fix)
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def _linear_problems(config: dict, shapes: dict[str, list], dtypes: dict[str, str], key: str, fix: str) -> list[str]:
+    """Every decoder linear of a float Llama-style checkpoint present, floating point, and of
+    the shape its config gives (headers only): a linear missing or renamed stopped the base
+    stage, one of another shape or an integer dtype the first evaluation, with a transformers
+    message cut off at its colon."""
+    if config.get("quantization_config") or not all(_positive_int(config.get(k)) for k in
+                                                    ("hidden_size", "intermediate_size", "num_attention_heads")):
+        return []  # a prequantized checkpoint has other tensors; bad sizes are check_config_shapes'
+    try:
+        family = family_for(config.get("model_type", "?"))
+        linears = family.linear_names(config)
+    except (InputError, KeyError, TypeError, ValueError):
+        return []
+    hidden, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads") or heads
+    expected = {"self_attn.q_proj": [heads * head_dim, hidden], "self_attn.k_proj": [kv * head_dim, hidden],
+                "self_attn.v_proj": [kv * head_dim, hidden], "self_attn.o_proj": [hidden, heads * head_dim],
+                "mlp.gate_proj": [inter, hidden], "mlp.up_proj": [inter, hidden], "mlp.down_proj": [hidden, inter]}
+    for full, short in linears:
+        name = f"{full}.weight"
+        if name not in shapes:
+            return [f"{key}: the weights have no {name}, which a {config['model_type']} model with this config.json "
+                    f"holds; {fix}"]
+        if short in expected and list(shapes[name]) != expected[short]:
+            return [f"{key}: {name} is {' x '.join(map(str, shapes[name]))} and config.json gives "
+                    f"{' x '.join(map(str, expected[short]))}; {fix}"]
+        if dtypes.get(name) not in FLOAT_DTYPES:
+            return [f"{key}: {name} is stored as {dtypes.get(name)}, not a float type ({', '.join(FLOAT_DTYPES)}); "
+                    "give the model's float checkpoint (bf16, fp16 or fp32)"]
     return []
 
 

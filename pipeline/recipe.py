@@ -450,7 +450,8 @@ class RunConfig(_Section):
     @classmethod
     def _name_slug(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"'{v}' must be letters, digits, '-', '_' or '.' (it names a folder)")
+            raise ValueError(f"'{v}' must start with a letter or digit, then letters, digits, '-', '_' or '.' "
+                             "(it names a folder)")
         return v
 
 

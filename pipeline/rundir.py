@@ -261,6 +261,17 @@ def _checkpoint_file_problem(path: Path, meta: dict, full: bool) -> Optional[str
     return None
 
 
+def remove_path(path: Path) -> None:
+    """Remove what is at `path`, one of a stage folder's own names (`output/`, `output.old/`,
+    `output.partial/`, `checkpoints/`): a folder with its contents, or a file or link in its
+    place (a copy gone wrong), which `shutil.rmtree` refuses with NotADirectoryError, so that
+    every run after it failed the same way."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def publish_output(stage_dir: Path) -> Path:
     """Swap `output.partial/` into place as `output/` after fsyncing it.
 
@@ -269,14 +280,12 @@ def publish_output(stage_dir: Path) -> Path:
     """
     partial, final, old = stage_dir / PARTIAL, stage_dir / OUTPUT, stage_dir / "output.old"
     fsync_tree(partial)
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
+    remove_path(old)
+    if final.exists() or final.is_symlink():
         os.replace(final, old)
     os.replace(partial, final)
     fsync_dir(stage_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_path(old)
     return final
 
 

@@ -473,7 +473,7 @@ class Runner:
                     found[dep] = f"output altered: {self._rel(problems[0])} (found before {p.spec.name} read it)"
         return found
 
-    def decide(self, p: PlannedStage) -> tuple[Optional[str], str, str]:
+    def decide(self, p: PlannedStage, rebuilt: Optional[set[str]] = None) -> tuple[Optional[str], str, str]:
         """(fingerprint, action, reason) of a planned stage at the moment it is due; action
         "skip" or "run" (which the stage cache may still serve: `_restore`).
 
@@ -490,8 +490,11 @@ class Runner:
             return fp, "run", p.reason
         status, reason = self.inspect(p.spec, fp, digests, full_verify=self.verify_inputs)
         if status == "done":
+            # Name what did rebuild: a stage it waited on may itself have turned out up to date.
+            remade = [d for d in p.waits_on if rebuilt is None or d in rebuilt]
             return fp, "skip", reason if p.action == "skip" else \
-                f"up to date ({', '.join(p.waits_on)} rebuilt with identical output)"
+                f"up to date ({', '.join(remade)} rebuilt with identical output)" if remade else \
+                "up to date (the stages before it came out unchanged)"
         return fp, "run", reason
 
     # ------------------------------------------------------------------------------ running
@@ -537,7 +540,8 @@ class Runner:
                             logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
                             p.outcome = "skipped"
                             continue
-                        fp, action, reason = self.decide(p)
+                        rebuilt = {q.spec.name for q in planned if q.outcome in ("ran", "resumed", "cached")}
+                        fp, action, reason = self.decide(p, rebuilt)
                         ranks.agree(action)  # the other ranks wait for this decision, not their own
                         if action == "skip":
                             logger.info("%-22s skip  (%s)", p.spec.name, reason)
@@ -629,6 +633,8 @@ class Runner:
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             sdir.mkdir(parents=True, exist_ok=True)
+            if (ckpt.exists() or ckpt.is_symlink()) and not ckpt.is_dir():
+                rundir.remove_path(ckpt)  # a file where the checkpoints go: nothing to resume
             ours = ckpt.exists() and _checkpoint_fingerprint(ckpt) == fp
             resumed = ours and not p.forced and any(c.name != CKPT_FINGERPRINT for c in ckpt.iterdir())
             if ckpt.exists() and not ours:
@@ -641,8 +647,7 @@ class Runner:
             ckpt_existed = ckpt.exists()
             ckpt.mkdir(exist_ok=True)
             rundir.write_bytes_atomic(fp_file, fp.encode())
-            if partial.exists():
-                shutil.rmtree(partial)
+            rundir.remove_path(partial)
             partial.mkdir()
             child_id = self._child_run(spec, fp, parent_id, created_runs)
             rundir.write_json_atomic(sdir / rundir.STATE, {

@@ -236,3 +236,29 @@ def test_every_dependency_is_pinned_in_the_constraints_set_up_installs_with():
     assert "torch" not in pinned
     makefile = (REPO / "Makefile").read_text()
     assert "CONSTRAINTS ?= constraints.txt" in makefile and "-c $(CONSTRAINTS)" in makefile
+
+
+def test_a_regular_install_fingerprints_the_code_as_the_editable_one_does(tmp_path):
+    """`pip install .` puts the packages in site-packages under their import names
+    (`qlora_pipeline/`, not `pipeline/`): `plan` and `run` failed there looking for the source
+    tree. The code tables must name the files as the source tree does, so the stage cache
+    and run directories agree between the two kinds of install."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from qlora_pipeline.codehash import PACKAGE_FOLDERS, code_files
+
+    for package, folder in PACKAGE_FOLDERS.items():
+        shutil.copytree(REPO / folder, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    stages = ["qlora_pipeline.stages.data", "qlora_pipeline.stages.quantize", "qlora_pipeline.stages.train"]
+    script = ("import json, sys; import qlora_pipeline; from qlora_pipeline.codehash import code_files; "
+              f"print(json.dumps([qlora_pipeline.__file__, [code_files(m) for m in {stages!r}]]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    where, installed = json.loads(done.stdout)
+    assert where == str(tmp_path / "qlora_pipeline" / "__init__.py")
+    assert installed == [code_files(m) for m in stages]
+    assert "quant/gptq.py" in installed[1]

@@ -869,3 +869,57 @@ def test_a_folder_of_the_users_files_given_as_the_run_directory_is_refused_untou
     assert cli("run", path, "--run-dir", str(empty), "--only", "data") == 0
     (empty / "run.json").unlink()
     assert cli("run", path, "--run-dir", str(empty), "--only", "data") == 0
+
+
+@pytest.mark.parametrize("in_the_way", ["output", "checkpoints", "output.partial", "output.old"])
+def test_a_file_where_a_stage_folder_goes_is_replaced_by_the_run(in_the_way, tiny_llama_dir, in_tmp, write_recipe,
+                                                               capsys):
+    """A file named as one of a stage folder's own folders (a copy gone wrong): the run failed
+    with NotADirectoryError (or blamed permissions), and every run after it the same way."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False})
+    assert cli("run", path, "--only", "data") == 0
+    stage = in_tmp / "runs" / "tiny" / "data"
+    tokens = (stage / "output" / "tokens.safetensors").read_bytes()
+    if in_the_way == "output":
+        shutil.rmtree(stage / "output")
+    (stage / in_the_way).write_text("x")
+    capsys.readouterr()
+    assert cli("run", path, "--only", "data", "--force") == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "NotADirectoryError" not in err
+    assert (stage / "output" / "tokens.safetensors").read_bytes() == tokens
+    assert not (stage / "output.old").exists() and not (stage / "output.partial").exists()
+    assert cli("status", str(stage.parent), "--verify") == 0
+
+
+def test_an_empty_run_dir_option_is_refused_not_taken_for_the_default(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    """`--run-dir=$UNSET` ran in the recipe's run.dir/run.name as if the option were not given."""
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False})
+    for command in ("plan", "run"):
+        assert cli(command, path, "--run-dir=") == 2
+        assert "error: --run-dir is empty; give the run directory's path" in capsys.readouterr().err
+    assert not (in_tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("shape", "model.layers.1.mlp.down_proj.weight is 64 x 100 and config.json gives 64 x 128"),
+    ("missing", "the weights have no model.layers.1.mlp.down_proj.weight, which a llama model"),
+    ("int8", "model.layers.0.self_attn.q_proj.weight is stored as I8, not a float type"),
+])
+def test_weights_that_do_not_match_their_config_are_refused_from_their_headers(change, expected, model_copy, in_tmp,
+                                                                              write_recipe, capsys):
+    """They passed `validate` and `base`, then the first evaluation failed with "mat1 and mat2
+    shapes cannot be multiplied" or a transformers message cut off at its colon."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_copy / "model.safetensors"))
+    if change == "shape":
+        tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 100, dtype=torch.bfloat16)
+    elif change == "missing":
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+    else:
+        tensors = {k: v.to(torch.int8) for k, v in tensors.items()}
+    save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
+    err = refused(capsys, in_tmp, "validate", recipe_file(write_recipe, in_tmp, model_copy))
+    assert f"model.source: {expected}" in err, err

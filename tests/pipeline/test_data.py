@@ -789,3 +789,19 @@ def test_general_documents_after_those_general_eval_reads_are_not_held_out(tiny_
     assert _long("g") not in text["general_eval"]
     report = json.loads((out / "data.json").read_text())["decontamination"]
     assert report["before"]["general_eval_in_train"]["checked_paragraphs"] == 1  # a.txt alone
+
+
+def test_a_text_file_not_utf8_past_its_start_or_with_nul_bytes_is_named(tmp_path):
+    """Preflight reads the start of each file; `datasets` said only that generating the dataset
+    failed, naming the folder's first file."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"doc{i}.txt").write_bytes(("Plain text about the topic.\n\n" * 60000).encode())
+    (folder / "doc1.txt").write_bytes((folder / "doc1.txt").read_bytes() + b"caf\xe9 au lait\n")
+    with pytest.raises(DataError, match=r"data.domain.path: .*doc1.txt is not UTF-8 text \(byte 1740003\)"):
+        data.load_documents(DataSource(path=str(folder)), "data.domain")
+    for f in folder.iterdir():  # a folder of binary files
+        f.write_bytes(b"\0" * 200000)
+    with pytest.raises(DataError, match=r"doc0.txt holds NUL bytes at byte 0: not text"):
+        data.load_documents(DataSource(path=str(folder)), "data.domain")
