@@ -292,6 +292,7 @@ def _plan_with_code(reference: Path, tmp_path: Path, monkeypatch, edit) -> dict[
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     edit(src)
     monkeypatch.setattr(codehash, "ROOT", src)
+    monkeypatch.setattr(codehash, "package_dir", lambda top: src / codehash.PACKAGE_FOLDERS[top])
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, symlinks=True)
     recipe, _ = load_recipe(reference.parent.parent / "ref.yaml")
