@@ -472,8 +472,9 @@ def memory(path: str, bits: Optional[int], group_size: Optional[int], contexts, 
     from qlora_pipeline import memory_plan
     from qlora_pipeline.recipe import DeployConfig
 
-    if gpu_memory_gb is not None and not math.isfinite(gpu_memory_gb):
-        raise InputError(f"--gpu-memory-gb {gpu_memory_gb}: give a finite number of GiB")
+    if gpu_memory_gb is not None and not (math.isfinite(gpu_memory_gb) and 0 < gpu_memory_gb <= 1e6):
+        raise InputError(f"--gpu-memory-gb {gpu_memory_gb:g}: give the GPU's memory in GiB, above 0 and at most "
+                         "1,000,000")
     config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     try:
         config = json.loads(config_path.read_text())
@@ -527,7 +528,7 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
     the URL of the experiment's runs page."""
     import subprocess
 
-    from qlora_pipeline.preflight import check_tracking_uri, sqlite_store_path
+    from qlora_pipeline.preflight import check_tracking_uri, is_sqlite, sqlite_store_path
     from qlora_pipeline.recipe import TrackingConfig
     from qlora_pipeline.tracking import default_tracking_uri, find_experiment, runs_url
 
@@ -545,6 +546,9 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
         # MLflow would create an empty store there (or retry for minutes where it cannot).
         raise InputError(f"no MLflow store at {store}: `pipeline run` creates it; run a recipe first, or give the "
                          "store the runs use (--recipe RECIPE, or --uri)")
+    if store is not None and not is_sqlite(store):  # the server printed two tracebacks and blamed the port
+        raise InputError(f"{key}: {store} is not a SQLite database; give the store file the runs use "
+                         "(--recipe RECIPE, or --uri)")
     busy = None if uri.startswith(("http://", "https://")) else _port_problem(host, port)
     if busy:  # before anything starts: another server on it would answer our URL with its own store's runs
         raise InputError(busy)

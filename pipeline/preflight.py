@@ -165,10 +165,27 @@ def check_tracking_uri(uri: Optional[str], key: str = "tracking.uri") -> list[st
         return [f"{key}: '{uri}': MLflow does not expand '~'; write the absolute path "
                 f"(sqlite:///{Path('~').expanduser()}/...)"]
     path = sqlite_store_path(uri)
+    if path is not None and path.is_dir():  # MLflow retries for about 100 s, then the run goes untracked
+        return [f"{key}: '{uri}' names the folder {path}, not a SQLite store file; name a file in it, e.g. "
+                f"sqlite:///{path / 'mlflow.db'}"]
+    if path is not None and path.is_file() and not is_sqlite(path):
+        return [f"{key}: {path} is not a SQLite database; name a new file (MLflow creates it) or the store MLflow "
+                "made"]
     if path is None or path.parent.is_dir():
         return []
     return [f"{key}: folder {path.parent} of the SQLite store {path.name} does not exist; create it or "
             f"change {key}"]
+
+
+def is_sqlite(path: Path) -> bool:
+    """Whether `path` starts as a SQLite database does (an empty file: MLflow makes it one)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        return not head or head == b"SQLite format 3\x00"
+    except OSError:
+        return True  # unreadable: MLflow says why
+
 
 
 def _mlflow_version() -> str:

@@ -923,3 +923,16 @@ def test_weights_that_do_not_match_their_config_are_refused_from_their_headers(c
     save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
     err = refused(capsys, in_tmp, "validate", recipe_file(write_recipe, in_tmp, model_copy))
     assert f"model.source: {expected}" in err, err
+
+
+def test_a_tracking_store_that_is_a_folder_or_not_a_database_is_refused(tiny_llama_dir, in_tmp, write_recipe, capsys):
+    """A folder stalled a run about 100 s (MLflow's retries) before it went on untracked; a file
+    that is not a database made `ui` print two tracebacks and blame the port."""
+    for uri, expected in ((f"sqlite:///{in_tmp}", f"names the folder {in_tmp}, not a SQLite store file"),
+                          (f"sqlite:///{in_tmp / 'notes.txt'}", f"{in_tmp / 'notes.txt'} is not a SQLite database")):
+        (in_tmp / "notes.txt").write_text("not a database")
+        path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": True, "uri": uri})
+        assert cli("validate", path) == 2
+        assert f"tracking.uri: " in (err := capsys.readouterr().err) and expected in err, err
+    assert cli("ui", "--uri", f"sqlite:///{in_tmp / 'notes.txt'}") == 2
+    assert f"--uri: {in_tmp / 'notes.txt'} is not a SQLite database" in capsys.readouterr().err
