@@ -59,30 +59,21 @@ def _hashes(codes: np.ndarray, starts: np.ndarray | slice, k: int) -> np.ndarray
     return h
 
 
-def _common_prefix(a: str, i: int, b: str, j: int) -> int:
-    """Length of the common prefix of a[i:] and b[j:], by comparing slices of doubling length
-    (a stretch of n characters costs O(log n) comparisons, each in C)."""
-    limit = min(len(a) - i, len(b) - j)
+def _common_run(a: str, i: int, b: str, j: int, forward: bool) -> int:
+    """Length of the common prefix of a[i:] and b[j:] (`forward`), or of the common suffix of
+    a[:i] and b[:j], by comparing slices of doubling length (a stretch of n characters costs
+    O(log n) comparisons, each in C)."""
+    limit = min(len(a) - i, len(b) - j) if forward else min(i, j)
+
+    def next_same(done: int, m: int) -> bool:  # the m characters beyond the `done` matched ones
+        if forward:
+            return a[i + done : i + done + m] == b[j + done : j + done + m]
+        return a[i - done - m : i - done] == b[j - done - m : j - done]
+
     length, step = 0, 32
     while length < limit:
         m = min(step, limit - length)
-        if a[i + length : i + length + m] == b[j + length : j + length + m]:
-            length += m
-            step *= 2
-        elif m == 1:
-            break
-        else:
-            step = m // 2
-    return length
-
-
-def _common_suffix(a: str, i: int, b: str, j: int) -> int:
-    """Length of the common suffix of a[:i] and b[:j]."""
-    limit = min(i, j)
-    length, step = 0, 32
-    while length < limit:
-        m = min(step, limit - length)
-        if a[i - length - m : i - length] == b[j - length - m : j - length]:
+        if next_same(length, m):
             length += m
             step *= 2
         elif m == 1:
@@ -134,8 +125,8 @@ class SharedText:
                     diagonal = q - p
                     if grown.get(diagonal, -1) > q:
                         continue  # inside a stretch already grown on this diagonal
-                    left = _common_suffix(text, q, ref, p)
-                    end = q + k + _common_prefix(text, q + k, ref, p + k)
+                    left = _common_run(text, q, ref, p, forward=False)
+                    end = q + k + _common_run(text, q + k, ref, p + k, forward=True)
                     grown[diagonal] = end
                     if end - (q - left) >= self.min_chars:
                         a, b = self._trimmed(p - left, end - diagonal)

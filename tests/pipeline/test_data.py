@@ -280,6 +280,26 @@ def test_nested_and_spanning_held_out_text_is_cut_from_the_training_side_only(ti
     assert all(v["paragraphs"] == 0 for v in report["after"].values())
 
 
+def _data_stage_with_general_text(tiny_llama_dir, tmp_path, write_recipe, monkeypatch, docs: list[str],
+                                  general_files: dict[str, str]) -> tuple[dict[str, str], dict]:
+    """The data stage over 6 domain documents (holdout_every=3, valid_every=3: eval = {0, 3},
+    valid = {1, 5}, train = {2, 4}) and a general folder of `general_files`: the decoded
+    streams and the decontamination report."""
+    domain, general = tmp_path / "domain", tmp_path / "general"
+    domain.mkdir()
+    general.mkdir()
+    for i, d in enumerate(docs):
+        (domain / f"doc{i}.txt").write_text(d)
+    for name, content in general_files.items():
+        (general / name).write_text(content)
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"path": str(domain)}, "general": {"path": str(general)},
+                                                         "seq_len": 16, "holdout_every": 3, "valid_every": 3})
+    assert cli("run", str(write_recipe(recipe)), "--only", "data") == 0
+    out = tmp_path / "runs" / "tiny" / "data" / "output"
+    return _decoded_streams(out, tiny_llama_dir), json.loads((out / "data.json").read_text())["decontamination"]
+
+
 def test_the_general_text_evaluated_for_forgetting_is_cut_from_train_and_valid(tiny_llama_dir, tmp_path, write_recipe,
                                                                                monkeypatch):
     """general_eval is held out too: a general paragraph inside a domain training document
@@ -289,23 +309,13 @@ def test_the_general_text_evaluated_for_forgetting_is_cut_from_train_and_valid(t
     g, h, other = _long("general"), _long("library"), _long("other")
     docs = [_long("e0"), f"{_long('v1')}\n\n{h}", f"{_long('t2')}\n\n{g.replace(' ', chr(10))}\n\n{_long('t2b')}",
             _long("e3"), _long("t4"), _long("v5")]
-    domain, general = tmp_path / "domain", tmp_path / "general"
-    domain.mkdir()
-    general.mkdir()
-    for i, d in enumerate(docs):
-        (domain / f"doc{i}.txt").write_text(d)
-    (general / "g.txt").write_text(f"{other}\n\n{g}\n\n{h}\n\n" + " ".join(f"word{i}" for i in range(400)))
-    monkeypatch.chdir(tmp_path)
-    recipe = tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"path": str(domain)}, "general": {"path": str(general)},
-                                                         "seq_len": 16, "holdout_every": 3, "valid_every": 3})
-    assert cli("run", str(write_recipe(recipe)), "--only", "data") == 0
-    out = tmp_path / "runs" / "tiny" / "data" / "output"
-    text = _decoded_streams(out, tiny_llama_dir)
+    text, report = _data_stage_with_general_text(
+        tiny_llama_dir, tmp_path, write_recipe, monkeypatch, docs,
+        {"g.txt": f"{other}\n\n{g}\n\n{h}\n\n" + " ".join(f"word{i}" for i in range(400))})
     assert text["domain_train"] == f"{_long('t2')}\n\n{_long('t2b')}\n\n{_long('t4')}"
     assert text["domain_valid"] == f"{_long('v1')}\n\n{_long('v5')}"
     assert text["domain_eval"] == f"{docs[0]}\n\n{docs[3]}"
     assert text["general_eval"].startswith(f"{other}\n\n{g}\n\n{h}")  # the general text itself is untouched
-    report = json.loads((out / "data.json").read_text())["decontamination"]
     assert report["before"]["general_eval_in_train"]["paragraphs"] == 1
     assert report["before"]["general_eval_in_valid"]["paragraphs"] == 1
     assert all(v["paragraphs"] == 0 for v in report["after"].values())
@@ -772,22 +782,12 @@ def test_general_documents_after_those_general_eval_reads_are_not_held_out(tiny_
     """Only the general documents general_eval's tokens come from are held out: a domain
     training document that a later, unevaluated general document also holds stays."""
     docs = [_long("e0"), _long("v1"), _long("t2"), _long("e3"), _long("t4"), _long("v5")]
-    domain, general = tmp_path / "domain", tmp_path / "general"
-    domain.mkdir()
-    general.mkdir()
-    for i, d in enumerate(docs):
-        (domain / f"doc{i}.txt").write_text(d)
-    (general / "a.txt").write_text(" ".join(f"word{i}" for i in range(3000)))  # general_eval's 4,000 tokens
-    (general / "b.txt").write_text(f"{_long('g')}\n\n{docs[4]}")
-    monkeypatch.chdir(tmp_path)
-    recipe = tiny_recipe(tiny_llama_dir, tmp_path, data={"domain": {"path": str(domain)}, "general": {"path": str(general)},
-                                                         "seq_len": 16, "holdout_every": 3, "valid_every": 3})
-    assert cli("run", str(write_recipe(recipe)), "--only", "data") == 0
-    out = tmp_path / "runs" / "tiny" / "data" / "output"
-    text = _decoded_streams(out, tiny_llama_dir)
+    text, report = _data_stage_with_general_text(
+        tiny_llama_dir, tmp_path, write_recipe, monkeypatch, docs,
+        {"a.txt": " ".join(f"word{i}" for i in range(3000)),  # general_eval's 4,000 tokens
+         "b.txt": f"{_long('g')}\n\n{docs[4]}"})
     assert text["domain_train"] == f"{docs[2]}\n\n{docs[4]}"
     assert _long("g") not in text["general_eval"]
-    report = json.loads((out / "data.json").read_text())["decontamination"]
     assert report["before"]["general_eval_in_train"]["checked_paragraphs"] == 1  # a.txt alone
 
 
