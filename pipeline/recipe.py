@@ -439,7 +439,8 @@ class CacheConfig(_Section):
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
     dir: str = Field("runs", description="parent folder of run directories")
-    seed: int = 0
+    seed: int = Field(0, description="the seed of every seeded section that does not give its own: train.seed "
+                      "(LoRA init, batch order), calibration.seed (which windows calibrate)")
     verify_inputs: bool = Field(
         True, description="hash the upstream files a stage reads against their manifests before it runs "
         "(an altered file is rebuilt first), and a stage cache entry's files before it is used; off only for huge "
@@ -455,6 +456,9 @@ class RunConfig(_Section):
         return v
 
 
+SEEDED_SECTIONS = ("train", "calibration")  # the sections whose `seed` run.seed gives by default
+
+
 class Recipe(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -468,6 +472,20 @@ class Recipe(_Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_seed_seeds_the_sections(cls, data: Any) -> Any:
+        """run.seed is the seed of train and calibration where they give none (their own wins)."""
+        seed = data.get("run", {}).get("seed") if isinstance(data, dict) and isinstance(data.get("run"), dict) else None
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            return data  # absent (the sections' default, 0, is run.seed's), or wrong: named at run.seed alone
+        data = dict(data)
+        for section in SEEDED_SECTIONS:
+            own = data.get(section, {})
+            if isinstance(own, dict) and "seed" not in own:
+                data[section] = {**own, "seed": seed}
+        return data
 
     @field_validator("quantize")
     @classmethod

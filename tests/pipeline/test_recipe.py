@@ -201,3 +201,14 @@ def test_validate_ok_lists_stages(capsys):
     assert cli("validate", str(REPO / "recipes" / "smollm2_domain.yaml")) == 0
     out = capsys.readouterr().out
     assert "ok" in out and "base" in out and "report" in out
+
+
+def test_run_seed_seeds_train_and_calibration_unless_they_give_their_own(write_recipe):
+    """run.seed was read by no stage: a recipe setting it changed nothing."""
+    recipe, _ = load_recipe(write_recipe({"run": {"seed": 7}, "train": {"seed": 3}}))
+    assert (recipe.run.seed, recipe.train.seed, recipe.calibration.seed) == (7, 3, 7)
+    recipe, _ = load_recipe(write_recipe({}))
+    assert (recipe.run.seed, recipe.train.seed, recipe.calibration.seed) == (0, 0, 0)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe({"run": {"seed": "seven"}}))
+    assert len(err.value.problems) == 1 and "run.seed" in err.value.problems[0]
