@@ -30,6 +30,10 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 Dtype = Literal["bfloat16", "float16", "float32"]
 
 
+MAX_SEED = 2**32 - 1  # torch's generators take 64 bits; the training order multiplies the seed by ~10^6
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class _Section(BaseModel):
     # No .inf/.nan for any number: an infinite learning rate or threshold is a typo, not a setting.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -180,13 +184,15 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=1, le=10**9)
     seq_len: Optional[int] = Field(None, ge=16, description="training window length; null: data.seq_len")
     learning_rate: float = Field(2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(10, ge=0)
-    micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
+    # Upper bounds keep sample indices and seeds inside int64 (a typo of 10^20 crashed deep in
+    # training); far above any real setting.
+    micro_batch_size: int = Field(4, ge=1, le=65536)
+    gradient_accumulation: int = Field(1, ge=1, le=65536)
     gradient_checkpointing: bool = False
     optimizer: Literal["paged_adamw_8bit", "adamw"] = "paged_adamw_8bit"
     weight_decay: float = Field(0.0, ge=0)
@@ -198,7 +204,7 @@ class TrainConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="compute dtype; auto: nf4.compute_dtype on CUDA, float32 on CPU"
     )
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> "TrainConfig":
@@ -240,7 +246,7 @@ CalibrationSource = Literal["domain", "general"]
 class CalibrationConfig(_Section):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=16)
-    seed: int = 0
+    seed: Seed = 0
     source: CalibrationSource = Field(
         "domain", description="text the calibration windows are drawn from, for entries that do not say: domain "
         "(the domain train split) or general (the general train split, distinct from general_eval)")
@@ -439,7 +445,7 @@ class CacheConfig(_Section):
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
     dir: str = Field("runs", description="parent folder of run directories")
-    seed: int = Field(0, description="the seed of every seeded section that does not give its own: train.seed "
+    seed: Seed = Field(0, description="the seed of every seeded section that does not give its own: train.seed "
                       "(LoRA init, batch order), calibration.seed (which windows calibrate)")
     verify_inputs: bool = Field(
         True, description="hash the upstream files a stage reads against their manifests before it runs "
@@ -478,7 +484,7 @@ class Recipe(_Section):
     def _run_seed_seeds_the_sections(cls, data: Any) -> Any:
         """run.seed is the seed of train and calibration where they give none (their own wins)."""
         seed = data.get("run", {}).get("seed") if isinstance(data, dict) and isinstance(data.get("run"), dict) else None
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
             return data  # absent (the sections' default, 0, is run.seed's), or wrong: named at run.seed alone
         data = dict(data)
         for section in SEEDED_SECTIONS:

@@ -212,3 +212,12 @@ def test_run_seed_seeds_train_and_calibration_unless_they_give_their_own(write_r
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe({"run": {"seed": "seven"}}))
     assert len(err.value.problems) == 1 and "run.seed" in err.value.problems[0]
+
+
+@pytest.mark.parametrize("section, key", [("train", "micro_batch_size"), ("train", "gradient_accumulation"),
+                                          ("train", "seed"), ("calibration", "seed"), ("run", "seed")])
+def test_a_count_or_seed_past_int64_is_refused_at_its_key(write_recipe, section, key):
+    """10^20 passed validation and crashed in training (an index or a seed overflowing int64)."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe({section: {key: 10**20}}))
+    assert len(err.value.problems) == 1 and f"{section}.{key}" in err.value.problems[0]
