@@ -127,12 +127,15 @@ def _unchecked_model_note(recipe) -> Optional[str]:
 
 
 def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional[str] = None,
-            from_stage: Optional[str] = None, only: Optional[str] = None):
+            from_stage: Optional[str] = None, only: Optional[str] = None, source: str = "recipe"):
     """The Runner of `recipe` in its run directory, for `run` (`for_run`: it may write there,
-    fetches what hub sources stand for now, and tracks) or for `plan` (reads only)."""
+    fetches what hub sources stand for now, and tracks) or for `plan` (reads only); `source`
+    names the recipe file in the errors of its settings."""
     from qlora_pipeline import rundir
     from qlora_pipeline.data_identity import resolve_hub_dataset
+    from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.models import is_hub_source, resolve_model
+    from qlora_pipeline.preflight import outputs_inside_data
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
     from qlora_pipeline.runner import Runner, selection_problem
@@ -148,6 +151,12 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     if problem:
         raise InputError(f"run directory: {problem}; {rundir.RUN_DIR_HINT}")
     check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
+    cache = open_cache(recipe.run.cache)
+    problems = outputs_inside_data(recipe, directory, cache.root if cache else None)
+    if problems:
+        raise RecipeError(problems, source=source)
+    if for_run and cache is not None:
+        cache.check_writable()  # before the run directory or the tracking store is touched
     specs = build_stages(recipe)
     problem = selection_problem([s.name for s in specs], from_stage, only)  # before the tracker makes a store
     if problem:
@@ -169,7 +178,7 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
                           parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
     return Runner(directory, specs, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
-                  verify_inputs=recipe.run.verify_inputs, cache=open_cache(recipe.run.cache))
+                  verify_inputs=recipe.run.verify_inputs, cache=cache)
 
 
 def _describe_parent_run(runner) -> None:
@@ -209,16 +218,6 @@ def _print_summary(planned, seconds: float, report: Path) -> None:
     cached = sum(p.outcome == "cached" for p in planned)
     click.echo(f"{ran} stage(s) ran, {cached} from the stage cache, {len(planned) - ran - cached} skipped, "
                f"{seconds:.1f} s in all" + (f"; report: {report}" if report.is_file() else ""))
-
-
-def _check_cache(recipe) -> None:
-    """A stage cache folder that cannot be written stops `run` (exit 2) before the run directory
-    or the tracking store is touched."""
-    from qlora_pipeline.stagecache import open_cache
-
-    cache = open_cache(recipe.run.cache)
-    if cache is not None:
-        cache.check_writable()
 
 
 def _cache_place(runner) -> str:
@@ -266,8 +265,8 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     cfg, _ = _load_checked(recipe, sets, convert_model=True)
     if run_problems(cfg):
         raise RecipeError(run_problems(cfg), source=recipe)
-    _check_cache(cfg)
-    runner = _runner(cfg, run_dir, for_run=True, recipe_name=Path(recipe).stem, from_stage=from_stage, only=only)
+    runner = _runner(cfg, run_dir, for_run=True, recipe_name=Path(recipe).stem, from_stage=from_stage, only=only,
+                     source=recipe)
     logger.info("run directory: %s", runner.run_dir)
     logger.info("stage cache: %s", _cache_place(runner))
     t0 = time.time()
@@ -327,7 +326,7 @@ def compare(run_dirs, markdown, metrics) -> None:
 def plan(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Show the stage graph and, per stage, whether `run` would run or skip it, and why."""
     cfg, _ = _load_checked(recipe, sets)
-    runner = _runner(cfg, run_dir, for_run=False)
+    runner = _runner(cfg, run_dir, for_run=False, source=recipe)
     note = _unchecked_model_note(cfg)
     if note:
         click.echo(note)

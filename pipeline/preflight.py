@@ -75,6 +75,25 @@ def run_problems(recipe) -> list[str]:
     return [problem] if problem else []
 
 
+def outputs_inside_data(recipe, run_dir: Path, cache_dir: Optional[Path]) -> list[str]:
+    """A run directory or stage cache inside a local data folder: the data stage reads every
+    data file under the folder, so the run's own records (run.json, data.json, report.md, the
+    metrics that quote the test split) would join the corpus on the next run, and change its
+    fingerprint on every run."""
+    problems = []
+    for key, source in (("data.domain.path", recipe.data.domain), ("data.general.path", recipe.data.general)):
+        if source is None or source.path is None or not Path(source.path).expanduser().is_dir():
+            continue
+        folder = Path(source.path).expanduser().resolve()
+        for what, path, fix in (("the run directory", run_dir, "--run-dir or run.dir"),
+                                ("the stage cache", cache_dir, "run.cache.dir or $QLP_STAGE_CACHE")):
+            if path is not None and folder in (path.expanduser().resolve(), *path.expanduser().resolve().parents):
+                problems.append(f"{key}: {what} {path} is inside this data folder ({folder}), whose .json, .md and "
+                                f".txt files the data stage reads as text: the run's own files would become training "
+                                f"text; put {what} outside it ({fix}), or the data in a folder of its own")
+    return problems
+
+
 # ----------------------------------------------------------------------------- hub sources
 
 # A path segment of a hub id that stands for "put yours here": your-org, YOUR_DATASET, <name>,
