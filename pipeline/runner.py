@@ -398,7 +398,8 @@ class Runner:
             not_done = [p for p in planned if p.spec.name in target.spec.deps and p.status != "done"]
             corrupt = [p for p in not_done if p.status == "corrupt"]
             if corrupt:
-                raise StageError(f"--only {only}: its input {corrupt[0].spec.name} does not match its manifest "
+                # Nothing has run: a damaged run directory, bad input like a missing upstream (exit 2).
+                raise InputError(f"--only {only}: its input {corrupt[0].spec.name} does not match its manifest "
                                  f"({corrupt[0].reason}); rebuild it first (drop --only, or use --from {corrupt[0].spec.name})")
             if not_done:
                 raise InputError(
