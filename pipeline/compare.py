@@ -58,6 +58,12 @@ def _read_report(run_dir: Path) -> dict:
         raise InputError(f"{run_dir}: no report (expected {path}); run the pipeline to its report stage first")
     # `pipeline run` sees the altered file against the report's manifest and writes it again.
     repair = f"run the recipe of {run_dir} again (`pipeline run RECIPE --run-dir {run_dir}`) to rebuild the report"
+    manifest = rundir.read_json(run_dir / "report" / rundir.MANIFEST)
+    if manifest is not None and rundir.good_file_table(manifest.get("files")):
+        # What the report stage wrote, or nothing: an altered metrics file is named, not tabulated.
+        altered = rundir.verify_files(path.parent, manifest["files"], full=True)  # a few small files
+        if altered:
+            raise InputError(f"{altered[0]} (since the report stage wrote it); {repair}")
     report = _read_object(path, repair)
     artifacts = report.get("artifacts")
     if not isinstance(artifacts, dict) or not all(isinstance(m, dict) for m in artifacts.values()):

@@ -739,6 +739,26 @@ def test_compare_with_a_broken_stage_manifest(tmp_path, capsys):
     assert f"{good / 'merge' / 'manifest.json'} is unreadable" in err and "re-runs the merge stage" in err
 
 
+def test_compare_names_a_report_altered_since_its_stage_wrote_it(tmp_path, capsys):
+    """compare tabulated whatever metrics.json held (a damaged value printed as its repr);
+    the report stage's manifest says what it wrote."""
+    from qlora_pipeline import rundir
+
+    good = report_dir(tmp_path, "good", GOOD_REPORT)
+    output = good / "report" / "output"
+    (good / "report" / "manifest.json").write_text(json.dumps({"files": rundir.describe_files(output)}))
+    assert cli("compare", str(good)) == 0
+    metrics = output / "metrics.json"
+    st = metrics.stat()
+    metrics.write_text(GOOD_REPORT.replace("10.0", "[10]"))
+    os.utime(metrics, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert cli("compare", str(good)) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and len(err.strip().splitlines()) == 1, err
+    assert f"{metrics}: sha256 differs" in err and "since the report stage wrote it" in err and "[10]" not in out
+
+
 @pytest.mark.parametrize("target, message", [("/dev/full", "No space left on device"),
                                              ("nowhere/cmp.md", "No such file or directory")])
 def test_compare_markdown_that_cannot_be_written(target, message, tmp_path, capsys):
