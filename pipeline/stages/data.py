@@ -127,12 +127,21 @@ def _require_documents(splits: data.Splits, total: int, cfg) -> None:
     if not splits.valid:
         raise DataError(f"data.holdout_every: only {total} document(s); with holdout_every={cfg.holdout_every} "
                         "none is left for validation and training (documents identical to a test document are dropped); "
-                        "give more documents (a folder of files, JSON Lines records) or cut long ones into several with "
-                        "data.domain.document_chars (e.g. 4000)")
+                        f"give more documents (a folder of files, JSON Lines records) or {_cut_hint(cfg)}")
     if not splits.train:
         raise DataError(f"data.valid_every: of {total} document(s), none is left for training (holdout_every="
-                        f"{cfg.holdout_every}, valid_every={cfg.valid_every}); add documents, cut long ones with "
-                        "data.domain.document_chars, or raise these")
+                        f"{cfg.holdout_every}, valid_every={cfg.valid_every}); add documents, {_cut_hint(cfg)}, "
+                        "or raise these")
+
+
+def _cut_hint(cfg) -> str:
+    """How to get more documents out of long ones: document_chars, or, where it is set already,
+    why it did not (it cuts only at a line break)."""
+    chars = cfg.domain.document_chars
+    if chars is None:
+        return "cut long ones into several with data.domain.document_chars (e.g. 4000)"
+    return (f"lower data.domain.document_chars ({chars}; it cuts a document only at a paragraph or line break "
+            f"after that many characters, so text without line breaks stays one document)")
 
 
 def _require_clean(splits: data.Splits, report: data.Decontamination, cfg) -> None:

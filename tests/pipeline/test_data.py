@@ -433,8 +433,18 @@ def test_one_big_file_becomes_many_documents_with_document_chars(tmp_path):
 
     cfg = DataConfig()
     _require_documents(data.split_documents(docs, cfg.holdout_every, cfg.valid_every), len(docs), cfg)
-    with pytest.raises(DataError, match=r"only 1 document\(s\).*data.domain.document_chars"):
+    with pytest.raises(DataError, match=r"only 1 document\(s\).*cut long ones into several with data.domain.document_chars"):
         _require_documents(data.split_documents(docs[:1], cfg.holdout_every, cfg.valid_every), 1, cfg)
+    # Already set, on a text without line breaks: it cannot cut, and the message says why.
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text(" ".join(pydoc_data.topics.topics.values()).replace("\n", " "))
+    source = DataSource(path=str(one_line), document_chars=4000)
+    docs = data.load_documents(source, "data.domain")
+    assert len(docs) == 1
+    cfg = DataConfig(domain=source)
+    with pytest.raises(DataError, match=r"only 1 document\(s\).*lower data.domain.document_chars \(4000; it cuts a "
+                                        r"document only at a paragraph or line break"):
+        _require_documents(data.split_documents(docs, cfg.holdout_every, cfg.valid_every), 1, cfg)
 
 
 def test_an_empty_split_is_a_data_error_naming_the_key():
