@@ -172,7 +172,8 @@ class RecordShape:
 
 RECORD_SHAPES = {
     MANIFEST: RecordShape(required=("fingerprint",), texts=("fingerprint",), file_table=True,
-                          mappings=("files", "config", "code", "inputs", "cache", "metrics", "info")),
+                          mappings=("files", "config", "code", "inputs", "cache", "metrics", "info",
+                                    "parent_metrics")),
     STATE: RecordShape(texts=("fingerprint", "status", "host"), integers=("pid",)),
     "run.json": RecordShape(mappings=("recipe",)),
     ".lock": RecordShape(required=("pid",), texts=("host",), integers=("pid",)),

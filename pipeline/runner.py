@@ -540,6 +540,8 @@ class Runner:
                         if p.settled:
                             logger.info("%-22s skip  (%s)", p.spec.name, p.reason)
                             p.outcome = "skipped"
+                            if p.status == "done":
+                                self._offer_to_cache(p.spec)
                             continue
                         rebuilt = {q.spec.name for q in planned if q.outcome in ("ran", "resumed", "cached")}
                         fp, action, reason = self.decide(p, rebuilt)
@@ -547,6 +549,7 @@ class Runner:
                         if action == "skip":
                             logger.info("%-22s skip  (%s)", p.spec.name, reason)
                             p.action, p.reason, p.outcome = "skip", reason, "skipped"
+                            self._offer_to_cache(p.spec)
                             continue
                         p.fingerprint, p.reason = fp, reason
                         if p.forced or not self._restore(p, parent_id, ranks, created_runs):
@@ -754,7 +757,8 @@ class Runner:
             logger.warning("%s: its code changed while it ran (%s); it runs again next time", spec.name,
                            ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else ""))
             fp = fingerprint(spec, edited, self.input_digests(spec))
-        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info, code=edited or None)
+        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info, code=edited or None,
+                                     extra={"parent_metrics": result.parent_metrics} if result.parent_metrics else None)
         self._track(child_id, parent_id, metrics, result.parent_metrics,
                     {"output_dir": str(out.resolve()), "fingerprint": fp})
         cache = self._cache_for(spec)
@@ -825,6 +829,23 @@ class Runner:
 
     # ------------------------------------------------------------------------------ the stage cache
 
+    def _offer_to_cache(self, spec: StageSpec) -> None:
+        """Store an up-to-date stage that the cache lacks: a run killed between publishing a
+        stage and storing it (or a cache emptied since) would otherwise never offer it again.
+        The entry records the manifest's hashes, so bytes altered since are found when a run
+        directory restores it (`StageCache.find` verifies)."""
+        cache = self._cache_for(spec)
+        manifest = rundir.read_json(self.stage_dir(spec.name) / rundir.MANIFEST) if cache is not None else None
+        if manifest is None or not manifest.get("fingerprint") or not rundir.good_file_table(manifest.get("files")):
+            return
+        if cache.find(manifest["fingerprint"], full=False, discard=False) is not None:
+            return
+        cache.store(manifest["fingerprint"], self.stage_dir(spec.name) / rundir.OUTPUT, {
+            "stage": spec.name, "files": manifest["files"],
+            "metrics": manifest.get("metrics", {}), "info": manifest.get("info", {}),
+            "parent_metrics": manifest.get("parent_metrics", {}), "source": str(self.stage_dir(spec.name).resolve()),
+        })
+
     def _restore(self, p: PlannedStage, parent_id: Optional[str], ranks: Optional[Ranks] = None,
                  created_runs: Optional[list] = None) -> bool:
         """Serve a due stage from the stage cache instead of running it: the entry's files
@@ -853,6 +874,8 @@ class Runner:
             seconds = time.time() - t0
             record = {"cache": {"key": entry.key, "entry": str(entry.path), "source": entry.record.get("source"),
                                 "restore_seconds": round(seconds, 3)}}  # verified and put in place
+            if entry.record.get("parent_metrics"):
+                record["parent_metrics"] = entry.record["parent_metrics"]
             out, _ = self._record(spec, p.fingerprint, started, child_id, entry.record.get("metrics", {}),
                                   entry.record.get("info", {}), files=with_mtimes(partial, entry.files), extra=record)
         except OSError as exc:

@@ -463,3 +463,33 @@ def test_only_stages_kept_out_of_the_cache_read_their_run_directory():
     specs = build_stages(load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0])
     assert [s.name for s in specs if s.module in readers] == ["report"]
     assert [s.name for s in specs if not s.cacheable] == ["report"]
+
+
+def test_a_stage_whose_entry_never_reached_the_cache_is_stored_when_found_up_to_date(toy, cache, tmp_path):
+    """A kill between publishing a stage and storing it (here: the entries deleted afterwards)
+    left the stage done in its run directory and never offered to the cache again: every new
+    run directory recomputed it."""
+    one = tmp_path / "one"
+    in_dir(toy, one, cache).run()
+    stored = entries(cache)
+    for record in stored.values():
+        shutil.rmtree(cache.root / record["fingerprint"])
+    toy.calls.clear()
+    assert [p.outcome for p in in_dir(toy, one, cache).run()] == ["skipped"] * 3
+    assert toy.calls == [] and set(entries(cache)) == {"a", "b", "c"}
+    for stage, record in entries(cache).items():
+        assert record["fingerprint"] == stored[stage]["fingerprint"]
+        assert {k: v["sha256"] for k, v in record["files"].items()} == \
+            {k: v["sha256"] for k, v in stored[stage]["files"].items()}
+        assert record["metrics"] == stored[stage]["metrics"]
+    done = in_dir(toy, tmp_path / "two", cache).run()
+    assert toy.calls == [] and [p.outcome for p in done] == ["cached"] * 3
+    # Bytes altered in the run directory after the stage published them are stored with the
+    # manifest's hashes, so the entry fails verification and a new run directory recomputes.
+    shutil.rmtree(cache.root / entries(cache)["a"]["fingerprint"])
+    flip_a_byte(one / "a" / "output" / "a.txt")
+    runner = Runner(one, toy.runner().specs, cache=cache, verify_inputs=False)  # a skip hashes nothing
+    runner.run(only="a")
+    toy.calls.clear()
+    assert [p.outcome for p in in_dir(toy, tmp_path / "three", cache).run()][0] == "ran"
+    assert toy.calls[0] == "a"
