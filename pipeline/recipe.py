@@ -183,6 +183,11 @@ class LoraConfig(_Section):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
 
 
+# Train settings that change how often the stage checkpoints, never a byte of the adapter (a
+# resumed run gives an uninterrupted run's bytes): they reach the stage as runtime settings.
+TRAIN_CHECKPOINTING = ("save_interval", "keep_checkpoints")
+
+
 class TrainConfig(_Section):
     steps: int = Field(200, ge=1, le=10**9)
     seq_len: Optional[int] = Field(None, ge=16, description="training window length; null: data.seq_len")

@@ -28,6 +28,7 @@ from qlora_pipeline.data_identity import content_identity
 from qlora_pipeline.devices import resolve_device
 from qlora_pipeline.dtypes import resolve_dtype_name, train_dtype_name
 from qlora_pipeline.layerwise.families import family_for
+from qlora_pipeline.recipe import TRAIN_CHECKPOINTING
 
 _EVALUATE = "qlora_pipeline.stages.evaluate"
 
@@ -109,22 +110,27 @@ def build_stages(recipe) -> list[StageSpec]:
     model = {"model": fingerprinted_model(recipe.model), "weights": source_identity(recipe.model)}
     # The gate is the report's business: changing a threshold re-evaluates nothing.
     # Nor does `evaluate.qlora`, which adds an evaluation and changes none.
-    evaluation = {"seq_len": recipe.data.seq_len,
-                  **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"})}
     # `auto` dtypes resolved here (torch-free), as the devices are: bf16 compute on one machine
     # is not float32 on another, so the resolved dtype is part of the fingerprint. So is the
     # resolved device, as for the quantize stages: an evaluation measures speed, peak memory and
     # perplexity on it, and one made on a GPU must not stand for a CPU run's (the stage cache).
+    # The stage computes with the resolved pair, so `device: cpu` where `auto` is the CPU is the
+    # same evaluation, not a new one.
     eval_device = resolve_device(recipe.evaluate.device)
-    scoring = {"evaluate": evaluation, "evaluate_device": eval_device,
-               "evaluate_compute_dtype": resolve_dtype_name(recipe.evaluate.dtype, eval_device)}
+    eval_dtype = resolve_dtype_name(recipe.evaluate.dtype, eval_device)
+    evaluation = {"seq_len": recipe.data.seq_len,
+                  **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"}),
+                  "device": eval_device, "dtype": eval_dtype}
+    scoring = {"evaluate": evaluation, "evaluate_device": eval_device, "evaluate_compute_dtype": eval_dtype}
     # Each entry with its calibration source resolved (the recipe's default filled in; None for
     # methods that take no calibration): part of its quantize (and search) stage's settings.
     entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]
     sources = sorted({q.calibration_source for q in entries if q.calibration_source is not None})
     # The general train split is prepared only when something calibrates on it: only then is its
     # size part of the data stage's settings.
-    data_config = {**model, "data": recipe.data.model_dump(mode="json", exclude={"general_train_tokens"})}
+    # The tokens depend on the tokenizer, not on the dtype the weights load in.
+    data_config = {"model": {k: v for k, v in model["model"].items() if k != "dtype"}, "weights": model["weights"],
+                   "data": recipe.data.model_dump(mode="json", exclude={"general_train_tokens"})}
     for source in ("domain", "general"):  # unset, as before the setting existed: the same work keeps its fingerprint
         if (data_config["data"].get(source) or {}).get("document_chars", 0) is None:
             del data_config["data"][source]["document_chars"]
@@ -147,12 +153,16 @@ def build_stages(recipe) -> list[StageSpec]:
                     "seq_len": recipe.data.seq_len}
     if recipe.merge.adapter is None:
         # The adapter names its base model; NF4's compute dtype is the default training dtype on CUDA.
-        train_config = {"lora": recipe.lora.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
+        # How often it checkpoints, and how many it keeps: runtime settings (`TRAIN_CHECKPOINTING`),
+        # so changing them re-trains nothing.
+        train_config = {"lora": recipe.lora.model_dump(mode="json"),
+                        "train": recipe.train.model_dump(mode="json", exclude=set(TRAIN_CHECKPOINTING)),
                         "seq_len": recipe.data.seq_len, "model": model["model"],
                         "nf4_compute_dtype": recipe.nf4.compute_dtype,
                         "compute_dtype": train_dtype_name(recipe.train.dtype, resolve_device("auto"),
                                                           cuda_dtype=recipe.nf4.compute_dtype)}
-        specs.append(StageSpec("train", _stage("train"), ("data", "base"), train_config, distributed=True))
+        specs.append(StageSpec("train", _stage("train"), ("data", "base"), train_config, distributed=True,
+                               runtime={k: getattr(recipe.train, k) for k in TRAIN_CHECKPOINTING}))
         merge_deps: tuple[str, ...] = ("data", "base", "train")
     else:
         merge_config["adapter_files"] = adapter_identity(recipe.merge.adapter)

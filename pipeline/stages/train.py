@@ -35,7 +35,7 @@ from qlora_pipeline.graph import StageContext, StageResult
 from qlora_pipeline.lora import attach_lora
 from qlora_pipeline.models import is_hub_source, resolve_model, stage_model
 from qlora_pipeline.next_token_loss import next_token_loss
-from qlora_pipeline.recipe import LoraConfig, TrainConfig
+from qlora_pipeline.recipe import TRAIN_CHECKPOINTING, LoraConfig, TrainConfig
 from qlora_pipeline.rundir import checkpoint_problems, fsync_dir, fsync_tree, is_sealed, seal_checkpoint
 from qlora_pipeline.safe_state import load_state, save_state
 from qlora_pipeline.scoring import summed_nll
@@ -222,7 +222,8 @@ def trainable_model(base, lora: LoraConfig, cfg: TrainConfig):
 def run(ctx: StageContext) -> StageResult:
     from accelerate import Accelerator
 
-    cfg = TrainConfig.model_validate(ctx.config["train"])
+    # The checkpointing settings come as runtime settings (not fingerprinted).
+    cfg = TrainConfig.model_validate({**ctx.config["train"], **{k: ctx.runtime[k] for k in TRAIN_CHECKPOINTING}})
     lora = LoraConfig.model_validate(ctx.config["lora"])
     model_cfg = stage_model(ctx.config, ctx.runtime)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

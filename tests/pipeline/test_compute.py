@@ -120,3 +120,29 @@ def test_the_resolved_evaluation_device_is_in_the_fingerprints(write_recipe, mon
     assert {"evaluate-base", "evaluate-base-nf4", "evaluate-merged", "evaluate-r"} <= changed
     assert settings["no GPU"]["evaluate-r"]["evaluate_device"] == "cpu" and settings[None]["evaluate-r"]["evaluate_device"] == "cuda"
     assert not changed & {"data", "base", "merge"}
+
+
+@pytest.mark.parametrize("change, unchanged", [
+    ({"evaluate": {"device": "cpu", "dtype": "float32"}}, "every"),  # what auto resolves to on this machine
+    ({"train": {"save_interval": 3, "keep_checkpoints": 5}}, "every"),  # how often training checkpoints
+    ({"model": {"dtype": "float32"}}, "data"),  # the tokens do not depend on it
+])
+def test_a_setting_that_changes_no_output_re_runs_nothing(change, unchanged, write_recipe, monkeypatch, cpu_bf16):
+    """These re-ran stages whose output they cannot change: an explicit evaluation device and
+    dtype equal to what auto gives re-ran every evaluation, the checkpoint interval re-trained,
+    the weights' dtype re-tokenized."""
+    from qlora_pipeline import devices
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import build_stages
+
+    monkeypatch.setattr(devices, "cuda_missing", lambda: "no GPU")
+    cpu_bf16(False)
+    base = {"quantize": [{"name": "r", "method": "rtn", "group_size": 64}]}
+    specs = {}
+    for name, recipe in (("before", base), ("after", {**base, **change})):
+        specs[name] = {s.name: s.config for s in build_stages(load_recipe(write_recipe(recipe), [])[0])}
+    same = {n for n in specs["before"] if specs["before"][n] == specs["after"][n]}
+    assert same == set(specs["before"]) if unchanged == "every" else unchanged in same
+    if "train" in change:  # the stage still gets them
+        train = next(s for s in build_stages(load_recipe(write_recipe({**base, **change}), [])[0]) if s.name == "train")
+        assert (train.runtime["save_interval"], train.runtime["keep_checkpoints"]) == (3, 5)
