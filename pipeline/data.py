@@ -766,9 +766,11 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
 
 def _held_index(held: list[str], min_chars: int) -> SharedText:
     """The held-out documents' normalized text, indexed (`SharedText`) with where each of
-    their lines starts; documents joined by a line break, which no normalized text holds: a
-    shared stretch ends where its held-out document does, rather than run on into the start
-    of whichever document happens to be held out next."""
+    their lines starts; documents joined by a space, as their token stream joins them (a
+    blank line): an evaluation window runs from the end of one held-out document into the
+    next, so a training copy of that junction is shared text too. A stretch that runs on
+    into the next document by chance (a "The" that starts both) is trimmed as at any line's
+    edge."""
     texts, starts, pos = [], [], 0
     for d in held:
         lines = [line for line in map(normalize, canonical(d).split("\n")) if line]
@@ -779,15 +781,16 @@ def _held_index(held: list[str], min_chars: int) -> SharedText:
             starts.append(pos)
             pos += len(line)
         texts.append(_join(lines))
-        pos += 1  # the line break before the next document
-    return SharedText("\n".join(texts), min_chars, starts)
+        pos += 1  # the space before the next document
+    return SharedText(" ".join(texts), min_chars, starts)
 
 
 def shared_chars(held: list[str], side: list[str], min_chars: int) -> int:
     """Characters of `side`'s normalized text in stretches of at least `min_chars` characters
-    that `held`'s also holds: what `remove_contained` cuts, counted; 0 once it has."""
+    that `held`'s also holds, whole (`remove_contained` cuts them less the chance matches at
+    their edges); 0 once it has cut."""
     covered, end = 0, 0
-    for a, b in _held_index(held, min_chars).spans(_NormalizedSide(side).text):
+    for a, b in _held_index(held, min_chars).spans(_NormalizedSide(side).text, trim=False):
         covered += max(0, b - max(a, end))
         end = max(end, b)
     return covered

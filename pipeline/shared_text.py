@@ -24,8 +24,12 @@ line's break (`line_starts`), then of a part of a word at either end that is par
 both texts.
 
 A k-gram repeated more than `_MAX_POSITIONS` times in the reference (a separator line,
-boilerplate) is indexed at its first `_MAX_POSITIONS` positions: the stretches through its
-later copies are found through their other sampled k-grams, unless they hold nothing else.
+boilerplate) is indexed at its first `_MAX_POSITIONS` positions, so that a text of one repeated
+line costs no more than a text of 64 of them; the k-grams r = floor(s / 2) characters before and
+after each of its copies are indexed too: a stretch of `min_chars` holds one of them (it holds a
+sampled k-gram and s - 1 more characters, at least r of them on one side). So a stretch through
+a later copy is found unless those neighbours are themselves repeated more than
+`_MAX_POSITIONS` times (boilerplate of k + 2r characters and more, repeated as often).
 """
 from __future__ import annotations
 
@@ -100,18 +104,29 @@ class SharedText:
         if len(reference) < self.k:
             self._hashes = np.zeros(0, dtype=np.uint64)
             return
-        starts = np.arange(0, len(reference) - self.k + 1, step)
+        sampled = np.arange(0, len(reference) - self.k + 1, step)
+        everywhere: dict[str, list[int]] = {}
+        for p in sampled.tolist():
+            everywhere.setdefault(reference[p : p + self.k], []).append(p)
+        # A shared stretch holds a sampled k-gram and, beside it, `reach` more characters on one
+        # side at least: the k-grams that far either side of each copy of a repeated one stand
+        # for it (where the repeated piece is boilerplate, they hold what follows or precedes it).
+        reach = (min_chars - self.k + 1) // 2
+        neighbours = [q for gram, ps in everywhere.items() if len(ps) > _MAX_POSITIONS and reach
+                      for p in ps for q in (p - reach, p + reach) if 0 <= q <= len(reference) - self.k]
+        starts = np.unique(np.concatenate([sampled, np.array(neighbours, dtype=sampled.dtype)]))
         for p in starts.tolist():
-            gram = reference[p : p + self.k]
-            found = self._positions.setdefault(gram, [])
+            found = self._positions.setdefault(reference[p : p + self.k], [])
             if len(found) < _MAX_POSITIONS:
                 found.append(p)
         self._hashes = np.unique(_hashes(_codes(reference), starts, self.k))
 
-    def spans(self, text: str) -> list[tuple[int, int]]:
+    def spans(self, text: str, trim: bool = True) -> list[tuple[int, int]]:
         """(start, end) in `text`, in order, of every maximal stretch of at least `min_chars`
         characters that the reference also holds (stretches can overlap one another where
-        the reference holds two that overlap in `text`)."""
+        the reference holds two that overlap in `text`); with `trim`, without the chance
+        matches at their edges (the module's docstring): what is cut, where untrimmed is
+        what is shared."""
         k, ref = self.k, self.reference
         found: list[tuple[int, int]] = []
         if len(text) < self.min_chars or not len(self._hashes):
@@ -128,7 +143,9 @@ class SharedText:
                     left = _common_run(text, q, ref, p, forward=False)
                     end = q + k + _common_run(text, q + k, ref, p + k, forward=True)
                     grown[diagonal] = end
-                    if end - (q - left) >= self.min_chars:
+                    if end - (q - left) >= self.min_chars and not trim:
+                        found.append((q - left, end))
+                    elif end - (q - left) >= self.min_chars:
                         a, b = self._trimmed(p - left, end - diagonal)
                         found.append(self._whole_words(text, a + diagonal, b + diagonal, diagonal))
         return sorted(set(found))

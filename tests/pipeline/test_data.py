@@ -815,3 +815,45 @@ def test_a_text_file_not_utf8_past_its_start_or_with_nul_bytes_is_named(tmp_path
         f.write_bytes(b"\0" * 200000)
     with pytest.raises(DataError, match=r"doc0.txt holds NUL bytes at byte 0: not text"):
         data.load_documents(DataSource(path=str(folder)), "data.domain")
+
+
+def test_a_stretch_through_a_later_copy_of_held_out_boilerplate_is_cut():
+    """A 40-character piece repeated more than 64 times in the held-out text was indexed at its
+    first 64 places only: a 120-character copy around its 69th, holding no other indexed
+    piece, stayed in training with every count at 0 (found by QA)."""
+    rnd = random.Random(5)
+    boiler = "status report from the nightly build: ok"  # 40 characters
+    tails = [f"entry {i:03d} " + "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(26))
+             + f"{i * 7:04d}" for i in range(70)]  # 40 characters each: every line is 81
+    held = "\n".join(f"{boiler} {t}" for t in tails)
+    copy = f"{tails[67][1:]} {boiler} {tails[68][:39]}"
+    splits = data.Splits(train=[f"{_long('t')}\n\nMy own words before. {copy} and my own words after."],
+                         valid=[_long("v")], eval=[held])
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and report.shared_before["eval_in_train"] == len(copy)
+    assert not _windows(clean.train) & _windows([held])
+    assert clean.train[0].startswith(_long("t")) and clean.train[0].endswith("and my own words after.")
+
+
+def test_a_copy_of_the_junction_of_two_held_out_documents_is_cut():
+    """The end of one held-out document and the start of the next, each under 80 characters:
+    the evaluation stream joins them and a window reads both, but the index ended every
+    stretch at a document's end, so a training copy of the two together stayed."""
+    end, start = "The end of the first held-out note is right here.", "And the second held-out note starts exactly so."
+    held = [f"{_long('e0')}\n\n{end}", f"{start}\n\n{_long('e1')}"]
+    train = f"{_long('t')}\n\nMy own words first. {end}\n\n{start} Then mine again."
+    clean, report = data.decontaminate(data.Splits(train=[train], valid=[_long("v")], eval=held), DecontaminateConfig())
+    assert report.clean and not _windows(clean.train) & _windows(["\n\n".join(held)])  # as the stream joins them
+    assert end not in clean.train[0] and start not in clean.train[0] and _long("t") in clean.train[0]
+
+
+def test_shared_characters_before_count_the_whole_shared_stretch():
+    """The count before cleaning took the cut's trimmed spans: a copy whose first word is a
+    URL in other brackets counted 108 of its 223 shared characters."""
+    url = "https://download.example.org/pub/releases/2024/stable/linux-x86_64/toolkit-full-offline-installer-v12.4.7.tar.gz"
+    tail = " holds every file that an offline install of the toolkit needs, together with its documentation and examples."
+    held = f"{_long('e')}\n\nUse the mirror ({url}){tail}"
+    train = f"{_long('t')}\n\nThe archive at <{url}){tail} My own closing words."
+    clean, report = data.decontaminate(data.Splits(train=[train], valid=[_long("v")], eval=[held]), DecontaminateConfig())
+    assert report.shared_before["eval_in_train"] == len(f"{url}){tail}")
+    assert report.clean and clean.train == [f"{_long('t')}\n\nThe archive at <\n\nMy own closing words."]
