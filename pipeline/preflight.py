@@ -407,6 +407,13 @@ def check_tokenizer(path: Path, key: str, config: Optional[dict] = None) -> list
             parsed[name], problem = read_json_object(path / name, key)
             if problem:
                 return [f"{problem}; {fix}"]
+    if "tokenizer.json" in parsed:  # JSON, but is it a tokenizer? ('{}' failed the data stage with KeyError)
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # the library's own error says what is missing
+            return [f"{key}: {path / 'tokenizer.json'} is not a tokenizer the tokenizers library can read ({exc}); {fix}"]
     vocab_size = (config or {}).get("vocab_size")
     top = _largest_token_id(parsed.get("tokenizer.json"))
     if isinstance(vocab_size, int) and top is not None and top >= vocab_size:

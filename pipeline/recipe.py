@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from qlora_pipeline.errors import RecipeError
 from qlora_pipeline.methods import METHODS, format_problems, reads
@@ -32,6 +33,7 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 
 MAX_SEED = 2**32 - 1  # torch's generators take 64 bits; the training order multiplies the seed by ~10^6
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+_SEED = TypeAdapter(Seed)
 
 
 class _Section(BaseModel):
@@ -488,9 +490,13 @@ class Recipe(_Section):
     @classmethod
     def _run_seed_seeds_the_sections(cls, data: Any) -> Any:
         """run.seed is the seed of train and calibration where they give none (their own wins)."""
-        seed = data.get("run", {}).get("seed") if isinstance(data, dict) and isinstance(data.get("run"), dict) else None
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-            return data  # absent (the sections' default, 0, is run.seed's), or wrong: named at run.seed alone
+        given = data.get("run", {}).get("seed") if isinstance(data, dict) and isinstance(data.get("run"), dict) else None
+        if given is None or isinstance(given, bool):
+            return data  # absent: the sections' default, 0, is run.seed's
+        try:  # as run.seed itself will read it (7.0 and "7" are 7)
+            seed = _SEED.validate_python(given)
+        except ValidationError:
+            return data  # named at run.seed alone
         data = dict(data)
         for section in SEEDED_SECTIONS:
             own = data.get(section, {})

@@ -66,13 +66,15 @@ def test_model_dir_without_a_tokenizer(command, model_copy, in_tmp, write_recipe
     ({"tokenizer.json": '{"version": "1.0", "trunc'}, "tokenizer.json is not valid JSON (line 1, column"),
     ({"tokenizer.json": ""}, "tokenizer.json is not valid JSON (line 1, column 1: Expecting value)"),
     ({"tokenizer_config.json": '{"x":'}, "tokenizer_config.json is not valid JSON"),
+    ({"tokenizer.json": "{}"}, "tokenizer.json is not a tokenizer the tokenizers library can read (Model missing"),
     ({"config.json": {"num_attention_heads": 3, "head_dim": None}},
      "config.json: hidden_size 64 is not divisible by num_attention_heads 3"),
     ({"config.json": {"num_key_value_heads": 3}}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
     ({"config.json": {"hidden_size": "64", "intermediate_size": 0}},
      "has hidden_size = '64', intermediate_size = 0, not a positive whole number"),
     ({"config.json": {"vocab_size": 1000}}, "tokenizer.json has token ids up to 49151 but the model's vocab_size is 1000"),
-], ids=["tokenizer-cut", "tokenizer-empty", "tokenizer-config", "heads", "kv-heads", "sizes", "vocab"])
+], ids=["tokenizer-cut", "tokenizer-empty", "tokenizer-config", "tokenizer-not-one", "heads", "kv-heads", "sizes",
+        "vocab"])
 def test_a_damaged_tokenizer_or_inconsistent_config_is_refused_before_a_stage_fails(damage, expected, model_copy, in_tmp,
                                                                                    write_recipe, capsys):
     """They passed `validate`, then a stage failed with a bare JSONDecodeError, a transformers

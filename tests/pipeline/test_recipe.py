@@ -209,6 +209,9 @@ def test_run_seed_seeds_train_and_calibration_unless_they_give_their_own(write_r
     assert (recipe.run.seed, recipe.train.seed, recipe.calibration.seed) == (7, 3, 7)
     recipe, _ = load_recipe(write_recipe({}))
     assert (recipe.run.seed, recipe.train.seed, recipe.calibration.seed) == (0, 0, 0)
+    for written in (7.0, "7"):  # read as 7 by run.seed: so by the sections too (they stayed 0)
+        recipe, _ = load_recipe(write_recipe({"run": {"seed": written}}))
+        assert (recipe.run.seed, recipe.train.seed, recipe.calibration.seed) == (7, 7, 7)
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe({"run": {"seed": "seven"}}))
     assert len(err.value.problems) == 1 and "run.seed" in err.value.problems[0]
