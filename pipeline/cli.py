@@ -85,10 +85,13 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...], convert_model: bool =
     minutes later meets the problem.
     """
     from qlora_pipeline.errors import RecipeError
-    from qlora_pipeline.preflight import preflight
+    from qlora_pipeline.preflight import cache_places, outputs_inside_data, preflight
     from qlora_pipeline.stages import build_stages
 
     cfg, raw = _load(recipe_path, sets)
+    problems = outputs_inside_data(cfg, cache_places(cfg))  # before a cache is written (a model's hashes)
+    if problems:
+        raise RecipeError(problems, source=recipe_path)
     if convert_model:
         _convert_local_model(cfg)
     preflight(cfg, source=recipe_path)
@@ -151,10 +154,10 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     if problem:
         raise InputError(f"run directory: {problem}; {rundir.RUN_DIR_HINT}")
     check_records(directory)  # before the tracker: a damaged run directory creates no MLflow run
-    cache = open_cache(recipe.run.cache)
-    problems = outputs_inside_data(recipe, directory, cache.root if cache else None)
+    problems = outputs_inside_data(recipe, [("the run directory", directory, "--run-dir or run.dir")])
     if problems:
         raise RecipeError(problems, source=source)
+    cache = open_cache(recipe.run.cache)
     if for_run and cache is not None:
         cache.check_writable()  # before the run directory or the tracking store is touched
     specs = build_stages(recipe)

@@ -75,23 +75,34 @@ def run_problems(recipe) -> list[str]:
     return [problem] if problem else []
 
 
-def outputs_inside_data(recipe, run_dir: Path, cache_dir: Optional[Path]) -> list[str]:
-    """A run directory or stage cache inside a local data folder: the data stage reads every
-    data file under the folder, so the run's own records (run.json, data.json, report.md, the
-    metrics that quote the test split) would join the corpus on the next run, and change its
+def outputs_inside_data(recipe, places: list[tuple[str, Optional[Path], str]]) -> list[str]:
+    """Folders the pipeline writes (`places`: what, path, how to move it) that lie inside a
+    local data folder: the data stage reads every data file under the folder, so the run's own
+    records (run.json, data.json, report.md, the metrics that quote the test split) or the
+    caches' (file_hashes.json) would join the corpus on the next run, and change its
     fingerprint on every run."""
     problems = []
     for key, source in (("data.domain.path", recipe.data.domain), ("data.general.path", recipe.data.general)):
         if source is None or source.path is None or not Path(source.path).expanduser().is_dir():
             continue
         folder = Path(source.path).expanduser().resolve()
-        for what, path, fix in (("the run directory", run_dir, "--run-dir or run.dir"),
-                                ("the stage cache", cache_dir, "run.cache.dir or $QLP_STAGE_CACHE")):
+        for what, path, fix in places:
             if path is not None and folder in (path.expanduser().resolve(), *path.expanduser().resolve().parents):
                 problems.append(f"{key}: {what} {path} is inside this data folder ({folder}), whose .json, .md and "
-                                f".txt files the data stage reads as text: the run's own files would become training "
-                                f"text; put {what} outside it ({fix}), or the data in a folder of its own")
+                                f".txt files the data stage reads as text: the pipeline's own files would become "
+                                f"training text; put {what} outside it ({fix}), or the data in a folder of its own")
     return problems
+
+
+def cache_places(recipe) -> list[tuple[str, Optional[Path], str]]:
+    """The caches a command may write before it plans (`outputs_inside_data`): the project's
+    cache folder (converted models, remembered file hashes) and the stage cache."""
+    from qlora_pipeline.models import cache_root
+    from qlora_pipeline.stagecache import open_cache
+
+    cache = open_cache(recipe.run.cache)
+    return [("the cache folder", cache_root(), "$QLP_CACHE or $XDG_CACHE_HOME"),
+            ("the stage cache", cache.root if cache else None, "run.cache.dir or $QLP_STAGE_CACHE")]
 
 
 # ----------------------------------------------------------------------------- hub sources

@@ -960,22 +960,28 @@ def test_a_tracking_store_that_is_a_folder_or_not_a_database_is_refused(tiny_lla
     assert f"--uri: {in_tmp / 'notes.txt'} is not a SQLite database" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["run", "plan"])
-@pytest.mark.parametrize("inside", ["run directory", "stage cache"])
-def test_a_run_directory_or_stage_cache_inside_a_data_folder_is_refused(command, inside, tiny_llama_dir, in_tmp,
-                                                                        write_recipe, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["run", "plan", "validate"])
+@pytest.mark.parametrize("inside", ["run directory", "stage cache", "cache folder"])
+def test_a_folder_the_pipeline_writes_inside_a_data_folder_is_refused(command, inside, tiny_llama_dir, in_tmp,
+                                                                      write_recipe, capsys, monkeypatch):
     """The data stage reads every .json/.md/.txt file under a data folder: a run directory
-    there (run.json, data.json, report.md) would join the corpus on the next run."""
+    there (run.json, data.json, report.md) would join the corpus on the next run, and a cache
+    folder there (file_hashes.json, which even `plan` writes) broke the recipe's next command."""
+    if command == "validate" and inside == "run directory":
+        pytest.skip("validate has no run directory")
     corpus = in_tmp / "corpus"
     corpus.mkdir()
     for i in range(6):
         (corpus / f"doc{i}.txt").write_text(f"Document {i} of the domain, about one thing or another.\n" * 40)
     run = {"dir": str(corpus / "runs")} if inside == "run directory" else {"cache": {"enabled": True}}
-    monkeypatch.setenv("QLP_STAGE_CACHE", str(corpus / "cache"))  # the tests' own cache otherwise
+    place = {"run directory": corpus / "runs" / "tiny", "stage cache": corpus / "stages", "cache folder": corpus / "qlp"}
+    if inside == "stage cache":
+        monkeypatch.setenv("QLP_STAGE_CACHE", str(place[inside]))  # the tests' own cache otherwise
+    if inside == "cache folder":
+        monkeypatch.setenv("QLP_CACHE", str(place[inside]))
     path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, tracking={"enabled": False}, run=run,
                        data={"domain": {"path": str(corpus)}, "general": None, "seq_len": 16})
     before = sorted(p.name for p in corpus.rglob("*"))
     err = refused(capsys, in_tmp, command, path)
-    assert f"data.domain.path: the {inside} {corpus / ('runs/tiny' if inside == 'run directory' else 'cache')} " \
-           f"is inside this data folder ({corpus.resolve()})" in err
+    assert f"data.domain.path: the {inside} {place[inside]} is inside this data folder ({corpus.resolve()})" in err
     assert sorted(p.name for p in corpus.rglob("*")) == before
