@@ -15,6 +15,7 @@ from qlora_pipeline import rundir
 from qlora_pipeline.environment import describe
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.recipe import flatten_settings
+from qlora_pipeline.runinfo import damaged_message, damaged_records
 from qlora_pipeline.stages.report import COLUMNS, format_cell, gate_cell, metrics_path
 
 DEFAULT_COLUMNS = tuple(key for key in COLUMNS if key != "load_seconds")
@@ -58,12 +59,18 @@ def _read_report(run_dir: Path) -> dict:
         raise InputError(f"{run_dir}: no report (expected {path}); run the pipeline to its report stage first")
     # `pipeline run` sees the altered file against the report's manifest and writes it again.
     repair = f"run the recipe of {run_dir} again (`pipeline run RECIPE --run-dir {run_dir}`) to rebuild the report"
-    manifest = rundir.read_json(run_dir / "report" / rundir.MANIFEST)
-    if manifest is not None and rundir.good_file_table(manifest.get("files")):
-        # What the report stage wrote, or nothing: an altered metrics file is named, not tabulated.
-        altered = rundir.verify_files(path.parent, manifest["files"], full=True)  # a few small files
-        if altered:
-            raise InputError(f"{altered[0]} (since the report stage wrote it); {repair}")
+    damaged = damaged_records(run_dir)  # the one rule for damaged records, as `status` and `run` apply it
+    if damaged:
+        raise InputError(damaged_message(run_dir, damaged))
+    # What the report stage wrote, or nothing: an altered metrics file is named, not tabulated.
+    manifest_path = run_dir / "report" / rundir.MANIFEST
+    manifest = rundir.read_json(manifest_path)
+    if manifest is None:
+        raise InputError(f"{manifest_path} is missing, so nothing says {path} is what the report stage wrote "
+                         f"(its record deleted, or a folder put together by hand); {repair}")
+    altered = rundir.verify_files(path.parent, manifest["files"], full=True)  # a few small files
+    if altered:
+        raise InputError(f"{altered[0]} (since the report stage wrote it); {repair}")
     report = _read_object(path, repair)
     artifacts = report.get("artifacts")
     if not isinstance(artifacts, dict) or not all(isinstance(m, dict) for m in artifacts.values()):

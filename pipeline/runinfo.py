@@ -108,10 +108,14 @@ def check_records(run_dir: Path) -> None:
                          "--run-dir (or run.dir and run.name) a new or empty folder")
     damaged = damaged_records(run_dir)
     if damaged:
-        raise InputError(f"damaged run directory {run_dir}: {'; '.join(damaged)}; delete "
-                         f"{'it' if len(damaged) == 1 else 'them'} if no pipeline process is running there "
-                         "(a stage whose manifest is deleted runs again; a deleted state, run.json or lock is "
-                         "written anew)")
+        raise InputError(damaged_message(run_dir, damaged))
+
+
+def damaged_message(run_dir: Path, damaged: list[str]) -> str:
+    """The one line that names a run directory's damaged records and what to do."""
+    return (f"damaged run directory {run_dir}: {'; '.join(damaged)}; delete {'it' if len(damaged) == 1 else 'them'} "
+            "if no pipeline process is running there (a stage whose manifest is deleted runs again; a deleted "
+            "state, run.json or lock is written anew)")
 
 
 _OWN_LEFTOVERS = re.compile(r"\.lock|\.run\.json\.tmp-\d+")  # what a run leaves before run.json exists

@@ -706,10 +706,15 @@ def test_status_refuses_a_state_that_is_not_an_object(run_dir, capsys):
 
 
 def report_dir(tmp_path: Path, name: str, metrics: str | None) -> Path:
+    """A run directory holding a report stage's output with `metrics` and its manifest."""
+    from qlora_pipeline import rundir
+
     d = tmp_path / name
     (d / "report" / "output").mkdir(parents=True)
     if metrics is not None:
         (d / "report" / "output" / "metrics.json").write_text(metrics)
+    manifest = {"fingerprint": "f", "files": rundir.describe_files(d / "report" / "output")}
+    (d / "report" / "manifest.json").write_text(json.dumps(manifest))
     return d
 
 
@@ -738,7 +743,24 @@ def test_compare_with_a_broken_stage_manifest(tmp_path, capsys):
     (good / "merge" / "manifest.json").write_text("{trunc")
     assert cli("compare", str(good)) == 2
     err = capsys.readouterr().err
-    assert f"{good / 'merge' / 'manifest.json'} is unreadable" in err and "re-runs the merge stage" in err
+    assert f"damaged run directory {good}: {good / 'merge' / 'manifest.json'} is unreadable" in err
+
+
+@pytest.mark.parametrize("damage", ["deleted", "not json", "no file table"])
+def test_compare_refuses_a_report_whose_manifest_is_missing_or_damaged(damage, tmp_path, capsys):
+    """Deleting or damaging the report's manifest got round the check of metrics.json against
+    it: an altered figure was tabulated without a word."""
+    good = report_dir(tmp_path, "good", GOOD_REPORT)
+    manifest = good / "report" / "manifest.json"
+    if damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_text("[1, 2" if damage == "not json" else json.dumps({"fingerprint": "f", "files": "x"}))
+    (good / "report" / "output" / "metrics.json").write_text(GOOD_REPORT.replace("10.0", "99.0"))
+    assert cli("compare", str(good)) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "99.000" not in out and len(err.strip().splitlines()) == 1, err
+    assert str(manifest) in err
 
 
 def test_compare_names_a_report_altered_since_its_stage_wrote_it(tmp_path, capsys):
@@ -748,7 +770,6 @@ def test_compare_names_a_report_altered_since_its_stage_wrote_it(tmp_path, capsy
 
     good = report_dir(tmp_path, "good", GOOD_REPORT)
     output = good / "report" / "output"
-    (good / "report" / "manifest.json").write_text(json.dumps({"files": rundir.describe_files(output)}))
     assert cli("compare", str(good)) == 0
     metrics = output / "metrics.json"
     st = metrics.stat()

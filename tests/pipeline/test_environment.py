@@ -63,10 +63,9 @@ def test_the_report_says_where_once_or_warns_when_places_differ():
 
 
 def _report(tmp_path, name, env):
-    out = tmp_path / name / "report" / "output"
-    out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({"artifacts": {"merged": {"domain_ppl": 10.0, "environment": env}}}))
-    return tmp_path / name
+    from tests.pipeline.test_bad_input import report_dir
+
+    return report_dir(tmp_path, name, json.dumps({"artifacts": {"merged": {"domain_ppl": 10.0, "environment": env}}}))
 
 
 def test_compare_shows_the_place_only_when_it_differs(tmp_path):
