@@ -363,15 +363,27 @@ def status(run_dir: str, verify: bool) -> None:
         # The recorded recipe names inputs that are gone or moved (a corpus cleaned up, a run
         # copied to another machine): without them nothing can be judged up to date, but what
         # the run directory holds can still be told.
-        _print_recorded_status(path, exc.problems, verify)
+        _refuse_corrupt(_print_recorded_status(path, exc.problems, verify))
         return
     runner = Runner(path, specs, verify_inputs=recipe.run.verify_inputs, cache=open_cache(recipe.run.cache))
     names = {"missing": "pending"}
     width = max(len(s.name) for s in runner.specs)
+    corrupt = []
     for p in runner.plan(full_verify=verify):
         click.echo(f"  {p.spec.name:<{width}}  {names.get(p.status, p.status):<8}  {p.reason}")
+        if p.status == "corrupt":
+            corrupt.append(p.spec.name)
     if holder:
         click.echo(describe_lock(holder))  # a dead holder's lock is stale: the next run takes it over
+    _refuse_corrupt(corrupt)
+
+
+def _refuse_corrupt(stages: list[str]) -> None:
+    """`status` exits 2 when an output does not match its manifest, so that a script (or CI)
+    checking a run directory with `--verify` is told, not only shown."""
+    if stages:
+        raise InputError(f"{len(stages)} stage output(s) do not match their manifests ({', '.join(stages)}); "
+                         "`pipeline run` with the run's recipe rebuilds them and what read them")
 
 
 def _names_a_missing_input(problem: str) -> bool:
@@ -380,10 +392,10 @@ def _names_a_missing_input(problem: str) -> bool:
     return " does not exist" in problem or "(no adapter_config.json)" in problem
 
 
-def _print_recorded_status(path: Path, problems: list[str], verify: bool) -> None:
+def _print_recorded_status(path: Path, problems: list[str], verify: bool) -> list[str]:
     """`status` of a run whose recorded recipe no longer validates: each stage as its manifest
     records it (outputs checked against the manifest's sizes, and hashes with `verify`), not
-    judged against inputs that cannot be read."""
+    judged against inputs that cannot be read. Returns the stages whose output is corrupt."""
     from qlora_pipeline import rundir
 
     click.echo(f"{path / 'run.json'}: the recipe this run was made with does not validate here:")
@@ -395,17 +407,20 @@ def _print_recorded_status(path: Path, problems: list[str], verify: bool) -> Non
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
         stages = sorted(p.parent.name for p in path.glob(f"*/{rundir.MANIFEST}"))
     width = max([len(s) for s in stages] + [5])
+    corrupt = []
     for name in stages:
         sdir = path / name
         manifest = rundir.read_json(sdir / rundir.MANIFEST)
         if manifest is not None and rundir.good_file_table(manifest.get("files")):
             found = rundir.verify_files(sdir / rundir.OUTPUT, manifest["files"], full=verify)
             line = f"corrupt   {found[0]}" if found else f"done      finished {manifest.get('finished', '?')}"
+            corrupt += [name] if found else []
         elif (sdir / rundir.CHECKPOINTS).is_dir():
             line = "partial   checkpoints of an interrupted run"
         else:
             line = "pending"
         click.echo(f"  {name:<{width}}  {line}")
+    return corrupt
 
 
 @cli.command()

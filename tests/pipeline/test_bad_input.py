@@ -568,8 +568,9 @@ def test_status_of_a_run_whose_corpus_moved_tells_what_the_run_directory_records
         (run_dir / stage / "manifest.json").write_text(json.dumps({"files": files, "finished": "then"}))
     (run_dir / "base" / "output" / "tokens.bin").write_bytes(b"01234")  # truncated since
     (run_dir / "train" / "checkpoints").mkdir(parents=True)
-    assert cli("status", str(run_dir)) == 0
+    assert cli("status", str(run_dir)) == 2  # the truncated output is told, not only shown
     out, err = capsys.readouterr()
+    assert "do not match their manifests (base)" in err
     assert "Traceback" not in out + err
     assert f"data.domain: path '{tmp_path / 'corpus-moved-away'}' does not exist" in out
     assert "cannot be checked" in out

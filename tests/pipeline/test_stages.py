@@ -122,11 +122,19 @@ def test_truncated_output_is_detected_and_rebuilt(tiny_llama_dir, tmp_path, writ
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     capsys.readouterr()
-    assert cli("status", str(tmp_path / "runs" / "tiny")) == 0
-    out = capsys.readouterr().out
+    assert cli("status", str(tmp_path / "runs" / "tiny")) == 2  # shown and told: a script checking it sees it
+    out, err = capsys.readouterr()
     assert "corrupt" in out and shard.name in out
+    assert "1 stage output(s) do not match their manifests (base)" in err
     assert cli("run", str(path), "--only", "base") == 0
     assert output_hashes(base) == good
+    # A flipped byte with size and mtime kept: --verify hashes, and exits 2 on it.
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cli("status", str(tmp_path / "runs" / "tiny"), "--verify") == 2
 
 
 @pytest.mark.slow
