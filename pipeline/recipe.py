@@ -444,14 +444,14 @@ class CacheConfig(_Section):
         "with the same fingerprint (settings, code, input content), and store every finished stage there; "
         "false: the cache is neither read nor written")
     dir: Optional[str] = Field(
-        None, description="cache folder; null: stages/ in the project's cache folder ($QLP_CACHE, else "
+        None, min_length=1, description="cache folder; null: stages/ in the project's cache folder ($QLP_CACHE, else "
         "$XDG_CACHE_HOME/qlora-pipeline, by default ~/.cache/qlora-pipeline); the environment variable "
         "QLP_STAGE_CACHE, when set, takes precedence")
 
 
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
-    dir: str = Field("runs", description="parent folder of run directories")
+    dir: str = Field("runs", min_length=1, description="parent folder of run directories")
     seed: Seed = Field(0, description="the seed of every seeded section that does not give its own: train.seed "
                       "(LoRA init, batch order), calibration.seed (which windows calibrate)")
     verify_inputs: bool = Field(

@@ -224,3 +224,12 @@ def test_a_count_or_seed_past_int64_is_refused_at_its_key(write_recipe, section,
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe({section: {key: 10**20}}))
     assert len(err.value.problems) == 1 and f"{section}.{key}" in err.value.problems[0]
+
+
+@pytest.mark.parametrize("run", [{"dir": ""}, {"cache": {"dir": ""}}])
+def test_an_empty_folder_setting_is_refused_not_read_as_the_default(write_recipe, run):
+    """run.cache.dir: "" fell back to the user cache folder without a word (and run.dir: "" to
+    the current folder)."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe({"run": run}))
+    assert len(err.value.problems) == 1 and "at least 1 character" in err.value.problems[0]
