@@ -503,6 +503,11 @@ def memory(path: str, bits: Optional[int], group_size: Optional[int], contexts, 
         if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
             raise InputError(f"--bits {bits} --group-size {group_size}: give bits 2-8 (or 16) and a group size >= 1 "
                              "or -1")
+        widths = {k: config[k] for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
+        uneven = [f"{k} {n}" for k, n in widths.items() if bits < 16 and group_size != -1 and n % group_size]
+        if uneven:  # a recipe is refused for it (`methods.check_shapes`): no checkpoint of that shape exists
+            raise InputError(f"--group-size {group_size} does not divide the model's {' or '.join(uneven)}: give a "
+                             "divisor of hidden_size and intermediate_size (32, 64 or 128 usually), or -1")
         att = memory_plan.attention(config)
         weights = memory_plan.estimated_weight_bytes(config, bits, group_size)
     except (OSError, ValueError, KeyError, TypeError) as exc:

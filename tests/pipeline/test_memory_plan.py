@@ -111,6 +111,7 @@ def test_memory_counts_a_quantized_checkpoint_as_it_is_stored(llama3_8b, tmp_pat
     (["--bits", "12"], "--bits 12 --group-size 128: give bits 2-8 (or 16)"),
     (["--bits", "1"], "give bits 2-8"),
     (["--group-size", "-5"], "a group size >= 1 or -1"),
+    (["--bits", "4", "--group-size", "7"], "--group-size 7 does not divide the model's hidden_size 4096: give"),
     (["--gpu-memory-gb", "nan"], "--gpu-memory-gb nan: give the GPU's memory in GiB, above 0 and at most 1,000,000"),
     (["--gpu-memory-gb", "inf"], "--gpu-memory-gb inf: give the GPU's memory in GiB"),
     (["--gpu-memory-gb", "1e308"], "--gpu-memory-gb 1e+308: give the GPU's memory in GiB"),
