@@ -111,8 +111,8 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
         try:
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache, **kwargs)
         except Exception as exc:
-            found = _json_problem(data_files, key) if builder == "json" else \
-                _text_problem(data_files, key) if builder == "text" else None
+            found = {"json": _json_problem, "text": _text_problem, "parquet": _parquet_problem}[builder](data_files, key) \
+                if builder in ("json", "text", "parquet") else None
             raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({_reason(exc)})") from None
         if field not in ds.column_names:
             raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: "
@@ -186,6 +186,7 @@ def _json_problem(files: list[str], key: str) -> str | None:
     """The first line that is not JSON in JSON Lines files (or a .json file that does not parse),
     by file and line, or the first file without a record: `datasets` says only that
     generating the dataset failed, or nothing at all."""
+    kinds: dict[str, tuple] = {}  # field -> (its kind, file, line) where first seen with a value
     for name in files:
         f = Path(name)
         try:
@@ -215,6 +216,58 @@ def _json_problem(files: list[str], key: str) -> str | None:
             if not isinstance(record, dict):
                 return (f"{key}.path: {f}: line {number} is a JSON {type(record).__name__}, not an object; JSON "
                         "Lines holds one object per line")
+            if _lone_surrogate(record):
+                return (f"{key}.path: {f}: line {number} holds a lone surrogate escape (\\ud800-\\udfff without "
+                        "its pair), which is no character; fix or delete that line")
+            for field, value in record.items():
+                kind = _json_kind(value)
+                first = kinds.setdefault(field, (kind, f, number))
+                if kind is not None and first[0] is None:
+                    kinds[field] = first = (kind, f, number)
+                if None not in (kind, first[0]) and kind != first[0]:
+                    return (f"{key}.path: field '{field}' is {first[0]} in {first[1]} (line {first[2]}) and {kind} "
+                            f"in {f} (line {number}); the records are read as one table, so give every record's "
+                            f"'{field}' one kind, or drop it")
+    return None
+
+
+def _json_kind(value) -> str | None:
+    """What a JSON value is, as a table column sees it (None: null, which fits any column)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    return {int: "a number", float: "a number", str: "text", list: "a list", dict: "an object"}[type(value)]
+
+
+def _lone_surrogate(value) -> bool:
+    """Whether a parsed JSON value holds a string with a lone surrogate (JSON's \\ud800 escape
+    without its pair parses, but is no character and cannot be written as UTF-8)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
+def _parquet_problem(files: list[str], key: str) -> str | None:
+    """The first parquet file without a row (`datasets` says only that generating the dataset
+    failed)."""
+    import pyarrow.parquet as pq
+
+    for name in files:
+        try:
+            rows = pq.read_metadata(name).num_rows
+        except Exception:  # not parquet: named by the caller's generic message
+            continue
+        if rows == 0:
+            return f"{key}.path: {name} holds no rows; remove it or fill it"
     return None
 
 

@@ -121,6 +121,31 @@ def test_an_empty_json_lines_file_is_a_data_error_naming_it(tmp_path):
     assert data._reason(ValueError("first line\nsecond")) == "ValueError: first line"
 
 
+@pytest.mark.parametrize("files, expected", [
+    ({"s.jsonl": '{"text": "broken \\ud800 here"}\n'},
+     "s.jsonl: line 1 holds a lone surrogate escape"),
+    ({"a.jsonl": '{"text": "one", "n": 1}\n', "b.jsonl": '{"text": "two", "n": null}\n{"text": "three", "n": "x"}\n'},
+     "field 'n' is a number in {a} (line 1) and text in {b} (line 2)"),
+    ({"p.parquet": None}, "p.parquet holds no rows; remove it or fill it"),
+], ids=["lone-surrogate", "field-kinds", "parquet-no-rows"])
+def test_a_data_file_datasets_cannot_read_is_named_with_why(files, expected, tmp_path):
+    """These failed with "DatasetGenerationError: An error occurred while generating the
+    dataset", naming the folder's first file, whatever was wrong (found by QA)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, content in files.items():
+        if content is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), corpus / name)
+        else:
+            (corpus / name).write_text(content)
+    with pytest.raises(DataError) as err:
+        data.load_documents(DataSource(path=str(corpus)), "data.domain")
+    assert expected.format(a=corpus / "a.jsonl", b=corpus / "b.jsonl") in str(err.value)
+
+
 def test_a_corpus_file_rewritten_with_its_mtime_kept_is_read_anew(tmp_path):
     """`datasets` knows a local file in its cache by path and mtime: the data stage re-ran
     (its fingerprint hashes content) but read the text the file held before."""
