@@ -308,13 +308,14 @@ def compare(run_dirs, markdown, metrics) -> None:
     from qlora_pipeline.compare import compare_runs, render
 
     rows, columns = compare_runs([Path(d) for d in run_dirs], list(metrics) or None)
-    click.echo(render(rows, columns, markdown=False))
-    if markdown:
+    if markdown:  # written first: a path that cannot be written is refused before any output
         try:
             Path(markdown).write_text(render(rows, columns, markdown=True) + "\n")
         except OSError as exc:
             raise InputError(f"--markdown {markdown}: cannot write it ({exc.strerror or exc}); give a file path "
                              "in a folder that exists and has space") from None
+    click.echo(render(rows, columns, markdown=False))
+    if markdown:
         click.echo(f"written: {markdown}")
 
 

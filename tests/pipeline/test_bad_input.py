@@ -793,6 +793,7 @@ def test_compare_markdown_that_cannot_be_written(target, message, tmp_path, caps
     assert cli("compare", str(good), "--markdown", target) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in err and f"error: --markdown {target}: cannot write it ({message})" in err
+    assert out == ""  # refused, not a table followed by an error
 
 
 # ----------------------------------------------------------------------------- a full disk outside any stage
