@@ -111,8 +111,8 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
         try:
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache, **kwargs)
         except Exception as exc:
-            found = {"json": _json_problem, "text": _text_problem, "parquet": _parquet_problem}[builder](data_files, key) \
-                if builder in ("json", "text", "parquet") else None
+            finder = _PROBLEM_FINDERS.get(builder)
+            found = finder(data_files, key) if finder else None
             raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({_reason(exc)})") from None
         if field not in ds.column_names:
             raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: "
@@ -221,10 +221,10 @@ def _json_problem(files: list[str], key: str) -> str | None:
                         "its pair), which is no character; fix or delete that line")
             for field, value in record.items():
                 kind = _json_kind(value)
+                if kind is None:
+                    continue  # null fits any column
                 first = kinds.setdefault(field, (kind, f, number))
-                if kind is not None and first[0] is None:
-                    kinds[field] = first = (kind, f, number)
-                if None not in (kind, first[0]) and kind != first[0]:
+                if kind != first[0]:
                     return (f"{key}.path: field '{field}' is {first[0]} in {first[1]} (line {first[2]}) and {kind} "
                             f"in {f} (line {number}); the records are read as one table, so give every record's "
                             f"'{field}' one kind, or drop it")
@@ -269,6 +269,10 @@ def _parquet_problem(files: list[str], key: str) -> str | None:
         if rows == 0:
             return f"{key}.path: {name} holds no rows; remove it or fill it"
     return None
+
+
+# What names the problem of a local file `datasets` could not read, by builder.
+_PROBLEM_FINDERS = {"json": _json_problem, "text": _text_problem, "parquet": _parquet_problem}
 
 
 def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str | None = None,

@@ -176,8 +176,7 @@ class RecordShape:
 
 RECORD_SHAPES = {
     MANIFEST: RecordShape(required=("fingerprint",), texts=("fingerprint",), file_table=True,
-                          mappings=("files", "config", "code", "inputs", "cache", "metrics", "info",
-                                    "parent_metrics")),
+                          mappings=("files", "config", "code", "inputs", "cache", "metrics", "info")),
     STATE: RecordShape(texts=("fingerprint", "status", "host"), integers=("pid",)),
     "run.json": RecordShape(mappings=("recipe",)),
     ".lock": RecordShape(required=("pid",), texts=("host",), integers=("pid",)),

@@ -757,8 +757,7 @@ class Runner:
             logger.warning("%s: its code changed while it ran (%s); it runs again next time", spec.name,
                            ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else ""))
             fp = fingerprint(spec, edited, self.input_digests(spec))
-        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info, code=edited or None,
-                                     extra={"parent_metrics": result.parent_metrics} if result.parent_metrics else None)
+        out, manifest = self._record(spec, fp, started, child_id, metrics, result.info, code=edited or None)
         self._track(child_id, parent_id, metrics, result.parent_metrics,
                     {"output_dir": str(out.resolve()), "fingerprint": fp})
         cache = self._cache_for(spec)
@@ -840,10 +839,10 @@ class Runner:
             return
         if cache.find(manifest["fingerprint"], full=False, discard=False) is not None:
             return
+        # No parent metrics: only the report has any, and it is never cached (`StageSpec.cacheable`).
         cache.store(manifest["fingerprint"], self.stage_dir(spec.name) / rundir.OUTPUT, {
-            "stage": spec.name, "files": manifest["files"],
-            "metrics": manifest.get("metrics", {}), "info": manifest.get("info", {}),
-            "parent_metrics": manifest.get("parent_metrics", {}), "source": str(self.stage_dir(spec.name).resolve()),
+            "stage": spec.name, "files": manifest["files"], "metrics": manifest.get("metrics", {}),
+            "info": manifest.get("info", {}), "source": str(self.stage_dir(spec.name).resolve()),
         })
 
     def _restore(self, p: PlannedStage, parent_id: Optional[str], ranks: Optional[Ranks] = None,
@@ -874,8 +873,6 @@ class Runner:
             seconds = time.time() - t0
             record = {"cache": {"key": entry.key, "entry": str(entry.path), "source": entry.record.get("source"),
                                 "restore_seconds": round(seconds, 3)}}  # verified and put in place
-            if entry.record.get("parent_metrics"):
-                record["parent_metrics"] = entry.record["parent_metrics"]
             out, _ = self._record(spec, p.fingerprint, started, child_id, entry.record.get("metrics", {}),
                                   entry.record.get("info", {}), files=with_mtimes(partial, entry.files), extra=record)
         except OSError as exc:

@@ -121,7 +121,7 @@ def build_stages(recipe) -> list[StageSpec]:
     evaluation = {"seq_len": recipe.data.seq_len,
                   **recipe.evaluate.model_dump(mode="json", exclude={"gate", "qlora"}),
                   "device": eval_device, "dtype": eval_dtype}
-    scoring = {"evaluate": evaluation, "evaluate_device": eval_device, "evaluate_compute_dtype": eval_dtype}
+    scoring = {"evaluate": evaluation}
     # Each entry with its calibration source resolved (the recipe's default filled in; None for
     # methods that take no calibration): part of its quantize (and search) stage's settings.
     entries = [q.model_copy(update={"calibration_source": recipe.calibration_source(q)}) for q in recipe.quantize]

@@ -62,7 +62,7 @@ def test_the_resolved_dtypes_are_in_the_fingerprints(cpu_bf16, write_recipe):
     assert {"evaluate-base", "evaluate-merged", "evaluate-r", "evaluate-g"} <= changed
     assert not changed & {"data", "base", "train", "merge", "calibrate", "quantize-r", "quantize-g"}
     assert settings[True]["train"]["compute_dtype"] == "float32"  # CPU training stays float32
-    assert settings[False]["evaluate-g"]["evaluate_compute_dtype"] == "float32"
+    assert settings[False]["evaluate-g"]["evaluate"]["dtype"] == "float32"
 
 
 def test_compute_context_autocasts_matmuls_only_below_float32():
@@ -118,7 +118,8 @@ def test_the_resolved_evaluation_device_is_in_the_fingerprints(write_recipe, mon
         settings[missing] = {s.name: s.config for s in build_stages(recipe)}
     changed = {name for name in settings[None] if settings[None][name] != settings["no GPU"][name]}
     assert {"evaluate-base", "evaluate-base-nf4", "evaluate-merged", "evaluate-r"} <= changed
-    assert settings["no GPU"]["evaluate-r"]["evaluate_device"] == "cpu" and settings[None]["evaluate-r"]["evaluate_device"] == "cuda"
+    assert settings["no GPU"]["evaluate-r"]["evaluate"]["device"] == "cpu"
+    assert settings[None]["evaluate-r"]["evaluate"]["device"] == "cuda"
     assert not changed & {"data", "base", "merge"}
 
 
