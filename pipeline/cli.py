@@ -166,8 +166,8 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
         raise InputError(problem)
     if for_run:  # what the hub's sources are now, then plan with their commits (`plan` reads the caches only)
         hub_data = [s for s in (recipe.data.domain, recipe.data.general) if s is not None and s.hub is not None]
-        for source in hub_data:
-            resolve_hub_dataset(source.hub, source.revision)  # one small request; offline, the last run's answer
+        for hub_source in hub_data:
+            resolve_hub_dataset(hub_source.hub, hub_source.revision)  # one small request; offline, the last run's answer
         hub_model = is_hub_source(recipe.model)
         if hub_model:
             resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
@@ -180,6 +180,11 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
 
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
                           parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
+        problems = outputs_inside_data(recipe, [("MLflow's artifact folder", tracker.local_artifact_folder(),
+                                                 "start the run from another folder, or track to a server")])
+        if problems:  # the report's artifacts quote the test split: they must not become training text
+            tracker.discard_new_store()
+            raise RecipeError(problems, source=source)
     return Runner(directory, specs, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
                   verify_inputs=recipe.run.verify_inputs, cache=cache)
 

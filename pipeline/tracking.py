@@ -177,6 +177,14 @@ class Tracker:
     def experiment_id(self) -> Optional[str]:
         return self._experiment_id
 
+    def local_artifact_folder(self) -> Optional[Path]:
+        """Where this experiment's artifacts (the report, its metrics) are written when that is a
+        folder on this machine (MLflow puts a new experiment's under `./mlruns` of the folder the
+        command started in); None for a server's store or when tracking is off."""
+        location = self._guard("reading the experiment", lambda: self._client.get_experiment(
+            self._experiment_id).artifact_location) if self._experiment_id else None
+        return local_path(location)
+
     def _guard(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
             return None
@@ -283,6 +291,18 @@ class Tracker:
             self._client.set_experiment_tag(self._experiment_id, VIEW_TAG, view_state(previous, metric_keys))
 
         self._guard("updating the runs view", go)
+
+
+def local_path(location: Optional[str]) -> Optional[Path]:
+    """The folder an MLflow artifact location names on this machine (a plain path or a file:
+    URI); None for remote locations (mlflow-artifacts:, s3://, http://...)."""
+    if not location:
+        return None
+    if location.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(location).path))
+    return None if ":" in location.split("/", 1)[0] else Path(location)
 
 
 def find_experiment(uri: Optional[str], name: str) -> tuple[Optional[str], bool]:

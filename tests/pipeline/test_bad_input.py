@@ -1008,3 +1008,22 @@ def test_a_folder_the_pipeline_writes_inside_a_data_folder_is_refused(command, i
     err = refused(capsys, in_tmp, command, path)
     assert f"data.domain.path: the {inside} {place[inside]} is inside this data folder ({corpus.resolve()})" in err
     assert sorted(p.name for p in corpus.rglob("*")) == before
+
+
+def test_mlflow_artifacts_inside_a_data_folder_are_refused(tiny_llama_dir, in_tmp, write_recipe, capsys, monkeypatch):
+    """MLflow writes a new experiment's artifacts under `./mlruns` of the folder the command
+    starts in; the report stage logs report.md and metrics.json there, which quote the test
+    split, and the data stage reads .md and .json under a data folder: a run started inside
+    the corpus (its run directory elsewhere) would have trained on them next time."""
+    corpus = in_tmp / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i} of the domain, about one thing or another.\n" * 40)
+    path = recipe_file(write_recipe, in_tmp, tiny_llama_dir, data={"domain": {"path": str(corpus)}, "general": None,
+                                                                   "seq_len": 16})
+    monkeypatch.chdir(corpus)
+    before = sorted(p.name for p in corpus.rglob("*"))
+    err = refused(capsys, in_tmp, "run", path)
+    assert (f"data.domain.path: MLflow's artifact folder {corpus.resolve() / 'mlruns'}" in err
+            and "start the run from another folder" in err), err
+    assert sorted(p.name for p in corpus.rglob("*")) == before

@@ -141,3 +141,31 @@ def test_general_calibration_through_the_runner(tiny_llama_dir, tmp_path, write_
     assert cli("run", str(write_recipe(other, "o.yaml")), "--only", "data") == 0
     plain = load_file(str(tmp_path / "runs" / "o" / "data" / "output" / "tokens.safetensors"))
     assert "general_train" not in plain and torch.equal(plain["general_eval"], held)
+
+
+def test_a_calibration_set_larger_than_its_split_is_drawn_with_a_warning(tmp_path, caplog):
+    """More window tokens than the train split holds repeat its text: the stage still draws
+    them (seeded, the protocol's offsets) and says how many windows would cover it once."""
+    from safetensors.torch import save_file
+
+    from qlora_pipeline.graph import StageContext
+    from qlora_pipeline.stages import calibrate
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "out").mkdir()
+    save_file({"domain_train": torch.arange(1000)}, str(tmp_path / "data" / "tokens.safetensors"))
+
+    def draw(samples):
+        ctx = StageContext(name="calibrate", config={"calibration": {"samples": samples, "seq_len": 100, "seed": 0}},
+                           inputs={"data": tmp_path / "data"}, output_dir=tmp_path / "out", checkpoint_dir=tmp_path,
+                           metrics=None, progress=None, run_dir=tmp_path)
+        caplog.clear()
+        calibrate.run(ctx)
+        return load_file(str(tmp_path / "out" / "calibration.safetensors"))["input_ids"]
+
+    assert draw(10).shape == (10, 100) and not caplog.records  # 1,000 tokens: once over at most
+    ids = draw(11)
+    assert ids.shape == (11, 100) and torch.equal(ids[:, 1:] - ids[:, :-1], torch.ones(11, 99, dtype=ids.dtype))
+    assert [r.getMessage() for r in caplog.records] == [
+        "calibration: 11 windows of 100 tokens draw 1100 tokens from the 1000 of domain_train, so they repeat its "
+        "text; at most calibration.samples 10 cover it once"]
