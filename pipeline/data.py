@@ -98,6 +98,11 @@ def _local_documents(path: Path, text_field: str, key: str) -> list[str]:
 def _read_column(builder: str, data_files: list[str], field: str, key: str) -> list:
     """Column `field` of local files read with `datasets`' `builder`, as a list.
 
+    The files are read as one table, which needs every field of theirs to have one shape:
+    JSON Lines files whose other fields differ (a `meta` object with other keys in another
+    file) fail so, although only `field` is read. Such files are then read one at a time, in
+    the same order (`_read_files_apart`).
+
     Read through a cache of its own, gone afterwards: `datasets` knows a local file in its
     cache by path and mtime, so a file edited in place with its mtime kept (`touch -r`,
     `cp -p`, `rsync -t`) would be read as the text it held before, although the data stage's
@@ -111,15 +116,42 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
         try:
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache, **kwargs)
         except Exception as exc:
+            if len(data_files) > 1:
+                return _read_files_apart(builder, data_files, field, key)
             finder = _PROBLEM_FINDERS.get(builder)
             found = finder(data_files, key) if finder else None
             raise DataError(found or f"{key}: cannot read {data_files[0]} as {builder} ({_reason(exc)})") from None
         if field not in ds.column_names:
-            raise DataError(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: "
-                            f"{', '.join(ds.column_names)}")
+            raise _MissingColumn(f"{key}.text_field: column '{field}' not in {data_files[0]}; columns: "
+                                 f"{', '.join(ds.column_names)}", ds.num_rows)
         values = list(ds[field])
         del ds  # its memory-mapped files are in the cache about to be removed
     return values
+
+
+def _read_files_apart(builder: str, data_files: list[str], field: str, key: str) -> list:
+    """Column `field` of each file read on its own (`_read_column`), concatenated; a file
+    without the column gives its rows as missing values (skipped with a warning, as in a
+    table read at once), and only when no file has it is that an error. A file that cannot
+    be read at all is named by `_read_column`."""
+    values, without = [], []
+    for name in data_files:
+        try:
+            values += _read_column(builder, [name], field, key)
+        except _MissingColumn as exc:
+            values += [None] * exc.rows
+            without.append(exc)
+    if len(without) == len(data_files):
+        raise DataError(str(without[0]))
+    return values
+
+
+class _MissingColumn(DataError):
+    """A file read on its own has no column `field` (`_read_column`)."""
+
+    def __init__(self, message: str, rows: int):
+        super().__init__(message)
+        self.rows = rows
 
 
 @contextmanager
@@ -186,7 +218,6 @@ def _json_problem(files: list[str], key: str) -> str | None:
     """The first line that is not JSON in JSON Lines files (or a .json file that does not parse),
     by file and line, or the first file without a record: `datasets` says only that
     generating the dataset failed, or nothing at all."""
-    kinds: dict[str, tuple] = {}  # field -> (its kind, file, line) where first seen with a value
     for name in files:
         f = Path(name)
         try:
@@ -219,25 +250,7 @@ def _json_problem(files: list[str], key: str) -> str | None:
             if _lone_surrogate(record):
                 return (f"{key}.path: {f}: line {number} holds a lone surrogate escape (\\ud800-\\udfff without "
                         "its pair), which is no character; fix or delete that line")
-            for field, value in record.items():
-                kind = _json_kind(value)
-                if kind is None:
-                    continue  # null fits any column
-                first = kinds.setdefault(field, (kind, f, number))
-                if kind != first[0]:
-                    return (f"{key}.path: field '{field}' is {first[0]} in {first[1]} (line {first[2]}) and {kind} "
-                            f"in {f} (line {number}); the records are read as one table, so give every record's "
-                            f"'{field}' one kind, or drop it")
     return None
-
-
-def _json_kind(value) -> str | None:
-    """What a JSON value is, as a table column sees it (None: null, which fits any column)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true/false"
-    return {int: "a number", float: "a number", str: "text", list: "a list", dict: "an object"}[type(value)]
 
 
 def _lone_surrogate(value) -> bool:
@@ -615,18 +628,22 @@ def _paragraph_spans(text: str) -> list[tuple[int, int]]:
 
 
 class _NormalizedSide:
-    """The normalized text of a list of documents joined as one (one space between
-    documents, as a blank line normalizes), and the way back from a position in it to
-    (document, position in the original document)."""
+    """The normalized text of a list of documents joined as one, as the token stream's blank
+    line between documents normalizes (`_join`: one space, none between two characters of a
+    script without spaces; a document without visible text adds nothing), and the way back
+    from a position in it to (document, position in the original document)."""
 
     def __init__(self, docs: list[str]):
         self.docs = [canonical(d) for d in docs]  # positions refer to these
         normalized = [normalize(d) for d in self.docs]
-        self.starts, pos = [], 0
+        self.starts, pos, last = [], 0, ""
         for n in normalized:
-            self.starts.append(pos)
-            pos += len(n) + 1
-        self.text = " ".join(normalized)
+            if n and last:
+                pos += len(_gap(last, n))
+            self.starts.append(pos)  # an empty document starts where the next one does
+            pos += len(n)
+            last = n or last
+        self.text = _join([n for n in normalized if n])
         self._word_starts: dict[int, tuple[list[int], list[int]]] = {}
 
     def locate(self, q: int) -> tuple[int, int]:
@@ -823,23 +840,18 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
 
 def _held_index(held: list[str], min_chars: int) -> SharedText:
     """The held-out documents' normalized text, indexed (`SharedText`) with where each of
-    their lines starts; documents joined by a space, as their token stream joins them (a
-    blank line): an evaluation window runs from the end of one held-out document into the
-    next, so a training copy of that junction is shared text too. A stretch that runs on
-    into the next document by chance (a "The" that starts both) is trimmed as at any line's
-    edge."""
-    texts, starts, pos = [], [], 0
-    for d in held:
-        lines = [line for line in map(normalize, canonical(d).split("\n")) if line]
-        if not lines:
-            continue
-        for i, line in enumerate(lines):  # joined as `normalize` joins them: `_gap`
-            pos += len(_gap(lines[i - 1], line)) if i else 0
-            starts.append(pos)
-            pos += len(line)
-        texts.append(_join(lines))
-        pos += 1  # the space before the next document
-    return SharedText(" ".join(texts), min_chars, starts)
+    their lines starts; documents joined as their token stream joins them (a blank line,
+    normalized: `_join`): an evaluation window runs from the end of one held-out document
+    into the next, so a training copy of that junction is shared text too. A stretch that
+    runs on into the next document by chance (a "The" that starts both) is trimmed as at
+    any line's edge."""
+    lines = [line for d in held for line in map(normalize, canonical(d).split("\n")) if line]
+    starts, pos = [], 0
+    for i, line in enumerate(lines):  # lines and documents alike joined as `normalize` joins words
+        pos += len(_gap(lines[i - 1], line)) if i else 0
+        starts.append(pos)
+        pos += len(line)
+    return SharedText(_join(lines), min_chars, starts)
 
 
 def shared_chars(held: list[str], side: list[str], min_chars: int) -> int:

@@ -124,10 +124,10 @@ def test_an_empty_json_lines_file_is_a_data_error_naming_it(tmp_path):
 @pytest.mark.parametrize("files, expected", [
     ({"s.jsonl": '{"text": "broken \\ud800 here"}\n'},
      "s.jsonl: line 1 holds a lone surrogate escape"),
-    ({"a.jsonl": '{"text": "one", "n": 1}\n', "b.jsonl": '{"text": "two", "n": null}\n{"text": "three", "n": "x"}\n'},
-     "field 'n' is a number in {a} (line 1) and text in {b} (line 2)"),
+    ({"a.jsonl": '{"text": "one"}\n', "b.jsonl": '{"text": "two", "meta": {"b": 1}}\n{"text": "three"\n'},
+     "{b}: line 2 is not valid JSON"),
     ({"p.parquet": None}, "p.parquet holds no rows; remove it or fill it"),
-], ids=["lone-surrogate", "field-kinds", "parquet-no-rows"])
+], ids=["lone-surrogate", "bad-line-after-a-good-file", "parquet-no-rows"])
 def test_a_data_file_datasets_cannot_read_is_named_with_why(files, expected, tmp_path):
     """These failed with "DatasetGenerationError: An error occurred while generating the
     dataset", naming the folder's first file, whatever was wrong (found by QA)."""
@@ -144,6 +144,27 @@ def test_a_data_file_datasets_cannot_read_is_named_with_why(files, expected, tmp
     with pytest.raises(DataError) as err:
         data.load_documents(DataSource(path=str(corpus)), "data.domain")
     assert expected.format(a=corpus / "a.jsonl", b=corpus / "b.jsonl") in str(err.value)
+
+
+def test_json_lines_files_whose_other_fields_differ_are_read(tmp_path, caplog):
+    """Only the text field is read, but `datasets` reads the files as one table, whose columns
+    the first file fixes: a `meta` object with other keys, or a field that is a number in one
+    file and text in another, failed the whole corpus (found by QA; the message named
+    neither the field nor the file). Files that do not agree are read one at a time, in the
+    same order; a file without the text field gives records without text, as in one table."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "one", "meta": {"a": 1}, "n": 1}\n{"text": "two", "n": null}\n')
+    (corpus / "b.jsonl").write_text('{"text": "three", "meta": {"b": "x"}, "n": "x"}\n')
+    (corpus / "c.jsonl").write_text('{"body": "not read", "meta": [{"c": 2}]}\n')
+    (corpus / "d.jsonl").write_text('{"text": "four", "meta": [1, 2]}\n')
+    with caplog.at_level("WARNING", logger="qlora_pipeline.data"):
+        assert data.load_documents(DataSource(path=str(corpus)), "data.domain") == ["one", "two", "three", "four"]
+    assert "data.domain: 1 of 5 records in" in caplog.text
+    for name in ("a", "b", "d"):
+        (corpus / f"{name}.jsonl").unlink()
+    with pytest.raises(DataError, match=r"data.domain.text_field: column 'text' not in .*c.jsonl; columns: body, meta"):
+        data.load_documents(DataSource(path=str(corpus)), "data.domain")
 
 
 def test_a_corpus_file_rewritten_with_its_mtime_kept_is_read_anew(tmp_path):
@@ -882,3 +903,53 @@ def test_shared_characters_before_count_the_whole_shared_stretch():
     clean, report = data.decontaminate(data.Splits(train=[train], valid=[_long("v")], eval=[held]), DecontaminateConfig())
     assert report.shared_before["eval_in_train"] == len(f"{url}){tail}")
     assert report.clean and clean.train == [f"{_long('t')}\n\nThe archive at <\n\nMy own closing words."]
+
+
+_HAN = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(120))  # 120 Han characters, no repeats
+
+
+def _unspaced_leaks(train: list[str], held: str, n: int = 80) -> list[str]:
+    """n-character stretches of `held` (Han text) in the training stream, as the stream joins
+    documents (a blank line) and with all whitespace gone: a line break between two Han
+    characters is no word break."""
+    stream = re.sub(r"\s", "", "\n\n".join(train))
+    return [held[i:i + n] for i in range(len(held) - n + 1) if held[i:i + n] in stream]
+
+
+def test_han_text_split_between_two_training_documents_is_cut():
+    """The stream joins training documents with a blank line, which between two Han
+    characters is no space; the training side's index put a space there, so a held-out Han
+    paragraph split between two training documents stayed (each half under 80 characters)."""
+    held = [f"{_long('e')}\n\n{_HAN}"]
+    train = [f"{_long('t0')}\n\n{_HAN[:60]}", f"{_HAN[60:]}\n\n{_long('t1')}"]
+    assert _unspaced_leaks(train, _HAN)
+    clean, report = data.decontaminate(data.Splits(train=train, valid=[_long("v")], eval=held), DecontaminateConfig())
+    assert report.clean and len(_HAN) <= report.shared_before["eval_in_train"] <= len(_HAN) + 2  # + ". " by chance
+    assert not _unspaced_leaks(clean.train, _HAN)
+    assert clean.train == [_long("t0"), _long("t1")]
+
+
+def test_han_text_at_the_junction_of_two_held_out_documents_is_cut():
+    """The same on the held-out side: the end of one held-out document and the start of the
+    next (50 Han characters each), copied together into a training document."""
+    first, second = _HAN[:50], _HAN[50:100]
+    held = [f"{_long('e0')}\n\n{first}", f"{second}\n\n{_long('e1')}"]
+    train = [f"{_long('t')}\n\n{first}{second}\n\n{_long('t1')}"]
+    clean, report = data.decontaminate(data.Splits(train=train, valid=[_long("v")], eval=held), DecontaminateConfig())
+    assert report.clean and 100 <= report.shared_before["eval_in_train"] <= 107  # ". " and " The " by chance
+    assert not _unspaced_leaks(clean.train, first + second)
+
+
+@pytest.mark.parametrize("invisible", ["\ufeff", "\u200b", "\u00ad\n\u2060"])
+def test_a_document_without_visible_text_does_not_hide_a_copy_across_it(invisible):
+    """A training document with nothing visible (an empty file saved with a byte order mark,
+    a zero-width space) between two that end and start a held-out sentence: the stream reads
+    the sentence across it, but the training side's index held two spaces there."""
+    sentence = ("The lanterns were lit one by one along the quay before the harbour bell rang twice at "
+                "dusk for the boats.")
+    cut = sentence.index(" before")
+    held = [f"{_long('e')}\n\n{sentence}"]
+    train = [f"{_long('t0')}\n\n{sentence[:cut]}", invisible, f"{sentence[cut + 1:]}\n\n{_long('t1')}"]
+    clean, report = data.decontaminate(data.Splits(train=train, valid=[_long("v")], eval=held), DecontaminateConfig())
+    assert report.clean and len(sentence) <= report.shared_before["eval_in_train"] <= len(sentence) + 2
+    assert not _windows(["\n\n".join(clean.train)]) & _windows(held)
