@@ -312,6 +312,11 @@ def compare(run_dirs, markdown, metrics) -> None:
     """One table of the artifacts of several runs (their report/output/metrics.json)."""
     from qlora_pipeline.compare import compare_runs, render
 
+    seen: dict[Path, str] = {}
+    for d in run_dirs:  # the same run twice gave each of its rows twice, as if two runs agreed
+        first = seen.setdefault(Path(d).expanduser().resolve(), d)
+        if first is not d:
+            raise InputError(f"{d}: the run directory {first} again; give each run once")
     rows, columns = compare_runs([Path(d) for d in run_dirs], list(metrics) or None)
     if markdown:  # written first: a path that cannot be written is refused before any output
         try:
@@ -504,6 +509,8 @@ def memory(path: str, bits: Optional[int], group_size: Optional[int], contexts, 
         if not isinstance(config, dict):
             raise ValueError(f"a JSON {type(config).__name__}, not an object")
         stored_bits, stored_group = _stored_quantization(config)
+        group_said = ("--group-size" if group_size is not None else "the default group size" if stored_bits == 16
+                      else "the checkpoint's group size")
         bits = stored_bits if bits is None else bits
         group_size = stored_group if group_size is None else group_size
         if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
@@ -512,8 +519,9 @@ def memory(path: str, bits: Optional[int], group_size: Optional[int], contexts, 
         widths = {k: config[k] for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
         uneven = [f"{k} {n}" for k, n in widths.items() if bits < 16 and group_size != -1 and n % group_size]
         if uneven:  # a recipe is refused for it (`methods.check_shapes`): no checkpoint of that shape exists
-            raise InputError(f"--group-size {group_size} does not divide the model's {' or '.join(uneven)}: give a "
-                             "divisor of hidden_size and intermediate_size (32, 64 or 128 usually), or -1")
+            raise InputError(f"{group_said} {group_size} does not divide the model's {' or '.join(uneven)}: give "
+                             "--group-size, a divisor of hidden_size and intermediate_size (32, 64 or 128 usually), "
+                             "or -1")
         att = memory_plan.attention(config)
         weights = memory_plan.estimated_weight_bytes(config, bits, group_size)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -562,6 +570,7 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
 
     tracking = _load(recipe, ())[0].tracking if recipe else TrackingConfig()
     key = "--uri" if uri else "tracking.uri"
+    uri_given = bool(uri)
     uri = uri or tracking.uri or default_tracking_uri()
     store = sqlite_store_path(uri)
     problems = check_tracking_uri(uri, key) if store is None else []  # a SQLite store: judged below
@@ -572,6 +581,10 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
                          "e.g. sqlite:///mlflow.db")
     if store is not None and not store.is_file():
         # MLflow would create an empty store there (or retry for minutes where it cannot).
+        if recipe and not tracking.enabled and not uri_given:
+            raise InputError(f"no MLflow store at {store}: {recipe} has tracking.enabled: false, so its runs are "
+                             "not tracked (their results are in the run directories: `pipeline compare`); set "
+                             "tracking.enabled: true and run it, or give another store (--uri)")
         raise InputError(f"no MLflow store at {store}: `pipeline run` creates it; run a recipe first, or give the "
                          "store the runs use (--recipe RECIPE, or --uri)")
     if store is not None and not is_sqlite(store):  # the server printed two tracebacks and blamed the port

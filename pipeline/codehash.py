@@ -72,6 +72,9 @@ NO_OUTPUT_LIBRARIES = {
     "tqdm": "progress bars",
 }
 LIBRARY_KEY = "library "  # key prefix of a library in a stage's code table: "library torch"
+# Key of a stage's factory call in its code table (`graph.StageRef.call`): which function of
+# its module builds the stage, and with what, is the registry's code, not the module's.
+STAGE_CALL_KEY = "stage function"
 
 
 @lru_cache(maxsize=None)
@@ -244,5 +247,7 @@ def changed_files(old: dict[str, str], new: dict[str, str]) -> list[str]:
             continue
         if k.startswith(LIBRARY_KEY):
             k = f"{k} {old.get(k, 'not used')} -> {new.get(k, 'not used')}"
+        elif k == STAGE_CALL_KEY:
+            k = f"{k} {old.get(k, 'run')} -> {new.get(k, 'run')}"
         out.append(k)
     return out

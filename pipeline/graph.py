@@ -93,29 +93,40 @@ class StageRef:
     """A stage function named by its module, imported on first call.
 
     Building the stage graph (`validate`, `plan`, `status`) then imports no stage module (they
-    import torch and transformers). `build(module)` returns the function, e.g.
-    `lambda m: m.run`; the default takes the module's `run`. `__module__` is the module's
-    name, so `codehash.code_files` hashes its source exactly as it would the function's.
+    import torch and transformers). The function is the module's `run`, or what the module's
+    function `factory` returns for `args` (plain data: `evaluation_stage("merged",
+    "load_merged")`). `__module__` is the module's name, so `codehash.code_files` hashes its
+    source exactly as it would the function's; `call` spells the factory call, which is part
+    of the stage's code too (the registry, not the module, chooses it), so the runner puts it
+    into the fingerprint: naming another loader or artifact makes the stage stale.
     """
 
-    def __init__(self, module: str, build: Optional[Callable[[Any], Callable[[StageContext], StageResult]]] = None):
+    def __init__(self, module: str, factory: Optional[str] = None, args: tuple = ()):
         self.__module__ = module
-        self._build = build
+        self.factory = factory
+        self.args = tuple(args)
         self._fn: Optional[Callable[[StageContext], StageResult]] = None
+
+    @property
+    def call(self) -> Optional[str]:
+        """`factory(args...)` as written, or None for the module's `run`."""
+        if self.factory is None:
+            return None
+        return f"{self.factory}({', '.join(map(repr, self.args))})"
 
     def resolve(self) -> Callable[[StageContext], StageResult]:
         if self._fn is None:
             import importlib
 
             mod = importlib.import_module(self.__module__)
-            self._fn = self._build(mod) if self._build is not None else mod.run
+            self._fn = getattr(mod, self.factory)(*self.args) if self.factory is not None else mod.run
         return self._fn
 
     def __call__(self, ctx: StageContext) -> StageResult:
         return self.resolve()(ctx)
 
     def __repr__(self) -> str:
-        return f"StageRef({self.__module__!r})"
+        return f"StageRef({self.__module__!r}{', ' + self.call if self.call else ''})"
 
 
 def output_digest(files: dict[str, dict]) -> str:

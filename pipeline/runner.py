@@ -29,7 +29,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from qlora_pipeline import rundir
-from qlora_pipeline.codehash import changed_files, code_files, library_versions
+from qlora_pipeline.codehash import STAGE_CALL_KEY, changed_files, code_files, library_versions
 from qlora_pipeline.errors import InputError, StageError
 from qlora_pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
 from qlora_pipeline.runinfo import check_records, record_problem
@@ -261,6 +261,8 @@ class Runner:
     @staticmethod
     def _read_code(spec: StageSpec) -> dict[str, str]:
         files = {**code_files(spec.fn), **library_versions(spec.fn)}
+        if getattr(spec.fn, "call", None):  # the registry's choice of factory and arguments
+            files[STAGE_CALL_KEY] = spec.fn.call
         for module in spec.code:
             files.update(code_files(module))
             files.update(library_versions(module))

@@ -39,12 +39,12 @@ def _stage(name: str) -> StageRef:
 
 
 def _evaluation(artifact: str, loader: str) -> StageRef:
-    """`evaluate.make_stage(artifact, evaluate.<loader>)`, built when called."""
-    return StageRef(_EVALUATE, lambda m: m.make_stage(artifact, getattr(m, loader)))
+    """The evaluation of `artifact`, loaded by `evaluate.<loader>`."""
+    return StageRef(_EVALUATE, "evaluation_stage", (artifact, loader))
 
 
 def _quantized_evaluation(name: str, with_adapter: bool = False) -> StageRef:
-    return StageRef(_EVALUATE, lambda m: m.make_stage(name, m.quantized_loader(name, with_adapter)))
+    return StageRef(_EVALUATE, "quantized_evaluation_stage", (name, with_adapter))
 
 
 def adapter_identity(path: str) -> dict[str, str]:

@@ -223,6 +223,17 @@ def make_stage(artifact: str, loader: Callable[[StageContext, torch.dtype, str],
     return run
 
 
+def evaluation_stage(artifact: str, loader: str):
+    """The stage evaluating `artifact`, loaded by this module's function `loader` (the
+    registry names both as data: `graph.StageRef`)."""
+    return make_stage(artifact, globals()[loader])
+
+
+def quantized_evaluation_stage(name: str, with_adapter: bool = False):
+    """The stage evaluating quantize entry `name`'s checkpoint (`quantized_loader`)."""
+    return make_stage(name, quantized_loader(name, with_adapter))
+
+
 def load_original_base(ctx: StageContext, dtype: torch.dtype, device: str):
     src = resolve_model(stage_model(ctx.config, ctx.runtime))
     return load_hf_model(src, dtype, device), src

@@ -796,6 +796,16 @@ def test_compare_markdown_that_cannot_be_written(target, message, tmp_path, caps
     assert out == ""  # refused, not a table followed by an error
 
 
+def test_compare_refuses_a_run_given_twice(tmp_path, capsys, monkeypatch):
+    """`compare runs/a runs/a` printed each row twice, as if two runs agreed (found by QA)."""
+    good = report_dir(tmp_path, "good", GOOD_REPORT)
+    monkeypatch.chdir(tmp_path)
+    assert cli("compare", str(good), "good/") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert f"error: good/: the run directory {good} again; give each run once" in err, err
+
+
 # ----------------------------------------------------------------------------- a full disk outside any stage
 
 

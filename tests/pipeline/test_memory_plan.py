@@ -142,6 +142,16 @@ def test_memory_command_bad_configs(tmp_path, config, message, capsys):
     assert "not a usable model config.json" in err and message in err, err
 
 
+def test_memory_command_names_the_default_group_size_it_refuses(tmp_path, capsys):
+    """`--bits 5` alone on a model 128 does not divide said "--group-size 128 does not
+    divide", an option the user never gave (found by QA)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA3_8B, "hidden_size": 4000}))
+    assert cli("memory", str(path), "--bits", "5") == 2
+    err = capsys.readouterr().err
+    assert "the default group size 128 does not divide the model's hidden_size 4000: give --group-size" in err, err
+
+
 def test_report_memory_plan(tmp_path):
     """The report stage on two evaluations' metrics: memory_plan rows in metrics.json, the table,
     the plot."""

@@ -68,8 +68,36 @@ def test_stage_ref_resolves_to_the_function_it_names():
     ref = StageRef("qlora_pipeline.stages.report")
     assert ref.resolve() is report.run
     assert code_files(ref) == code_files(report.run)  # the same fingerprint as before the registry was lazy
-    built = StageRef("qlora_pipeline.stages.report", lambda m: m.gate_failures)
-    assert built.resolve() is report.gate_failures
+    assert ref.call is None
+    from qlora_pipeline.stages import evaluate
+
+    built = StageRef("qlora_pipeline.stages.evaluate", "evaluation_stage", ("merged", "load_merged"))
+    assert built.call == "evaluation_stage('merged', 'load_merged')" and callable(built.resolve())
+    assert built.resolve().__module__ == evaluate.__name__
+
+
+def test_the_registry_s_choice_of_stage_function_is_part_of_the_stage_s_code():
+    """The registry picks an evaluation's artifact label and loader: naming another (a label
+    the metrics carry, another loader) left every fingerprint as it was, so `plan` called the
+    stage up to date and the stage cache served the old output (found by QA)."""
+    from qlora_pipeline.codehash import changed_files
+    from qlora_pipeline.graph import StageSpec, fingerprint
+    from qlora_pipeline.runner import Runner
+
+    def spec(*args):
+        return StageSpec("evaluate-merged", StageRef("qlora_pipeline.stages.evaluate", "evaluation_stage", args),
+                         ("data", "merge"), {})
+
+    a, b, c = spec("merged", "load_merged"), spec("merged-bf16", "load_merged"), spec("merged", "load_base_nf4")
+    codes = [Runner._read_code(s) for s in (a, b, c)]
+    assert changed_files(codes[0], codes[1]) == [
+        "stage function evaluation_stage('merged', 'load_merged') -> evaluation_stage('merged-bf16', 'load_merged')"]
+    assert changed_files(codes[0], codes[2]) == [
+        "stage function evaluation_stage('merged', 'load_merged') -> evaluation_stage('merged', 'load_base_nf4')"]
+    digests = {"data": "d", "merge": "m"}
+    assert len({fingerprint(s, code, digests) for s, code in zip((a, b, c), codes)}) == 3
+    plain = StageSpec("report", StageRef("qlora_pipeline.stages.report"), (), {})
+    assert "stage function" not in Runner._read_code(plain)  # the modules' `run`: code tables as before
 
 
 def test_quantize_rules_are_the_ones_the_stage_uses():

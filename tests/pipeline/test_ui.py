@@ -177,6 +177,18 @@ def test_ui_without_a_store_says_so_and_creates_none(where, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ui_for_a_recipe_that_does_not_track_says_so(tmp_path, monkeypatch, capsys):
+    """It said `pipeline run` creates the store, which that recipe's runs never do."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {source: builtin:smollm2-135m}\ntracking: {enabled: false}\n")
+    assert cli("ui", "--recipe", str(recipe)) == 2
+    err = capsys.readouterr().err
+    assert (f"no MLflow store at {tmp_path / 'mlflow.db'}: {recipe} has tracking.enabled: false, so its runs are "
+            "not tracked" in err and "Traceback" not in err), err
+    assert list(tmp_path.iterdir()) == [recipe]
+
+
 def test_ui_on_a_port_in_use_is_refused_before_any_server_starts(tmp_path, monkeypatch, capsys):
     """Another `pipeline ui` (on another store) on the port: it printed our store's URL, which
     the other server answered with its own runs, and exited 0 when its server could not bind."""
