@@ -2,7 +2,8 @@
 
 Reads each run's `report/output/metrics.json` (what the `report` stage wrote), so it compares
 finished runs whatever recipes they came from: two recipes differing in `merge.into` or in
-group size line up row by row. Settings that differ between the runs are shown as columns, and so
+group size line up row by row. Settings that differ between the runs (of a whole run, or of one
+artifact's quantize entry or evaluation between that artifact's rows) are shown as columns, and so
 is where each artifact was evaluated when that differs (`qlora_pipeline.environment`: another
 processor or library version moves perplexities in the last digits).
 """
@@ -22,7 +23,13 @@ DEFAULT_COLUMNS = tuple(key for key in COLUMNS if key != "load_seconds")
 PLACE = "computed on"
 
 
-SETTING_STAGES = ("train", "merge", "calibrate")  # whose settings tell runs apart (quantize entries are rows)
+# Stages whose settings hold for every artifact of a run (the data, the training, the merge,
+# the calibration windows, the gate), and the per-artifact stages, by the artifact's name,
+# whose settings hold for its row alone: rows of the same artifact in two runs may differ in
+# either, and the table shows every setting that does.
+RUN_STAGES = ("data", "train", "merge", "calibrate", "calibrate-general", "report")
+ARTIFACT_STAGES = ("quantize-{}", "evaluate-{}")
+LONG_VALUE = 24  # characters of a setting's value shown (a file's sha256 is 66 as JSON)
 
 
 def _read_object(path: Path, repair: str) -> dict:
@@ -38,15 +45,20 @@ def _read_object(path: Path, repair: str) -> dict:
     return value
 
 
-def _recipe_settings(run_dir: Path) -> dict[str, str]:
-    """The flattened settings of a run's train/merge/calibrate stages (from their manifests)."""
+def _stage_settings(run_dir: Path, stages) -> dict[str, str]:
+    """The flattened settings of `stages` of a run (from their manifests; a stage not run adds none)."""
     settings: dict[str, str] = {}
-    for stage in SETTING_STAGES:
+    for stage in stages:
         manifest = run_dir / stage / rundir.MANIFEST
         if manifest.is_file():
             config = _read_object(manifest, f"`pipeline run` re-runs the {stage} stage of {run_dir} to rewrite it")
-            settings.update(flatten_settings(config.get("config") or {}, leaf=json.dumps))
+            settings.update(flatten_settings(config.get("config") or {}, leaf=_shown))
     return settings
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= LONG_VALUE else text[: LONG_VALUE - 1] + "…"
 
 
 def _read_report(run_dir: Path) -> dict:
@@ -88,9 +100,11 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     the requested metrics plus the settings that differ between the runs."""
     runs = []
     for d in run_dirs:
-        runs.append((d, _read_report(d), _recipe_settings(d)))
-    keys = set().union(*(s.keys() for _, _, s in runs))
-    differing = sorted(k for k in keys if len({s.get(k) for _, _, s in runs}) > 1)
+        report = _read_report(d)
+        own = {name: _stage_settings(d, [stage.format(name) for stage in ARTIFACT_STAGES])
+               for name in report["artifacts"]}
+        runs.append((d, report, {name: {**_stage_settings(d, RUN_STAGES), **mine} for name, mine in own.items()}))
+    differing = _differing([settings for _, _, settings in runs])
     if columns:
         _check_metrics(columns, [report for _, report, _ in runs])
     columns = list(columns or DEFAULT_COLUMNS)
@@ -101,7 +115,7 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
         baselines = set(report.get("gate_baselines", []))
         for name, m in report["artifacts"].items():
             row = {"run": label, "artifact": name, **{k: m.get(k) for k in columns}}
-            row.update({k: settings.get(k, "–") for k in differing})
+            row.update({k: settings[name].get(k, "–") for k in differing})
             if name in gate:
                 row["gate"] = gate_cell(gate[name], name in baselines, bold=False)
             env = m.get("environment")
@@ -110,6 +124,17 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     extra = differing + (["gate"] if any("gate" in r for r in rows) else [])
     extra += [PLACE] if len({r[PLACE] for r in rows}) > 1 else []
     return rows, columns + extra
+
+
+def _differing(runs: list[dict[str, dict[str, str]]]) -> list[str]:
+    """The settings in which some artifact differs between the runs that have it (per run:
+    artifact -> its settings). Artifacts of one run differ from each other by design (one is
+    GPTQ, one AWQ): only the same artifact's rows are compared."""
+    keys: set[str] = set()
+    for name in {n for run in runs for n in run}:
+        mine = [run[name] for run in runs if name in run]
+        keys |= {k for k in set().union(*mine) if len({s.get(k) for s in mine}) > 1}
+    return sorted(keys)
 
 
 def _run_labels(run_dirs: list[Path]) -> list[str]:

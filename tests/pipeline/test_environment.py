@@ -74,3 +74,38 @@ def test_compare_shows_the_place_only_when_it_differs(tmp_path):
     assert PLACE not in columns
     rows, columns = compare_runs([a, c])
     assert PLACE in columns and [r[PLACE] for r in rows] == [describe(AMX), describe(AVX)]
+
+
+def _with_stage(run, stage, config):
+    """A finished stage's manifest in `run`, with its settings."""
+    (run / stage).mkdir()
+    (run / stage / "manifest.json").write_text(json.dumps({"fingerprint": "f", "files": {}, "config": config}))
+
+
+def test_compare_shows_the_settings_each_artifact_differs_in(tmp_path):
+    """Only train/merge/calibrate settings were columns: two GPTQ rows of different `desc_act`,
+    or two base rows evaluated on different windows, stood side by side with nothing saying
+    why their numbers differed (found by QA). Settings that tell two artifacts of one run apart
+    (one is GPTQ, one round-to-nearest) are no column."""
+    from tests.pipeline.test_bad_input import report_dir
+
+    runs = []
+    for name, desc_act, windows, gate in (("a", True, 8, 20.0), ("b", False, 8, 20.0), ("c", True, 6, 5.0)):
+        artifacts = {n: {"domain_ppl": 10.0} for n in ("base", "gptq", "rtn")}
+        run = report_dir(tmp_path, name, json.dumps({"artifacts": artifacts, "gate": {}}))
+        _with_stage(run, "quantize-gptq", {"entry": {"method": "gptq", "group_size": 64, "desc_act": desc_act}})
+        _with_stage(run, "quantize-rtn", {"entry": {"method": "rtn", "group_size": 64}})
+        for artifact in artifacts:
+            _with_stage(run, f"evaluate-{artifact}", {"evaluate": {"max_domain_windows": windows}})
+        (run / "report" / "manifest.json").write_text(json.dumps(
+            {**json.loads((run / "report" / "manifest.json").read_text()), "config": {"gate": {"max": gate}}}))
+        runs.append(run)
+    rows, columns = compare_runs(runs[:2])
+    assert [c for c in columns if "." in c] == ["entry.desc_act"]
+    assert [(r["run"], r["artifact"], r["entry.desc_act"]) for r in rows] == [
+        ("a", "base", "–"), ("a", "gptq", "true"), ("a", "rtn", "–"),
+        ("b", "base", "–"), ("b", "gptq", "false"), ("b", "rtn", "–")]
+    rows, columns = compare_runs([runs[0], runs[2]])
+    assert [c for c in columns if "." in c] == ["evaluate.max_domain_windows", "gate.max"]
+    assert {(r["run"], r["evaluate.max_domain_windows"], r["gate.max"]) for r in rows} == {("a", "8", "20.0"),
+                                                                                          ("c", "6", "5.0")}
