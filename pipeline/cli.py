@@ -176,15 +176,18 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
     if for_run and recipe.tracking.enabled and is_main:
-        from qlora_pipeline.tracking import Tracker, parent_run_name
+        from qlora_pipeline.tracking import Tracker, parent_run_name, planned_artifact_folder
 
+        # The report's artifacts quote the test split: they must not become training text.
+        folder, existing = planned_artifact_folder(recipe.tracking.uri, recipe.tracking.experiment)
+        fix = (f"the experiment '{recipe.tracking.experiment}' keeps the folder it was made with: set "
+               "tracking.experiment to a new name, or delete that experiment" if existing else
+               "start the run from another folder, or track to a server")
+        problems = outputs_inside_data(recipe, [("MLflow's artifact folder", folder, fix)])
+        if problems:
+            raise RecipeError(problems, source=source)
         tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment,
                           parent_name=parent_run_name(recipe_name or recipe.run.name, directory))
-        problems = outputs_inside_data(recipe, [("MLflow's artifact folder", tracker.local_artifact_folder(),
-                                                 "start the run from another folder, or track to a server")])
-        if problems:  # the report's artifacts quote the test split: they must not become training text
-            tracker.discard_new_store()
-            raise RecipeError(problems, source=source)
     return Runner(directory, specs, tracker, recipe_dump=recipe.model_dump(mode="json"), params=flatten(recipe),
                   verify_inputs=recipe.run.verify_inputs, cache=cache)
 
@@ -314,9 +317,10 @@ def compare(run_dirs, markdown, metrics) -> None:
 
     seen: dict[Path, str] = {}
     for d in run_dirs:  # the same run twice gave each of its rows twice, as if two runs agreed
-        first = seen.setdefault(Path(d).expanduser().resolve(), d)
-        if first is not d:
-            raise InputError(f"{d}: the run directory {first} again; give each run once")
+        where = Path(d).expanduser().resolve()
+        if where in seen:
+            raise InputError(f"{d}: the run directory {seen[where]} again; give each run once")
+        seen[where] = d
     rows, columns = compare_runs([Path(d) for d in run_dirs], list(metrics) or None)
     if markdown:  # written first: a path that cannot be written is refused before any output
         try:

@@ -99,9 +99,13 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
     """Column `field` of local files read with `datasets`' `builder`, as a list.
 
     The files are read as one table, which needs every field of theirs to have one shape:
-    JSON Lines files whose other fields differ (a `meta` object with other keys in another
-    file) fail so, although only `field` is read. Such files are then read one at a time, in
-    the same order (`_read_files_apart`).
+    files whose other fields differ (a `meta` object with other keys in another file) fail
+    so, although only `field` is read; they are then read one at a time, in the same order
+    (`_read_files_apart`). JSON files are always read one at a time: where one file's text
+    field mixes kinds (`{"text": 5}` beside `{"text": "six"}`), `datasets` reads that file's
+    column as JSON values, and a table of several files cast them to strings, so the record
+    without text became the text `5` and `six` the text `"six"`, quotes included: a file's
+    documents depended on which other files shared its folder.
 
     Read through a cache of its own, gone afterwards: `datasets` knows a local file in its
     cache by path and mtime, so a file edited in place with its mtime kept (`touch -r`,
@@ -111,6 +115,8 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
     lazy view of the cache's Arrow files."""
     import datasets
 
+    if builder == "json" and len(data_files) > 1:
+        return _read_files_apart(builder, data_files, field, key)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     with tempfile.TemporaryDirectory(prefix="qlp-datasets-", ignore_cleanup_errors=True) as cache, _quiet_datasets():
         try:

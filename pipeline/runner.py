@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from qlora_pipeline import rundir
 from qlora_pipeline.codehash import STAGE_CALL_KEY, changed_files, code_files, library_versions
 from qlora_pipeline.errors import InputError, StageError
-from qlora_pipeline.graph import StageContext, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
+from qlora_pipeline.graph import StageContext, StageRef, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
 from qlora_pipeline.runinfo import check_records, record_problem
 from qlora_pipeline.stagecache import Entry, StageCache, place_files, short_key, with_mtimes
 from qlora_pipeline.tracking import Tracker
@@ -261,7 +261,7 @@ class Runner:
     @staticmethod
     def _read_code(spec: StageSpec) -> dict[str, str]:
         files = {**code_files(spec.fn), **library_versions(spec.fn)}
-        if getattr(spec.fn, "call", None):  # the registry's choice of factory and arguments
+        if isinstance(spec.fn, StageRef) and spec.fn.call:  # the registry's choice of factory and arguments
             files[STAGE_CALL_KEY] = spec.fn.call
         for module in spec.code:
             files.update(code_files(module))

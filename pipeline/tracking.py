@@ -177,14 +177,6 @@ class Tracker:
     def experiment_id(self) -> Optional[str]:
         return self._experiment_id
 
-    def local_artifact_folder(self) -> Optional[Path]:
-        """Where this experiment's artifacts (the report, its metrics) are written when that is a
-        folder on this machine (MLflow puts a new experiment's under `./mlruns` of the folder the
-        command started in); None for a server's store or when tracking is off."""
-        location = self._guard("reading the experiment", lambda: self._client.get_experiment(
-            self._experiment_id).artifact_location) if self._experiment_id else None
-        return local_path(location)
-
     def _guard(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
             return None
@@ -291,6 +283,35 @@ class Tracker:
             self._client.set_experiment_tag(self._experiment_id, VIEW_TAG, view_state(previous, metric_keys))
 
         self._guard("updating the runs view", go)
+
+
+def planned_artifact_folder(uri: Optional[str], experiment: str) -> tuple[Optional[Path], bool]:
+    """(where the runs of `experiment` in the store at `uri` will write their artifacts, when
+    that is a folder of this machine; whether the experiment exists already), found by reading
+    only, before a run creates anything. An existing experiment keeps the folder it was made
+    with; a new one in a SQLite store gets MLflow's default, `./mlruns` of the folder the
+    command starts in, and in a file store the store's own folder. (None, False) for a server
+    or another database, whose artifact store this cannot see, and for a store it cannot read
+    (the tracker says why)."""
+    from qlora_pipeline.preflight import sqlite_store_path
+
+    uri = uri or default_tracking_uri()
+    store = sqlite_store_path(uri)
+    if store is None:
+        folder = local_path(uri) if "://" not in uri or uri.startswith("file:") else None  # a file store
+        return (folder.expanduser() if folder else None), False
+    if store.is_file():
+        for k, v in _FAST_FAIL_ENV.items():
+            os.environ.setdefault(k, v)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+        except Exception:
+            return None, False
+        if found is not None:
+            return local_path(found.artifact_location), True
+    return Path.cwd() / "mlruns", False
 
 
 def local_path(location: Optional[str]) -> Optional[Path]:

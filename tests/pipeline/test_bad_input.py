@@ -804,6 +804,8 @@ def test_compare_refuses_a_run_given_twice(tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert f"error: good/: the run directory {good} again; give each run once" in err, err
+    assert cli("compare", "good", "good") == 2  # one string object twice
+    assert "error: good: the run directory good again" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- a full disk outside any stage
@@ -1037,3 +1039,24 @@ def test_mlflow_artifacts_inside_a_data_folder_are_refused(tiny_llama_dir, in_tm
     assert (f"data.domain.path: MLflow's artifact folder {corpus.resolve() / 'mlruns'}" in err
             and "start the run from another folder" in err), err
     assert sorted(p.name for p in corpus.rglob("*")) == before
+
+    # A store that exists: judged before anything is written to it. A refused run created the
+    # experiment first, whose artifact folder MLflow never moves: every later run was refused
+    # wherever it started (found in review).
+    from mlflow.tracking import MlflowClient
+
+    store = in_tmp / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    client.search_experiments()  # makes the store
+    assert cli("run", path) == 2
+    assert "start the run from another folder" in capsys.readouterr().err
+    assert client.get_experiment_by_name("qlora-pipeline") is None and sorted(p.name for p in corpus.rglob("*")) == before
+    # An experiment made inside the corpus before this check: named, wherever the run starts.
+    client.create_experiment("qlora-pipeline", artifact_location=str(corpus / "mlruns" / "1"))
+    monkeypatch.chdir(in_tmp)
+    assert cli("run", path) == 2
+    err = capsys.readouterr().err
+    assert (f"MLflow's artifact folder {corpus / 'mlruns' / '1'} is inside this data folder" in err
+            and "the experiment 'qlora-pipeline' keeps the folder it was made with: set tracking.experiment to a "
+                "new name" in err), err
+    assert not (in_tmp / "runs").exists()

@@ -167,6 +167,20 @@ def test_json_lines_files_whose_other_fields_differ_are_read(tmp_path, caplog):
         data.load_documents(DataSource(path=str(corpus)), "data.domain")
 
 
+def test_a_json_lines_file_whose_text_field_mixes_kinds_reads_alike_in_any_folder(tmp_path, caplog):
+    """Beside another file, `{"text": 5}` became the text `5` and `{"text": "six"}` the text
+    `"six"`, quotes included (`datasets` cast the file's JSON-valued column to strings); alone
+    the same file gave `six` and skipped the number (found in review)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.jsonl").write_text('{"text": 5}\n{"text": "six"}\n')
+    alone = data.load_documents(DataSource(path=str(corpus)), "data.domain")
+    (corpus / "a.jsonl").write_text('{"text": "one"}\n')
+    with caplog.at_level("WARNING", logger="qlora_pipeline.data"):
+        assert data.load_documents(DataSource(path=str(corpus)), "data.domain") == ["one", *alone] == ["one", "six"]
+    assert "1 of 3 records in" in caplog.text
+
+
 def test_a_corpus_file_rewritten_with_its_mtime_kept_is_read_anew(tmp_path):
     """`datasets` knows a local file in its cache by path and mtime: the data stage re-ran
     (its fingerprint hashes content) but read the text the file held before."""
