@@ -513,8 +513,10 @@ def memory(path: str, bits: Optional[int], group_size: Optional[int], contexts, 
         if not isinstance(config, dict):
             raise ValueError(f"a JSON {type(config).__name__}, not an object")
         stored_bits, stored_group = _stored_quantization(config)
-        group_said = ("--group-size" if group_size is not None else "the default group size" if stored_bits == 16
-                      else "the checkpoint's group size")
+        quant = config.get("quantization_config")
+        stored = isinstance(quant, dict) and isinstance(quant.get("group_size"), int) and stored_bits != 16
+        group_said = ("--group-size" if group_size is not None else "the checkpoint's group size" if stored
+                      else "the default group size")
         bits = stored_bits if bits is None else bits
         group_size = stored_group if group_size is None else group_size
         if not (2 <= bits <= 8 or bits == 16) or not (group_size == -1 or group_size >= 1):
