@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -192,6 +193,29 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
                   verify_inputs=recipe.run.verify_inputs, cache=cache)
 
 
+@contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While inside, SIGTERM raises `Terminated` (a KeyboardInterrupt): without it a scheduler's
+    time limit or `docker stop` killed the run as kill -9 does, leaving its lock, a stage
+    recorded as running and the stage cache's temporary folder behind."""
+    import signal
+
+    from qlora_pipeline.errors import Terminated
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding program's): its own handling stands
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _describe_parent_run(runner) -> None:
     """The parent run's description in MLflow: the report's headline table (after the report
     stage ran or was found up to date)."""
@@ -281,7 +305,8 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     logger.info("run directory: %s", runner.run_dir)
     logger.info("stage cache: %s", _cache_place(runner))
     t0 = time.time()
-    planned = runner.run(from_stage=from_stage, only=only, force=force)
+    with _sigterm_stops_like_ctrl_c():
+        planned = runner.run(from_stage=from_stage, only=only, force=force)
     from qlora_pipeline.stages.report import REPORT_FILE, metrics_path
 
     report = metrics_path(runner.run_dir).with_name(REPORT_FILE)
@@ -722,9 +747,8 @@ def _open_browser(url: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
+    except click.exceptions.Abort as exc:  # click's form of a KeyboardInterrupt (Ctrl-C, or SIGTERM in `run`)
+        return _interrupted(exc.__cause__ or exc.__context__ or exc)
     except click.ClickException as exc:
         exc.show()
         return 2
@@ -738,9 +762,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             traceback.print_exception(exc.__cause__)
         return 1
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume", err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except OSError as exc:
         # The last resort for a file the machine refused outside any stage (stages report their
         # own as StageError): one line naming the file, not a traceback; -v shows where.
@@ -756,6 +779,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exception(exc)
         return 2
     return 0
+
+
+def _interrupted(exc: BaseException) -> int:
+    """The message and exit status of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    from qlora_pipeline.errors import Terminated, interruption
+
+    click.echo(f"{interruption(exc)}; rerun the same command to resume", err=True)
+    return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -30,3 +30,14 @@ class RunLockedError(InputError):
 class StageError(Exception):
     """A stage failed while doing its work (exit code 1)."""
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) during `pipeline run`: it stops
+    the run as Ctrl-C does, so the interrupted stage is recorded as such, its lock and
+    temporary files go, and the next run resumes."""
+
+
+def interruption(exc: BaseException) -> str:
+    """What stopped a run, for its records and messages: Ctrl-C or SIGTERM."""
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from qlora_pipeline import rundir
 from qlora_pipeline.codehash import STAGE_CALL_KEY, changed_files, code_files, library_versions
-from qlora_pipeline.errors import InputError, StageError
+from qlora_pipeline.errors import InputError, StageError, interruption
 from qlora_pipeline.graph import StageContext, StageRef, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
 from qlora_pipeline.runinfo import check_records, record_problem
 from qlora_pipeline.stagecache import Entry, StageCache, place_files, short_key, with_mtimes
@@ -333,12 +333,16 @@ class Runner:
             return "stale", self._why_stale(spec, manifest, digests)
         if fp is not None and state.get("status") == "failed" and state.get("fingerprint") == fp:
             return "failed", f"failed: {state.get('error', '?')}"
+        interrupted = fp is not None and state.get("status") == "interrupted" and state.get("fingerprint") == fp
         if fp is not None and state.get("status") == "running" and state.get("fingerprint") == fp \
                 and state.get("host") == socket.gethostname() and rundir._alive(int(state.get("pid", -1)), None):
             return "running", f"running in pid {state['pid']} since {state.get('started')}"
         ckpt = sdir / rundir.CHECKPOINTS
         if fp is not None and _checkpoint_fingerprint(ckpt) == fp:
-            return "partial", _resume_description(ckpt, full_verify)
+            resume = _resume_description(ckpt, full_verify)
+            return "partial", state["error"].split(";")[0] + resume.removeprefix("interrupted") if interrupted else resume
+        if interrupted:
+            return "missing", f"{state['error'].split(';')[0]} before it finished; runs again"
         return "missing", self._unbuilt_reason(sdir)
 
     def _rel(self, problem: str) -> str:
@@ -713,13 +717,16 @@ class Runner:
             full = _disk_full(exc)
             err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             if isinstance(exc, KeyboardInterrupt):  # not "KeyboardInterrupt: " in `status`
-                err = "interrupted (Ctrl-C); rerun the same command to resume"
+                err = f"{interruption(exc)}; rerun the same command to resume"
+                if _published_since(sdir, started):
+                    raise  # it came after the stage was published (while storing it in the cache): done stays done
             if full is not None:
                 where = getattr(full, "filename", None) or partial
                 err = f"no space left on device while writing {where}"
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             try:
                 rundir.write_json_atomic(sdir / rundir.STATE, {
-                    "fingerprint": fp, "status": "failed", "started": started, "error": err, "mlflow_run_id": child_id,
+                    "fingerprint": fp, "status": status, "started": started, "error": err, "mlflow_run_id": child_id,
                 })
             except OSError:
                 _remove_temporaries(sdir)  # the disk is still full: the next run finds the old state
@@ -912,6 +919,15 @@ def _input_changes(spec: StageSpec, manifest: dict, digests: dict[str, Optional[
     if added or dropped:
         parts.append(f"inputs changed: {', '.join(added + dropped)}")
     return parts
+
+
+def _published_since(sdir: Path, started: str) -> bool:
+    """Whether the attempt at a stage that began at `started` has published it (state done,
+    with a manifest of the same fingerprint)."""
+    state = rundir.read_json(sdir / rundir.STATE) or {}
+    manifest = rundir.read_json(sdir / rundir.MANIFEST) or {}
+    return (state.get("status") == "done" and state.get("started") == started
+            and manifest.get("fingerprint") == state.get("fingerprint"))
 
 
 def _resume_description(ckpt: Path, full: bool) -> str:

@@ -108,6 +108,42 @@ def test_kill_9_at_random_moments_across_stage_kinds_resumes_to_the_same_outputs
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name == "output.partial"]
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_a_run_cleanly_and_it_resumes_to_the_same_outputs(stop, reference, tiny_llama_dir,
+                                                                                   tmp_path):
+    """SIGTERM (a scheduler's time limit, `docker stop`) killed a run as kill -9 does: no
+    message, its lock, a stage recorded as running, `output.partial/` left behind; Ctrl-C said
+    only "aborted" (click's word for it) and recorded the stage as failed (found by QA)."""
+    recipe = soak_recipe(tiny_llama_dir, tmp_path, "stopped")
+    run_dir = tmp_path / "runs" / "stopped"
+    env = {**os.environ, "PYTHONHASHSEED": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_pipeline.cli", "run", str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as in a shell
+    state = run_dir / "train" / "state.json"
+    while proc.poll() is None:
+        try:
+            if json.loads(state.read_text()).get("status") == "running" and list(state.parent.glob("checkpoints/*")):
+                proc.send_signal(getattr(signal, stop))
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    said = {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)"}[stop]
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], err
+    assert f"{said}; rerun the same command to resume" in err and "Traceback" not in err, err
+    assert json.loads(state.read_text())["status"] == "interrupted"
+    assert not (run_dir / ".lock").exists() and not (run_dir / "train" / "output.partial").exists()
+    status = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "status", str(run_dir)], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert f"{said}; resumes from" in status.stdout or f"{said} before its first checkpoint" in status.stdout, \
+        status.stdout
+    finish(start(recipe, tmp_path))
+    ours, ref = outputs(run_dir), outputs(reference)
+    assert ours.keys() == ref.keys() and not [k for k in ref if ours[k] != ref[k]]
+
+
 def copy_run(reference: Path, tmp_path: Path, runs: Path | None = None) -> tuple[Path, Path]:
     """A copy of the reference run under `runs` (default tmp_path/runs) and its recipe pointing there."""
     runs = runs or tmp_path / "runs"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from qlora_pipeline.errors import InputError, RunLockedError, StageError
+from qlora_pipeline.errors import InputError, RunLockedError, StageError, Terminated
 from qlora_pipeline.graph import StageResult, StageSpec
 from qlora_pipeline.rundir import RunLock, describe_lock, lock_is_stale
 from qlora_pipeline.runner import Runner
@@ -147,16 +147,48 @@ def test_crash_resumes_from_intra_stage_checkpoint(toy):
     assert not (toy.run_dir / "b" / "checkpoints").exists()
 
 
-def test_ctrl_c_in_a_stage_is_recorded_as_an_interruption_and_resumes(toy):
-    toy.crash_b_at, toy.crash_with = 2, KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
+@pytest.mark.parametrize("signal, said", [(KeyboardInterrupt, "interrupted (Ctrl-C)"),
+                                          (Terminated, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_in_a_stage_is_recorded_as_an_interruption_and_resumes(toy, signal, said):
+    """`status` said "failed" after a Ctrl-C, "partial" after kill -9, for the same resumable
+    state (found by QA); `cli run` turns SIGTERM into `Terminated`."""
+    toy.crash_b_at, toy.crash_with = 2, signal
+    with pytest.raises(signal):
         toy.runner().run()
+    assert json.loads((toy.run_dir / "b" / "state.json").read_text())["status"] == "interrupted"
     plan = toy.runner().plan()
-    assert plan[1].status == "failed"
-    assert plan[1].reason == "failed: interrupted (Ctrl-C); rerun the same command to resume"  # not "KeyboardInterrupt: "
+    assert plan[1].status == "partial"
+    assert plan[1].reason == f"{said}; resumes from 2 checkpoint file(s)"  # not "KeyboardInterrupt: "
     toy.crash_b_at = None
     toy.runner().run()
     assert toy.b_steps_done == [0, 1, 2, 3, 4]  # steps 0-1 were not redone
+
+
+def test_an_interrupted_stage_without_checkpoints_says_it_runs_again(toy):
+    toy.crash_b_at, toy.crash_with = 2, KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        toy.runner().run()
+    for mark in (toy.run_dir / "b" / "checkpoints").iterdir():
+        mark.unlink()  # a stage that keeps none (an evaluation)
+    plan = toy.runner().plan()
+    assert (plan[1].status, plan[1].reason) == ("missing", "interrupted (Ctrl-C) before it finished; runs again")
+
+
+def test_ctrl_c_after_a_stage_is_published_leaves_it_done(toy, tmp_path):
+    """Ctrl-C while the stage cache stored a published stage overwrote its state with "failed"
+    beside a good manifest, and that stayed after the next run (found by QA)."""
+    from qlora_pipeline.stagecache import StageCache
+
+    class InterruptedStore(StageCache):
+        def store(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    runner = Runner(toy.run_dir, [StageSpec("a", toy.a, (), {"value": 1})], cache=InterruptedStore(tmp_path / "c"))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    state = json.loads((toy.run_dir / "a" / "state.json").read_text())
+    assert state["status"] == "done" and "error" not in state
+    assert toy.runner().plan()[0].status == "done"
 
 
 def test_checkpoints_of_another_configuration_are_discarded(toy):
