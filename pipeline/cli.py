@@ -139,7 +139,7 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     from qlora_pipeline.data_identity import resolve_hub_dataset
     from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.models import is_hub_source, resolve_model
-    from qlora_pipeline.preflight import outputs_inside_data
+    from qlora_pipeline.preflight import check_model_source, outputs_inside_data
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
     from qlora_pipeline.runner import Runner, selection_problem
@@ -172,8 +172,16 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
         hub_model = is_hub_source(recipe.model)
         if hub_model:
             resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
+            # What validate/plan could not check before it was downloaded: its files, and the
+            # recipe against its config.json (windows, LoRA targets, group sizes; `build_stages`).
+            problems = check_model_source(recipe.model.source, revision=recipe.model.revision)
+            if problems:
+                raise RecipeError(problems, source=source)
         if hub_data or hub_model:
-            specs = build_stages(recipe)
+            try:
+                specs = build_stages(recipe)
+            except RecipeError as exc:
+                raise RecipeError(exc.problems, source=source) from None
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
     if for_run and recipe.tracking.enabled and is_main:

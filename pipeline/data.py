@@ -306,9 +306,28 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
         what = f"'{repo}'" + (f" config '{config}'" if config else "") + (f" at {revision}" if revision else "")
         raise DataError(f"{key}.hub: cannot load {what} split '{split}' ({_reason(exc)}); check the id and "
                         "network, or use a local path") from None
+    loaded = _cached_commit(ds)
+    if revision and _COMMIT.fullmatch(revision) and loaded not in (None, revision):
+        # Offline, `datasets` loads the newest cached copy of the dataset whatever the revision.
+        raise DataError(f"{key}.hub: '{repo}' at commit {revision} (the one this stage's settings name) is not in "
+                        f"the local cache, which holds {loaded}; connect to the hub once to fetch it, or set "
+                        f"{key}.revision to {loaded}")
     if text_field not in ds.column_names:
         raise DataError(f"{key}.text_field: column '{text_field}' not in '{repo}'; columns: {', '.join(ds.column_names)}")
     return _texts(ds[text_field], key, f"'{repo}'", text_field)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _cached_commit(ds) -> str | None:
+    """The commit of a hub dataset `datasets` loaded, read from its cache folder
+    (`<name>/<config>/<version>/<commit>/`), or None where the path holds none."""
+    for entry in getattr(ds, "cache_files", None) or ():
+        for part in reversed(Path(entry.get("filename", "")).parts):
+            if _COMMIT.fullmatch(part):
+                return part
+    return None
 
 
 def load_documents(source, key: str, max_chars: int | None = None, revision: str | None = None) -> list[str]:

@@ -96,6 +96,29 @@ def hub_commit(repo_id: str, revision) -> str:
     return "not downloaded"
 
 
+def cached_hub_snapshot(repo_id: str, revision) -> Path | None:
+    """The folder of hub model `repo_id` at `revision` (default: main) in the local hub cache,
+    found without the network; None when the cache does not hold it."""
+    commit = hub_commit(repo_id, revision)
+    if not COMMIT.fullmatch(commit):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=commit)
+    except Exception:
+        found = None
+    if isinstance(found, str):
+        return Path(found).parent
+    try:  # a snapshot without config.json is still that commit's folder (and is named for what it lacks)
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        folder = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    except Exception:
+        return None
+    return folder if folder.is_dir() else None
+
+
 def _conversion_key(gguf: Path) -> str:
     """The converted checkpoint's folder key: the GGUF's content and the converter's version
     (another file of the same size and mtime at the same path is another model)."""
@@ -155,6 +178,9 @@ def cached_config(model_cfg) -> dict | None:
         gguf = _smollm2_gguf() if src.startswith("builtin:") else (path if path.is_file() else None)
     except InputError:
         return None
+    if gguf is None and is_hub_source(model_cfg):
+        snapshot = cached_hub_snapshot(src, model_cfg.revision)
+        return read_config(snapshot, key="model.source") if snapshot is not None else None
     if gguf is None:
         return None
     name = src.split(":", 1)[1] if src.startswith("builtin:") else path.stem
@@ -210,6 +236,11 @@ def stage_model(config: dict, runtime: dict):
     settings = dict(config["model"])
     if settings.get("source") == LOCAL_MODEL:
         settings["source"] = runtime[MODEL_SOURCE]
+    commit = (config.get("weights") or {}).get("commit")
+    if "hub" in (config.get("weights") or {}) and isinstance(commit, str) and COMMIT.fullmatch(commit):
+        # The commit the fingerprint names, not what the branch names when the stage starts
+        # (a download or another run may have moved `refs/main` since planning).
+        settings["revision"] = commit
     return ModelConfig.model_validate(settings)
 
 
@@ -233,7 +264,7 @@ def _hub_snapshot(repo_id: str, revision) -> Path:
     except Exception as exc:
         raise InputError(
             f"model.source: could not fetch '{repo_id}' from the hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); check the id and your network, or give a local directory"
+            f"{str(exc).splitlines()[0][:400]}); check the id and your network, or give a local directory"
         ) from None
 
 

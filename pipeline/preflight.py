@@ -51,7 +51,7 @@ def preflight(recipe, source: str = "recipe") -> None:
 def check_inputs(recipe) -> list[str]:
     """Every problem with the recipe's local inputs, each line starting with its key path."""
     problems = check_placeholders(recipe)
-    problems += check_model_source(recipe.model.source)
+    problems += check_model_source(recipe.model.source, revision=recipe.model.revision)
     if recipe.merge.adapter is not None:
         adapter = Path(recipe.merge.adapter).expanduser()
         found = check_adapter(adapter, "merge.adapter")
@@ -243,8 +243,10 @@ def _file_store_allowed() -> bool:
 # ----------------------------------------------------------------------------- model
 
 
-def check_model_source(src: str, key: str = "model.source") -> list[str]:
-    """Problems with a model source: the built-in package, a .gguf file or an HF directory."""
+def check_model_source(src: str, key: str = "model.source", revision: Optional[str] = None) -> list[str]:
+    """Problems with a model source: the built-in package, a .gguf file, an HF directory, or a
+    hub model's snapshot when the local hub cache holds it (one not downloaded yet is checked
+    when `run` has downloaded it)."""
     if src.startswith("builtin:"):
         try:
             gguf = _smollm2_gguf()
@@ -256,7 +258,10 @@ def check_model_source(src: str, key: str = "model.source") -> list[str]:
         return check_gguf(path, key)
     if path.is_dir():
         return check_model_dir(path, key)
-    return []  # a hub id: resolved (and checked) when the run downloads it
+    from qlora_pipeline.models import cached_hub_snapshot
+
+    snapshot = cached_hub_snapshot(src, revision)
+    return check_model_dir(snapshot, key) if snapshot is not None else []
 
 
 def check_gguf(path: Path, key: str) -> list[str]:

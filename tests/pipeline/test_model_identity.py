@@ -10,7 +10,10 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from qlora_pipeline import file_hashes, rundir
+from qlora_pipeline.errors import DataError
 from tests.conftest import cli, tiny_recipe
 
 
@@ -270,3 +273,85 @@ def test_revision_is_for_hub_datasets_only(tmp_path):
 
     with pytest.raises(ValidationError, match="revision names a version of a hub dataset; it needs hub"):
         DataSource(builtin="python-docs", revision="main")
+
+
+def _offline_hub(monkeypatch, tmp_path):
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return hub
+
+
+@pytest.mark.parametrize("section, value, expected", [
+    ("data", {"seq_len": 2048}, "data.seq_len: 2048 tokens is longer than the model's context of 1024"),
+    ("lora", {"target_modules": ["nonexistent_proj"]}, "lora.target_modules: 'nonexistent_proj' matches no linear"),
+])
+def test_a_cached_hub_model_is_checked_against_its_config(section, value, expected, tiny_llama_dir, tmp_path,
+                                                          write_recipe, monkeypatch, capsys):
+    """The same files as a local folder were refused; as a hub id in the local cache `validate`
+    said "not checked yet" and `run` went on until training failed (found by QA)."""
+    hub = _offline_hub(monkeypatch, tmp_path)
+    _hub_cache_with(hub, "someorg/tiny-llama", tiny_llama_dir, "a" * 40)
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tmp_path, tmp_path, model={"source": "someorg/tiny-llama"},
+                                      tracking={"enabled": False}, **{section: value}))
+    for command in ("validate", "plan", "run"):
+        assert cli(command, str(recipe)) == 2, command
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cached_hub_snapshot_missing_its_tokenizer_is_named(tiny_llama_dir, tmp_path, write_recipe, monkeypatch,
+                                                               capsys):
+    """The data stage failed (exit 1, "Couldn't instantiate the backend tokenizer") and left a
+    run directory (found by QA)."""
+    hub = _offline_hub(monkeypatch, tmp_path)
+    _hub_cache_with(hub, "someorg/tiny-llama", tiny_llama_dir, "a" * 40)
+    snapshot = hub / "models--someorg--tiny-llama" / "snapshots" / ("a" * 40)
+    (snapshot / "tokenizer.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tmp_path, tmp_path, model={"source": "someorg/tiny-llama"},
+                                      tracking={"enabled": False}))
+    assert cli("run", str(recipe), "--only", "data") == 2
+    err = capsys.readouterr().err
+    assert f"model.source: {snapshot}" in err and "tokenizer" in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_stage_loads_the_hub_commit_its_settings_name():
+    """A stage loaded what `main` named when it started: moved since planning (another run's
+    download), the base of one commit was recorded, and cached, as another's (found by QA)."""
+    from qlora_pipeline.models import stage_model
+
+    config = {"model": {"source": "someorg/tiny-llama", "revision": None, "dtype": "bfloat16"},
+              "weights": {"hub": "someorg/tiny-llama", "revision": None, "commit": "a" * 40}}
+    assert stage_model(config, {}).revision == "a" * 40
+    config["weights"]["commit"] = "not downloaded"
+    assert stage_model(config, {}).revision is None
+
+
+def test_an_offline_hub_dataset_of_another_commit_is_refused(monkeypatch):
+    """Offline, `datasets` loads the newest cached copy whatever the revision: the fingerprint
+    named one commit and the tokens came from another (found by QA). The loaded commit is read
+    from the cache folder `datasets` names after it."""
+    import datasets
+
+    from qlora_pipeline.data import _hub_documents
+
+    class Cached:
+        column_names = ["text"]
+        cache_files = [{"filename": f"/cache/someorg___corpus/default/0.0.0/{'b' * 40}/corpus-train.arrow"}]
+
+        def __getitem__(self, key):
+            return ["a document"]
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Cached())
+    with pytest.raises(DataError, match=f"data.domain.hub: 'someorg/corpus' at commit {'a' * 40} .* is not in the "
+                                        f"local cache, which holds {'b' * 40}; connect to the hub once"):
+        _hub_documents("someorg/corpus", "train", "text", "data.domain", revision="a" * 40)
+    assert _hub_documents("someorg/corpus", "train", "text", "data.domain", revision="b" * 40) == ["a document"]
+    assert _hub_documents("someorg/corpus", "train", "text", "data.domain", revision="main") == ["a document"]
