@@ -95,7 +95,7 @@ def _load_checked(recipe_path: str, sets: tuple[str, ...], convert_model: bool =
         raise RecipeError(problems, source=recipe_path)
     if convert_model:
         _convert_local_model(cfg)
-    preflight(cfg, source=recipe_path)
+    preflight(cfg, source=recipe_path, hub_snapshot=not convert_model)  # `run` checks it after the download
     try:
         build_stages(cfg)  # its checks against the model's config (group sizes, context), torch-free
     except RecipeError as exc:  # named after the recipe file, as every other recipe problem
@@ -139,7 +139,7 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     from qlora_pipeline.data_identity import resolve_hub_dataset
     from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.models import is_hub_source, resolve_model
-    from qlora_pipeline.preflight import check_model_source, outputs_inside_data
+    from qlora_pipeline.preflight import check_model_dir, outputs_inside_data
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
     from qlora_pipeline.runner import Runner, selection_problem
@@ -171,10 +171,10 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
             resolve_hub_dataset(hub_source.hub, hub_source.revision)  # one small request; offline, the last run's answer
         hub_model = is_hub_source(recipe.model)
         if hub_model:
-            resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
-            # What validate/plan could not check before it was downloaded: its files, and the
-            # recipe against its config.json (windows, LoRA targets, group sizes; `build_stages`).
-            problems = check_model_source(recipe.model.source, revision=recipe.model.revision)
+            snapshot = resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
+            # Checked now that it is complete: its files, and the recipe against its config.json
+            # (windows, LoRA targets, group sizes; `build_stages`).
+            problems = check_model_dir(snapshot, "model.source")
             if problems:
                 raise RecipeError(problems, source=source)
         if hub_data or hub_model:
@@ -756,7 +756,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
     except click.exceptions.Abort as exc:  # click's form of a KeyboardInterrupt (Ctrl-C, or SIGTERM in `run`)
-        return _interrupted(exc.__cause__ or exc.__context__ or exc)
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            return _interrupted(cause)
+        click.echo("aborted", err=True)  # an end of input (EOFError), which click words alike
+        return 130
     except click.ClickException as exc:
         exc.show()
         return 2

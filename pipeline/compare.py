@@ -9,6 +9,7 @@ processor or library version moves perplexities in the last digits).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +31,10 @@ PLACE = "computed on"
 RUN_STAGES = ("data", "train", "merge", "calibrate", "calibrate-general", "report")
 ARTIFACT_STAGES = ("quantize-{}", "evaluate-{}")
 LONG_VALUE = 24  # characters of a setting's value shown (a file's sha256 is 66 as JSON)
+# Settings that name files by their sha256 (the model's, the corpus's): one digest each in
+# the table, not a column per file.
+CONTENT_KEYS = frozenset({"weights", "content"})
+STAGE_PREFIXES = {"calibrate-general": "general "}  # its `calibration.*` keys are calibrate's too
 
 
 def _read_object(path: Path, repair: str) -> dict:
@@ -46,19 +51,25 @@ def _read_object(path: Path, repair: str) -> dict:
 
 
 def _stage_settings(run_dir: Path, stages) -> dict[str, str]:
-    """The flattened settings of `stages` of a run (from their manifests; a stage not run adds none)."""
+    """The flattened settings of `stages` of a run (from their manifests; a stage not run adds
+    none), each value as JSON, whole: two values alike in their first characters still differ."""
     settings: dict[str, str] = {}
     for stage in stages:
         manifest = run_dir / stage / rundir.MANIFEST
         if manifest.is_file():
             config = _read_object(manifest, f"`pipeline run` re-runs the {stage} stage of {run_dir} to rewrite it")
-            settings.update(flatten_settings(config.get("config") or {}, leaf=_shown))
+            config = dict(config.get("config") or {})
+            for key in CONTENT_KEYS.intersection(config):  # one column for a model's or a corpus's files
+                config[key] = hashlib.sha256(json.dumps(config[key], sort_keys=True).encode()).hexdigest()[:12]
+            flat = flatten_settings(config, leaf=json.dumps)
+            prefix = STAGE_PREFIXES.get(stage)
+            settings.update({f"{prefix}{k}" if prefix else k: v for k, v in flat.items()})
     return settings
 
 
-def _shown(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= LONG_VALUE else text[: LONG_VALUE - 1] + "…"
+def shown(value: str) -> str:
+    """A setting's value as the table shows it: cut to `LONG_VALUE` characters."""
+    return value if len(value) <= LONG_VALUE else value[: LONG_VALUE - 1] + "…"
 
 
 def _read_report(run_dir: Path) -> dict:
@@ -115,7 +126,7 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
         baselines = set(report.get("gate_baselines", []))
         for name, m in report["artifacts"].items():
             row = {"run": label, "artifact": name, **{k: m.get(k) for k in columns}}
-            row.update({k: settings[name].get(k, "–") for k in differing})
+            row.update({k: shown(settings[name][k]) if k in settings[name] else "–" for k in differing})
             if name in gate:
                 row["gate"] = gate_cell(gate[name], name in baselines, bold=False)
             env = m.get("environment")

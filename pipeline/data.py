@@ -101,11 +101,12 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
     The files are read as one table, which needs every field of theirs to have one shape:
     files whose other fields differ (a `meta` object with other keys in another file) fail
     so, although only `field` is read; they are then read one at a time, in the same order
-    (`_read_files_apart`). JSON files are always read one at a time: where one file's text
-    field mixes kinds (`{"text": 5}` beside `{"text": "six"}`), `datasets` reads that file's
-    column as JSON values, and a table of several files cast them to strings, so the record
-    without text became the text `5` and `six` the text `"six"`, quotes included: a file's
-    documents depended on which other files shared its folder.
+    (`_read_files_apart`). So are JSON files whose text field is not text everywhere
+    (`_text_everywhere`): where one file's field mixes kinds (`{"text": 5}` beside `{"text":
+    "six"}`), `datasets` reads that file's column as JSON values, and a table of several files
+    cast them to strings, so the record without text became the text `5` and `six` the text
+    `"six"`, quotes included: a file's documents depended on which other files shared its
+    folder. (One at a time costs about 0.1 s a file, so it is not the rule.)
 
     Read through a cache of its own, gone afterwards: `datasets` knows a local file in its
     cache by path and mtime, so a file edited in place with its mtime kept (`touch -r`,
@@ -115,7 +116,7 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
     lazy view of the cache's Arrow files."""
     import datasets
 
-    if builder == "json" and len(data_files) > 1:
+    if builder == "json" and len(data_files) > 1 and not _text_everywhere(data_files, field):
         return _read_files_apart(builder, data_files, field, key)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     with tempfile.TemporaryDirectory(prefix="qlp-datasets-", ignore_cleanup_errors=True) as cache, _quiet_datasets():
@@ -133,6 +134,27 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
         values = list(ds[field])
         del ds  # its memory-mapped files are in the cache about to be removed
     return values
+
+
+def _text_everywhere(files: list[str], field: str) -> bool:
+    """Whether every record of these JSON Lines files has text or nothing (null, absent) under
+    `field`, so that one table reads it as `datasets` reads each file; False for a .json file
+    (one document of any shape) or a line that does not parse (the reader names it)."""
+    for name in files:
+        if not name.endswith(".jsonl"):
+            return False
+        try:
+            with open(name, encoding="utf-8-sig") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    value = record.get(field) if isinstance(record, dict) else None
+                    if value is not None and not isinstance(value, str):
+                        return False
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def _read_files_apart(builder: str, data_files: list[str], field: str, key: str) -> list:

@@ -98,7 +98,10 @@ def hub_commit(repo_id: str, revision) -> str:
 
 def cached_hub_snapshot(repo_id: str, revision) -> Path | None:
     """The folder of hub model `repo_id` at `revision` (default: main) in the local hub cache,
-    found without the network; None when the cache does not hold it."""
+    found without the network, when it is complete: its config.json and every weight file
+    (`model.safetensors`, or the shards its index lists). None otherwise: a snapshot that a
+    tokenizer or config lookup left, or a download stopped half-way, is not downloaded yet,
+    and `run` completes it (`_hub_snapshot`) before checking it."""
     commit = hub_commit(repo_id, revision)
     if not COMMIT.fullmatch(commit):
         return None
@@ -106,17 +109,21 @@ def cached_hub_snapshot(repo_id: str, revision) -> Path | None:
 
     try:
         found = try_to_load_from_cache(repo_id, "config.json", revision=commit)
-    except Exception:
-        found = None
-    if isinstance(found, str):
-        return Path(found).parent
-    try:  # a snapshot without config.json is still that commit's folder (and is named for what it lacks)
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        folder = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
-    except Exception:
+        folder = Path(found).parent if isinstance(found, str) else None
+        return folder if folder is not None and _holds_all_weights(folder) else None
+    except (Exception, OSError):  # an unreadable shared cache: as if not downloaded
         return None
-    return folder if folder.is_dir() else None
+
+
+def _holds_all_weights(folder: Path) -> bool:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return True  # a damaged index: the checks of a complete folder name it
+        return all((folder / s).is_file() for s in shards)
+    return (folder / "model.safetensors").is_file()
 
 
 def _conversion_key(gguf: Path) -> str:

@@ -38,20 +38,21 @@ SAFETENSORS_HINT = "save it with save_pretrained(..., safe_serialization=True)"
 SUPPORTED_MODEL_TYPES = tuple(sorted(t for family in FAMILIES for t in family.model_types))
 
 
-def preflight(recipe, source: str = "recipe") -> None:
+def preflight(recipe, source: str = "recipe", hub_snapshot: bool = True) -> None:
     """Raise one `RecipeError` listing every input problem of a validated `recipe`.
 
-    `source` names the recipe file in the error's first line.
+    `source` names the recipe file in the error's first line. `hub_snapshot`: check a hub
+    model's cached snapshot here; `run` checks it once it has completed the download instead.
     """
-    problems = check_inputs(recipe)
+    problems = check_inputs(recipe, hub_snapshot)
     if problems:
         raise RecipeError(problems, source=source)
 
 
-def check_inputs(recipe) -> list[str]:
+def check_inputs(recipe, hub_snapshot: bool = True) -> list[str]:
     """Every problem with the recipe's local inputs, each line starting with its key path."""
     problems = check_placeholders(recipe)
-    problems += check_model_source(recipe.model.source, revision=recipe.model.revision)
+    problems += check_model_source(recipe.model.source, revision=recipe.model.revision, hub_snapshot=hub_snapshot)
     if recipe.merge.adapter is not None:
         adapter = Path(recipe.merge.adapter).expanduser()
         found = check_adapter(adapter, "merge.adapter")
@@ -243,7 +244,8 @@ def _file_store_allowed() -> bool:
 # ----------------------------------------------------------------------------- model
 
 
-def check_model_source(src: str, key: str = "model.source", revision: Optional[str] = None) -> list[str]:
+def check_model_source(src: str, key: str = "model.source", revision: Optional[str] = None,
+                       hub_snapshot: bool = True) -> list[str]:
     """Problems with a model source: the built-in package, a .gguf file, an HF directory, or a
     hub model's snapshot when the local hub cache holds it (one not downloaded yet is checked
     when `run` has downloaded it)."""
@@ -260,7 +262,7 @@ def check_model_source(src: str, key: str = "model.source", revision: Optional[s
         return check_model_dir(path, key)
     from qlora_pipeline.models import cached_hub_snapshot
 
-    snapshot = cached_hub_snapshot(src, revision)
+    snapshot = cached_hub_snapshot(src, revision) if hub_snapshot else None
     return check_model_dir(snapshot, key) if snapshot is not None else []
 
 

@@ -340,9 +340,9 @@ class Runner:
         ckpt = sdir / rundir.CHECKPOINTS
         if fp is not None and _checkpoint_fingerprint(ckpt) == fp:
             resume = _resume_description(ckpt, full_verify)
-            return "partial", state["error"].split(";")[0] + resume.removeprefix("interrupted") if interrupted else resume
+            return "partial", _what_stopped(state) + resume.removeprefix("interrupted") if interrupted else resume
         if interrupted:
-            return "missing", f"{state['error'].split(';')[0]} before it finished; runs again"
+            return "missing", f"{_what_stopped(state)} before it finished; runs again"
         return "missing", self._unbuilt_reason(sdir)
 
     def _rel(self, problem: str) -> str:
@@ -664,6 +664,16 @@ class Runner:
                 "fingerprint": fp, "status": "running", "started": started, "pid": os.getpid(),
                 "host": socket.gethostname(), "mlflow_run_id": child_id,
             })
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM while it was set up (an MLflow call may wait)
+            shutil.rmtree(partial, ignore_errors=True)
+            _remove_temporaries(sdir)
+            if self.tracker:
+                self.tracker.finish(child_id, "KILLED")
+            if (sdir / rundir.STATE).exists():
+                rundir.write_json_atomic(sdir / rundir.STATE, {
+                    "fingerprint": fp, "status": "interrupted", "started": started,
+                    "error": f"{interruption(exc)}; rerun the same command to resume", "mlflow_run_id": child_id})
+            raise
         except OSError as exc:
             # The stage could not even be set up (a full disk, a folder turned read-only): its
             # checkpoints stay; a stage folder this attempt made goes, the rest is as it was.
@@ -884,11 +894,14 @@ class Runner:
                                 "restore_seconds": round(seconds, 3)}}  # verified and put in place
             out, _ = self._record(spec, p.fingerprint, started, child_id, entry.record.get("metrics", {}),
                                   entry.record.get("info", {}), files=with_mtimes(partial, entry.files), extra=record)
-        except OSError as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            _remove_temporaries(sdir)
+        except BaseException as exc:  # OSError: the stage runs instead; Ctrl-C, SIGTERM: stop, tidy
+            if not _published_since(sdir, started):
+                shutil.rmtree(partial, ignore_errors=True)
+                _remove_temporaries(sdir)
             if self.tracker and child_id:
-                self.tracker.finish(child_id, "FAILED")
+                self.tracker.finish(child_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            if not isinstance(exc, OSError):
+                raise
             logger.warning("%-22s could not restore cache entry %s (%s); the stage runs", spec.name,
                            short_key(entry.key), exc)
             return False
@@ -919,6 +932,12 @@ def _input_changes(spec: StageSpec, manifest: dict, digests: dict[str, Optional[
     if added or dropped:
         parts.append(f"inputs changed: {', '.join(added + dropped)}")
     return parts
+
+
+def _what_stopped(state: dict) -> str:
+    """"interrupted (Ctrl-C)" or "terminated (SIGTERM)", from an interrupted stage's state."""
+    error = state.get("error")
+    return error.split(";")[0] if isinstance(error, str) and error else "interrupted"
 
 
 def _published_since(sdir: Path, started: str) -> bool:

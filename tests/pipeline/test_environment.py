@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from qlora_pipeline.compare import PLACE, compare_runs
+from qlora_pipeline.compare import DEFAULT_COLUMNS, PLACE, compare_runs
 from qlora_pipeline.environment import compute_environment, cpu_description, describe
 from qlora_pipeline.stages.report import environment_lines
 
@@ -109,3 +109,25 @@ def test_compare_shows_the_settings_each_artifact_differs_in(tmp_path):
     assert [c for c in columns if "." in c] == ["evaluate.max_domain_windows", "gate.max"]
     assert {(r["run"], r["evaluate.max_domain_windows"], r["gate.max"]) for r in rows} == {("a", "8", "20.0"),
                                                                                           ("c", "6", "5.0")}
+
+
+def test_compare_tells_long_settings_apart_and_names_a_model_in_one_column(tmp_path):
+    """Values were cut to 24 characters before they were compared, so target lists alike in
+    their first characters got no column; two models' or corpora's files gave a column per
+    file, each a cut sha256 (found in review)."""
+    from tests.pipeline.test_bad_input import report_dir
+
+    runs = []
+    for name, targets, weights in (("a", ["q_proj", "k_proj", "v_proj", "o_proj"], {"model.safetensors": "1" * 64,
+                                                                                   "config.json": "2" * 64}),
+                                   ("b", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+                                    {"model.safetensors": "3" * 64, "config.json": "4" * 64})):
+        run = report_dir(tmp_path, name, json.dumps({"artifacts": {"merged": {"domain_ppl": 10.0}}, "gate": {}}))
+        _with_stage(run, "train", {"lora": {"target_modules": targets}})
+        _with_stage(run, "data", {"weights": {"files": weights}, "calibration": {"source": "domain"}})
+        _with_stage(run, "calibrate-general", {"calibration": {"source": "general"}})
+        runs.append(run)
+    rows, columns = compare_runs(runs)
+    assert [c for c in columns if c not in DEFAULT_COLUMNS and c != PLACE] == ["lora.target_modules", "weights"]
+    assert rows[0]["lora.target_modules"].endswith("…") and len(rows[0]["lora.target_modules"]) == 24
+    assert rows[0]["weights"] != rows[1]["weights"]

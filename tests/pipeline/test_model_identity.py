@@ -355,3 +355,32 @@ def test_an_offline_hub_dataset_of_another_commit_is_refused(monkeypatch):
         _hub_documents("someorg/corpus", "train", "text", "data.domain", revision="a" * 40)
     assert _hub_documents("someorg/corpus", "train", "text", "data.domain", revision="b" * 40) == ["a document"]
     assert _hub_documents("someorg/corpus", "train", "text", "data.domain", revision="main") == ["a document"]
+
+
+def test_a_partly_downloaded_hub_model_is_completed_by_run_not_refused(tiny_llama_dir, tmp_path, write_recipe,
+                                                                       monkeypatch, capsys):
+    """A snapshot holding only config.json and the tokenizer (what a tokenizer lookup, or a
+    download stopped half-way, leaves) was checked as a complete folder: every command said
+    "no weights" and `run` never downloaded the rest (found in review). `validate` says it is
+    not downloaded yet; `run` downloads, then checks."""
+    import huggingface_hub
+
+    hub = _offline_hub(monkeypatch, tmp_path)
+    commit = "a" * 40
+    _hub_cache_with(hub, "someorg/tiny-llama", tiny_llama_dir, commit)
+    snapshot = hub / "models--someorg--tiny-llama" / "snapshots" / commit
+    (snapshot / "model.safetensors").unlink()
+    downloads = []
+
+    def snapshot_download(repo_id, revision=None, **kwargs):
+        downloads.append(revision)
+        shutil.copy(tiny_llama_dir / "model.safetensors", snapshot / "model.safetensors")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tiny_recipe(tmp_path, tmp_path, model={"source": "someorg/tiny-llama"},
+                                      tracking={"enabled": False}))
+    assert cli("validate", str(recipe)) == 0
+    assert "not checked yet: someorg/tiny-llama is not downloaded yet" in capsys.readouterr().out
+    assert cli("run", str(recipe), "--only", "data") == 0 and downloads

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,14 +165,20 @@ def test_ctrl_c_or_sigterm_in_a_stage_is_recorded_as_an_interruption_and_resumes
     assert toy.b_steps_done == [0, 1, 2, 3, 4]  # steps 0-1 were not redone
 
 
-def test_an_interrupted_stage_without_checkpoints_says_it_runs_again(toy):
-    toy.crash_b_at, toy.crash_with = 2, KeyboardInterrupt
+def test_an_interrupted_stage_without_checkpoints_says_it_restarts(toy):
+    toy.crash_b_at, toy.crash_with = 0, KeyboardInterrupt  # before its first checkpoint (an evaluation keeps none)
     with pytest.raises(KeyboardInterrupt):
         toy.runner().run()
-    for mark in (toy.run_dir / "b" / "checkpoints").iterdir():
-        mark.unlink()  # a stage that keeps none (an evaluation)
     plan = toy.runner().plan()
-    assert (plan[1].status, plan[1].reason) == ("missing", "interrupted (Ctrl-C) before it finished; runs again")
+    assert (plan[1].status, plan[1].reason) == ("partial", "interrupted (Ctrl-C) before its first checkpoint; restarts")
+    state = toy.run_dir / "b" / "state.json"
+    for error in (None, 7):  # a state written by hand or damaged: no traceback (found in review)
+        record = json.loads(state.read_text())
+        record.pop("error", None) if error is None else record.update(error=error)
+        state.write_text(json.dumps(record))
+        assert toy.runner().plan()[1].reason == "interrupted before its first checkpoint; restarts"
+    shutil.rmtree(toy.run_dir / "b" / "checkpoints")
+    assert toy.runner().plan()[1].reason == "interrupted before it finished; runs again"
 
 
 def test_ctrl_c_after_a_stage_is_published_leaves_it_done(toy, tmp_path):
