@@ -138,7 +138,7 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     from qlora_pipeline import rundir
     from qlora_pipeline.data_identity import resolve_hub_dataset
     from qlora_pipeline.errors import RecipeError
-    from qlora_pipeline.models import is_hub_source, resolve_model
+    from qlora_pipeline.models import cached_hub_snapshot, is_hub_source, resolve_model
     from qlora_pipeline.preflight import check_model_dir, outputs_inside_data
     from qlora_pipeline.recipe import flatten
     from qlora_pipeline.runinfo import check_records
@@ -159,8 +159,6 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
     if problems:
         raise RecipeError(problems, source=source)
     cache = open_cache(recipe.run.cache)
-    if for_run and cache is not None:
-        cache.check_writable()  # before the run directory or the tracking store is touched
     specs = build_stages(recipe)
     problem = selection_problem([s.name for s in specs], from_stage, only)  # before the tracker makes a store
     if problem:
@@ -172,6 +170,12 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
         hub_model = is_hub_source(recipe.model)
         if hub_model:
             snapshot = resolve_model(recipe.model)  # downloads into the hub cache, or finds it there
+            if cached_hub_snapshot(recipe.model.source, recipe.model.revision) is None:
+                # Offline, huggingface_hub hands back a snapshot a config or tokenizer lookup left.
+                raise InputError(f"model.source: the local hub cache holds {recipe.model.source} only in part "
+                                 f"({snapshot}: no config.json or not every weight file) and the hub could not "
+                                 "complete it; run once with network access (HF_HUB_OFFLINE unset), or give a local "
+                                 "model directory")
             # Checked now that it is complete: its files, and the recipe against its config.json
             # (windows, LoRA targets, group sizes; `build_stages`).
             problems = check_model_dir(snapshot, "model.source")
@@ -182,6 +186,8 @@ def _runner(recipe, run_dir: Optional[str], for_run: bool, recipe_name: Optional
                 specs = build_stages(recipe)
             except RecipeError as exc:
                 raise RecipeError(exc.problems, source=source) from None
+    if for_run and cache is not None:
+        cache.check_writable()  # before the run directory or the tracking store is touched
     tracker = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 tracks
     if for_run and recipe.tracking.enabled and is_main:

@@ -28,13 +28,12 @@ PLACE = "computed on"
 # the calibration windows, the gate), and the per-artifact stages, by the artifact's name,
 # whose settings hold for its row alone: rows of the same artifact in two runs may differ in
 # either, and the table shows every setting that does.
-RUN_STAGES = ("data", "train", "merge", "calibrate", "calibrate-general", "report")
-ARTIFACT_STAGES = ("quantize-{}", "evaluate-{}")
+RUN_STAGES = ("data", "train", "merge", "report")
+ARTIFACT_STAGES = ("quantize-{}", "evaluate-{}")  # and the calibration stage its quantize stage read
 LONG_VALUE = 24  # characters of a setting's value shown (a file's sha256 is 66 as JSON)
 # Settings that name files by their sha256 (the model's, the corpus's): one digest each in
 # the table, not a column per file.
-CONTENT_KEYS = frozenset({"weights", "content"})
-STAGE_PREFIXES = {"calibrate-general": "general "}  # its `calibration.*` keys are calibrate's too
+CONTENT_KEYS = frozenset({"weights", "content", "adapter_files"})
 
 
 def _read_object(path: Path, repair: str) -> dict:
@@ -61,10 +60,19 @@ def _stage_settings(run_dir: Path, stages) -> dict[str, str]:
             config = dict(config.get("config") or {})
             for key in CONTENT_KEYS.intersection(config):  # one column for a model's or a corpus's files
                 config[key] = hashlib.sha256(json.dumps(config[key], sort_keys=True).encode()).hexdigest()[:12]
-            flat = flatten_settings(config, leaf=json.dumps)
-            prefix = STAGE_PREFIXES.get(stage)
-            settings.update({f"{prefix}{k}" if prefix else k: v for k, v in flat.items()})
+            settings.update(flatten_settings(config, leaf=json.dumps))
     return settings
+
+
+def _artifact_stages(run_dir: Path, name: str) -> list[str]:
+    """The stages of artifact `name` whose settings are its row's own: its quantize stage, its
+    evaluation, and the calibration windows (domain or general) that quantize stage read."""
+    stages = [stage.format(name) for stage in ARTIFACT_STAGES]
+    manifest = run_dir / stages[0] / rundir.MANIFEST
+    if manifest.is_file():
+        inputs = _read_object(manifest, f"`pipeline run` re-runs the {stages[0]} stage of {run_dir} to rewrite it")
+        stages += sorted(d for d in (inputs.get("inputs") or {}) if str(d).startswith("calibrate"))
+    return stages
 
 
 def shown(value: str) -> str:
@@ -112,8 +120,7 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     runs = []
     for d in run_dirs:
         report = _read_report(d)
-        own = {name: _stage_settings(d, [stage.format(name) for stage in ARTIFACT_STAGES])
-               for name in report["artifacts"]}
+        own = {name: _stage_settings(d, _artifact_stages(d, name)) for name in report["artifacts"]}
         runs.append((d, report, {name: {**_stage_settings(d, RUN_STAGES), **mine} for name, mine in own.items()}))
     differing = _differing([settings for _, _, settings in runs])
     if columns:

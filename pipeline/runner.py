@@ -669,10 +669,13 @@ class Runner:
             _remove_temporaries(sdir)
             if self.tracker:
                 self.tracker.finish(child_id, "KILLED")
-            if (sdir / rundir.STATE).exists():
-                rundir.write_json_atomic(sdir / rundir.STATE, {
-                    "fingerprint": fp, "status": "interrupted", "started": started,
-                    "error": f"{interruption(exc)}; rerun the same command to resume", "mlflow_run_id": child_id})
+            try:
+                if (sdir / rundir.STATE).exists():
+                    rundir.write_json_atomic(sdir / rundir.STATE, {
+                        "fingerprint": fp, "status": "interrupted", "started": started,
+                        "error": f"{interruption(exc)}; rerun the same command to resume", "mlflow_run_id": child_id})
+            except OSError:
+                _remove_temporaries(sdir)  # a full disk: the next run finds the state as it was
             raise
         except OSError as exc:
             # The stage could not even be set up (a full disk, a folder turned read-only): its
@@ -895,7 +898,7 @@ class Runner:
             out, _ = self._record(spec, p.fingerprint, started, child_id, entry.record.get("metrics", {}),
                                   entry.record.get("info", {}), files=with_mtimes(partial, entry.files), extra=record)
         except BaseException as exc:  # OSError: the stage runs instead; Ctrl-C, SIGTERM: stop, tidy
-            if not _published_since(sdir, started):
+            if not _published_since(sdir, started, p.fingerprint):
                 shutil.rmtree(partial, ignore_errors=True)
                 _remove_temporaries(sdir)
             if self.tracker and child_id:
@@ -940,13 +943,13 @@ def _what_stopped(state: dict) -> str:
     return error.split(";")[0] if isinstance(error, str) and error else "interrupted"
 
 
-def _published_since(sdir: Path, started: str) -> bool:
-    """Whether the attempt at a stage that began at `started` has published it (state done,
-    with a manifest of the same fingerprint)."""
+def _published_since(sdir: Path, started: str, fp: Optional[str] = None) -> bool:
+    """Whether the attempt at a stage that began at `started` (with fingerprint `fp`, when
+    given) has published it: state done, with a manifest of the same fingerprint."""
     state = rundir.read_json(sdir / rundir.STATE) or {}
     manifest = rundir.read_json(sdir / rundir.MANIFEST) or {}
     return (state.get("status") == "done" and state.get("started") == started
-            and manifest.get("fingerprint") == state.get("fingerprint"))
+            and manifest.get("fingerprint") == state.get("fingerprint") and fp in (None, state.get("fingerprint")))
 
 
 def _resume_description(ckpt: Path, full: bool) -> str:

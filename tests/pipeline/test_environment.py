@@ -131,3 +131,23 @@ def test_compare_tells_long_settings_apart_and_names_a_model_in_one_column(tmp_p
     assert [c for c in columns if c not in DEFAULT_COLUMNS and c != PLACE] == ["lora.target_modules", "weights"]
     assert rows[0]["lora.target_modules"].endswith("…") and len(rows[0]["lora.target_modules"]) == 24
     assert rows[0]["weights"] != rows[1]["weights"]
+
+
+def test_compare_reads_the_calibration_each_quantized_artifact_used(tmp_path):
+    """Domain against general calibration windows, otherwise alike: one column, on the rows
+    of the artifacts calibrated (not every calibration key twice, as two run-wide stages)."""
+    from tests.pipeline.test_bad_input import report_dir
+
+    runs = []
+    for name, stage, source in (("a", "calibrate", "domain"), ("b", "calibrate-general", "general")):
+        run = report_dir(tmp_path, name, json.dumps({"artifacts": {n: {"domain_ppl": 10.0} for n in ("merged", "gptq")},
+                                                     "gate": {}}))
+        _with_stage(run, stage, {"calibration": {"samples": 32, "source": source}})
+        _with_stage(run, "quantize-gptq", {"entry": {"method": "gptq"}})
+        manifest = run / "quantize-gptq" / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "inputs": {"merge": "m", stage: "c"}}))
+        runs.append(run)
+    rows, columns = compare_runs(runs)
+    assert [c for c in columns if c not in DEFAULT_COLUMNS and c != PLACE] == ["calibration.source"]
+    assert [(r["run"], r["artifact"], r["calibration.source"]) for r in rows] == [
+        ("a", "merged", "–"), ("a", "gptq", '"domain"'), ("b", "merged", "–"), ("b", "gptq", '"general"')]

@@ -377,10 +377,15 @@ def test_a_partly_downloaded_hub_model_is_completed_by_run_not_refused(tiny_llam
         shutil.copy(tiny_llama_dir / "model.safetensors", snapshot / "model.safetensors")
         return str(snapshot)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tiny_recipe(tmp_path, tmp_path, model={"source": "someorg/tiny-llama"},
                                       tracking={"enabled": False}))
     assert cli("validate", str(recipe)) == 0
     assert "not checked yet: someorg/tiny-llama is not downloaded yet" in capsys.readouterr().out
+    # Offline, huggingface_hub hands back the partial snapshot: named as such, not "save it with save_pretrained".
+    assert cli("run", str(recipe), "--only", "data") == 2
+    err = capsys.readouterr().err
+    assert "the local hub cache holds someorg/tiny-llama only in part" in err and "HF_HUB_OFFLINE unset" in err, err
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)  # online: the download completes it
     assert cli("run", str(recipe), "--only", "data") == 0 and downloads
