@@ -25,7 +25,7 @@ PLACE = "computed on"
 
 
 # Stages whose settings hold for every artifact of a run (the data, the training, the merge,
-# the calibration windows, the gate), and the per-artifact stages, by the artifact's name,
+# the gate), and the per-artifact stages, by the artifact's name,
 # whose settings hold for its row alone: rows of the same artifact in two runs may differ in
 # either, and the table shows every setting that does.
 RUN_STAGES = ("data", "train", "merge", "report")
