@@ -33,6 +33,7 @@ import torch
 
 from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
+from qlora_pipeline.models import COMMIT
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
 from qlora_pipeline.shared_text import SharedText
 
@@ -106,7 +107,7 @@ def _read_column(builder: str, data_files: list[str], field: str, key: str) -> l
     "six"}`), `datasets` reads that file's column as JSON values, and a table of several files
     cast them to strings, so the record without text became the text `5` and `six` the text
     `"six"`, quotes included: a file's documents depended on which other files shared its
-    folder. (One at a time costs about 0.1 s a file, so it is not the rule.)
+    folder. (One at a time pays `datasets`' set-up per file, so it is not the rule.)
 
     Read through a cache of its own, gone afterwards: `datasets` knows a local file in its
     cache by path and mtime, so a file edited in place with its mtime kept (`touch -r`,
@@ -329,7 +330,7 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
         raise DataError(f"{key}.hub: cannot load {what} split '{split}' ({_reason(exc)}); check the id and "
                         "network, or use a local path") from None
     loaded = _cached_commit(ds)
-    if revision and _COMMIT.fullmatch(revision) and loaded not in (None, revision):
+    if revision and COMMIT.fullmatch(revision) and loaded not in (None, revision):
         # Offline, `datasets` loads the newest cached copy of the dataset whatever the revision.
         raise DataError(f"{key}.hub: '{repo}' at commit {revision} (the one this stage's settings name) is not in "
                         f"the local cache, which holds {loaded}; connect to the hub once to fetch it, or set "
@@ -339,15 +340,13 @@ def _hub_documents(repo: str, split: str, text_field: str, key: str, config: str
     return _texts(ds[text_field], key, f"'{repo}'", text_field)
 
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
 
 def _cached_commit(ds) -> str | None:
     """The commit of a hub dataset `datasets` loaded, read from its cache folder
     (`<name>/<config>/<version>/<commit>/`), or None where the path holds none."""
     for entry in getattr(ds, "cache_files", None) or ():
         for part in reversed(Path(entry.get("filename", "")).parts):
-            if _COMMIT.fullmatch(part):
+            if COMMIT.fullmatch(part):
                 return part
     return None
 

@@ -182,7 +182,8 @@ def test_a_json_lines_file_whose_text_field_mixes_kinds_reads_alike_in_any_folde
 
 
 def test_json_lines_files_of_text_are_read_as_one_table(tmp_path, monkeypatch):
-    """One file at a time costs about 0.1 s a file (28 s for 200 shards, found in review): only
+    """One file at a time pays `datasets`' set-up per file (a folder of many shards read slowly,
+    found in review): only
     files whose text field is not text everywhere, or that `datasets` cannot read together,
     are read so."""
     corpus = tmp_path / "corpus"
