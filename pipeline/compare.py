@@ -131,11 +131,12 @@ def compare_runs(run_dirs: list[Path], columns: list[str] | None = None) -> tupl
     for (d, report, settings), label in zip(runs, labels):
         gate = report.get("gate", {})
         baselines = set(report.get("gate_baselines", []))
+        close_calls = report.get("gate_close_calls", {})
         for name, m in report["artifacts"].items():
             row = {"run": label, "artifact": name, **{k: m.get(k) for k in columns}}
             row.update({k: shown(settings[name][k]) if k in settings[name] else "–" for k in differing})
             if name in gate:
-                row["gate"] = gate_cell(gate[name], name in baselines, bold=False)
+                row["gate"] = gate_cell(gate[name], name in baselines, bold=False, close_call=name in close_calls)
             env = m.get("environment")
             row[PLACE] = describe(env) if isinstance(env, dict) else "not recorded"
             rows.append(row)

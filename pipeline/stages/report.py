@@ -14,7 +14,9 @@ that way, so the report says when its text cannot tell two methods apart.
 
 The gate: a quantized artifact whose perplexity increase over the merged model exceeds
 `evaluate.gate` is marked failed here and in MLflow; `pipeline run` finishes the other stages
-and then exits non-zero (see `gate_failures`).
+and then exits non-zero (see `gate_failures`). The verdict is taken on the point figure; where
+the change's 95% interval holds the limit it is marked a close call (`gate_close_calls`), since
+the evaluation text cannot settle it either way.
 """
 from __future__ import annotations
 
@@ -146,6 +148,28 @@ def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]
     return verdicts
 
 
+def gate_close_calls(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]]:
+    """Each quantized artifact's gated changes whose 95% interval holds the gate's limit: the
+    verdict, taken on the point figure, is one these windows cannot make either way (more text
+    could turn it). Artifacts without per-window NLLs, or with a change that is not a number,
+    have none: their verdict stands as `gate_verdicts` gives it."""
+    merged = artifacts.get("merged")
+    calls = {}
+    for name, m in artifacts.items():
+        if name in FIXED:
+            continue
+        notes = []
+        for split, limit_key in (("domain", "max_domain_ppl_increase"), ("general", "max_general_ppl_increase")):
+            limit = gate.get(limit_key)
+            pc = None if limit is None else paired(m, merged, split)
+            if pc is not None and pc.low <= limit <= pc.high:  # NaN compares false: no note
+                notes.append(f"its {split} change {pc.percent:+.2f}% has the 95% interval [{pc.low:+.2f}, "
+                             f"{pc.high:+.2f}], which holds the {limit:g}% limit (evaluate.gate.{limit_key})")
+        if notes:
+            calls[name] = notes
+    return calls
+
+
 ADAPTER_SUFFIX = "+adapter"  # qlora_pipeline.methods.ADAPTER_SUFFIX (this module imports no registry)
 
 
@@ -181,14 +205,22 @@ def gate_failures(run_dir: Path, baselines: bool = False) -> dict[str, list[str]
             if reasons and (name in marked) == baselines}
 
 
-def gate_cell(reasons: list[str], baseline: bool, bold: bool = True) -> str:
-    """An artifact's verdict as the report's (`bold`) and `compare`'s tables show it."""
+def gate_close_calls_of(run_dir: Path) -> dict[str, list[str]]:
+    """A finished run's close calls (`gate_close_calls`), as its report recorded them."""
+    path = metrics_path(run_dir)
+    return json.loads(path.read_text()).get("gate_close_calls", {}) if path.exists() else {}
+
+
+def gate_cell(reasons: list[str], baseline: bool, bold: bool = True, close_call: bool = False) -> str:
+    """An artifact's verdict as the report's (`bold`) and `compare`'s tables show it; a close
+    call (`gate_close_calls`) is marked so, whichever way it went."""
     verdict = ("**FAILED**" if bold else "FAILED") if reasons else "passed"
-    return f"{verdict} (baseline)" if baseline else verdict
+    marks = ["baseline"] * baseline + ["close call"] * close_call
+    return f"{verdict} ({', '.join(marks)})" if marks else verdict
 
 
 def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: bool,
-           baselines: frozenset[str] = frozenset()) -> list[str]:
+           baselines: frozenset[str] = frozenset(), close_calls: frozenset[str] = frozenset()) -> list[str]:
     reference, merged = artifacts.get("base"), artifacts.get("merged")
 
     def delta(m: dict, ref: dict | None, skip: bool) -> str:
@@ -209,7 +241,8 @@ def _table(artifacts: dict[str, dict], verdicts: dict[str, list[str]], gate_on: 
                + f" | {delta(m, reference, name == 'base')} | {delta(m, merged, name in FIXED)} |"
                + "".join(f" {own_delta(m, k)} |" for k in kv))
         if gate_on:
-            row += " – |" if name not in verdicts else f" {gate_cell(verdicts[name], name in baselines)} |"
+            row += (" – |" if name not in verdicts
+                    else f" {gate_cell(verdicts[name], name in baselines, close_call=name in close_calls)} |")
         lines.append(row)
     return lines
 
@@ -376,6 +409,7 @@ def run(ctx: StageContext) -> StageResult:
     gate = ctx.config.get("gate", {})
     gate_on = any(v is not None for v in gate.values())
     verdicts = gate_verdicts(artifacts, gate) if gate_on else {}
+    close_calls = gate_close_calls(artifacts, gate) if gate_on else {}
     baselines = frozenset(ctx.config.get("gate_baselines", ())) & set(verdicts)
 
     any_m = next(iter(artifacts.values()))
@@ -386,7 +420,7 @@ def run(ctx: StageContext) -> StageResult:
         "Quantized artifacts are evaluated from their packed checkpoints. Throughput is batch 1 on "
         f"{any_m['device']} ({any_m['dtype']}); peak memory is above the process's level before loading.",
         "",
-        *_table(artifacts, verdicts, gate_on, baselines),
+        *_table(artifacts, verdicts, gate_on, baselines, frozenset(close_calls)),
         "",
         f"Evaluated on {any_m['device']} in {any_m['dtype']}; {int(any_m['domain_tokens'])} domain tokens"
         + (f", {int(any_m['general_tokens'])} general tokens." if "general_tokens" in any_m else ".")
@@ -403,6 +437,13 @@ def run(ctx: StageContext) -> StageResult:
         lines += ["", "## Quality gate: baselines that fail it", "",
                   "Reference entries (`quantize[].baseline`): judged like the others, not counted against the run.",
                   ""] + [f"- **{n}** (baseline): {'; '.join(r)}" for n, r in failed_baselines.items()]
+    if close_calls:
+        lines += ["", "## Quality gate: close calls", "",
+                  "The gate judges each change's point figure. For these the 95% interval of the change holds "
+                  "the limit, so the verdict is one this evaluation text cannot make with confidence: more "
+                  "held-out text could turn it either way.", ""]
+        lines += [f"- **{n}** ({'failed' if verdicts.get(n) else 'passed'}): {'; '.join(r)}"
+                  for n, r in close_calls.items()]
     between = pairwise(artifacts)
     lines += _pairwise_lines(between)
     comparison = adapter_comparison(artifacts)
@@ -439,11 +480,14 @@ def run(ctx: StageContext) -> StageResult:
               "pairwise": between}
     if baselines:
         report["gate_baselines"] = sorted(baselines)
+    if close_calls:
+        report["gate_close_calls"] = close_calls
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(report, indent=2))
 
     flat = {f"{name}.{k}": v for name, m in artifacts.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     flat.update({f"{name}.gate_passed": float(not reasons) for name, reasons in verdicts.items()})
+    flat.update({f"{name}.gate_close_call": float(name in close_calls) for name in verdicts})
     for name, m in artifacts.items():  # each change over the merged model with its 95% interval, in percent
         for split in ("domain", "general"):
             pc = None if name in FIXED else paired(m, artifacts.get("merged"), split)
@@ -452,7 +496,8 @@ def run(ctx: StageContext) -> StageResult:
                              f"{name}.{split}_vs_merged_high": pc.high})
     for p in [ctx.output_dir / REPORT_FILE, ctx.output_dir / METRICS_FILE, *plots]:
         ctx.metrics.log_artifact(p)
-    if failed or failed_baselines:
-        ctx.metrics.set_tags({**{f"gate.{n}": "failed" for n in failed},
-                              **{f"gate.{n}": "failed (baseline)" for n in failed_baselines}})
+    if failed or failed_baselines or close_calls:
+        ctx.metrics.set_tags({f"gate.{n}": gate_cell(verdicts[n], n in baselines, bold=False,
+                                                     close_call=n in close_calls).lower()
+                              for n in verdicts if verdicts[n] or n in close_calls})
     return StageResult(metrics=flat, info={"gate_failed": sorted(failed)}, parent_metrics=flat)

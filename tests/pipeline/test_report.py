@@ -205,3 +205,85 @@ def test_a_perplexity_that_is_not_a_number_fails_the_gate():
     broken_merged = gate_verdicts({"merged": {"domain_ppl": nan, "general_ppl": 4.0}, "rtn": dict(good)}, gate)
     assert broken_merged["rtn"] and "perplexity of merged is nan" in broken_merged["rtn"][0]
     assert gate_verdicts({"merged": good, "gptq": {"domain_ppl": nan, "general_ppl": 4.1}}, {}) == {"gptq": []}
+
+
+def _evaluation(name: str, change_percent: float, spread: float, merged_nll: list[float], tokens: int) -> dict:
+    """An artifact's metrics whose per-window NLLs are the merged model's plus `change_percent`
+    (as a perplexity change) plus alternating +-`spread` nats per window."""
+    import math
+
+    step = math.log1p(change_percent / 100) * tokens
+    nll = [m + step + (spread if i % 2 else -spread) for i, m in enumerate(merged_nll)]
+    total = tokens * len(nll)
+    return {"artifact": name, "device": "cpu", "dtype": "float32", "domain_ppl": math.exp(sum(nll) / total),
+            "domain_tokens": float(total), "domain_window_nll": nll, "size_bytes": 1e6, "generations": []}
+
+
+def test_a_gate_verdict_whose_interval_holds_the_limit_is_reported_as_a_close_call(tmp_path):
+    """The gate judges the point figure; when the change's 95% interval holds the limit, the
+    report, metrics.json, MLflow's tags and `compare` say the verdict is a close call, whichever
+    way it went, and a clear verdict (pass or fail) is not marked."""
+    from qlora_pipeline.compare import compare_runs
+    from qlora_pipeline.graph import StageContext
+    from qlora_pipeline.stages.report import gate_close_calls, gate_verdicts, run
+
+    tokens = 100
+    merged_nll = [230.0 + (7.0 if i % 3 else -5.0) for i in range(10)]
+    merged = _evaluation("merged", 0.0, 0.0, merged_nll, tokens)
+    artifacts = {"merged": merged,
+                 "clear-pass": _evaluation("clear-pass", 5.0, 0.5, merged_nll, tokens),
+                 "close-pass": _evaluation("close-pass", 19.0, 4.0, merged_nll, tokens),
+                 "close-fail": _evaluation("close-fail", 21.0, 4.0, merged_nll, tokens),
+                 "clear-fail": _evaluation("clear-fail", 40.0, 0.5, merged_nll, tokens)}
+    gate = {"max_domain_ppl_increase": 20}
+    verdicts = gate_verdicts(artifacts, gate)
+    assert [n for n, r in verdicts.items() if r] == ["close-fail", "clear-fail"]
+    calls = gate_close_calls(artifacts, gate)
+    assert sorted(calls) == ["close-fail", "close-pass"]
+    assert "holds the 20% limit (evaluate.gate.max_domain_ppl_increase)" in calls["close-pass"][0]
+    assert gate_close_calls(artifacts, {"max_domain_ppl_increase": 10}) == {}  # all clear of 10%
+    assert gate_close_calls(artifacts, {"max_domain_ppl_increase": None}) == {}
+    # no per-window NLLs (an evaluation from before they were kept): no interval, no close call
+    bare = {n: {k: v for k, v in m.items() if k != "domain_window_nll"} for n, m in artifacts.items()}
+    assert gate_close_calls(bare, gate) == {}
+
+    inputs = {}
+    for name, m in artifacts.items():
+        out = tmp_path / "inputs" / name
+        out.mkdir(parents=True)
+        out.joinpath("metrics.json").write_text(json.dumps(m))
+        inputs[f"evaluate-{name}"] = out
+    tags = {}
+
+    class Metrics:
+        def log_metrics(self, *a, **k): ...
+        def log_artifact(self, *a, **k): ...
+        def set_tags(self, t): tags.update(t)
+
+    run_dir = tmp_path / "run"
+    ctx = StageContext(name="report", config={"gate": gate, "seq_len": tokens, "deploy": {}}, inputs=inputs,
+                       output_dir=run_dir / "report" / "output", checkpoint_dir=tmp_path / "ckpt",
+                       metrics=Metrics(), progress=lambda it, **kw: it, run_dir=run_dir)
+    ctx.output_dir.mkdir(parents=True)
+    result = run(ctx)
+    text = (ctx.output_dir / "report.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.rstrip(" |").rsplit(" | ", 1)[1] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| artifact") and line.count("|") > 8}
+    assert rows == {"merged": "–", "clear-pass": "passed", "close-pass": "passed (close call)",
+                    "close-fail": "**FAILED** (close call)", "clear-fail": "**FAILED**"}
+    assert "## Quality gate: close calls" in text
+    assert "- **close-pass** (passed): its domain change +19.00% has the 95% interval [" in text
+    assert "- **close-fail** (failed): its domain change +21.00%" in text
+    report = json.loads((ctx.output_dir / "metrics.json").read_text())
+    assert sorted(report["gate_close_calls"]) == ["close-fail", "close-pass"]
+    assert tags == {"gate.close-pass": "passed (close call)", "gate.close-fail": "failed (close call)",
+                    "gate.clear-fail": "failed"}
+    assert result.metrics["close-pass.gate_close_call"] == 1.0 and result.metrics["clear-pass.gate_close_call"] == 0.0
+    # the report stage's record, as the runner writes it, so that `compare` reads this report
+    from qlora_pipeline import rundir
+
+    rundir.write_json_atomic(run_dir / "report" / rundir.MANIFEST,
+                             {"fingerprint": "f" * 64, "files": rundir.describe_files(ctx.output_dir)})
+    compared = {r["artifact"]: r["gate"] for r in compare_runs([run_dir])[0] if "gate" in r}
+    assert compared == {"clear-pass": "passed", "close-pass": "passed (close call)",
+                        "close-fail": "FAILED (close call)", "clear-fail": "FAILED"}
