@@ -669,13 +669,9 @@ class Runner:
             _remove_temporaries(sdir)
             if self.tracker:
                 self.tracker.finish(child_id, "KILLED")
-            try:
-                if (sdir / rundir.STATE).exists():
-                    rundir.write_json_atomic(sdir / rundir.STATE, {
-                        "fingerprint": fp, "status": "interrupted", "started": started,
-                        "error": f"{interruption(exc)}; rerun the same command to resume", "mlflow_run_id": child_id})
-            except OSError:
-                _remove_temporaries(sdir)  # a full disk: the next run finds the state as it was
+            if (sdir / rundir.STATE).exists():
+                _record_stopped(sdir, fp, "interrupted", started, f"{interruption(exc)}; rerun the same command to resume",
+                                child_id)
             raise
         except OSError as exc:
             # The stage could not even be set up (a full disk, a folder turned read-only): its
@@ -736,13 +732,8 @@ class Runner:
             if full is not None:
                 where = getattr(full, "filename", None) or partial
                 err = f"no space left on device while writing {where}"
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            try:
-                rundir.write_json_atomic(sdir / rundir.STATE, {
-                    "fingerprint": fp, "status": status, "started": started, "error": err, "mlflow_run_id": child_id,
-                })
-            except OSError:
-                _remove_temporaries(sdir)  # the disk is still full: the next run finds the old state
+            _record_stopped(sdir, fp, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", started, err,
+                            child_id)
             if self.tracker:
                 self.tracker.finish(child_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             if isinstance(exc, KeyboardInterrupt):
@@ -935,6 +926,16 @@ def _input_changes(spec: StageSpec, manifest: dict, digests: dict[str, Optional[
     if added or dropped:
         parts.append(f"inputs changed: {', '.join(added + dropped)}")
     return parts
+
+
+def _record_stopped(sdir: Path, fp: str, status: str, started, error: str, child_id: Optional[str]) -> None:
+    """The state of a stage that stopped ("failed" or "interrupted") with why; on a disk too full
+    to write it the old state stays (and the temporary file goes), so the next run finds it."""
+    try:
+        rundir.write_json_atomic(sdir / rundir.STATE, {"fingerprint": fp, "status": status, "started": started,
+                                                       "error": error, "mlflow_run_id": child_id})
+    except OSError:
+        _remove_temporaries(sdir)
 
 
 def _what_stopped(state: dict) -> str:
