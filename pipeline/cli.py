@@ -336,8 +336,8 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     for name, reasons in gate_failures(runner.run_dir, baselines=True).items():
         click.echo(f"quality gate: baseline {name} fails it, as a baseline may (not counted): {'; '.join(reasons)}",
                    err=True)
-    for name, notes in gate_close_calls_of(runner.run_dir).items():
-        click.echo(f"quality gate: close call for {name}: {'; '.join(notes)} (the report says more)", err=True)
+    for name, why in gate_close_calls_of(runner.run_dir).items():
+        click.echo(f"quality gate: close call for {name}, {why} (the report says more)", err=True)
     failed = gate_failures(runner.run_dir)
     if failed:
         for name, reasons in failed.items():

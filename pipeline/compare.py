@@ -111,6 +111,9 @@ def _read_report(run_dir: Path) -> dict:
     baselines = report.get("gate_baselines", [])
     if not isinstance(baselines, list) or not all(isinstance(n, str) for n in baselines):
         raise InputError(f"{path}: \"gate_baselines\" is not a list of artifact names; {repair}")
+    close_calls = report.get("gate_close_calls", {})
+    if not isinstance(close_calls, dict) or not all(isinstance(v, list) for v in close_calls.values()):
+        raise InputError(f"{path}: \"gate_close_calls\" is not a table of per-artifact notes; {repair}")
     return report
 
 

@@ -121,51 +121,60 @@ def _pairwise_lines(rows: list[dict]) -> list[str]:
                     for r in rows]
 
 
+GATED = (("domain", "max_domain_ppl_increase"), ("general", "max_general_ppl_increase"))
+
+
+def _gate_check(name: str, m: dict, merged: dict | None, split: str, limit_key: str, limit: float) -> str | None:
+    """Why artifact `name` fails the gate's limit on `split` (None: it meets it)."""
+    key = f"{split}_ppl"
+    # NaN compares false with every limit: a broken artifact (or merged model) must fail.
+    broken = [(who, x[key]) for who, x in ((name, m), ("merged", merged or {}))
+              if isinstance(x.get(key), float) and not math.isfinite(x[key])]
+    if broken:
+        who, value = broken[0]
+        return (f"{split} perplexity of {who} is {value} (not a number the gate can compare; "
+                f"evaluate.gate.{limit_key}: {limit:g}%)")
+    inc = increase(m, merged, key)
+    if inc is not None and inc > limit:
+        return (f"{split} perplexity {m[key]:.3f} is {inc:+.2f}% over the merged model's "
+                f"{merged[key]:.3f} (evaluate.gate.{limit_key}: {limit:g}%)")
+    return None
+
+
 def gate_verdicts(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]]:
     """Reasons each quantized artifact fails the gate (an empty list: it passes)."""
     merged = artifacts.get("merged")
-    verdicts = {}
-    for name, m in artifacts.items():
-        if name in FIXED:
-            continue
-        reasons = []
-        for key, limit_key, what in (("domain_ppl", "max_domain_ppl_increase", "domain"),
-                                     ("general_ppl", "max_general_ppl_increase", "general")):
-            limit, inc = gate.get(limit_key), increase(m, merged, key)
-            if limit is None:
-                continue
-            # NaN compares false with every limit: a broken artifact (or merged model) must fail.
-            broken = [(who, x[key]) for who, x in ((name, m), ("merged", merged or {}))
-                      if isinstance(x.get(key), float) and not math.isfinite(x[key])]
-            if broken:
-                who, value = broken[0]
-                reasons.append(f"{what} perplexity of {who} is {value} (not a number the gate can compare; "
-                               f"evaluate.gate.{limit_key}: {limit:g}%)")
-            elif inc is not None and inc > limit:
-                reasons.append(f"{what} perplexity {m[key]:.3f} is {inc:+.2f}% over the merged model's "
-                               f"{merged[key]:.3f} (evaluate.gate.{limit_key}: {limit:g}%)")
-        verdicts[name] = reasons
-    return verdicts
+    return {name: [r for split, limit_key in GATED if gate.get(limit_key) is not None
+                   for r in [_gate_check(name, m, merged, split, limit_key, gate[limit_key])] if r]
+            for name, m in artifacts.items() if name not in FIXED}
 
 
 def gate_close_calls(artifacts: dict[str, dict], gate: dict) -> dict[str, list[str]]:
-    """Each quantized artifact's gated changes whose 95% interval holds the gate's limit: the
-    verdict, taken on the point figure, is one these windows cannot make either way (more text
-    could turn it). Artifacts without per-window NLLs, or with a change that is not a number,
-    have none: their verdict stands as `gate_verdicts` gives it."""
+    """The quantized artifacts whose verdict more held-out text could turn, each with the gated
+    changes whose 95% interval holds the limit: a pass with any such change; a fail whose every
+    failing change is such a change (one clearly over its limit, or a perplexity that is not a
+    number, fails it whatever the rest shows). Changes without per-window NLLs have no interval
+    and are never close calls. The interval takes windows as independent, so it is a lower
+    bound on the uncertainty: an unmarked verdict near its limit is not settled either."""
     merged = artifacts.get("merged")
     calls = {}
     for name, m in artifacts.items():
         if name in FIXED:
             continue
-        notes = []
-        for split, limit_key in (("domain", "max_domain_ppl_increase"), ("general", "max_general_ppl_increase")):
+        notes, failing, failing_close = [], 0, 0
+        for split, limit_key in GATED:
             limit = gate.get(limit_key)
-            pc = None if limit is None else paired(m, merged, split)
-            if pc is not None and pc.low <= limit <= pc.high:  # NaN compares false: no note
+            if limit is None:
+                continue
+            pc = paired(m, merged, split)
+            close = pc is not None and pc.low <= limit <= pc.high  # NaN compares false: not close
+            fails = _gate_check(name, m, merged, split, limit_key, limit) is not None
+            failing += fails
+            failing_close += fails and close
+            if close:
                 notes.append(f"its {split} change {pc.percent:+.2f}% has the 95% interval [{pc.low:+.2f}, "
                              f"{pc.high:+.2f}], which holds the {limit:g}% limit (evaluate.gate.{limit_key})")
-        if notes:
+        if notes and failing == failing_close:
             calls[name] = notes
     return calls
 
@@ -205,10 +214,21 @@ def gate_failures(run_dir: Path, baselines: bool = False) -> dict[str, list[str]
             if reasons and (name in marked) == baselines}
 
 
-def gate_close_calls_of(run_dir: Path) -> dict[str, list[str]]:
-    """A finished run's close calls (`gate_close_calls`), as its report recorded them."""
+def verdict_label(reasons: list[str], baseline: bool) -> str:
+    """'passed', 'failed', or 'failed, a baseline: not counted', as the close calls name them."""
+    return "passed" if not reasons else "failed, a baseline: not counted" if baseline else "failed"
+
+
+def gate_close_calls_of(run_dir: Path) -> dict[str, str]:
+    """A finished run's close calls (`gate_close_calls`) as its report recorded them: each
+    artifact's verdict (`verdict_label`) and why it is a close call, in one line."""
     path = metrics_path(run_dir)
-    return json.loads(path.read_text()).get("gate_close_calls", {}) if path.exists() else {}
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    gate, baselines = report.get("gate", {}), set(report.get("gate_baselines", []))
+    return {name: f"{verdict_label(gate.get(name, []), name in baselines)}; {'; '.join(notes)}"
+            for name, notes in report.get("gate_close_calls", {}).items()}
 
 
 def gate_cell(reasons: list[str], baseline: bool, bold: bool = True, close_call: bool = False) -> str:
@@ -439,10 +459,12 @@ def run(ctx: StageContext) -> StageResult:
                   ""] + [f"- **{n}** (baseline): {'; '.join(r)}" for n, r in failed_baselines.items()]
     if close_calls:
         lines += ["", "## Quality gate: close calls", "",
-                  "The gate judges each change's point figure. For these the 95% interval of the change holds "
-                  "the limit, so the verdict is one this evaluation text cannot make with confidence: more "
-                  "held-out text could turn it either way.", ""]
-        lines += [f"- **{n}** ({'failed' if verdicts.get(n) else 'passed'}): {'; '.join(r)}"
+                  "The gate judges each change's point figure. For these the 95% interval of a change the "
+                  "verdict rests on holds the limit, so the verdict is one this evaluation text cannot make "
+                  "with confidence: more held-out text could turn it either way. (The interval takes windows "
+                  "as independent, a lower bound on the uncertainty: an unmarked verdict near its limit is "
+                  "not settled either.)", ""]
+        lines += [f"- **{n}** ({verdict_label(verdicts[n], n in baselines)}): {'; '.join(r)}"
                   for n, r in close_calls.items()]
     between = pairwise(artifacts)
     lines += _pairwise_lines(between)
@@ -480,7 +502,7 @@ def run(ctx: StageContext) -> StageResult:
               "pairwise": between}
     if baselines:
         report["gate_baselines"] = sorted(baselines)
-    if close_calls:
+    if gate_on:  # also when empty, so a reader tells "none" from a report made before close calls
         report["gate_close_calls"] = close_calls
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(report, indent=2))
 

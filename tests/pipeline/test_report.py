@@ -207,44 +207,65 @@ def test_a_perplexity_that_is_not_a_number_fails_the_gate():
     assert gate_verdicts({"merged": good, "gptq": {"domain_ppl": nan, "general_ppl": 4.1}}, {}) == {"gptq": []}
 
 
-def _evaluation(name: str, change_percent: float, spread: float, merged_nll: list[float], tokens: int) -> dict:
-    """An artifact's metrics whose per-window NLLs are the merged model's plus `change_percent`
-    (as a perplexity change) plus alternating +-`spread` nats per window."""
+def _evaluation(name: str, change_percent: float, spread: float, merged_nll: list[float], tokens: int,
+                general: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """An artifact's metrics whose per-window NLLs, on each split, are the merged model's plus a
+    change (as a perplexity change in percent) plus alternating +-spread nats per window:
+    (`change_percent`, `spread`) on the domain text, `general` on the general text."""
     import math
 
-    step = math.log1p(change_percent / 100) * tokens
-    nll = [m + step + (spread if i % 2 else -spread) for i, m in enumerate(merged_nll)]
-    total = tokens * len(nll)
-    return {"artifact": name, "device": "cpu", "dtype": "float32", "domain_ppl": math.exp(sum(nll) / total),
-            "domain_tokens": float(total), "domain_window_nll": nll, "size_bytes": 1e6, "generations": []}
+    out = {"artifact": name, "device": "cpu", "dtype": "float32", "size_bytes": 1e6, "generations": []}
+    for split, (change, wobble) in (("domain", (change_percent, spread)), ("general", general)):
+        step = math.log1p(change / 100) * tokens
+        nll = [m + step + (wobble if i % 2 else -wobble) for i, m in enumerate(merged_nll)]
+        total = tokens * len(nll)
+        out.update({f"{split}_ppl": math.exp(sum(nll) / total), f"{split}_tokens": float(total),
+                    f"{split}_window_nll": nll})
+    return out
 
 
-def test_a_gate_verdict_whose_interval_holds_the_limit_is_reported_as_a_close_call(tmp_path):
-    """The gate judges the point figure; when the change's 95% interval holds the limit, the
-    report, metrics.json, MLflow's tags and `compare` say the verdict is a close call, whichever
-    way it went, and a clear verdict (pass or fail) is not marked."""
+def test_a_gate_verdict_more_text_could_turn_is_reported_as_a_close_call(tmp_path):
+    """The gate judges the point figure; a verdict that more held-out text could turn is marked a
+    close call in the report, metrics.json, MLflow's tags, `compare` and `pipeline run`'s line:
+    a pass with a change whose 95% interval holds its limit (domain or general), a fail whose
+    every failing change does. A clear verdict is not marked, nor a fail that stands whatever
+    the borderline split shows (a change clearly over its limit, a perplexity that is NaN)."""
+    from qlora_pipeline import rundir
     from qlora_pipeline.compare import compare_runs
     from qlora_pipeline.graph import StageContext
-    from qlora_pipeline.stages.report import gate_close_calls, gate_verdicts, run
+    from qlora_pipeline.stages.report import gate_close_calls, gate_close_calls_of, gate_verdicts, run
 
     tokens = 100
     merged_nll = [230.0 + (7.0 if i % 3 else -5.0) for i in range(10)]
-    merged = _evaluation("merged", 0.0, 0.0, merged_nll, tokens)
-    artifacts = {"merged": merged,
-                 "clear-pass": _evaluation("clear-pass", 5.0, 0.5, merged_nll, tokens),
-                 "close-pass": _evaluation("close-pass", 19.0, 4.0, merged_nll, tokens),
-                 "close-fail": _evaluation("close-fail", 21.0, 4.0, merged_nll, tokens),
-                 "clear-fail": _evaluation("clear-fail", 40.0, 0.5, merged_nll, tokens)}
-    gate = {"max_domain_ppl_increase": 20}
+    clear, close = 0.5, 4.0  # nats of spread per window: about +-0.4 and +-3 points of interval
+    specs = {"merged": (0.0, 0.0, (0.0, 0.0)),
+             "clear-pass": (5.0, clear, (3.0, clear)),
+             "close-pass": (19.0, close, (3.0, clear)),          # domain: interval holds 20
+             "close-pass-general": (5.0, clear, (14.0, close)),  # general: interval holds 15
+             "close-fail": (21.0, close, (3.0, clear)),
+             "clear-fail": (40.0, clear, (3.0, clear)),
+             "clear-fail-close-general": (40.0, clear, (14.0, close)),  # the domain failure stands
+             "nan-general": (19.0, close, (3.0, clear)),          # NaN fails it whatever the domain shows
+             "baseline-close": (21.0, close, (3.0, clear))}
+    artifacts = {n: _evaluation(n, d, w, merged_nll, tokens, g) for n, (d, w, g) in specs.items()}
+    artifacts["nan-general"]["general_ppl"] = float("nan")
+    artifacts["nan-general"]["general_window_nll"][3] = float("nan")
+    gate = {"max_domain_ppl_increase": 20, "max_general_ppl_increase": 15}
     verdicts = gate_verdicts(artifacts, gate)
-    assert [n for n, r in verdicts.items() if r] == ["close-fail", "clear-fail"]
+    assert [n for n, r in verdicts.items() if r] == ["close-fail", "clear-fail", "clear-fail-close-general",
+                                                     "nan-general", "baseline-close"]
     calls = gate_close_calls(artifacts, gate)
-    assert sorted(calls) == ["close-fail", "close-pass"]
-    assert "holds the 20% limit (evaluate.gate.max_domain_ppl_increase)" in calls["close-pass"][0]
-    assert gate_close_calls(artifacts, {"max_domain_ppl_increase": 10}) == {}  # all clear of 10%
+    assert sorted(calls) == ["baseline-close", "close-fail", "close-pass", "close-pass-general"]
+    assert calls["close-pass"] == [calls["close-pass"][0]] and \
+        "its domain change +19.00% has the 95% interval [+" in calls["close-pass"][0] and \
+        "holds the 20% limit (evaluate.gate.max_domain_ppl_increase)" in calls["close-pass"][0]
+    assert len(calls["close-pass-general"]) == 1 and \
+        "its general change +14.00%" in calls["close-pass-general"][0] and \
+        "holds the 15% limit (evaluate.gate.max_general_ppl_increase)" in calls["close-pass-general"][0]
+    assert gate_close_calls(artifacts, {"max_domain_ppl_increase": 10, "max_general_ppl_increase": 30}) == {}
     assert gate_close_calls(artifacts, {"max_domain_ppl_increase": None}) == {}
     # no per-window NLLs (an evaluation from before they were kept): no interval, no close call
-    bare = {n: {k: v for k, v in m.items() if k != "domain_window_nll"} for n, m in artifacts.items()}
+    bare = {n: {k: v for k, v in m.items() if not k.endswith("_window_nll")} for n, m in artifacts.items()}
     assert gate_close_calls(bare, gate) == {}
 
     inputs = {}
@@ -261,8 +282,9 @@ def test_a_gate_verdict_whose_interval_holds_the_limit_is_reported_as_a_close_ca
         def set_tags(self, t): tags.update(t)
 
     run_dir = tmp_path / "run"
-    ctx = StageContext(name="report", config={"gate": gate, "seq_len": tokens, "deploy": {}}, inputs=inputs,
-                       output_dir=run_dir / "report" / "output", checkpoint_dir=tmp_path / "ckpt",
+    ctx = StageContext(name="report", config={"gate": gate, "seq_len": tokens, "deploy": {},
+                                              "gate_baselines": ["baseline-close"]},
+                       inputs=inputs, output_dir=run_dir / "report" / "output", checkpoint_dir=tmp_path / "ckpt",
                        metrics=Metrics(), progress=lambda it, **kw: it, run_dir=run_dir)
     ctx.output_dir.mkdir(parents=True)
     result = run(ctx)
@@ -270,20 +292,57 @@ def test_a_gate_verdict_whose_interval_holds_the_limit_is_reported_as_a_close_ca
     rows = {line.split(" | ")[0][2:]: line.rstrip(" |").rsplit(" | ", 1)[1] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| artifact") and line.count("|") > 8}
     assert rows == {"merged": "–", "clear-pass": "passed", "close-pass": "passed (close call)",
-                    "close-fail": "**FAILED** (close call)", "clear-fail": "**FAILED**"}
-    assert "## Quality gate: close calls" in text
-    assert "- **close-pass** (passed): its domain change +19.00% has the 95% interval [" in text
-    assert "- **close-fail** (failed): its domain change +21.00%" in text
+                    "close-pass-general": "passed (close call)", "close-fail": "**FAILED** (close call)",
+                    "clear-fail": "**FAILED**", "clear-fail-close-general": "**FAILED**", "nan-general": "**FAILED**",
+                    "baseline-close": "**FAILED** (baseline, close call)"}
+    section = text.split("## Quality gate: close calls")[1].split("\n## ")[0]
+    assert "- **close-pass** (passed): its domain change +19.00% has the 95% interval [" in section
+    assert "- **close-fail** (failed): its domain change +21.00%" in section
+    assert "- **baseline-close** (failed, a baseline: not counted): its domain change +21.00%" in section
+    assert "clear-fail" not in section and "nan-general" not in section
     report = json.loads((ctx.output_dir / "metrics.json").read_text())
-    assert sorted(report["gate_close_calls"]) == ["close-fail", "close-pass"]
-    assert tags == {"gate.close-pass": "passed (close call)", "gate.close-fail": "failed (close call)",
-                    "gate.clear-fail": "failed"}
+    assert sorted(report["gate_close_calls"]) == sorted(calls)
+    assert tags == {"gate.close-pass": "passed (close call)", "gate.close-pass-general": "passed (close call)",
+                    "gate.close-fail": "failed (close call)", "gate.clear-fail": "failed",
+                    "gate.clear-fail-close-general": "failed", "gate.nan-general": "failed",
+                    "gate.baseline-close": "failed (baseline, close call)"}
     assert result.metrics["close-pass.gate_close_call"] == 1.0 and result.metrics["clear-pass.gate_close_call"] == 0.0
+    lines = gate_close_calls_of(run_dir)  # what `pipeline run` prints, one line each
+    assert sorted(lines) == sorted(calls)
+    assert lines["close-pass"].startswith("passed; its domain change +19.00%")
+    assert lines["baseline-close"].startswith("failed, a baseline: not counted; its domain change +21.00%")
     # the report stage's record, as the runner writes it, so that `compare` reads this report
-    from qlora_pipeline import rundir
-
     rundir.write_json_atomic(run_dir / "report" / rundir.MANIFEST,
                              {"fingerprint": "f" * 64, "files": rundir.describe_files(ctx.output_dir)})
     compared = {r["artifact"]: r["gate"] for r in compare_runs([run_dir])[0] if "gate" in r}
-    assert compared == {"clear-pass": "passed", "close-pass": "passed (close call)",
-                        "close-fail": "FAILED (close call)", "clear-fail": "FAILED"}
+    assert compared == {n: cell.replace("**", "") for n, cell in rows.items() if n != "merged"}
+
+
+def test_a_report_with_the_gate_on_records_that_it_found_no_close_calls(tmp_path):
+    """`gate_close_calls` is written even when empty, so a reader tells "none" from a report
+    made before close calls existed; without a gate there is nothing to record."""
+    from qlora_pipeline.graph import StageContext
+    from qlora_pipeline.stages.report import run
+
+    merged_nll = [230.0 + (7.0 if i % 3 else -5.0) for i in range(10)]
+    for gate, expected in (({"max_domain_ppl_increase": 20}, {}), ({}, None)):
+        out = tmp_path / str(bool(gate))
+        inputs = {}
+        for name, change in (("merged", 0.0), ("gptq", 5.0)):
+            folder = out / "inputs" / name
+            folder.mkdir(parents=True)
+            folder.joinpath("metrics.json").write_text(json.dumps(_evaluation(name, change, 0.5, merged_nll, 100)))
+            inputs[f"evaluate-{name}"] = folder
+
+        class Metrics:
+            def log_metrics(self, *a, **k): ...
+            def log_artifact(self, *a, **k): ...
+            def set_tags(self, *a, **k): ...
+
+        ctx = StageContext(name="report", config={"gate": gate, "seq_len": 100, "deploy": {}}, inputs=inputs,
+                           output_dir=out / "report", checkpoint_dir=out / "ckpt", metrics=Metrics(),
+                           progress=lambda it, **kw: it, run_dir=out)
+        ctx.output_dir.mkdir()
+        run(ctx)
+        report = json.loads((ctx.output_dir / "metrics.json").read_text())
+        assert report.get("gate_close_calls") == expected
