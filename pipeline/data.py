@@ -29,13 +29,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.models import COMMIT
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
-from qlora_pipeline.shared_text import SharedText
+from qlora_pipeline.shared_text import HASH_BASE, SharedText, hashed_hits
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +187,21 @@ class _MissingColumn(DataError):
 @contextmanager
 def _quiet_datasets():
     """`datasets` (and pyarrow through it) logs its own errors ("Failed to load JSON ...")
-    before it raises; the DataError raised here says what is wrong, by file and line, once."""
+    before it raises; the DataError raised here says what is wrong, by file and line, once.
+    Its progress bars go too: for a local folder they said "Downloading data: 3407 files"
+    (nothing is downloaded) and "Generating train split" between the stage's own lines."""
+    import datasets
+
     log = logging.getLogger("datasets")
-    level = log.level
+    level, bars = log.level, datasets.is_progress_bar_enabled()
     log.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         log.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _reason(exc: Exception) -> str:
@@ -714,7 +722,8 @@ class _NormalizedSide:
 
     def occurrences(self, needle: str) -> list[tuple[int, int]]:
         """(start, end) of every occurrence of `needle` in the normalized text, overlapping
-        ones included: one substring search of the whole text."""
+        ones included: one substring search of the whole text (the plain search `find_all`
+        is tested against)."""
         found, i = [], self.text.find(needle)
         while i >= 0:
             found.append((i, i + len(needle)))
@@ -728,16 +737,19 @@ class _NormalizedSide:
         `_ANCHOR_WORDS` + 2 words or more is looked up by its 2nd to (`_ANCHOR_WORDS`+1)-th
         words, which every occurrence holds as whole words of the text (only a needle's first
         and last word may sit inside a longer word of the text), and each hit is confirmed by
-        comparing the text. Shorter needles (few, long words) are searched one by one.
+        comparing the text. Shorter needles (few, long words: rulers, long code lines, URLs)
+        by the hashes of their first characters (`prefix_matches`): a search per needle costs
+        a pass over the whole text, and code corpora hold thousands of such needles.
         """
         anchored: dict[str, list[str]] = {}
-        found: list[tuple[int, int]] = []
+        short: list[str] = []
         for needle in needles:
             words = needle.split(" ")
             if len(words) >= _ANCHOR_WORDS + 2:
                 anchored.setdefault(" ".join(words[1 : _ANCHOR_WORDS + 1]), []).append(needle)
             else:
-                found += self.occurrences(needle)
+                short.append(needle)
+        found = prefix_matches(self.text, short)
         heads = {key.split(" ", 1)[0] for key in anchored}
         text = self.text
         for word in _WORD.finditer(text):
@@ -771,6 +783,34 @@ class _NormalizedSide:
         spans = {d0: (p0, len(self.docs[d0])), d1: (0, p1 + 1)}
         spans.update({d: (0, len(self.docs[d])) for d in range(d0 + 1, d1)})
         return spans
+
+
+_PREFIX_CHARS = 32  # characters of a needle's start hashed by `prefix_matches`
+_MASK64 = (1 << 64) - 1
+
+
+def prefix_matches(text: str, needles: list[str]) -> list[tuple[int, int]]:
+    """(start, end) of every occurrence of every needle in `text`, overlapping ones included,
+    in one pass over `text`: each position's hash of the next k characters (k: the shortest
+    needle's length, at most `_PREFIX_CHARS`) is looked up among the needles' hashes of their
+    first k characters, and each hit is confirmed by comparing the text. The hash is the one
+    `shared_text.hashed_hits` computes over the text (a polynomial mod 2**64), computed here
+    for the needles."""
+    needles = [n for n in needles if n]
+    if not needles or not text:
+        return []
+    k = min(_PREFIX_CHARS, min(map(len, needles)))
+    by_hash: dict[int, list[str]] = {}
+    for needle in needles:
+        h = 0
+        for c in needle[:k]:
+            h = (h * HASH_BASE + ord(c)) & _MASK64
+        by_hash.setdefault(h, []).append(needle)
+    wanted = np.array(sorted(by_hash), dtype=np.uint64)
+    found = []
+    for q, h in hashed_hits(text, k, wanted):
+        found += [(q, q + len(n)) for n in by_hash[h] if text.startswith(n, q)]
+    return found
 
 
 def _original_offset(word: str, visible_offset: int) -> int:
@@ -856,7 +896,8 @@ def _cut(docs: list[str], spans: dict[int, list[tuple[int, int]]]) -> list[str]:
     return out
 
 
-def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[list[str], int]:
+def remove_contained(side: list[str], held: list[str], min_chars: int,
+                     index: SharedText | None = None) -> tuple[list[str], int]:
     """`side` with every stretch of at least `min_chars` characters that the held-out text also
     holds (both normalized: `shared_spans`) cut out, repeated until none is left (a cut can,
     in principle, join text into a new one), and the characters removed (of the normalized
@@ -868,23 +909,44 @@ def remove_contained(side: list[str], held: list[str], min_chars: int) -> tuple[
     document that is part of a held-out paragraph.
 
     Cost: one pass of hashing over the training side per round (`shared_text`), after one
-    index of the held-out side.
+    index of the held-out side (`index`: `held_index(held, min_chars)` made before, reused).
     """
-    held_index = _held_index(held, min_chars)
-    removed = 0
+    index = index if index is not None else held_index(held, min_chars)
+    return _cut_until_gone(side, lambda view: index.spans(view.text))
+
+
+def remove_found(side: list[str], held: list[str], min_chars: int) -> tuple[list[str], int]:
+    """`side` with every occurrence of a held-out passage (`searched`: what `overlap` finds)
+    cut out, repeated until none is left, and the characters removed (normalized).
+
+    `remove_contained`'s index keeps a k-gram repeated more than `shared_text._MAX_POSITIONS`
+    times at some of its copies only, so a held-out passage built of much-repeated pieces (a
+    ruler comment of dashes ending in a name, hundreds of them in a code corpus) can escape
+    it; the check after cleaning (`overlap`) searches the passages verbatim and refused such
+    a corpus. `decontaminate` cuts what the check finds with this, so cleaning never leaves
+    what the check refuses."""
+    needles = {t for d in held for t in searched(d, min_chars)}
+    return _cut_until_gone(side, lambda view: view.find_all(needles))
+
+
+def _cut_until_gone(side: list[str], find) -> tuple[list[str], int]:
+    """`side` with the original text behind every span of its normalized text that
+    `find(view)` gives (`view`: its `_NormalizedSide`) cut out, repeated until it gives none (a
+    cut can, in principle, join text into a new match)."""
+    removed, view = 0, _NormalizedSide(side)
     while True:
-        view = _NormalizedSide(side)
         spans: dict[int, list[tuple[int, int]]] = {}
-        for start, end in held_index.spans(view.text):
+        for start, end in find(view):
             for d, span in view.original_spans(start, end).items():
                 spans.setdefault(d, []).append(span)
-        if not spans:
+        if not spans:  # nothing found, or only spaces (no original text behind them)
             return view.docs, removed
-        side = _cut(view.docs, spans)
-        removed += len(view.text) - len(_NormalizedSide(side).text)
+        cut = _NormalizedSide(_cut(view.docs, spans))
+        removed += len(view.text) - len(cut.text)
+        view = cut
 
 
-def _held_index(held: list[str], min_chars: int) -> SharedText:
+def held_index(held: list[str], min_chars: int) -> SharedText:
     """The held-out documents' normalized text, indexed (`SharedText`) with where each of
     their lines starts; documents joined as their token stream joins them (a blank line,
     normalized: `_join`): an evaluation window runs from the end of one held-out document
@@ -905,7 +967,7 @@ def shared_chars(held: list[str], side: list[str], min_chars: int) -> int:
     that `held`'s also holds, whole (`remove_contained` cuts them less the chance matches at
     their edges); 0 once it has cut."""
     covered, end = 0, 0
-    for a, b in _held_index(held, min_chars).spans(_NormalizedSide(side).text, trim=False):
+    for a, b in held_index(held, min_chars).spans(_NormalizedSide(side).text, trim=False):
         covered += max(0, b - max(a, end))
         end = max(end, b)
     return covered
@@ -1023,12 +1085,21 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     removed = {name: 0 for name, _, _ in PAIRS}
     near = {name: 0 for name, _, _ in PAIRS}
     pairs = {name: (held, side) for name, held, side in PAIRS}
+    indexes: dict[str, tuple[list[str], SharedText]] = {}  # held split -> (its documents, their index)
+
+    def index_of(held: str) -> SharedText:  # the test splits never change; validation may
+        docs = getattr(splits, held)
+        if held not in indexes or indexes[held][0] is not docs:
+            indexes[held] = (docs, held_index(docs, cfg.min_chars))
+        return indexes[held][1]
+
     changed = True
     while changed:
         changed = False
         for name in _CLEANING_ORDER:
             held, side = pairs[name]
-            docs, cut = remove_contained(getattr(splits, side), getattr(splits, held), cfg.min_chars)
+            docs, cut = remove_contained(getattr(splits, side), getattr(splits, held), cfg.min_chars,
+                                         index_of(held))
             dropped = 0
             if cfg.near_duplicates:
                 docs, dropped = remove_near_duplicates(docs, getattr(splits, held), cfg.min_chars,
@@ -1038,8 +1109,19 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
                 removed[name] += cut
                 near[name] += dropped
                 changed = True
-    return splits, Decontamination(before, measure_overlap(splits, cfg.min_chars), removed, near, shared_before,
-                                   _shared_per_pair(splits, cfg.min_chars))
+        if changed:
+            continue
+        # What the check finds that the stretch index missed (`remove_found`): cut, then all again.
+        after = measure_overlap(splits, cfg.min_chars)
+        for name in _CLEANING_ORDER:
+            held, side = pairs[name]
+            if after[name].paragraphs:
+                docs, cut = remove_found(getattr(splits, side), getattr(splits, held), cfg.min_chars)
+                if docs != getattr(splits, side):
+                    splits = replace(splits, **{side: docs})
+                    removed[name] += cut
+                    changed = True
+    return splits, Decontamination(before, after, removed, near, shared_before, _shared_per_pair(splits, cfg.min_chars))
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:

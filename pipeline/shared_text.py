@@ -37,7 +37,8 @@ from bisect import bisect_left, bisect_right
 
 import numpy as np
 
-_BASE = np.uint64(0x100000001B3)  # an odd multiplier: the polynomial hash is taken mod 2**64
+HASH_BASE = 0x100000001B3  # an odd multiplier: the polynomial hash is taken mod 2**64
+_BASE = np.uint64(HASH_BASE)
 _BLOCK = 1 << 21  # text positions hashed per block: 16 MiB of uint64 per array
 _MAX_POSITIONS = 64
 
@@ -61,6 +62,18 @@ def _hashes(codes: np.ndarray, starts: np.ndarray | slice, k: int) -> np.ndarray
         h *= _BASE
         h += codes[starts + j]
     return h
+
+
+def hashed_hits(text: str, k: int, wanted: np.ndarray):
+    """(position, hash) of every position of `text` whose next `k` characters hash (`_hashes`)
+    to one of `wanted` (sorted, unique uint64), in order; hashed a block at a time."""
+    if not len(wanted):
+        return
+    for block in range(0, len(text) - k + 1, _BLOCK):
+        h = _hashes(_codes(text[block : block + _BLOCK + k - 1]), slice(None), k)
+        at = np.minimum(np.searchsorted(wanted, h), len(wanted) - 1)
+        hits = np.flatnonzero(wanted[at] == h)
+        yield from zip((hits + block).tolist(), h[hits].tolist())
 
 
 def _common_run(a: str, i: int, b: str, j: int, forward: bool) -> int:
@@ -132,22 +145,19 @@ class SharedText:
         if len(text) < self.min_chars or not len(self._hashes):
             return found
         grown: dict[int, int] = {}  # diagonal (text position - reference position) -> end grown to
-        for block in range(0, len(text) - k + 1, _BLOCK):
-            piece = _codes(text[block : block + _BLOCK + k - 1])
-            hits = np.flatnonzero(np.isin(_hashes(piece, slice(None), k), self._hashes, assume_unique=False))
-            for q in (hits + block).tolist():
-                for p in self._positions.get(text[q : q + k], ()):
-                    diagonal = q - p
-                    if grown.get(diagonal, -1) > q:
-                        continue  # inside a stretch already grown on this diagonal
-                    left = _common_run(text, q, ref, p, forward=False)
-                    end = q + k + _common_run(text, q + k, ref, p + k, forward=True)
-                    grown[diagonal] = end
-                    if end - (q - left) >= self.min_chars and not trim:
-                        found.append((q - left, end))
-                    elif end - (q - left) >= self.min_chars:
-                        a, b = self._trimmed(p - left, end - diagonal)
-                        found.append(self._whole_words(text, a + diagonal, b + diagonal, diagonal))
+        for q, _ in hashed_hits(text, k, self._hashes):
+            for p in self._positions.get(text[q : q + k], ()):
+                diagonal = q - p
+                if grown.get(diagonal, -1) > q:
+                    continue  # inside a stretch already grown on this diagonal
+                left = _common_run(text, q, ref, p, forward=False)
+                end = q + k + _common_run(text, q + k, ref, p + k, forward=True)
+                grown[diagonal] = end
+                if end - (q - left) >= self.min_chars and not trim:
+                    found.append((q - left, end))
+                elif end - (q - left) >= self.min_chars:
+                    a, b = self._trimmed(p - left, end - diagonal)
+                    found.append(self._whole_words(text, a + diagonal, b + diagonal, diagonal))
         return sorted(set(found))
 
     def _whole_words(self, text: str, start: int, end: int, diagonal: int) -> tuple[int, int]:
