@@ -800,16 +800,19 @@ def prefix_matches(text: str, needles: list[str]) -> list[tuple[int, int]]:
     if not needles or not text:
         return []
     k = min(_PREFIX_CHARS, min(map(len, needles)))
-    by_hash: dict[int, list[str]] = {}
+    # hash of the first k characters -> length -> the needles of that length: needles alike in
+    # their start (a code corpus's ruler comments) cost one lookup per length at a hit, not one
+    # comparison each
+    by_hash: dict[int, dict[int, set[str]]] = {}
     for needle in needles:
         h = 0
         for c in needle[:k]:
             h = (h * HASH_BASE + ord(c)) & _MASK64
-        by_hash.setdefault(h, []).append(needle)
+        by_hash.setdefault(h, {}).setdefault(len(needle), set()).add(needle)
     wanted = np.array(sorted(by_hash), dtype=np.uint64)
     found = []
     for q, h in hashed_hits(text, k, wanted):
-        found += [(q, q + len(n)) for n in by_hash[h] if text.startswith(n, q)]
+        found += [(q, q + length) for length, alike in by_hash[h].items() if text[q : q + length] in alike]
     return found
 
 
@@ -1207,6 +1210,16 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
     train, removed = remove_contained(candidates, eval_docs + held_out + selected_on, min_chars)
     held = {"general_eval_in_general_train": eval_docs, "domain_eval_in_general_train": held_out,
             "domain_valid_in_general_train": selected_on}
+    # Each held-out text on its own too, as the checks below index it, and what the verbatim
+    # check would find (`remove_found`: boilerplate the index keeps at some copies only).
+    changed = True
+    while changed:
+        changed = False
+        for texts in held.values():
+            for remove in (remove_contained, remove_found):
+                cut, n = remove(train, texts, min_chars)
+                if cut != train:
+                    train, removed, changed = cut, removed + n, True
     after = {name: overlap(docs, train, min_chars) for name, docs in held.items()}
     shared = {name: shared_chars(docs, train, min_chars) for name, docs in held.items()}
     return GeneralTrain(train, k, skipped, removed, after, shared)

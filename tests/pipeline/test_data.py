@@ -1002,15 +1002,25 @@ def test_a_held_out_ruler_line_among_many_is_cut_although_the_index_samples_repe
     assert report.clean and clean.train == [f"{_long('one')}\n\n{_long('two')}"]
 
 
-def test_the_prefix_hash_search_finds_what_a_plain_search_finds():
+@pytest.mark.parametrize("block", [3, 1 << 21])
+def test_the_prefix_hash_search_finds_what_a_plain_search_finds(monkeypatch, block):
     """`prefix_matches` (needles of few words) against one `str.find` per needle, overlapping
-    occurrences included, on random text of few characters (many repeats, rulers, Han)."""
+    occurrences included, on random text of few characters (many repeats, rulers, Han, a
+    character beyond the BMP), with needles both shorter and longer than the hashed prefix,
+    and with the text hashed in blocks of 3 characters (matches across every block edge) as
+    well as in the real blocks."""
+    from qlora_pipeline import shared_text
+
+    monkeypatch.setattr(shared_text, "_BLOCK", block)
     rng = random.Random(0)
-    alphabet = ["-", "a", "b", " ", "é", "漢"]
-    for _ in range(500):
+    alphabet = ["-", "a", "b", " ", "é", "漢", "😀"]
+    for case in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
-        needles = {text[i:i + rng.randint(1, 50)] for i in (rng.randrange(len(text) or 1) for _ in range(4))}
+        longest = 50 if case % 2 else 90  # odd cases: every needle longer than the 32 hashed
+        needles = {text[i:i + rng.randint(1, longest)] for i in (rng.randrange(len(text) or 1) for _ in range(4))}
         needles |= {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 20)))}
+        if case % 2:
+            needles = {n for n in needles if len(n) > data._PREFIX_CHARS} or {text[:40] + "-"}
         needles.discard("")
         expected = []
         for n in needles:
@@ -1032,3 +1042,19 @@ def test_reading_a_local_folder_draws_no_download_or_generation_bars(tmp_path, c
     err = capfd.readouterr().err
     assert "Downloading" not in err and "Generating" not in err, err
     assert datasets.is_progress_bar_enabled()
+
+
+def test_a_general_train_split_is_cut_of_what_the_checks_find(monkeypatch):
+    """`general_train_split` cut with one index of all held-out text, then checked each
+    held-out text on its own: ruler comments that the index keeps at some copies only were
+    left and the check refused the corpus. Now each text is also cut on its own, and what the
+    verbatim check finds is cut too (found by review)."""
+    monkeypatch.setattr(data, "eval_document_count", lambda tokenizer, docs, max_tokens: 1)
+    names = [random.Random(i).choice("bcdfghjklmnpqrstvwxz") + f"{random.Random(i).getrandbits(40):010x}"
+             for i in range(300)]
+    rulers = [f"# {'-' * 66} # {name}" for name in names]
+    general = [_long("g0"), _long("margin")] + [f"{_long(f'one{i}')}\n\n{r}\n\n{_long(f'two{i}')}"
+                                                for i, r in enumerate(rulers[195:205])]
+    split = data.general_train_split(None, general, 10, 10**7, ["\n\n".join(rulers)], 80, selected_on=[_long("v")])
+    assert not any(o.paragraphs for o in split.overlap_after.values()) and not any(split.shared_after.values())
+    assert split.docs == [f"{_long(f'one{i}')}\n\n{_long(f'two{i}')}" for i in range(10)]
