@@ -14,9 +14,9 @@ that way, so the report says when its text cannot tell two methods apart.
 
 The gate: a quantized artifact whose perplexity increase over the merged model exceeds
 `evaluate.gate` is marked failed here and in MLflow; `pipeline run` finishes the other stages
-and then exits non-zero (see `gate_failures`). The verdict is taken on the point figure; where
-the change's 95% interval holds the limit it is marked a close call (`gate_close_calls`), since
-the evaluation text cannot settle it either way.
+and then exits non-zero (see `gate_failures`). The verdict is taken on the point figures; one
+that more held-out text could turn (a change's 95% interval holds its limit, and no other change
+fails it clearly) is marked a close call (`gate_close_calls`).
 """
 from __future__ import annotations
 
