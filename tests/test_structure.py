@@ -193,7 +193,7 @@ def test_a_quantize_stage_hashes_the_method_modules_it_imports_by_name(tmp_path)
     from qlora_pipeline.runner import Runner
     from qlora_pipeline.stages import build_stages
 
-    specs = {s.name: s for s in build_stages(load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0])}
+    specs = {s.name: s for s in build_stages(load_recipe(REPO / "recipes" / "smollm2_methods.yaml")[0])}
     runner = Runner(tmp_path / "run", list(specs.values()))
     gptq, awq = runner.code(specs["quantize-gptq-w4g64"]), runner.code(specs["quantize-awq-w4g64"])
     assert {"pipeline/methods/gptq.py", "pipeline/methods/gptq_format.py", "quant/gptq.py"} <= set(gptq)

@@ -19,6 +19,7 @@ from tests.conftest import REPO, cli
 
 HEAVY = ("torch", "transformers", "peft", "mlflow", "datasets", "bitsandbytes", "accelerate", "safetensors")
 SMOLLM2 = str(REPO / "recipes" / "smollm2_domain.yaml")
+SMOLLM2_METHODS = str(REPO / "recipes" / "smollm2_methods.yaml")  # the default plus the AWQ entries
 LLAMA3 = str(REPO / "recipes" / "llama3_domain.yaml")
 
 
@@ -42,12 +43,13 @@ def test_validate_plan_and_status_import_no_heavy_library(tmp_path):
 
 
 def test_stage_functions_are_named_by_module_and_hashed_without_importing():
-    recipe, _ = load_recipe(SMOLLM2)
+    recipe, _ = load_recipe(SMOLLM2_METHODS)
     specs = {s.name: s for s in build_stages(recipe)}
     modules = {name: spec.module for name, spec in specs.items()}
     assert modules["train"] == "qlora_pipeline.stages.train"
     assert modules["evaluate-gptq-w4g64"] == modules["evaluate-base"] == "qlora_pipeline.stages.evaluate"
     assert modules["quantize-awq-w4g64"] == "qlora_pipeline.stages.quantize"
+    assert modules["awq-search-w4g64"] == "qlora_pipeline.stages.awq_search"
     for spec in specs.values():
         assert isinstance(spec.fn, StageRef)
         files = code_files(spec.fn)
@@ -55,8 +57,9 @@ def test_stage_functions_are_named_by_module_and_hashed_without_importing():
         assert "pipeline/" + spec.module.removeprefix("qlora_pipeline.").replace(".", "/") + ".py" in files
 
 
-def test_every_stage_of_the_default_recipe_resolves_to_a_function_of_its_module():
-    recipe, _ = load_recipe(SMOLLM2)
+@pytest.mark.parametrize("path", [SMOLLM2, SMOLLM2_METHODS])
+def test_every_stage_of_the_default_recipes_resolves_to_a_function_of_its_module(path):
+    recipe, _ = load_recipe(path)
     for spec in build_stages(recipe):
         fn = spec.fn.resolve()
         assert callable(fn) and fn.__module__ == spec.module, spec.name

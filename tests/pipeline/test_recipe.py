@@ -18,6 +18,26 @@ def test_shipped_recipes_validate(path):
     assert recipe.nf4.double_quant is True
 
 
+def test_the_methods_recipe_is_the_default_plus_the_awq_entries():
+    """recipes/smollm2_methods.yaml promises that after a default run the stage cache serves
+    every stage the two share: each of the default's stages (but the report, never cached) has
+    the same settings, inputs and code there, so the same fingerprint. A setting changed in one
+    recipe and not the other fails here."""
+    from qlora_pipeline.stages import build_stages
+
+    default = {s.name: s for s in build_stages(load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0])}
+    methods = {s.name: s for s in build_stages(load_recipe(REPO / "recipes" / "smollm2_methods.yaml")[0])}
+    shared = [name for name in default if name != "report"]
+    assert set(shared) < set(methods)
+    for name in shared:
+        a, b = default[name], methods[name]
+        assert (a.config, a.deps, a.code, a.runtime, a.module) == (b.config, b.deps, b.code, b.runtime, b.module), name
+    added = sorted(set(methods) - set(default))
+    assert added == ["awq-search-w4g64", "evaluate-awq-gptq-w4g64", "evaluate-awq-w4g64",
+                     "quantize-awq-gptq-w4g64", "quantize-awq-w4g64"]
+    assert {q.method for q in load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0].quantize} == {"rtn", "gptq"}
+
+
 def test_llama3_recipe_has_the_real_settings():
     r, _ = load_recipe(REPO / "recipes" / "llama3_domain.yaml")
     assert r.model.source == "meta-llama/Meta-Llama-3-8B"
