@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -71,6 +71,9 @@ class StageSpec:
         runtime: settings that change how the stage computes but not its output (where the
             layer engine keeps its activations), so not part of the fingerprint: changing one
             re-runs nothing. A test must show the output's bytes do not depend on each.
+        names_run_dir: its output holds its run directory's name (the report's title); the
+            runner adds the name to its settings (`RUN_DIR_NAME`), so a copied or renamed run
+            directory re-runs it instead of calling the old name up to date.
     """
 
     name: str
@@ -81,6 +84,7 @@ class StageSpec:
     code: tuple[str, ...] = ()
     cacheable: bool = True
     runtime: dict = field(default_factory=dict)
+    names_run_dir: bool = False
 
     @property
     def module(self) -> str:
@@ -135,6 +139,17 @@ def output_digest(files: dict[str, dict]) -> str:
     however often the stage ran."""
     table = {rel: meta["sha256"] for rel, meta in sorted(files.items())}
     return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:20]
+
+
+RUN_DIR_NAME = "run_dir_name"  # the setting a `names_run_dir` stage gets from the runner
+
+
+def with_run_dir_name(spec: StageSpec, run_dir: Path) -> StageSpec:
+    """`spec` as it runs in `run_dir`: with the directory's name among its settings when its
+    output holds that name (`StageSpec.names_run_dir`), unchanged otherwise."""
+    if not spec.names_run_dir:
+        return spec
+    return replace(spec, config={**spec.config, RUN_DIR_NAME: Path(run_dir).name})
 
 
 def fingerprint(spec: StageSpec, code: dict[str, str], input_digests: dict[str, str]) -> str:

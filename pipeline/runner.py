@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from qlora_pipeline import rundir
 from qlora_pipeline.codehash import STAGE_CALL_KEY, changed_files, code_files, library_versions
 from qlora_pipeline.errors import InputError, StageError, interruption
-from qlora_pipeline.graph import StageContext, StageRef, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological
+from qlora_pipeline.graph import StageContext, StageRef, StageResult, StageSpec, downstream_of, fingerprint, output_digest, topological, with_run_dir_name
 from qlora_pipeline.runinfo import check_records, record_problem
 from qlora_pipeline.stagecache import Entry, StageCache, place_files, short_key, with_mtimes
 from qlora_pipeline.tracking import Tracker
@@ -237,7 +237,7 @@ class Runner:
                  recipe_dump: Optional[dict] = None, params: Optional[dict[str, str]] = None,
                  verify_inputs: bool = True, cache: Optional[StageCache] = None):
         self.run_dir = Path(run_dir)
-        self.specs = topological(specs)
+        self.specs = topological([with_run_dir_name(s, self.run_dir) for s in specs])
         self.by_name = {s.name: s for s in self.specs}
         self.tracker = tracker
         self.recipe_dump = recipe_dump or {}

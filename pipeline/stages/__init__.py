@@ -265,14 +265,16 @@ def build_stages(recipe) -> list[StageSpec]:
             ]
     # The report reads the evaluations, the training log and the per-layer quantization errors.
     report_deps = tuple(s.name for s in specs if s.name.startswith(("evaluate-", "quantize-")) or s.name == "train")
-    # Not cached: the report is titled with its run directory's name, which no fingerprint covers.
+    # Titled with its run directory's name: the runner adds the name to its settings
+    # (`names_run_dir`), and a stage cache entry, used in any run directory, would carry another's.
     report_config = {"gate": recipe.evaluate.gate.model_dump(mode="json"), "seq_len": recipe.data.seq_len,
                      "deploy": recipe.deploy.model_dump(mode="json")}
     baselines = [q.name for q in entries if q.baseline]
     baselines += [f"{q.name}{methods.ADAPTER_SUFFIX}" for q in onto_base if q.baseline]
     if baselines:  # absent, as before the setting existed: a recipe without baselines keeps its fingerprint
         report_config["gate_baselines"] = sorted(baselines)
-    specs.append(StageSpec("report", _stage("report"), report_deps, report_config, cacheable=False))
+    specs.append(StageSpec("report", _stage("report"), report_deps, report_config, cacheable=False,
+                           names_run_dir=True))
     for spec in specs:  # where the model is now, for the stages that read it (not fingerprinted)
         if "model" in spec.config:
             spec.runtime = {**spec.runtime, MODEL_SOURCE: recipe.model.source}

@@ -696,3 +696,36 @@ def test_bad_input_found_by_a_stage_leaves_no_run_directory(tmp_path, caplog):
         runner.run()
     after = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*"))
     assert after == before and (tmp_path / "run" / "run.json").read_bytes() == run_json
+
+
+def test_a_stage_that_names_its_run_directory_reruns_in_a_copy(tmp_path):
+    """The report's title is its run directory's name, which its settings did not hold: a
+    copied or renamed run directory kept the old title and called the report up to date."""
+    calls = []
+
+    def plain(ctx):
+        calls.append("plain")
+        (ctx.output_dir / "p.txt").write_text("p")
+        return StageResult()
+
+    def titled(ctx):
+        calls.append(ctx.run_dir.name)
+        (ctx.output_dir / "title.txt").write_text(ctx.run_dir.name)
+        return StageResult()
+
+    def runner(run_dir):
+        return Runner(run_dir, [StageSpec("plain", plain, (), {"v": 1}),
+                                StageSpec("titled", titled, ("plain",), {"v": 1}, cacheable=False,
+                                          names_run_dir=True)])
+
+    runner(tmp_path / "one").run()
+    assert calls == ["plain", "one"]
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    calls.clear()
+    plan = {p.spec.name: p for p in runner(tmp_path / "two").plan()}
+    assert (plan["plain"].action, plan["titled"].action) == ("skip", "run")
+    assert "settings changed: run_dir_name" in plan["titled"].reason
+    runner(tmp_path / "two").run()
+    assert calls == ["two"] and (tmp_path / "two" / "titled" / "output" / "title.txt").read_text() == "two"
+    runner(tmp_path / "one").run()  # the original is still up to date
+    assert calls == ["two"]

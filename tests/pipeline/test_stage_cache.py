@@ -450,7 +450,8 @@ def test_a_cache_folder_that_cannot_be_written_stops_the_run_before_it_starts(ti
 
 def test_only_stages_kept_out_of_the_cache_read_their_run_directory():
     """An entry is used in any run directory: a stage whose output depends on its own run
-    directory (`ctx.run_dir`, which no fingerprint covers) must not be cacheable."""
+    directory (`ctx.run_dir`) must not be cacheable; its fingerprint holds the directory's
+    name (`StageSpec.names_run_dir`), so a copied or renamed run directory re-runs it."""
     import ast
 
     from qlora_pipeline.recipe import load_recipe
@@ -463,6 +464,7 @@ def test_only_stages_kept_out_of_the_cache_read_their_run_directory():
     specs = build_stages(load_recipe(REPO / "recipes" / "smollm2_domain.yaml")[0])
     assert [s.name for s in specs if s.module in readers] == ["report"]
     assert [s.name for s in specs if not s.cacheable] == ["report"]
+    assert [s.name for s in specs if s.names_run_dir] == ["report"]  # its settings name the run directory
 
 
 def test_a_stage_whose_entry_never_reached_the_cache_is_stored_when_found_up_to_date(toy, cache, tmp_path):
