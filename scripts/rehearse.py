@@ -198,6 +198,8 @@ class Shape:
         return n * (self.layer_params + 2 * self.hidden) + self.embed_params + self.head_params + self.hidden
 
 
+SMOLLM2_RECIPES = ("smollm2_domain.yaml", "smollm2_methods.yaml")  # the real SmolLM2: --shape smollm2
+
 SHAPES = {
     # meta-llama/Meta-Llama-3-8B config.json (Llama 3, not 3.1: rope_scaling null, 8192 positions)
     "llama3-8b": Shape("llama3-8b", "meta-llama/Meta-Llama-3-8B", 4096, 14336, 32, 32, 8, 128256, False,
@@ -751,7 +753,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
     ap.add_argument("--recipe", type=Path, default=None, help="recipe to rehearse (default: the shape's; "
-                    "recipes/smollm2_domain.yaml means --shape smollm2)")
+                    "recipes/smollm2_domain.yaml or smollm2_methods.yaml means --shape smollm2)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers to write (default: the real model's)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new folder under $TMPDIR")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (checkpoint, run directory)")
@@ -781,7 +783,7 @@ def main() -> int:
     ap.add_argument("--mem-guard-gib", type=float, default=1.0, help="kill a stage when MemAvailable falls below")
     args = ap.parse_args()
 
-    if args.recipe is not None and args.recipe.name == "smollm2_domain.yaml" and args.shape is None:
+    if args.recipe is not None and args.recipe.name in SMOLLM2_RECIPES and args.shape is None:
         args.shape = "smollm2"
     shape = SHAPES[args.shape or "llama3-8b"]
     recipe_src = (REPO / shape.recipe) if args.recipe is None else args.recipe.resolve()
