@@ -332,7 +332,7 @@ def _plan_with_code(reference: Path, tmp_path: Path, monkeypatch, edit) -> dict[
     edit(src)
     monkeypatch.setattr(codehash, "ROOT", src)
     monkeypatch.setattr(codehash, "package_dir", lambda top: src / codehash.PACKAGE_FOLDERS[top])
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / reference.name  # the same name: a renamed copy re-runs its report
     shutil.copytree(reference, run_dir, symlinks=True)
     recipe, _ = load_recipe(reference.parent.parent / "ref.yaml")
     planned = Runner(run_dir, build_stages(recipe)).plan()
