@@ -16,6 +16,7 @@ from pathlib import Path
 from qlora_pipeline import rundir
 from qlora_pipeline.environment import describe
 from qlora_pipeline.errors import InputError
+from qlora_pipeline.graph import RUN_DIR_NAME
 from qlora_pipeline.recipe import flatten_settings
 from qlora_pipeline.runinfo import damaged_message, damaged_records
 from qlora_pipeline.stages.report import COLUMNS, format_cell, gate_cell, metrics_path
@@ -58,6 +59,7 @@ def _stage_settings(run_dir: Path, stages) -> dict[str, str]:
         if manifest.is_file():
             config = _read_object(manifest, f"`pipeline run` re-runs the {stage} stage of {run_dir} to rewrite it")
             config = dict(config.get("config") or {})
+            config.pop(RUN_DIR_NAME, None)  # the report's: its run, which the table's first column names
             for key in CONTENT_KEYS.intersection(config):  # one column for a model's or a corpus's files
                 config[key] = hashlib.sha256(json.dumps(config[key], sort_keys=True).encode()).hexdigest()[:12]
             settings.update(flatten_settings(config, leaf=json.dumps))

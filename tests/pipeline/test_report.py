@@ -92,6 +92,8 @@ def test_compare_lines_up_two_runs(two_runs, capsys, tmp_path):
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith(("g32", "bad"))]
     assert len(lines) == 4 + 5 and "domain ppl" in out and "FAILED" in out
+    # The report's settings hold its run directory's name; the run column already names it.
+    assert "run_dir_name" not in out and "run_dir_name" not in md.read_text()
     assert md.read_text().startswith("| run | artifact | domain ppl")
     assert cli("compare", str(tmp_path / "nothing")) == 2
     assert f"{tmp_path / 'nothing'}: does not exist" in capsys.readouterr().err
