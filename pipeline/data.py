@@ -36,7 +36,7 @@ from qlora_pipeline.data_identity import local_files
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.models import COMMIT
 from qlora_pipeline.recipe import JSON_SUFFIXES, PARQUET_SUFFIX, TEXT_SUFFIXES
-from qlora_pipeline.shared_text import HASH_BASE, SharedText, hashed_hits
+from qlora_pipeline.shared_text import SharedText, hashed_hits, prefix_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -720,16 +720,6 @@ class _NormalizedSide:
         w = bisect_right(norm_starts, r) - 1
         return d, words[w].start() + _original_offset(words[w].group(), r - norm_starts[w])
 
-    def occurrences(self, needle: str) -> list[tuple[int, int]]:
-        """(start, end) of every occurrence of `needle` in the normalized text, overlapping
-        ones included: one substring search of the whole text (the plain search `find_all`
-        is tested against)."""
-        found, i = [], self.text.find(needle)
-        while i >= 0:
-            found.append((i, i + len(needle)))
-            i = self.text.find(needle, i + 1)
-        return found
-
     def find_all(self, needles: set[str]) -> list[tuple[int, int]]:
         """(start, end) of every occurrence of every needle (normalized, non-empty).
 
@@ -786,16 +776,14 @@ class _NormalizedSide:
 
 
 _PREFIX_CHARS = 32  # characters of a needle's start hashed by `prefix_matches`
-_MASK64 = (1 << 64) - 1
 
 
 def prefix_matches(text: str, needles: list[str]) -> list[tuple[int, int]]:
     """(start, end) of every occurrence of every needle in `text`, overlapping ones included,
     in one pass over `text`: each position's hash of the next k characters (k: the shortest
     needle's length, at most `_PREFIX_CHARS`) is looked up among the needles' hashes of their
-    first k characters, and each hit is confirmed by comparing the text. The hash is the one
-    `shared_text.hashed_hits` computes over the text (a polynomial mod 2**64), computed here
-    for the needles."""
+    first k characters (`shared_text.prefix_hashes`), and each hit is confirmed by comparing
+    the text."""
     needles = [n for n in needles if n]
     if not needles or not text:
         return []
@@ -804,10 +792,7 @@ def prefix_matches(text: str, needles: list[str]) -> list[tuple[int, int]]:
     # their start (a code corpus's ruler comments) cost one lookup per length at a hit, not one
     # comparison each
     by_hash: dict[int, dict[int, set[str]]] = {}
-    for needle in needles:
-        h = 0
-        for c in needle[:k]:
-            h = (h * HASH_BASE + ord(c)) & _MASK64
+    for needle, h in zip(needles, prefix_hashes(needles, k)):
         by_hash.setdefault(h, {}).setdefault(len(needle), set()).add(needle)
     wanted = np.array(sorted(by_hash), dtype=np.uint64)
     found = []
@@ -1207,19 +1192,20 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
         total += len(d)
         if total >= train_max_chars:
             break
-    train, removed = remove_contained(candidates, eval_docs + held_out + selected_on, min_chars)
     held = {"general_eval_in_general_train": eval_docs, "domain_eval_in_general_train": held_out,
             "domain_valid_in_general_train": selected_on}
-    # Each held-out text on its own too, as the checks below index it, and what the verbatim
-    # check would find (`remove_found`: boilerplate the index keeps at some copies only).
-    changed = True
+    # Each held-out text on its own, as the checks below index it, and what the verbatim check
+    # would find (`remove_found`: boilerplate the index keeps at some copies only), until
+    # neither cuts anything. The held-out texts do not change: each is indexed once.
+    indexes = {name: held_index(texts, min_chars) for name, texts in held.items()}
+    train, removed, changed = candidates, 0, True
     while changed:
         changed = False
-        for texts in held.values():
-            for remove in (remove_contained, remove_found):
-                cut, n = remove(train, texts, min_chars)
-                if cut != train:
-                    train, removed, changed = cut, removed + n, True
+        for name, texts in held.items():
+            cut, n = remove_contained(train, texts, min_chars, indexes[name])
+            cut, m = remove_found(cut, texts, min_chars)
+            if cut != train:
+                train, removed, changed = cut, removed + n + m, True
     after = {name: overlap(docs, train, min_chars) for name, docs in held.items()}
     shared = {name: shared_chars(docs, train, min_chars) for name, docs in held.items()}
     return GeneralTrain(train, k, skipped, removed, after, shared)

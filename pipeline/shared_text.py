@@ -37,8 +37,7 @@ from bisect import bisect_left, bisect_right
 
 import numpy as np
 
-HASH_BASE = 0x100000001B3  # an odd multiplier: the polynomial hash is taken mod 2**64
-_BASE = np.uint64(HASH_BASE)
+_BASE = np.uint64(0x100000001B3)  # an odd multiplier: the polynomial hash is taken mod 2**64
 _BLOCK = 1 << 21  # text positions hashed per block: 16 MiB of uint64 per array
 _MAX_POSITIONS = 64
 
@@ -62,6 +61,13 @@ def _hashes(codes: np.ndarray, starts: np.ndarray | slice, k: int) -> np.ndarray
         h *= _BASE
         h += codes[starts + j]
     return h
+
+
+def prefix_hashes(strings: list[str], k: int) -> list[int]:
+    """The hash `hashed_hits` gives a position, of the first `k` characters of each string
+    (each at least `k` long)."""
+    codes = _codes("".join(s[:k] for s in strings))
+    return _hashes(codes, np.arange(0, len(codes), k), k).tolist()
 
 
 def hashed_hits(text: str, k: int, wanted: np.ndarray):
