@@ -688,18 +688,20 @@ class Runner:
                                  "and rerun the same command to resume") from exc
             raise StageError(f"stage {spec.name}: cannot write {where} ({exc.strerror or exc}); "
                              f"{rundir.RUN_DIR_HINT}") from exc
-        if ranks is not None:
-            ranks.agree("running")  # directories ready: distributed stages start on every rank
-        inputs = {d: self.stage_dir(d) / rundir.OUTPUT for d in spec.deps}
-        metric_logger = self.tracker.logger_for(child_id) if self.tracker else _NullLogger()
-        ctx = StageContext(
-            name=spec.name, config=spec.config, inputs=inputs, output_dir=partial,
-            checkpoint_dir=ckpt, metrics=metric_logger, progress=_progress, run_dir=self.run_dir,
-            runtime=spec.runtime,
-        )
-        logger.info("%-22s run   (%s)", spec.name, p.reason)
-        t0 = time.time()
+        # From the moment the state says "running" every line is inside this `try`: a Ctrl-C or
+        # SIGTERM landing between the set-up and the stage's own code once left it "running".
         try:
+            if ranks is not None:
+                ranks.agree("running")  # directories ready: distributed stages start on every rank
+            inputs = {d: self.stage_dir(d) / rundir.OUTPUT for d in spec.deps}
+            metric_logger = self.tracker.logger_for(child_id) if self.tracker else _NullLogger()
+            ctx = StageContext(
+                name=spec.name, config=spec.config, inputs=inputs, output_dir=partial,
+                checkpoint_dir=ckpt, metrics=metric_logger, progress=_progress, run_dir=self.run_dir,
+                runtime=spec.runtime,
+            )
+            logger.info("%-22s run   (%s)", spec.name, p.reason)
+            t0 = time.time()
             result = spec.fn(ctx) or StageResult()
             seconds = time.time() - t0
             self._publish(spec, fp, result, seconds, started, child_id, parent_id)

@@ -165,6 +165,30 @@ def test_ctrl_c_or_sigterm_in_a_stage_is_recorded_as_an_interruption_and_resumes
     assert toy.b_steps_done == [0, 1, 2, 3, 4]  # steps 0-1 were not redone
 
 
+def test_ctrl_c_between_setting_up_a_stage_and_its_code_is_recorded_as_an_interruption(toy, monkeypatch):
+    """A signal landing after the state said "running" but before the stage's code began (the
+    "run" log line, the stage's context) left the state "running" after a clean exit 130 (a CI run
+    of the SIGINT integrity test, where the signal follows the first file in checkpoints/)."""
+    from qlora_pipeline import runner as runner_module
+
+    real_context = runner_module.StageContext
+
+    def context_interrupted_for_b(**fields):
+        if fields["name"] == "b":
+            raise KeyboardInterrupt
+        return real_context(**fields)
+
+    monkeypatch.setattr(runner_module, "StageContext", context_interrupted_for_b)
+    with pytest.raises(KeyboardInterrupt):
+        toy.runner().run()
+    state = json.loads((toy.run_dir / "b" / "state.json").read_text())
+    assert state["status"] == "interrupted", state
+    assert not (toy.run_dir / "b" / "output.partial").exists()
+    monkeypatch.undo()
+    toy.runner().run()
+    assert toy.calls == ["a", "b", "c"]
+
+
 def test_an_interrupted_stage_without_checkpoints_says_it_restarts(toy):
     toy.crash_b_at, toy.crash_with = 0, KeyboardInterrupt  # before its first checkpoint (an evaluation keeps none)
     with pytest.raises(KeyboardInterrupt):
