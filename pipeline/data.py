@@ -515,6 +515,26 @@ def _visible(word: str) -> str:
     return word if word.isascii() else word.translate(_INVISIBLE)
 
 
+# A reply quotes what it answers with `>` before every line (Markdown's block quote, mail,
+# forums; nested as `>>` or `> >`), so a held-out paragraph quoted in a training document, its
+# lines re-wrapped, reads otherwise to the comparison on every line. Decontamination compares
+# the texts a second time with these markers blanked (`unquoted`).
+_QUOTE_MARKERS = re.compile(r"^[ \t]*>(?:[ \t]*>)*", re.MULTILINE)
+
+
+def unquoted(text: str) -> str:
+    """`text` with the quote markers that start its lines (`>`, `>>`, `> >`, after any
+    indentation) blanked: spaces of the same length, so that every other character keeps its
+    position. A doctest's `>>>` prompt is such a marker too: code copied with or without its
+    prompts is the same code to this comparison."""
+    return _QUOTE_MARKERS.sub(lambda m: " " * len(m.group()), text) if ">" in text else text
+
+
+def has_quote_markers(docs: list[str]) -> bool:
+    """Whether any line of `docs` starts with a quote marker (`unquoted` changes something)."""
+    return any(">" in d and _QUOTE_MARKERS.search(d) for d in docs)
+
+
 def canonical(text: str) -> str:
     """`text` in NFC Unicode form with `\\n` line endings and without byte order marks
     (U+FEFF). The same words in NFD (macOS file names, some editors), with CRLF or lone-CR
@@ -687,9 +707,12 @@ class _NormalizedSide:
     script without spaces; a document without visible text adds nothing), and the way back
     from a position in it to (document, position in the original document)."""
 
-    def __init__(self, docs: list[str]):
+    def __init__(self, docs: list[str], unquote: bool = False):
+        """With `unquote`, the documents are compared `unquoted` (positions still refer to the
+        documents as they are: blanking keeps every position)."""
         self.docs = [canonical(d) for d in docs]  # positions refer to these
-        normalized = [normalize(d) for d in self.docs]
+        self._compared = [unquoted(d) for d in self.docs] if unquote else self.docs
+        normalized = [normalize(d) for d in self._compared]
         self.starts, pos, last = [], 0, ""
         for n in normalized:
             if n and last:
@@ -706,7 +729,7 @@ class _NormalizedSide:
         d = bisect_right(self.starts, q) - 1
         if d not in self._word_starts:  # built lazily: only documents with a match need it
             words, norm_starts, k, last = [], [], 0, ""
-            for w in _WORD.finditer(self.docs[d]):
+            for w in _WORD.finditer(self._compared[d]):
                 visible = _visible(fold_case(w.group()))
                 if visible:  # a word of invisible characters only is no word of the normalized text
                     k += len(_gap(last, visible)) if last else 0
@@ -885,7 +908,7 @@ def _cut(docs: list[str], spans: dict[int, list[tuple[int, int]]]) -> list[str]:
 
 
 def remove_contained(side: list[str], held: list[str], min_chars: int,
-                     index: SharedText | None = None) -> tuple[list[str], int]:
+                     index: SharedText | None = None, unquote: bool = False) -> tuple[list[str], int]:
     """`side` with every stretch of at least `min_chars` characters that the held-out text also
     holds (both normalized: `shared_spans`) cut out, repeated until none is left (a cut can,
     in principle, join text into a new one), and the characters removed (of the normalized
@@ -897,10 +920,11 @@ def remove_contained(side: list[str], held: list[str], min_chars: int,
     document that is part of a held-out paragraph.
 
     Cost: one pass of hashing over the training side per round (`shared_text`), after one
-    index of the held-out side (`index`: `held_index(held, min_chars)` made before, reused).
+    index of the held-out side (`index`: `held_index(held, min_chars, unquote)` made before,
+    reused). With `unquote`, both sides are compared `unquoted`.
     """
-    index = index if index is not None else held_index(held, min_chars)
-    return _cut_until_gone(side, lambda view: index.spans(view.text))
+    index = index if index is not None else held_index(held, min_chars, unquote)
+    return _cut_until_gone(side, lambda view: index.spans(view.text), unquote)
 
 
 def remove_found(side: list[str], held: list[str], min_chars: int) -> tuple[list[str], int]:
@@ -917,11 +941,11 @@ def remove_found(side: list[str], held: list[str], min_chars: int) -> tuple[list
     return _cut_until_gone(side, lambda view: view.find_all(needles))
 
 
-def _cut_until_gone(side: list[str], find) -> tuple[list[str], int]:
+def _cut_until_gone(side: list[str], find, unquote: bool = False) -> tuple[list[str], int]:
     """`side` with the original text behind every span of its normalized text that
-    `find(view)` gives (`view`: its `_NormalizedSide`) cut out, repeated until it gives none (a
-    cut can, in principle, join text into a new match)."""
-    removed, view = 0, _NormalizedSide(side)
+    `find(view)` gives (`view`: its `_NormalizedSide`, `unquoted` with `unquote`) cut out,
+    repeated until it gives none (a cut can, in principle, join text into a new match)."""
+    removed, view = 0, _NormalizedSide(side, unquote)
     while True:
         spans: dict[int, list[tuple[int, int]]] = {}
         for start, end in find(view):
@@ -929,19 +953,20 @@ def _cut_until_gone(side: list[str], find) -> tuple[list[str], int]:
                 spans.setdefault(d, []).append(span)
         if not spans:  # nothing found, or only spaces (no original text behind them)
             return view.docs, removed
-        cut = _NormalizedSide(_cut(view.docs, spans))
+        cut = _NormalizedSide(_cut(view.docs, spans), unquote)
         removed += len(view.text) - len(cut.text)
         view = cut
 
 
-def held_index(held: list[str], min_chars: int) -> SharedText:
+def held_index(held: list[str], min_chars: int, unquote: bool = False) -> SharedText:
     """The held-out documents' normalized text, indexed (`SharedText`) with where each of
     their lines starts; documents joined as their token stream joins them (a blank line,
     normalized: `_join`): an evaluation window runs from the end of one held-out document
     into the next, so a training copy of that junction is shared text too. A stretch that
     runs on into the next document by chance (a "The" that starts both) is trimmed as at
-    any line's edge."""
-    lines = [line for d in held for line in map(normalize, canonical(d).split("\n")) if line]
+    any line's edge. With `unquote`, the documents `unquoted`."""
+    form = (lambda d: unquoted(canonical(d))) if unquote else canonical
+    lines = [line for d in held for line in map(normalize, form(d).split("\n")) if line]
     starts, pos = [], 0
     for i, line in enumerate(lines):  # lines and documents alike joined as `normalize` joins words
         pos += len(_gap(lines[i - 1], line)) if i else 0
@@ -950,12 +975,12 @@ def held_index(held: list[str], min_chars: int) -> SharedText:
     return SharedText(_join(lines), min_chars, starts)
 
 
-def shared_chars(held: list[str], side: list[str], min_chars: int) -> int:
+def shared_chars(held: list[str], side: list[str], min_chars: int, unquote: bool = False) -> int:
     """Characters of `side`'s normalized text in stretches of at least `min_chars` characters
     that `held`'s also holds, whole (`remove_contained` cuts them less the chance matches at
-    their edges); 0 once it has cut."""
+    their edges); 0 once it has cut. With `unquote`, both compared `unquoted`."""
     covered, end = 0, 0
-    for a, b in held_index(held, min_chars).spans(_NormalizedSide(side).text, trim=False):
+    for a, b in held_index(held, min_chars, unquote).spans(_NormalizedSide(side, unquote).text, trim=False):
         covered += max(0, b - max(a, end))
         end = max(end, b)
     return covered
@@ -1055,8 +1080,33 @@ class Decontamination:
         return out
 
 
-def _shared_per_pair(splits: Splits, min_chars: int) -> dict[str, int]:
-    return {name: shared_chars(getattr(splits, held), getattr(splits, side), min_chars) for name, held, side in PAIRS}
+def _shared_per_pair(splits: Splits, min_chars: int, quote_markers: bool | None = None) -> dict[str, int]:
+    """`shared_chars` of every pair, or with `quote_markers` given, `shared_after` (what
+    cleaning must bring to 0)."""
+    return {name: shared_chars(getattr(splits, held), getattr(splits, side), min_chars) if quote_markers is None
+            else shared_after(getattr(splits, held), getattr(splits, side), min_chars, quote_markers)
+            for name, held, side in PAIRS}
+
+
+def shared_after(held: list[str], side: list[str], min_chars: int, quote_markers: bool = True) -> int:
+    """What cleaning must bring to 0: `shared_chars`, and (with `quote_markers`) where either
+    side has quote markers (`has_quote_markers`), the same with both `unquoted`, the larger."""
+    plain = shared_chars(held, side, min_chars)
+    if not quote_markers or not (has_quote_markers(held) or has_quote_markers(side)):
+        return plain
+    return max(plain, shared_chars(held, side, min_chars, unquote=True))
+
+
+def remove_shared(side: list[str], held: list[str], min_chars: int, index_of,
+                  quote_markers: bool = True) -> tuple[list[str], int]:
+    """`remove_contained` in the plain comparison, then (with `quote_markers`) where either side
+    has quote markers, in the `unquoted` one (`index_of(unquote)`: the held-out text's index
+    in that form)."""
+    side, removed = remove_contained(side, held, min_chars, index_of(False))
+    if quote_markers and (has_quote_markers(held) or has_quote_markers(side)):
+        side, more = remove_contained(side, held, min_chars, index_of(True), unquote=True)
+        removed += more
+    return side, removed
 
 
 def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
@@ -1064,7 +1114,9 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     every stretch of `min_chars` characters or more that eval or general_eval also holds out
     of valid and train, that valid holds out of train (`remove_contained`); with
     `cfg.near_duplicates`, also the training-side paragraphs near-identical to a held-out
-    one. Passes repeat until one changes nothing. `eval` and `general_eval` are never touched.
+    one; with `cfg.quote_markers`, both compared once more `unquoted` (`remove_shared`), so a
+    held-out paragraph quoted line by line in a reply goes too. Passes repeat until one
+    changes nothing. `eval` and `general_eval` are never touched.
     """
     # In canonical form from the start, so that a pass changes a side only by cutting text.
     splits = Splits(*([canonical(d) for d in getattr(splits, name)] for name in _SPLIT_NAMES))
@@ -1073,21 +1125,21 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     removed = {name: 0 for name, _, _ in PAIRS}
     near = {name: 0 for name, _, _ in PAIRS}
     pairs = {name: (held, side) for name, held, side in PAIRS}
-    indexes: dict[str, tuple[list[str], SharedText]] = {}  # held split -> (its documents, their index)
+    indexes: dict[tuple[str, bool], tuple[list[str], SharedText]] = {}  # (held split, unquoted) -> (its documents, their index)
 
-    def index_of(held: str) -> SharedText:  # the test splits never change; validation may
+    def index_of(held: str, unquote: bool) -> SharedText:  # the test splits never change; validation may
         docs = getattr(splits, held)
-        if held not in indexes or indexes[held][0] is not docs:
-            indexes[held] = (docs, held_index(docs, cfg.min_chars))
-        return indexes[held][1]
+        if (held, unquote) not in indexes or indexes[held, unquote][0] is not docs:
+            indexes[held, unquote] = (docs, held_index(docs, cfg.min_chars, unquote))
+        return indexes[held, unquote][1]
 
     changed = True
     while changed:
         changed = False
         for name in _CLEANING_ORDER:
             held, side = pairs[name]
-            docs, cut = remove_contained(getattr(splits, side), getattr(splits, held), cfg.min_chars,
-                                         index_of(held))
+            docs, cut = remove_shared(getattr(splits, side), getattr(splits, held), cfg.min_chars,
+                                      lambda unquote, held=held: index_of(held, unquote), cfg.quote_markers)
             dropped = 0
             if cfg.near_duplicates:
                 docs, dropped = remove_near_duplicates(docs, getattr(splits, held), cfg.min_chars,
@@ -1109,7 +1161,8 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
                     splits = replace(splits, **{side: docs})
                     removed[name] += cut
                     changed = True
-    return splits, Decontamination(before, after, removed, near, shared_before, _shared_per_pair(splits, cfg.min_chars))
+    return splits, Decontamination(before, after, removed, near, shared_before,
+                                   _shared_per_pair(splits, cfg.min_chars, cfg.quote_markers))
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
@@ -1171,7 +1224,8 @@ class GeneralTrain:
 
 
 def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_max_chars: int,
-                        held_out: list[str], min_chars: int, selected_on: list[str]) -> GeneralTrain:
+                        held_out: list[str], min_chars: int, selected_on: list[str],
+                        quote_markers: bool = True) -> GeneralTrain:
     """Training-side general text, distinct from general_eval (the first `eval_max_tokens`
     tokens of `docs`): the documents after those general_eval reads from, less one document of
     margin (the last eval token may reach across a document break), up to about
@@ -1197,17 +1251,24 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
     # Each held-out text on its own, as the checks below index it, and what the verbatim check
     # would find (`remove_found`: boilerplate the index keeps at some copies only), until
     # neither cuts anything. The held-out texts do not change: each is indexed once.
-    indexes = {name: held_index(texts, min_chars) for name, texts in held.items()}
+    indexes: dict[tuple[str, bool], SharedText] = {}
+
+    def index_of(name: str, unquote: bool) -> SharedText:
+        if (name, unquote) not in indexes:
+            indexes[name, unquote] = held_index(held[name], min_chars, unquote)
+        return indexes[name, unquote]
+
     train, removed, changed = candidates, 0, True
     while changed:
         changed = False
         for name, texts in held.items():
-            cut, n = remove_contained(train, texts, min_chars, indexes[name])
+            cut, n = remove_shared(train, texts, min_chars, lambda unquote, name=name: index_of(name, unquote),
+                                   quote_markers)
             cut, m = remove_found(cut, texts, min_chars)
             if cut != train:
                 train, removed, changed = cut, removed + n + m, True
     after = {name: overlap(docs, train, min_chars) for name, docs in held.items()}
-    shared = {name: shared_chars(docs, train, min_chars) for name, docs in held.items()}
+    shared = {name: shared_after(docs, train, min_chars, quote_markers) for name, docs in held.items()}
     return GeneralTrain(train, k, skipped, removed, after, shared)
 
 

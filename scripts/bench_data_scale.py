@@ -21,7 +21,7 @@ The corpora depend on what is installed (their digest is recorded); on the 2-cor
 machine a size takes from seconds to minutes.
 
     python scripts/bench_data_scale.py [--sizes 5 10 20 40] [--jsonl 20] [--profile 20]
-        [--workdir DIR] [--out benchmarks/data_scale.json] [--merge]
+        [--workdir DIR] [--out benchmarks/data_scale.json] [--merge] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -131,14 +131,14 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def run_stage(work: Path, label: str, recipe_path: Path, timeout: float, max_rss: int,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, settings: tuple[str, ...] = ()) -> dict:
     """`pipeline run --only data` in a new run directory and stage cache, under /usr/bin/time -v."""
     run_dir, cache = work / f"run-{label}", work / f"cache-{label}"
     for d in (run_dir, cache):
         shutil.rmtree(d, ignore_errors=True)
     entry = [sys.executable, "-m", "cProfile", "-o", str(profile), *PIPELINE[1:]] if profile else PIPELINE
     cmd = ["/usr/bin/time", "-v", *entry, "run", str(recipe_path), "--run-dir", str(run_dir), "--only", "data",
-           "--set", "tracking.enabled=false"]
+           "--set", "tracking.enabled=false", *[a for kv in settings for a in ("--set", kv)]]
     env = {**os.environ, "QLP_STAGE_CACHE": str(cache)}
     log_out, log_err = open(work / f"{label}.out", "w+"), open(work / f"{label}.err", "w+")
     t0 = time.time()
@@ -190,6 +190,18 @@ def top(profile: Path, key: str, n: int = 25) -> str:
     return buf.getvalue()
 
 
+def code_version() -> str:
+    """The commit measured, with "+changes" when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="*", default=[5, 10, 20, 40], help="corpus sizes, MB")
@@ -200,6 +212,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "data_scale.json")
     parser.add_argument("--merge", action="store_true", help="keep the rows of --out for sizes not run now")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe setting for every run, as `pipeline run --set` takes it (repeatable)")
     args = parser.parse_args()
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="data-scale-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -217,7 +231,7 @@ def main() -> None:
         corpus = build(docs, mb, work / f"corpus-{label}", jsonl)
         row = {"label": label, "format": "jsonl" if jsonl else "txt folder", **corpus,
                **run_stage(work, label, recipe(work, work / f"corpus-{label}"), args.timeout,
-                           int(args.max_rss_gib * 2**30))}
+                           int(args.max_rss_gib * 2**30), settings=tuple(args.settings))}
         row["s_per_mb"] = round(row["wall_s"] / row["mb"], 2)
         rows.append(row)
         print(f"{label}: {row['wall_s']} s, {row['peak_rss_gib']} GiB"
@@ -233,7 +247,7 @@ def main() -> None:
             build(docs, args.profile, corpus, False)
         prof = work / f"prof-{label}.out"
         row = run_stage(work, f"{label}-profiled", recipe(work, corpus), args.timeout,
-                        int(args.max_rss_gib * 2**30), profile=prof)
+                        int(args.max_rss_gib * 2**30), profile=prof, settings=tuple(args.settings))
         if prof.exists():
             cumulative, own = top(prof, "cumulative"), top(prof, "tottime")
             print(f"\n--- {label} under cProfile ({row['wall_s']} s): top 25 by cumulative time\n{cumulative}"
@@ -255,6 +269,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "recipe": f"{RECIPE.relative_to(REPO)} with data.domain: {{path: CORPUS}}, data.general: null",
+        "settings": args.settings, "code": code_version(),
         "sources": [str(r) for r in source_roots()], "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "rows": rows, "profile": profile,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")

@@ -108,7 +108,8 @@ def _general_train(tokenizer, cfg, train_tokens: int, domain_eval: list[str], do
                                max_chars=(cfg.general_max_tokens + train_tokens) * 6 + 2_000_000,
                                revision=revision)
     split = data.general_train_split(tokenizer, docs, cfg.general_max_tokens, train_tokens * 6, domain_eval,
-                                     cfg.decontaminate.min_chars, selected_on=domain_valid)
+                                     cfg.decontaminate.min_chars, selected_on=domain_valid,
+                                     quote_markers=cfg.decontaminate.quote_markers)
     if not split.docs:
         raise DataError(f"data.general: all {len(docs)} general document(s) go to general_eval (general_max_tokens="
                         f"{cfg.general_max_tokens}) or hold only its text; none is left for the general train split "

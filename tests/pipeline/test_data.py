@@ -5,6 +5,7 @@ import json
 import random
 import os
 import re
+import textwrap
 import sysconfig
 from pathlib import Path
 
@@ -713,6 +714,46 @@ def test_held_out_text_with_its_quotes_and_dashes_retyped_is_still_found_and_cut
         assert data.measure_overlap(splits, 80)["eval_in_train"].paragraphs == 1
         clean, report = data.decontaminate(splits, DecontaminateConfig())
         assert report.clean and clean.train == [f"{before}\n\n{after}", _long("t")]
+
+
+@pytest.mark.parametrize("marker", ["> ", ">> ", "> > ", ">>> "])
+def test_held_out_text_quoted_line_by_line_is_found_and_cut(marker, monkeypatch):
+    """A reply in a forum or a mailing list quotes what it answers with `> ` before every line
+    (Markdown's block quote, nested as `>> ` or `> > `): the held-out paragraph, re-wrapped and
+    marked on each line, survived decontamination whole, since no 80 characters of the copy
+    read as the original did. The markers are no text to the comparison, on either side."""
+    held = ("Recent releases of the interpreter keep a per-module cache of compiled regular "
+            "expressions, so a pattern compiled inside a loop is looked up rather than parsed "
+            "again on every pass; the cache is cleared by calling the purge function.")
+    wrapped = textwrap.wrap(held, 60)  # wrapped otherwise than the held-out text is
+    quoted = "\n".join(marker + line for line in wrapped)
+    own_before, own_after = "You wrote on the list yesterday:", "Thanks, that explains the timings I measured."
+    train = [f"{own_before}\n\n{quoted}\n\n{own_after}", _long("t")]
+    splits = data.Splits(train=train, valid=[_long("v")], eval=[held, _long("e")])
+    # The plain comparison sees no shared stretch; the one without the markers sees the copy.
+    assert data.shared_chars(splits.eval, train, 80) == 0
+    assert data.shared_after(splits.eval, train, 80) >= len(data.normalize(held))  # all of it (and chance matches at its ends)
+    clean, report = data.decontaminate(splits, DecontaminateConfig())
+    assert report.clean and report.removed_chars["eval_in_train"] > 0
+    unmarked = _flat(re.sub(r"(?m)^[> ]+", " ", clean.train[0]))
+    assert not _shares_window(unmarked, _windows([held], 40), 40), clean.train[0]
+    assert clean.train[0].startswith(own_before) and clean.train[0].endswith(own_after)
+    assert clean.train[1] == _long("t")
+    # The calibration's general train split is cut of it alike (a library's mailing list
+    # quoting the domain's documentation).
+    monkeypatch.setattr(data, "eval_document_count", lambda tokenizer, docs, max_tokens: 1)
+    general = data.general_train_split(None, [_long("g0"), _long("margin"), train[0]], 10, 10**7, [held], 80,
+                                       selected_on=[_long("v")])
+    assert general.docs == clean.train[:1] and not any(general.shared_after.values())
+    # `quote_markers: false` compares the plain texts only: the quoted copy stays, and is
+    # then no shared text to the check either.
+    kept, report = data.decontaminate(splits, DecontaminateConfig(quote_markers=False))
+    assert kept.train == train and report.clean
+    # Only the markers that start a line are blanked, each by as many spaces: code keeps its
+    # comparisons, and every other character its position (what the cut relies on).
+    code = "if a > b:\n    return a >> 2\n  > > quoted\n>>> x = 1\n>= 3"
+    assert data.unquoted(code) == "if a > b:\n    return a >> 2\n      quoted\n    x = 1\n = 3"
+    assert data.normalize(code) == "if a > b: return a >> 2 > > quoted >>> x = 1 >= 3"  # the plain comparison: as before
 
 
 def test_case_folding_does_not_depend_on_the_text_around():
