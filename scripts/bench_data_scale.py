@@ -191,11 +191,12 @@ def top(profile: Path, key: str, n: int = 25) -> str:
 
 
 def code_version() -> str:
-    """The commit measured, with "+changes" when the working tree differs from it."""
+    """The commit measured, with "+changes" when the code in the working tree differs from it
+    (the benchmark's own JSON files do not count: a second run writes beside the first's)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
