@@ -17,6 +17,7 @@ valid's out of train. Held-out documents stay whole.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -975,12 +976,15 @@ def held_index(held: list[str], min_chars: int, unquote: bool = False) -> Shared
     return SharedText(_join(lines), min_chars, starts)
 
 
-def shared_chars(held: list[str], side: list[str], min_chars: int, unquote: bool = False) -> int:
+def shared_chars(held: list[str], side: list[str], min_chars: int, unquote: bool = False,
+                 index: SharedText | None = None) -> int:
     """Characters of `side`'s normalized text in stretches of at least `min_chars` characters
     that `held`'s also holds, whole (`remove_contained` cuts them less the chance matches at
-    their edges); 0 once it has cut. With `unquote`, both compared `unquoted`."""
+    their edges); 0 once it has cut. With `unquote`, both compared `unquoted` (`index`:
+    `held_index(held, min_chars, unquote)` made before, reused)."""
+    index = index if index is not None else held_index(held, min_chars, unquote)
     covered, end = 0, 0
-    for a, b in held_index(held, min_chars, unquote).spans(_NormalizedSide(side, unquote).text, trim=False):
+    for a, b in index.spans(_NormalizedSide(side, unquote).text, trim=False):
         covered += max(0, b - max(a, end))
         end = max(end, b)
     return covered
@@ -1080,30 +1084,30 @@ class Decontamination:
         return out
 
 
-def _shared_per_pair(splits: Splits, min_chars: int, quote_markers: bool | None = None) -> dict[str, int]:
-    """`shared_chars` of every pair, or with `quote_markers` given, `shared_after` (what
-    cleaning must bring to 0)."""
-    return {name: shared_chars(getattr(splits, held), getattr(splits, side), min_chars) if quote_markers is None
-            else shared_after(getattr(splits, held), getattr(splits, side), min_chars, quote_markers)
-            for name, held, side in PAIRS}
+def _compares_unquoted(quote_markers: bool, held: list[str], side: list[str]) -> bool:
+    """Whether the `unquoted` comparison runs too: asked for, and either side has quote markers
+    (without any, it is the plain comparison again)."""
+    return quote_markers and (has_quote_markers(held) or has_quote_markers(side))
 
 
-def shared_after(held: list[str], side: list[str], min_chars: int, quote_markers: bool = True) -> int:
-    """What cleaning must bring to 0: `shared_chars`, and (with `quote_markers`) where either
-    side has quote markers (`has_quote_markers`), the same with both `unquoted`, the larger."""
-    plain = shared_chars(held, side, min_chars)
-    if not quote_markers or not (has_quote_markers(held) or has_quote_markers(side)):
+def shared_after(held: list[str], side: list[str], min_chars: int, quote_markers: bool = True,
+                 index_of=None) -> int:
+    """What cleaning must bring to 0: `shared_chars`, and where `_compares_unquoted`, the same
+    with both `unquoted`, the larger (`index_of(unquote)`: the held-out text's index in that
+    form, made before; by default made here)."""
+    index_of = index_of or (lambda unquote: held_index(held, min_chars, unquote))
+    plain = shared_chars(held, side, min_chars, index=index_of(False))
+    if not _compares_unquoted(quote_markers, held, side):
         return plain
-    return max(plain, shared_chars(held, side, min_chars, unquote=True))
+    return max(plain, shared_chars(held, side, min_chars, unquote=True, index=index_of(True)))
 
 
 def remove_shared(side: list[str], held: list[str], min_chars: int, index_of,
                   quote_markers: bool = True) -> tuple[list[str], int]:
-    """`remove_contained` in the plain comparison, then (with `quote_markers`) where either side
-    has quote markers, in the `unquoted` one (`index_of(unquote)`: the held-out text's index
-    in that form)."""
+    """`remove_contained` in the plain comparison, then, where `_compares_unquoted`, in the
+    `unquoted` one (`index_of(unquote)`: the held-out text's index in that form)."""
     side, removed = remove_contained(side, held, min_chars, index_of(False))
-    if quote_markers and (has_quote_markers(held) or has_quote_markers(side)):
+    if _compares_unquoted(quote_markers, held, side):
         side, more = remove_contained(side, held, min_chars, index_of(True), unquote=True)
         removed += more
     return side, removed
@@ -1120,11 +1124,6 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
     """
     # In canonical form from the start, so that a pass changes a side only by cutting text.
     splits = Splits(*([canonical(d) for d in getattr(splits, name)] for name in _SPLIT_NAMES))
-    before = measure_overlap(splits, cfg.min_chars)
-    shared_before = _shared_per_pair(splits, cfg.min_chars)
-    removed = {name: 0 for name, _, _ in PAIRS}
-    near = {name: 0 for name, _, _ in PAIRS}
-    pairs = {name: (held, side) for name, held, side in PAIRS}
     indexes: dict[tuple[str, bool], tuple[list[str], SharedText]] = {}  # (held split, unquoted) -> (its documents, their index)
 
     def index_of(held: str, unquote: bool) -> SharedText:  # the test splits never change; validation may
@@ -1132,6 +1131,13 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
         if (held, unquote) not in indexes or indexes[held, unquote][0] is not docs:
             indexes[held, unquote] = (docs, held_index(docs, cfg.min_chars, unquote))
         return indexes[held, unquote][1]
+
+    before = measure_overlap(splits, cfg.min_chars)
+    shared_before = {name: shared_chars(getattr(splits, held), getattr(splits, side), cfg.min_chars,
+                                        index=index_of(held, False)) for name, held, side in PAIRS}
+    removed = {name: 0 for name, _, _ in PAIRS}
+    near = {name: 0 for name, _, _ in PAIRS}
+    pairs = {name: (held, side) for name, held, side in PAIRS}
 
     changed = True
     while changed:
@@ -1161,8 +1167,9 @@ def decontaminate(splits: Splits, cfg) -> tuple[Splits, Decontamination]:
                     splits = replace(splits, **{side: docs})
                     removed[name] += cut
                     changed = True
-    return splits, Decontamination(before, after, removed, near, shared_before,
-                                   _shared_per_pair(splits, cfg.min_chars, cfg.quote_markers))
+    shared_left = {name: shared_after(getattr(splits, held), getattr(splits, side), cfg.min_chars, cfg.quote_markers,
+                                      lambda unquote, held=held: index_of(held, unquote)) for name, held, side in PAIRS}
+    return splits, Decontamination(before, after, removed, near, shared_before, shared_left)
 
 
 def tokenize_documents(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
@@ -1251,12 +1258,9 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
     # Each held-out text on its own, as the checks below index it, and what the verbatim check
     # would find (`remove_found`: boilerplate the index keeps at some copies only), until
     # neither cuts anything. The held-out texts do not change: each is indexed once.
-    indexes: dict[tuple[str, bool], SharedText] = {}
-
+    @functools.cache
     def index_of(name: str, unquote: bool) -> SharedText:
-        if (name, unquote) not in indexes:
-            indexes[name, unquote] = held_index(held[name], min_chars, unquote)
-        return indexes[name, unquote]
+        return held_index(held[name], min_chars, unquote)
 
     train, removed, changed = candidates, 0, True
     while changed:
@@ -1268,7 +1272,8 @@ def general_train_split(tokenizer, docs: list[str], eval_max_tokens: int, train_
             if cut != train:
                 train, removed, changed = cut, removed + n + m, True
     after = {name: overlap(docs, train, min_chars) for name, docs in held.items()}
-    shared = {name: shared_after(docs, train, min_chars, quote_markers) for name, docs in held.items()}
+    shared = {name: shared_after(docs, train, min_chars, quote_markers, lambda unquote, name=name: index_of(name, unquote))
+              for name, docs in held.items()}
     return GeneralTrain(train, k, skipped, removed, after, shared)
 
 

@@ -137,7 +137,7 @@ class DecontaminateConfig(_Section):
     quote_markers: bool = Field(
         True, description="also compare the texts with the quote markers that start lines blanked ('> ', '>> ', "
         "'> > ', a doctest's '>>> '), so a held-out paragraph quoted line by line in a reply is cut too; costs a "
-        "second comparison where any text has such lines (a code corpus: about 1.3x the data stage)",
+        "second comparison where any text has such lines (1.1-1.3x the data stage on the code corpora in the README)",
     )
     near_duplicates: bool = Field(
         False, description="also drop training-side paragraphs that are near-duplicates of a held-out paragraph "
