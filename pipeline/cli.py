@@ -675,6 +675,7 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
         proc.wait()
     except KeyboardInterrupt:
         click.echo("MLflow UI stopped", err=True)
+        _unmark_unhandled_interrupt()
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_group(proc)
@@ -806,7 +807,18 @@ def _interrupted(exc: BaseException) -> int:
     from qlora_pipeline.errors import Terminated, interruption
 
     click.echo(f"{interruption(exc)}; rerun the same command to resume", err=True)
+    _unmark_unhandled_interrupt()
     return 143 if isinstance(exc, Terminated) else 130
+
+
+def _unmark_unhandled_interrupt() -> None:
+    """Keep the exit status 130 once the interrupt is handled. CPython marks a Ctrl-C as unhandled
+    when its KeyboardInterrupt leaves code run from a string by exec() or eval() (dataclasses,
+    namedtuple and torch build functions so), keeps the mark when a caller catches it, and at exit
+    kills itself with SIGINT if the mark is set and it was started as `python -m` (a parent saw
+    status -2 instead of 130; seen in CI when the signal landed in such code). Running code from a
+    string clears the mark, and nothing else in Python can."""
+    exec("")  # noqa: S102 - an empty string: the call itself is the point
 
 
 if __name__ == "__main__":
