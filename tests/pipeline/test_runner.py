@@ -189,22 +189,26 @@ def test_ctrl_c_between_setting_up_a_stage_and_its_code_is_recorded_as_an_interr
     assert toy.calls == ["a", "b", "c"]
 
 
-def test_ctrl_c_caught_after_it_left_generated_code_still_exits_130_under_python_m(tmp_path):
+@pytest.mark.parametrize("raised, status, said", [("KeyboardInterrupt", 130, "interrupted (Ctrl-C)"),
+                                                  ("Terminated", 143, "terminated (SIGTERM)")])
+def test_a_stop_caught_after_it_left_generated_code_keeps_its_exit_status_under_python_m(tmp_path, raised, status,
+                                                                                        said):
     """A CI run of the SIGINT integrity test printed "interrupted (Ctrl-C)" and then died by
     SIGINT (status -2, not 130): the signal had landed in code built from a string (a
     dataclass's generated __init__ and the like), which CPython marks as an unhandled interrupt
     that `python -m` acts on at exit although the CLI caught it."""
     (tmp_path / "stopped_in_generated_code.py").write_text(
         "import sys\n"
-        "from qlora_pipeline import cli\n\n"
+        "from qlora_pipeline import cli\n"
+        "from qlora_pipeline.errors import Terminated\n\n"
         "@cli.cli.command('stop')\n"
         "def stop():\n"
-        "    exec('raise KeyboardInterrupt')  # Ctrl-C landing in code that exec() runs\n\n"
+        f"    exec('raise {raised}')  # the signal landing in code that exec() runs\n\n"
         "sys.exit(cli.main(['stop']))\n")
     done = subprocess.run([sys.executable, "-m", "stopped_in_generated_code"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 130, (done.returncode, done.stderr)
-    assert done.stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C); rerun the same command to resume"
+    assert done.returncode == status, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines()[-1] == f"{said}; rerun the same command to resume"
 
 
 def test_an_interrupted_stage_without_checkpoints_says_it_restarts(toy):
