@@ -308,6 +308,13 @@ _run_dir_option = click.option("--run-dir", type=click.Path(file_okay=False), de
 @click.option("--force", is_flag=True, help="Re-run every stage (with --only: just that one).")
 def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     """Run the recipe's stages; skip what is up to date, resume what was interrupted."""
+    # From the first line to the last: a SIGTERM while the recipe is checked and the lock taken,
+    # or after the stages, while the report and summary print, killed the run silently (-15).
+    with _sigterm_stops_like_ctrl_c():
+        _run(recipe, sets, run_dir, from_stage, only, force)
+
+
+def _run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     from qlora_pipeline.errors import RecipeError
     from qlora_pipeline.preflight import run_problems
 
@@ -319,8 +326,7 @@ def run(recipe: str, sets, run_dir, from_stage, only, force) -> None:
     logger.info("run directory: %s", runner.run_dir)
     logger.info("stage cache: %s", _cache_place(runner))
     t0 = time.time()
-    with _sigterm_stops_like_ctrl_c():
-        planned = runner.run(from_stage=from_stage, only=only, force=force)
+    planned = runner.run(from_stage=from_stage, only=only, force=force)
     from qlora_pipeline.stages.report import REPORT_FILE, metrics_path
 
     report = metrics_path(runner.run_dir).with_name(REPORT_FILE)

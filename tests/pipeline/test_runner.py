@@ -211,6 +211,32 @@ def test_a_stop_caught_after_it_left_generated_code_keeps_its_exit_status_under_
     assert done.stderr.strip().splitlines()[-1] == f"{said}; rerun the same command to resume"
 
 
+@pytest.mark.parametrize("where", ["_load_checked", "_print_summary"])
+def test_sigterm_anywhere_in_run_stops_it_with_143_and_the_message(tmp_path, where):
+    """SIGTERM was turned into a clean stop only while stages ran: one landing while the recipe
+    was checked and the run directory locked, or while the report and summary printed after
+    the last stage, killed `pipeline run` silently (status -15; found by a soak sending Ctrl-C
+    and SIGTERM at random moments)."""
+    (tmp_path / "sigterm_in_run.py").write_text(
+        "import os, signal, sys, types\n"
+        "from pathlib import Path\n"
+        "from qlora_pipeline import cli, preflight\n\n"
+        "def terminated_here(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line\n"
+        "    raise AssertionError('SIGTERM did not stop the run')\n\n"
+        "# A run with no stages: the recipe, its checks and the runner stand in.\n"
+        "cli._load_checked = lambda *a, **k: (None, None)\n"
+        "preflight.run_problems = lambda cfg: []\n"
+        "cli._runner = lambda *a, **k: types.SimpleNamespace(run_dir=Path('run'), tracker=None, cache=None,\n"
+        "                                                   run=lambda **k: [])\n"
+        f"cli.{where} = terminated_here\n"
+        "sys.exit(cli.main(['run', 'recipe.yaml']))\n")
+    done = subprocess.run([sys.executable, "-m", "sigterm_in_run"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines()[-1] == "terminated (SIGTERM); rerun the same command to resume"
+
+
 def test_an_interrupted_stage_without_checkpoints_says_it_restarts(toy):
     toy.crash_b_at, toy.crash_with = 0, KeyboardInterrupt  # before its first checkpoint (an evaluation keeps none)
     with pytest.raises(KeyboardInterrupt):
