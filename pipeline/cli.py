@@ -47,6 +47,9 @@ def _setup_logging(verbose: bool) -> None:
                   # Our NF4 runs on our own kernels; bitsandbytes is here for its optimizers.
                   "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # torch's own INFO lines are for its developers (an atexit "FakeTensor cache stats" printed
+    # after a run stopped while a stage process imported torch); its warnings stay.
+    logging.getLogger("torch").setLevel(logging.DEBUG if verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # transformers and huggingface_hub read these when first imported: quiet without importing

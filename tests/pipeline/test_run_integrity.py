@@ -144,6 +144,43 @@ def test_ctrl_c_or_sigterm_stops_a_run_cleanly_and_it_resumes_to_the_same_output
     assert ours.keys() == ref.keys() and not [k for k in ref if ours[k] != ref[k]]
 
 
+@pytest.mark.slow  # a dozen pipeline processes, each starting torch: 1-2 min on 2 cores
+def test_ctrl_c_and_sigterm_at_random_moments_stop_cleanly_and_resume_to_the_same_outputs(reference, tiny_llama_dir,
+                                                                                          tmp_path):
+    """The test above stops training at one chosen moment; this one stops a whole run, again and
+    again, at random moments (while the recipe is checked, in any stage, between stages, while
+    the report prints): it found a SIGTERM outside the stages killing the run silently, and a
+    Ctrl-C that landed in exec()'d code turning exit 130 into death by SIGINT."""
+    recipe = soak_recipe(tiny_llama_dir, tmp_path, "soak")
+    run_dir = tmp_path / "runs" / "soak"
+    rng = random.Random(20261205)
+    stops = []
+    for _ in range(40):
+        proc = start(recipe, tmp_path)
+        stop = rng.choice(["SIGINT", "SIGTERM"])
+        time.sleep(rng.uniform(0.2, 12.0))
+        if proc.poll() is None:
+            proc.send_signal(getattr(signal, stop))
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode == 0:
+            break
+        last = err.rstrip().splitlines()[-1]
+        if proc.returncode < 0:  # in the interpreter's own shutdown, after the last stage: it dies by the signal
+            assert re.match(r"report +done ", last), err
+            break
+        stops.append(stop)
+        said = {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)"}[stop]
+        assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], err
+        assert f"{said}; rerun the same command to resume" in err and "Traceback" not in err, err
+        assert not [p for p in run_dir.glob("*/state.json") if json.loads(p.read_text())["status"] == "running"]
+        assert not (run_dir / ".lock").exists() and not list(run_dir.glob("*/output.partial"))
+    else:
+        finish(start(recipe, tmp_path))
+    assert len(stops) >= 3, f"the run finished before most signals: {stops}"
+    ours, ref = outputs(run_dir), outputs(reference)
+    assert ours.keys() == ref.keys() and not [k for k in ref if ours[k] != ref[k]]
+
+
 def copy_run(reference: Path, tmp_path: Path, runs: Path | None = None) -> tuple[Path, Path]:
     """A copy of the reference run under `runs` (default tmp_path/runs) and its recipe pointing there."""
     runs = runs or tmp_path / "runs"
