@@ -827,7 +827,7 @@ def _unmark_unhandled_interrupt() -> None:
     kills itself with SIGINT if the mark is set and it was started as `python -m` (a parent saw
     status -2 instead of 130; seen in CI when the signal landed in such code). Running code from a
     string clears the mark, and nothing else in Python can."""
-    exec("")  # noqa: S102 - an empty string: the call itself is the point
+    exec("")  # nothing to run: the call itself clears the mark
 
 
 if __name__ == "__main__":
