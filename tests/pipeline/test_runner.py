@@ -191,12 +191,13 @@ def test_ctrl_c_between_setting_up_a_stage_and_its_code_is_recorded_as_an_interr
 
 @pytest.mark.parametrize("raised, status, said", [("KeyboardInterrupt", 130, "interrupted (Ctrl-C)"),
                                                   ("Terminated", 143, "terminated (SIGTERM)")])
-def test_a_stop_caught_after_it_left_generated_code_keeps_its_exit_status_under_python_m(tmp_path, raised, status,
-                                                                                        said):
+@pytest.mark.parametrize("started_as", [["-m", "stopped_in_generated_code"], ["stopped_in_generated_code.py"]],
+                         ids=["python-m", "script"])  # the `pipeline` command is a script
+def test_a_stop_caught_after_it_left_generated_code_keeps_its_exit_status(tmp_path, raised, status, said, started_as):
     """A CI run of the SIGINT integrity test printed "interrupted (Ctrl-C)" and then died by
     SIGINT (status -2, not 130): the signal had landed in code built from a string (a
     dataclass's generated __init__ and the like), which CPython marks as an unhandled interrupt
-    that `python -m` acts on at exit although the CLI caught it."""
+    that `python -m` acts on at exit although the CLI caught it (a script exits another way)."""
     (tmp_path / "stopped_in_generated_code.py").write_text(
         "import sys\n"
         "from qlora_pipeline import cli\n"
@@ -205,8 +206,7 @@ def test_a_stop_caught_after_it_left_generated_code_keeps_its_exit_status_under_
         "def stop():\n"
         f"    exec('raise {raised}')  # the signal landing in code that exec() runs\n\n"
         "sys.exit(cli.main(['stop']))\n")
-    done = subprocess.run([sys.executable, "-m", "stopped_in_generated_code"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, *started_as], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == status, (done.returncode, done.stderr)
     assert done.stderr.strip().splitlines()[-1] == f"{said}; rerun the same command to resume"
 
