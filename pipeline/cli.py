@@ -684,7 +684,6 @@ def ui(recipe: Optional[str], uri: Optional[str], experiment: Optional[str], por
         proc.wait()
     except KeyboardInterrupt:
         click.echo("MLflow UI stopped", err=True)
-        _unmark_unhandled_interrupt()
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_group(proc)
@@ -771,6 +770,14 @@ def _open_browser(url: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command's exit status; every Ctrl-C and SIGTERM is handled by the time it returns."""
+    try:
+        return _exit_status(argv)
+    finally:
+        _unmark_unhandled_interrupt()
+
+
+def _exit_status(argv: Optional[list[str]]) -> int:
     try:
         cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
     except click.exceptions.Abort as exc:  # click's form of a KeyboardInterrupt (Ctrl-C, or SIGTERM in `run`)
@@ -816,12 +823,11 @@ def _interrupted(exc: BaseException) -> int:
     from qlora_pipeline.errors import Terminated, interruption
 
     click.echo(f"{interruption(exc)}; rerun the same command to resume", err=True)
-    _unmark_unhandled_interrupt()
     return 143 if isinstance(exc, Terminated) else 130
 
 
 def _unmark_unhandled_interrupt() -> None:
-    """Keep the exit status 130 once the interrupt is handled. CPython marks a Ctrl-C as unhandled
+    """Keep the exit status `main` gives (130 after a Ctrl-C it handled). CPython marks a Ctrl-C as unhandled
     when its KeyboardInterrupt leaves code run from a string by exec() or eval() (dataclasses,
     namedtuple and torch build functions so), keeps the mark when a caller catches it, and at exit
     kills itself with SIGINT if the mark is set and it was started as `python -m` (a parent saw

@@ -1045,7 +1045,8 @@ def _jaccard(a: set[str], b: set[str]) -> float:
 class Decontamination:
     """What `decontaminate` did: per pair, the held-out paragraphs found before and after
     (`overlap`), the training-side characters shared with the held-out text in stretches of
-    `min_chars` or more before and after (`shared_chars`: the criterion), characters cut
+    `min_chars` or more before (`shared_chars`, the plain comparison) and after (`shared_after`:
+    the criterion, which with quote markers also compares `unquoted`), characters cut
     (verbatim stretches), and paragraphs dropped as near duplicates."""
 
     before: dict[str, Overlap]
